@@ -1,0 +1,165 @@
+"""One settings object for the whole tool, read from a TOML file, environment variables and flags.
+
+Precedence (highest first), as in pydantic-settings' documentation
+(https://docs.pydantic.dev/latest/concepts/pydantic_settings/#customise-settings-sources):
+
+1. keyword overrides passed to :func:`load_settings` (the CLI flags),
+2. environment variables prefixed ``CATREVIEW_`` (nested fields with ``__``, e.g.
+   ``CATREVIEW_CLASSIFIER__MODEL=convnext_tiny``),
+3. the TOML file given with ``--config`` (see ``assets/example_config.toml``),
+4. the defaults below, which select the built-in demo models.
+
+No profile or classifier configured means: use the tiny demo models that
+:mod:`catreview.demo_models` builds offline (their predictions are meaningless).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ASSETS_DIR = REPO_ROOT / "assets"
+DEFAULT_DB_PATH = REPO_ROOT / "db" / "catreview.db"
+DEMO_PROFILE = "demo"
+
+Dtype = Literal["auto", "bfloat16", "float16", "float32"]
+
+
+class ClassifierConfig(BaseModel):
+    """Stage-1 classifier (timm).
+
+    ``model`` is a timm architecture name (``convnext_tiny``) or an ``hf-hub:`` id; ``None``
+    selects the built-in demo ``convnext_atto``. ``checkpoint`` is a ``.safetensors``,
+    ``.pth`` or ``.pth.tar`` file loaded through timm (``weights_only=True``). ``labels_file``
+    holds one class name per line, in logit order; without it the names come from the
+    checkpoint (``label_names`` metadata / key) and failing that an error is raised.
+    """
+
+    model: str | None = None
+    checkpoint: Path | None = None
+    labels_file: Path | None = None
+    batch_size: int = Field(32, ge=1, le=4096)
+    device: str = "auto"
+    top_k: int = Field(3, ge=1, le=10)
+
+
+class VLMProfile(BaseModel):
+    """One stage-2 VLM: a hub id (``llava-hf/llava-1.5-7b-hf``) or a local folder.
+
+    ``dtype="auto"`` means bfloat16 on CUDA and float32 on CPU. ``load_in_4bit`` needs CUDA and
+    bitsandbytes. ``adapter`` is a peft LoRA adapter folder (or ``None``). Generation
+    parameters apply to the reasoning text only; verdicts come from candidate scoring.
+    ``score_normalisation`` chooses how candidate answers of several tokens are compared:
+    ``"mean"`` (length-normalised log-probability, the default) or ``"sum"`` (total).
+    """
+
+    model: str
+    dtype: Dtype = "auto"
+    device: str = "auto"
+    load_in_4bit: bool = False
+    adapter: Path | None = None
+    max_new_tokens: int = Field(96, ge=1, le=2048)
+    do_sample: bool = False
+    temperature: float = Field(0.7, gt=0)
+    top_p: float = Field(0.9, gt=0, le=1)
+    batch_size: int = Field(8, ge=1, le=512)
+    score_normalisation: Literal["mean", "sum"] = "mean"
+
+
+class FusionConfig(BaseModel):
+    """Blend of stage-1 and VLM probabilities (see :mod:`catreview.fusion`).
+
+    ``weight`` is the VLM's share in [0, 1]. ``routing_threshold``: when set, photos whose
+    stage-1 top-1 probability is above it skip the VLM. ``calibration_min_reviews``: reviewed
+    photos needed before temperatures and the weight are fitted.
+    """
+
+    weight: float = Field(0.5, ge=0.0, le=1.0)
+    routing_threshold: float | None = Field(None, ge=0.0, le=1.0)
+    calibration_min_reviews: int = Field(30, ge=2)
+
+
+class Settings(BaseSettings):
+    """Everything configurable. See the module docstring for where values come from."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CATREVIEW_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    database_url: str = f"sqlite:///{DEFAULT_DB_PATH}"
+    classifier: ClassifierConfig = ClassifierConfig()
+    vlm_profiles: dict[str, VLMProfile] = Field(default_factory=dict)
+    active_vlm: str = DEMO_PROFILE
+    compare_profiles: tuple[str, str] = ("7B", "13B")
+    fusion: FusionConfig = FusionConfig()
+    demo_dir: Path = REPO_ROOT / ".cache" / "demo-models"
+    data_dir: Path = REPO_ROOT / "db"
+    annotator: str = "annotator"
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_url(cls, v: str) -> str:
+        if "://" not in v:
+            raise ValueError(
+                f"database URL {v!r} is not a URL; use e.g. sqlite:///db/catreview.db "
+                "or postgresql+psycopg://user@host/dbname"
+            )
+        return v
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if settings_cls.model_config.get("toml_file"):
+            sources.append(TomlConfigSettingsSource(settings_cls))
+        return tuple(sources)
+
+    @property
+    def uses_demo_models(self) -> bool:
+        """True when stage 1 or the active VLM is a built-in demo model."""
+        return self.classifier.model is None or self.active_vlm not in self.vlm_profiles
+
+
+class ConfigError(ValueError):
+    """A configuration file or value that cannot be used; the message says which and why."""
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build :class:`Settings` from ``config_file`` (TOML), the environment and ``overrides``.
+
+    ``overrides`` whose value is ``None`` are ignored, so CLI flags that were not given do not
+    mask the file or the environment.
+
+    Raises:
+        ConfigError: the file is missing, is not valid TOML, or holds unknown/invalid keys.
+    """
+    kwargs = {k: v for k, v in overrides.items() if v is not None}
+    cls: type[Settings] = Settings
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        cls = type(
+            "FileSettings",
+            (Settings,),
+            {"model_config": SettingsConfigDict(**Settings.model_config, toml_file=path)},
+        )
+    try:
+        return cls(**kwargs)
+    except Exception as exc:  # pydantic ValidationError or tomllib.TOMLDecodeError
+        raise ConfigError(f"invalid configuration ({config_file or 'defaults/env'}): {exc}") from exc

@@ -1,0 +1,204 @@
+"""Database schema (SQLModel) and engine. SQLite by default (WAL mode); any SQLAlchemy URL works
+(``postgresql+psycopg://...`` for a shared server).
+
+Tables and their rules:
+
+- ``images``: one row per photo *content* (sha256); failed decodes are rows too, with ``error``.
+- ``predictions``: one row per (image, kind, model id, model version, input key). A new model
+  version adds rows and never overwrites history; the row for a key is the cache.
+- ``reviews``: append-only human decisions; an image's current label is its latest review.
+- ``exports``, ``split_assignments``: curated dataset versions and each photo's sticky split.
+- ``adapters``, ``training_runs``: LoRA adapter versions and the rounds that made them.
+- ``preferences``: blind A/B choices between two VLM outputs.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Column, Text, UniqueConstraint, event
+from sqlalchemy.engine import Engine, make_url
+from sqlmodel import Field, Session, SQLModel, create_engine, select
+
+
+def utcnow() -> datetime:
+    """Timezone-aware current UTC time (stored as naive UTC by SQLite)."""
+    return datetime.now(timezone.utc)
+
+
+class ImageRecord(SQLModel, table=True):
+    """A photo, identified by the sha256 of its bytes. ``path`` is absolute, as last imported."""
+
+    __tablename__ = "images"
+    id: int | None = Field(default=None, primary_key=True)
+    sha256: str = Field(index=True, unique=True, max_length=64)
+    path: str
+    size: int = Field(description="file size in bytes")
+    width: int | None = None
+    height: int | None = None
+    error: str | None = Field(default=None, sa_column=Column(Text))
+    imported_at: datetime = Field(default_factory=utcnow)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class Prediction(SQLModel, table=True):
+    """A cached model output. ``kind`` is ``"stage1"``, ``"vlm"`` or ``"reasoning"``.
+
+    ``input_key`` identifies inputs beyond the image (for the VLM: the candidate list).
+    ``payload`` is JSON: stage1 ``{"topk": [[label, prob], ...]}``; vlm ``{"candidates",
+    "probabilities", "scores", "label", "confidence"}``; reasoning ``{"text"}``.
+    ``seconds`` is the wall time the model spent on this photo (batched work is divided).
+    """
+
+    __tablename__ = "predictions"
+    __table_args__ = (
+        UniqueConstraint("image_id", "kind", "model_id", "model_version", "input_key", name="uq_prediction_key"),
+    )
+    id: int | None = Field(default=None, primary_key=True)
+    image_id: int = Field(foreign_key="images.id", index=True)
+    kind: str = Field(index=True, max_length=16)
+    model_id: str
+    model_version: str
+    input_key: str = ""
+    payload_json: str = Field(sa_column=Column(Text, nullable=False))
+    seconds: float = 0.0
+    created_at: datetime = Field(default_factory=utcnow)
+
+    @property
+    def payload(self) -> dict[str, Any]:
+        return json.loads(self.payload_json)
+
+
+class Review(SQLModel, table=True):
+    """One human decision (append-only). ``label`` is a class name or a special label
+    (``Not a cat``/``Unsure``); ``previous_label`` is the image's label before this review
+    (``None`` for the first). ``model_snapshot_json`` records what the models said then."""
+
+    __tablename__ = "reviews"
+    id: int | None = Field(default=None, primary_key=True)
+    image_id: int = Field(foreign_key="images.id", index=True)
+    annotator: str
+    label: str
+    previous_label: str | None = None
+    note: str | None = Field(default=None, sa_column=Column(Text))
+    source: str = "ui"
+    model_snapshot_json: str | None = Field(default=None, sa_column=Column(Text))
+    created_at: datetime = Field(default_factory=utcnow, index=True)
+
+
+class ExportRecord(SQLModel, table=True):
+    """A curated dataset export (one version per export)."""
+
+    __tablename__ = "exports"
+    id: int | None = Field(default=None, primary_key=True)
+    out_dir: str
+    content_hash: str
+    n_records: int
+    seed: int
+    options_json: str = Field(default="{}", sa_column=Column(Text))
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class SplitAssignment(SQLModel, table=True):
+    """Sticky train/val/test split of a photo (by content hash) across exports."""
+
+    __tablename__ = "split_assignments"
+    sha256: str = Field(primary_key=True, max_length=64)
+    split: str = Field(max_length=8)
+    assigned_at: datetime = Field(default_factory=utcnow)
+
+
+class AdapterVersion(SQLModel, table=True):
+    """A LoRA adapter produced by a training round. At most one per base model is active."""
+
+    __tablename__ = "adapters"
+    id: int | None = Field(default=None, primary_key=True)
+    base_model: str
+    path: str
+    export_hash: str
+    hyperparams_json: str = Field(default="{}", sa_column=Column(Text))
+    metrics_json: str = Field(default="{}", sa_column=Column(Text))
+    active: bool = False
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class TrainingRun(SQLModel, table=True):
+    """A LoRA round: ``status`` is running, succeeded, failed or cancelled."""
+
+    __tablename__ = "training_runs"
+    id: int | None = Field(default=None, primary_key=True)
+    base_model: str
+    status: str = "running"
+    pid: int | None = None
+    run_dir: str
+    adapter_id: int | None = Field(default=None, foreign_key="adapters.id")
+    error: str | None = Field(default=None, sa_column=Column(Text))
+    started_at: datetime = Field(default_factory=utcnow)
+    finished_at: datetime | None = None
+
+
+class Preference(SQLModel, table=True):
+    """A blind choice between two VLM outputs for one photo. ``choice`` is a, b or tie."""
+
+    __tablename__ = "preferences"
+    id: int | None = Field(default=None, primary_key=True)
+    image_id: int = Field(foreign_key="images.id", index=True)
+    annotator: str
+    model_a: str
+    model_b: str
+    output_a: str = Field(sa_column=Column(Text, nullable=False))
+    output_b: str = Field(sa_column=Column(Text, nullable=False))
+    prompt: str = Field(sa_column=Column(Text, nullable=False))
+    choice: str = Field(max_length=4)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.close()
+
+
+def make_engine(url: str) -> Engine:
+    """Create an engine and the tables. For SQLite: the folder is created, WAL mode, foreign
+    keys on, a 10 s busy timeout so the app and a CLI can share one file.
+
+    Raises:
+        ValueError: the URL cannot be parsed.
+    """
+    try:
+        parsed = make_url(url)
+    except Exception as exc:  # sqlalchemy.exc.ArgumentError
+        raise ValueError(f"invalid database URL {url!r}: {exc}") from exc
+    kwargs: dict[str, Any] = {}
+    if parsed.get_backend_name() == "sqlite":
+        kwargs["connect_args"] = {"check_same_thread": False, "timeout": 10}
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, **kwargs)
+    if parsed.get_backend_name() == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    SQLModel.metadata.create_all(engine)
+    return engine
+
+
+def get_image(session: Session, image_id: int) -> ImageRecord:
+    """The image row with this id. Raises ``KeyError`` if there is none."""
+    img = session.get(ImageRecord, image_id)
+    if img is None:
+        raise KeyError(f"no image with id {image_id}")
+    return img
+
+
+def image_by_sha(session: Session, sha256: str) -> ImageRecord | None:
+    """The image row for a content hash, or ``None``."""
+    return session.exec(select(ImageRecord).where(ImageRecord.sha256 == sha256)).first()
