@@ -157,7 +157,7 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
         cls = type(
             "FileSettings",
             (Settings,),
-            {"model_config": SettingsConfigDict(**Settings.model_config, toml_file=path)},
+            {"model_config": SettingsConfigDict(**{**Settings.model_config, "toml_file": path})},
         )
     try:
         return cls(**kwargs)

@@ -10,6 +10,7 @@ Tables and their rules:
 - ``exports``, ``split_assignments``: curated dataset versions and each photo's sticky split.
 - ``adapters``, ``training_runs``: LoRA adapter versions and the rounds that made them.
 - ``preferences``: blind A/B choices between two VLM outputs.
+- ``calibrations``: fitted temperatures and fusion weight per model-version pair.
 """
 
 from __future__ import annotations
@@ -156,6 +157,21 @@ class Preference(SQLModel, table=True):
     output_b: str = Field(sa_column=Column(Text, nullable=False))
     prompt: str = Field(sa_column=Column(Text, nullable=False))
     choice: str = Field(max_length=4)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class CalibrationRecord(SQLModel, table=True):
+    """Fitted temperatures (per stage) and fusion weight for one (classifier, VLM) version pair."""
+
+    __tablename__ = "calibrations"
+    id: int | None = Field(default=None, primary_key=True)
+    stage1_version: str
+    vlm_version: str
+    temperature_stage1: float
+    temperature_vlm: float
+    weight: float
+    n_reviews: int
+    report_json: str = Field(default="{}", sa_column=Column(Text))
     created_at: datetime = Field(default_factory=utcnow)
 
 

@@ -1,0 +1,53 @@
+"""Start the catreview web app: ``python app.py [--images DIR] [--config FILE] [--db URL]``.
+
+With no configuration it runs on the built-in demo models (built offline once, cached) and
+opens on a free local port.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="catreview review app")
+    p.add_argument("--images", metavar="DIR", action="append", help="import this folder at start (repeatable)")
+    p.add_argument("--config", metavar="FILE", help="TOML settings file (see assets/example_config.toml)")
+    p.add_argument("--db", metavar="URL", help="database URL (default: sqlite file under db/)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default: a free one from 7860)")
+    p.add_argument("--annotator", help="default annotator name shown in the page")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from catreview.app_core import ReviewApp
+    from catreview.config import ConfigError, load_settings
+    from catreview.ui import build_ui
+
+    try:
+        settings = load_settings(args.config, database_url=args.db, annotator=args.annotator)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    folders = [Path(d) for d in args.images or []]
+    missing = [str(d) for d in folders if not d.is_dir()]
+    if missing:
+        print(f"error: not a folder: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    app = ReviewApp(settings)
+    app.start_background(folders)
+    demo = build_ui(app)
+    demo.queue(default_concurrency_limit=4)
+    demo.launch(server_name=args.host, server_port=args.port, show_error=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

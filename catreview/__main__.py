@@ -1,0 +1,5 @@
+"""``python -m catreview``: see :mod:`catreview.cli`."""
+
+from catreview.cli import run
+
+run()

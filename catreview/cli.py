@@ -1,0 +1,189 @@
+"""Command-line interface: ``python -m catreview <command> [--db URL] [--config FILE] ...``.
+
+Commands: ``import`` (photos and existing labels), ``predict`` (both stages, cached),
+``predictions --json`` (one JSON object per photo per line), ``calibrate`` (fit temperatures and
+the fusion weight on reviewed photos), ``export`` (curated dataset), ``train`` (a LoRA round),
+``compare`` (two VLM profiles on the reviewed photos).
+
+Errors a user can fix (bad paths, bad config, unknown labels) print one line on stderr and exit
+with status 2; nothing stored is changed by a failed command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from tqdm import tqdm
+
+from catreview.config import ConfigError, Settings, load_settings
+
+
+class CLIError(Exception):
+    """An error reported to the user as one line, exit status 2."""
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", metavar="URL", help="database URL (default: sqlite file under db/)")
+    p.add_argument("--config", metavar="FILE", help="TOML settings file (see assets/example_config.toml)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with all sub-commands."""
+    parser = argparse.ArgumentParser(prog="python -m catreview", description="Review a cat-breed classifier with a VLM in the loop.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("import", help="import a folder of photos (recursively)")
+    _common(p)
+    p.add_argument("folder")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--labels", metavar="FILE.csv", help="existing labels: CSV with columns path,label (paths relative to FOLDER)")
+    g.add_argument("--labels-from-folders", action="store_true", help="existing labels: the parent folder name of each photo")
+
+    p = sub.add_parser("predict", help="run stage 1 and the VLM on every imported photo (cached)")
+    _common(p)
+    p.add_argument("--vlm", metavar="PROFILE", help="VLM profile (default: active_vlm)")
+    p.add_argument("--no-reasoning", action="store_true", help="skip generating the reasoning texts")
+
+    p = sub.add_parser("predictions", help="list photos with their predictions and reviews")
+    _common(p)
+    p.add_argument("--json", action="store_true", help="one JSON object per photo per line")
+    p.add_argument("--vlm", metavar="PROFILE")
+
+    p = sub.add_parser("calibrate", help="fit temperatures and the fusion weight on reviewed photos")
+    _common(p)
+    p.add_argument("--vlm", metavar="PROFILE")
+    p.add_argument("--dry-run", action="store_true", help="report only; do not store the fit")
+
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config, database_url=args.db)
+
+
+def _progress_bar() -> tuple[Callable[..., None], Callable[[], None]]:
+    bars: dict[str, tqdm] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        bar = bars.get(stage)
+        if bar is None:
+            bar = bars[stage] = tqdm(total=total, desc=stage, unit="photo", file=sys.stderr)
+        bar.n = done
+        bar.refresh()
+
+    def close() -> None:
+        for bar in bars.values():
+            bar.close()
+
+    return update, close
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from catreview.db import make_engine
+    from catreview.importer import import_folder
+    from catreview.labels import BreedVocabulary
+
+    settings = _settings(args)
+    engine = make_engine(settings.database_url)
+    bar = tqdm(desc="import", unit="photo", file=sys.stderr)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        summary = import_folder(
+            engine, args.folder, vocabulary=_vocabulary(settings), labels_csv=args.labels,
+            labels_from_folders=args.labels_from_folders, progress=progress,
+        )
+    except (NotADirectoryError, FileNotFoundError) as exc:
+        raise CLIError(str(exc)) from exc
+    finally:
+        bar.close()
+    print("\n".join(summary.lines()))
+    return 0
+
+
+def _vocabulary(settings: Settings):  # -> BreedVocabulary
+    from catreview.labels import BreedVocabulary, read_label_file
+
+    if settings.classifier.labels_file:
+        return BreedVocabulary(read_label_file(settings.classifier.labels_file))
+    return BreedVocabulary.default()
+
+
+def _registry(settings: Settings):
+    from catreview.registry import ModelRegistry
+
+    return ModelRegistry(settings)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from catreview.db import make_engine
+    from catreview.predict import run_predictions
+
+    settings = _settings(args)
+    engine = make_engine(settings.database_url)
+    update, close = _progress_bar()
+    try:
+        summary = run_predictions(engine, _registry(settings), vlm_name=args.vlm, reasoning=not args.no_reasoning, progress=update)
+    finally:
+        close()
+    print("\n".join(summary.lines()))
+    return 0
+
+
+def cmd_predictions(args: argparse.Namespace) -> int:
+    from catreview.db import make_engine
+    from catreview.results import iter_views
+
+    settings = _settings(args)
+    engine = make_engine(settings.database_url)
+    for view in iter_views(engine, _registry(settings), vlm_name=args.vlm):
+        if args.json:
+            print(json.dumps(view, ensure_ascii=False))
+        else:
+            s1 = view["stage1"][0]["label"] if view["stage1"] else "-"
+            fused = view["fused"]["label"] if view["fused"] else "-"
+            rev = view["review"]["label"] if view["review"] else "-"
+            print(f"{view['path']}\t{view['error'] or ''}\tstage1={s1}\tfused={fused}\treview={rev}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from catreview.calibration_store import fit_and_store
+
+    settings = _settings(args)
+    report, stored = fit_and_store(settings, _registry(settings), vlm_name=args.vlm, store=not args.dry_run)
+    print(report.to_table())
+    print(f"stored as calibration #{stored}" if stored else "not stored (--dry-run)")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "import": cmd_import,
+    "predict": cmd_predict,
+    "predictions": cmd_predictions,
+    "calibrate": cmd_calibrate,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (CLIError, ConfigError, ValueError, KeyError) as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+
+
+def run(argv: Any = None) -> None:
+    """``python -m catreview`` entry."""
+    raise SystemExit(main(argv))

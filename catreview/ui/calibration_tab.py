@@ -1,0 +1,33 @@
+"""Calibration tab: fit temperatures and the fusion weight on reviewed photos; show ECE and
+per-breed accuracy of stage 1, VLM and fused."""
+
+from __future__ import annotations
+
+import gradio as gr
+import pandas as pd
+
+from catreview.app_core import ReviewApp
+from catreview.calibration_store import fit_and_store
+
+
+def build(app: ReviewApp) -> None:
+    """Lay out the Calibration tab."""
+    n_min = app.settings.fusion.calibration_min_reviews
+    gr.Markdown(
+        f"Fits a temperature per stage (Guo et al. 2017) and the fusion weight that maximises balanced "
+        f"accuracy, on the reviewed photos (at least {n_min}). ECE uses 15 equal-width bins."
+    )
+    fit = gr.Button("Fit calibration on reviewed photos", elem_id="fit-calibration", variant="primary")
+    report = gr.Textbox(label="Report", lines=8, interactive=False, elem_id="calibration-report")
+    summary = gr.Dataframe(label="Stages: ECE and accuracy before/after", elem_id="calibration-summary", interactive=False)
+    per_breed = gr.Dataframe(label="Per-breed accuracy", elem_id="calibration-per-breed", interactive=False)
+
+    def run() -> tuple[str, pd.DataFrame | None, pd.DataFrame | None]:
+        try:
+            rep, row_id = fit_and_store(app.settings, app.registry)
+        except ValueError as exc:
+            return f"Cannot calibrate yet: {exc}", None, None
+        text = rep.to_table().split("\n\n")[0] + f"\nStored as calibration #{row_id}; fused predictions now use it."
+        return text, pd.DataFrame(rep.summary_rows()), pd.DataFrame(rep.per_breed_rows())
+
+    fit.click(run, outputs=[report, summary, per_breed], api_name="calibrate")

@@ -1,0 +1,804 @@
+"""Stage 2: a VLM post-classifier that re-ranks stage-1's top-k breeds.
+
+Any ``transformers`` image-text-to-text checkpoint with a chat template works (LLaVA-1.5,
+LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Idefics3, Pixtral ...): it is loaded with
+``AutoProcessor`` + ``AutoModelForImageTextToText`` and prompted through the processor's own chat
+template (:mod:`catreview.prompts`). The tiny offline models of :mod:`catreview.tiny_vlms` load
+through the same path.
+
+Verdicts are **scored, not generated**. For a photo with candidates ``c_1..c_k`` (stage-1 top-k
+plus ``"other"``), the verdict prompt is rendered once and each candidate's answer tokens
+``a_1..a_n`` (``" Maine Coon"`` + EOS) are scored by teacher forcing::
+
+    score(c) = sum_j log p(a_j | image, prompt, a_<j)          (score_normalisation="sum")
+    score(c) = score_sum(c) / n                                (score_normalisation="mean")
+    p(c)     = softmax_c(score(c))
+
+``"mean"`` (default) is length-normalised: a two-token name (" Maine"+" Coon"+EOS = 3 tokens)
+is not penalised against a one-token name (" Bengal"+EOS = 2 tokens). ``"sum"`` is the exact
+sequence log-likelihood and favours short names. Both are softmaxed over the candidates, so the
+probabilities are relative to the candidate set, not absolute.
+
+Implementation (:meth:`VLMPostClassifier.score_candidates`): one shared prefill of image +
+prompt for several photos (right padding, ``use_cache=True``, logits only at each row's last
+prompt token), then the KV cache is expanded to one row per (photo, candidate)
+(``Cache.batch_select_indices``, the general form of ``batch_repeat_interleave(k)``) and one
+forward runs over the right-padded candidate tokens with the full attention mask and explicit
+position ids (counted from the mask, plus the M-RoPE offset for Qwen2-VL-style models). The vision
+tower and the prompt run once per photo, not once per candidate.
+:meth:`VLMPostClassifier.score_candidates_reference` computes the same numbers the slow way (one
+full forward per candidate) and is the oracle in the tests.
+
+Errors a user can act on are raised as :class:`VLMError` with a plain message.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from catreview import prompts
+from catreview.config import VLMProfile
+from catreview.prompts import PROMPT_VERSION
+
+if TYPE_CHECKING:  # heavy imports stay lazy: importing this module must not import torch
+    import torch
+    from PIL import Image
+
+DEFAULT_VERDICT_TOKENS = 20
+"""``max_new_tokens`` of :meth:`VLMPostClassifier.generate_verdict` (benchmark comparison)."""
+
+
+class VLMError(RuntimeError):
+    """A stage-2 problem the user can act on (configuration, missing model, memory).
+
+    The message says what happened and what to change; the original exception, if any, is
+    chained as ``__cause__``.
+    """
+
+
+class TokenBoundaryError(VLMError):
+    """The prompt's tokens are not a prefix of prompt + answer tokens (see :func:`answer_token_ids`)."""
+
+
+@dataclass(frozen=True)
+class VLMVerdict:
+    """Stage-2 verdict for one photo.
+
+    Attributes:
+        candidates: labels scored, stage-1 order, :data:`catreview.prompts.OTHER_LABEL` last.
+        probabilities: softmax of ``scores``; floats in [0, 1], same length, sum to 1.
+        scores: the normalised log-probabilities used (``<= 0``; mean or sum per profile).
+        label: the candidate with the highest probability.
+        confidence: its probability.
+        model_version: :attr:`VLMPostClassifier.model_version` that produced it.
+    """
+
+    candidates: list[str]
+    probabilities: list[float]
+    scores: list[float]
+    label: str
+    confidence: float
+    model_version: str
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def from_scores(cls, candidates: Sequence[str], scores: Sequence[float], model_version: str) -> VLMVerdict:
+        """Softmax ``scores`` (finite or ``-inf``; at least one finite) into a verdict."""
+        import math
+
+        top = max(scores)
+        exps = [math.exp(s - top) for s in scores]
+        total = sum(exps)
+        probs = [e / total for e in exps]
+        best = max(range(len(probs)), key=probs.__getitem__)
+        return cls(
+            candidates=list(candidates),
+            probabilities=probs,
+            scores=[float(s) for s in scores],
+            label=candidates[best],
+            confidence=probs[best],
+            model_version=model_version,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` -> ``cuda`` when available else ``cpu``; anything else is passed to torch.
+
+    Raises:
+        VLMError: a CUDA device was asked for and CUDA is not available.
+    """
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise VLMError(f"device {device!r} was asked for but CUDA is not available here; use device = \"cpu\"")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``"auto"`` -> bfloat16 on CUDA, float32 on CPU; else the named torch dtype."""
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def quantization_config(profile: VLMProfile, device: torch.device, dtype: torch.dtype):
+    """``BitsAndBytesConfig`` (4-bit NF4) when ``profile.load_in_4bit``, else ``None``.
+
+    Raises:
+        VLMError: 4-bit asked on a non-CUDA device, or bitsandbytes is not installed.
+    """
+    if not profile.load_in_4bit:
+        return None
+    if device.type != "cuda":
+        raise VLMError(
+            f"load_in_4bit needs a CUDA GPU (bitsandbytes), but this profile runs on {device.type!r}. "
+            "Set load_in_4bit = false to run in full precision on CPU, or run on a machine with a GPU."
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise VLMError("load_in_4bit needs the bitsandbytes package: pip install bitsandbytes") from exc
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}
+
+
+def _looks_like_path(model: str) -> bool:
+    return model.startswith(("/", "./", "../", "~")) or Path(model).expanduser().exists()
+
+
+def _not_found_message(model: str) -> str:
+    if _looks_like_path(model):
+        return f"VLM model folder {model!r} not found or incomplete (needs config.json, weights and processor files)"
+    hint = (
+        "HF_HUB_OFFLINE=1 is set, so only the local Hugging Face cache is searched"
+        if _offline()
+        else "the Hugging Face hub could not be reached or has no such repository"
+    )
+    return (
+        f"VLM model {model!r} is not a local folder and is not in the local Hugging Face cache ({hint}). "
+        f"Download it where there is internet (`hf download {model}`) and copy the cache, "
+        "or set the profile's model to a local folder."
+    )
+
+
+def load_processor_and_model(profile: VLMProfile) -> tuple[Any, Any, torch.device, torch.dtype]:
+    """Load ``profile.model`` (+ optional peft adapter) for inference.
+
+    Returns:
+        ``(processor, model, device, dtype)``; the model is in eval mode on ``device``.
+
+    Raises:
+        VLMError: model or adapter not found (offline), 4-bit without CUDA/bitsandbytes, out of
+            memory.
+    """
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    device = resolve_device(profile.device)
+    dtype = resolve_dtype(profile.dtype, device)
+    quant = quantization_config(profile, device, dtype)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+    if device.type == "cuda":
+        kwargs["device_map"] = {"": str(device)}  # load straight onto the GPU
+    try:
+        processor = AutoProcessor.from_pretrained(profile.model)
+        model = AutoModelForImageTextToText.from_pretrained(profile.model, **kwargs)
+    except OSError as exc:
+        raise VLMError(_not_found_message(profile.model)) from exc
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if _is_oom(exc):
+            raise VLMError(
+                f"out of memory loading {profile.model!r} on {device}: use load_in_4bit = true (CUDA), "
+                "a smaller model, or unload the other profile first"
+            ) from exc
+        raise
+    if device.type != "cuda":
+        model = model.to(device)
+    if profile.adapter is not None:
+        model = _load_adapter(model, Path(profile.adapter))
+    model.eval()
+    return processor, model, device, dtype
+
+
+def _load_adapter(model: Any, adapter: Path) -> Any:
+    """Wrap ``model`` with the peft adapter in ``adapter`` (inference only).
+
+    Raises:
+        VLMError: the folder has no ``adapter_config.json``.
+    """
+    if not (adapter / "adapter_config.json").is_file():
+        raise VLMError(f"adapter folder {str(adapter)!r} not found or has no adapter_config.json")
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def adapter_identity(adapter: Path) -> str:
+    """sha256 over an adapter folder's config and weight files (adapters are a few MB).
+
+    Raises:
+        VLMError: the folder has no ``adapter_config.json``.
+    """
+    if not (adapter / "adapter_config.json").is_file():
+        raise VLMError(f"adapter folder {str(adapter)!r} not found or has no adapter_config.json")
+    files = sorted(p for p in adapter.iterdir() if p.name.startswith("adapter_") and p.is_file())
+    return hashlib.sha256("".join(f"{p.name}:{_file_digest(p)};" for p in files).encode()).hexdigest()
+
+
+def model_identity(model: str) -> str:
+    """Identity of a checkpoint without loading it: sha256 of its ``config.json`` plus, for a hub
+    checkpoint in the local cache, the snapshot commit.
+
+    Raises:
+        VLMError: no ``config.json`` locally or in the cache.
+    """
+    from transformers.utils import cached_file
+
+    try:
+        config_path = cached_file(model, "config.json")
+    except OSError as exc:
+        raise VLMError(_not_found_message(model)) from exc
+    if config_path is None:
+        raise VLMError(_not_found_message(model))
+    path = Path(config_path)
+    commit = path.parent.name if path.parent.parent.name == "snapshots" else ""
+    return hashlib.sha256(path.read_bytes() + commit.encode()).hexdigest()
+
+
+def model_version_string(profile: VLMProfile) -> str:
+    """``"<name>[+<adapter>]@<10 hex>-<PROMPT_VERSION>"``, stable across runs and machines.
+
+    The hash covers the checkpoint identity (:func:`model_identity`), the adapter's files,
+    ``load_in_4bit`` and ``score_normalisation`` (both change the probabilities) and
+    :data:`~catreview.prompts.PROMPT_VERSION`. dtype and device are left out on purpose.
+    """
+    parts = {
+        "model": model_identity(profile.model),
+        "adapter": adapter_identity(Path(profile.adapter)) if profile.adapter else None,
+        "load_in_4bit": profile.load_in_4bit,
+        "score_normalisation": profile.score_normalisation,
+        "prompt": PROMPT_VERSION,
+    }
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:10]
+    stem = Path(profile.model.rstrip("/")).name
+    if profile.adapter:
+        stem += "+" + Path(profile.adapter).name
+    return f"{stem}@{digest}-{PROMPT_VERSION}"
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring building blocks
+# --------------------------------------------------------------------------------------------
+
+
+def answer_token_ids(tokenizer: Any, prompt: str, answer: str, *, eos_id: int | None) -> list[int]:
+    """Token ids that ``answer`` (+ EOS) adds after ``prompt``.
+
+    Computed as ``ids(prompt + answer)[len(ids(prompt)):]`` on the text before image expansion
+    (image placeholders are special tokens, so they are token boundaries either way).
+
+    Raises:
+        TokenBoundaryError: ``ids(prompt)`` is not a prefix of ``ids(prompt + answer)`` (the
+            last prompt token would merge with the answer, so scoring would measure a token
+            sequence the model never produces), or the answer adds no token.
+    """
+    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    pa = tokenizer(prompt + answer, add_special_tokens=False)["input_ids"]
+    if pa[: len(p)] != p or len(pa) == len(p):
+        tail = tokenizer.convert_ids_to_tokens(p[-3:])
+        raise TokenBoundaryError(
+            f"answer {answer!r} does not start on a token boundary after the prompt (prompt ends with "
+            f"tokens {tail}): tokenising prompt+answer changes the prompt's tokens. Put the separating "
+            "space on the answer, not at the end of the prompt/chat template."
+        )
+    ids = pa[len(p) :]
+    return ids + [eos_id] if eos_id is not None else ids
+
+
+def answer_prefix(prompt: str) -> str:
+    """``" "`` when ``prompt`` does not end in whitespace (``"... ASSISTANT:"``), else ``""``
+    (ChatML's ``"<|im_start|>assistant\\n"``): the separator goes on the answer."""
+    return "" if prompt[-1:].isspace() else " "
+
+
+def candidate_answer(prompt: str, label: str) -> str:
+    """The answer text for ``label`` after ``prompt`` (``" Maine Coon"`` after ``"ASSISTANT:"``)."""
+    return answer_prefix(prompt) + prompts.answer_text(label).lstrip(" ")
+
+
+def pad_right(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad ``rows`` of token ids.
+
+    Returns:
+        ``(ids, mask)``, both ``(len(rows), max_len)`` int64; ``mask`` is 1 on real tokens.
+        ``max_len`` may be 0.
+    """
+    import torch
+
+    width = max((len(r) for r in rows), default=0)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+def reduce_scores(token_logprobs: torch.Tensor, lengths: torch.Tensor, normalisation: str) -> torch.Tensor:
+    """Per-candidate score from per-token log-probs.
+
+    Args:
+        token_logprobs: ``(N, T)`` float, 0 on padding.
+        lengths: ``(N,)`` number of real tokens (>= 1).
+        normalisation: ``"sum"`` or ``"mean"``.
+
+    Returns:
+        ``(N,)`` float scores (<= 0).
+    """
+    total = token_logprobs.sum(dim=1)
+    if normalisation == "sum":
+        return total
+    if normalisation == "mean":
+        return total / lengths.to(total.dtype)
+    raise ValueError(f"score_normalisation must be 'mean' or 'sum', not {normalisation!r}")
+
+
+def find_rope_deltas_module(model: Any) -> Any | None:
+    """The submodule holding M-RoPE ``rope_deltas`` (Qwen2-VL family), or ``None``.
+
+    Such models position text after an image at ``index + rope_delta`` instead of ``index``.
+    """
+    for module in model.modules():
+        if "rope_deltas" in vars(module):
+            return module
+    return None
+
+
+def continuation_positions(full_mask: torch.Tensor, new_tokens: int, rope_deltas: torch.Tensor | None) -> torch.Tensor:
+    """Position ids of the last ``new_tokens`` columns of ``full_mask`` (cache + new tokens).
+
+    Positions count real tokens only (``cumsum(mask) - 1``), so a row whose prompt was shorter
+    than the padded prefill continues right after its own last token. ``rope_deltas`` ``(N, 1)``
+    is added for M-RoPE models.
+
+    Returns:
+        ``(N, new_tokens)`` int64 (padding columns get a harmless clamped value).
+    """
+    pos = (full_mask.long().cumsum(dim=-1) - 1).clamp(min=0)[:, full_mask.shape[1] - new_tokens :]
+    if rope_deltas is not None:
+        pos = pos + rope_deltas.to(pos.device).long()
+    return pos
+
+
+@dataclass
+class _Batch:
+    """Processor output for several photos and the per-photo bookkeeping of one scoring pass."""
+
+    inputs: Any  # BatchFeature: input_ids (B, L), attention_mask (B, L), pixel_values ...
+    labels: list[list[str]]
+    answers: list[list[list[int]]]  # [photo][candidate] -> answer token ids incl. EOS
+
+
+# --------------------------------------------------------------------------------------------
+# The post-classifier
+# --------------------------------------------------------------------------------------------
+
+
+class VLMPostClassifier:
+    """Stage-2 VLM for one :class:`~catreview.config.VLMProfile`.
+
+    Lazy: nothing is loaded until :meth:`load` (or the first call that needs the model).
+    Not thread-safe for concurrent calls; streaming runs ``generate`` in its own thread.
+
+    Args:
+        profile: model, dtype/device, 4-bit, adapter, generation and scoring settings.
+        name: profile name, used in messages.
+    """
+
+    def __init__(self, profile: VLMProfile, name: str = "default") -> None:
+        self.profile = profile
+        self.name = name
+        self.processor: Any = None
+        self.model: Any = None
+        self.device: torch.device | None = None
+        self.dtype: torch.dtype | None = None
+        self._rope_module: Any = None
+        self._version: str | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def loaded(self) -> bool:
+        """True between :meth:`load` and :meth:`unload`."""
+        return self.model is not None
+
+    def load(self) -> VLMPostClassifier:
+        """Load processor and model (no-op when loaded). Returns ``self``.
+
+        Raises:
+            VLMError: see :func:`load_processor_and_model`.
+        """
+        if self.model is None:
+            self.processor, self.model, self.device, self.dtype = load_processor_and_model(self.profile)
+            self._rope_module = find_rope_deltas_module(self.model)
+        return self
+
+    def unload(self) -> None:
+        """Drop the model and processor and free their memory (``gc`` + CUDA cache)."""
+        was_cuda = self.device is not None and self.device.type == "cuda"
+        self.model = self.processor = self._rope_module = None
+        gc.collect()
+        if was_cuda:
+            import torch
+
+            torch.cuda.empty_cache()
+
+    @property
+    def model_id(self) -> str:
+        """The profile's model as configured: a hub id (``llava-hf/llava-1.5-7b-hf``) or a folder."""
+        return self.profile.model
+
+    @property
+    def model_version(self) -> str:
+        """Stable short id, e.g. ``"llava-1.5-7b-hf@3f2a9c1b7d-p1"`` (:func:`model_version_string`).
+
+        Raises:
+            VLMError: the model's config cannot be found (offline, wrong path).
+        """
+        if self._version is None:
+            self._version = model_version_string(self.profile)
+        return self._version
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.load().processor.tokenizer
+
+    # ---- inputs ----------------------------------------------------------------------------
+
+    def _encode(self, images: Sequence[Image.Image], texts: Sequence[str], padding_side: str) -> Any:
+        """Processor output on the model's device; float tensors in the model's dtype."""
+        inputs = self.processor(
+            images=[_rgb(im) for im in images],
+            text=list(texts),
+            return_tensors="pt",
+            padding=True,
+            padding_side=padding_side,
+        )
+        return inputs.to(self.device, dtype=self.dtype)
+
+    def _eos_id(self) -> int | None:
+        return self.processor.tokenizer.eos_token_id
+
+    def _pad_id(self) -> int:
+        tok = self.processor.tokenizer
+        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    def _prepare(self, images: Sequence[Image.Image], labels: list[list[str]]) -> _Batch:
+        """Render prompts, tokenise candidate answers (boundary-checked), run the processor."""
+        texts = [prompts.verdict_prompt(self.processor, ls) for ls in labels]
+        eos = self._eos_id()
+        answers = [
+            [answer_token_ids(self.processor.tokenizer, t, candidate_answer(t, c), eos_id=eos) for c in ls]
+            for t, ls in zip(texts, labels)
+        ]
+        return _Batch(self._encode(images, texts, "right"), labels, answers)
+
+    # ---- scoring ---------------------------------------------------------------------------
+
+    def score_candidates(
+        self, images: Sequence[Image.Image], candidates: Sequence[Sequence[str]]
+    ) -> list[VLMVerdict]:
+        """Probability of each candidate per photo, by shared-prefill answer scoring.
+
+        Args:
+            images: PIL images (any mode; converted to RGB), one per photo.
+            candidates: per photo, stage-1 labels (e.g. top-3, ``"Maine_Coon"`` or ``"Maine
+                Coon"``); ``"other"`` is appended here.
+
+        Returns:
+            One :class:`VLMVerdict` per photo, in order. Photos are processed
+            ``profile.batch_size`` at a time; results equal one-at-a-time within float tolerance.
+
+        Raises:
+            ValueError: lengths differ, or a candidate list is empty / has duplicates.
+            TokenBoundaryError: an answer does not start on a token boundary.
+            VLMError: model cannot be loaded, or out of memory (lower ``batch_size``).
+        """
+        labels = _check_inputs(images, candidates)
+        self.load()
+        out: list[VLMVerdict] = []
+        step = self.profile.batch_size
+        for i in range(0, len(labels), step):
+            scores = self._guard_oom(self._score_batch, self._prepare(images[i : i + step], labels[i : i + step]))
+            out += [VLMVerdict.from_scores(ls, s, self.model_version) for ls, s in zip(labels[i : i + step], scores)]
+        return out
+
+    def _score_batch(self, batch: _Batch) -> list[list[float]]:
+        """Shared prefill + one candidate forward for the photos of ``batch``.
+
+        Shapes: B photos, L padded prompt length, k_b candidates of photo b, N = sum k_b rows,
+        T = longest answer - 1, V vocabulary.
+        """
+        import torch
+
+        inputs, answers = batch.inputs, batch.answers
+        prompt_mask = inputs["attention_mask"]  # (B, L), right padded
+        if (prompt_mask[:, 1:] > prompt_mask[:, :-1]).any():
+            raise VLMError(
+                f"{type(self.processor).__name__} ignored padding_side='right'; shared-prefill scoring "
+                "needs right-padded prompts"
+            )
+        last = prompt_mask.sum(dim=1) - 1  # (B,) index of each row's last prompt token
+        with torch.inference_mode():
+            pre = self.model(**inputs, use_cache=True, logits_to_keep=last[:, None])
+            first_logprobs = torch.log_softmax(pre.logits[:, -1].float(), dim=-1)  # (B, V)
+            cache = pre.cache
+            rows = torch.repeat_interleave(
+                torch.arange(len(answers)), torch.tensor([len(a) for a in answers])
+            ).to(self.device)  # (N,) photo index of each candidate row
+            flat = [ids for per_photo in answers for ids in per_photo]
+            lengths = torch.tensor([len(ids) for ids in flat], device=self.device)  # (N,)
+            first_ids = torch.tensor([ids[0] for ids in flat], device=self.device)
+            token_lp = [first_logprobs[rows, first_ids][:, None]]  # log p(a_1 | prompt), (N, 1)
+
+            # Teacher forcing: feed a_1..a_{n-1}, read log p(a_2..a_n).
+            feed_ids, feed_mask = pad_right([ids[:-1] for ids in flat], self._pad_id())
+            if feed_ids.shape[1] > 0:
+                feed_ids, feed_mask = feed_ids.to(self.device), feed_mask.to(self.device)
+                cache.batch_select_indices(rows)  # == batch_repeat_interleave(k) when all k equal
+                full_mask = torch.cat([prompt_mask[rows], feed_mask], dim=1)
+                deltas = self._rope_deltas()
+                positions = continuation_positions(
+                    full_mask, feed_ids.shape[1], deltas[rows] if deltas is not None else None
+                )
+                out = self.model(
+                    input_ids=feed_ids, attention_mask=full_mask, position_ids=positions, cache=cache, use_cache=True
+                )
+                logprobs = torch.log_softmax(out.logits.float(), dim=-1)  # (N, T, V)
+                targets, _ = pad_right([ids[1:] for ids in flat], 0)
+                picked = logprobs.gather(-1, targets.to(self.device)[..., None])[..., 0]  # (N, T)
+                token_lp.append(picked * feed_mask)  # feed_mask marks exactly the a_2..a_n targets
+            scores = reduce_scores(torch.cat(token_lp, dim=1), lengths, self.profile.score_normalisation)
+        scores = scores.cpu().tolist()
+        per_photo, start = [], 0
+        for a in answers:
+            per_photo.append(scores[start : start + len(a)])
+            start += len(a)
+        return per_photo
+
+    def _rope_deltas(self) -> torch.Tensor | None:
+        """M-RoPE offsets ``(B, 1)`` left by the last prefill, or ``None`` (plain RoPE models)."""
+        return getattr(self._rope_module, "rope_deltas", None) if self._rope_module is not None else None
+
+    def score_candidates_reference(self, image: Image.Image, candidates: Sequence[str]) -> VLMVerdict:
+        """Slow oracle for :meth:`score_candidates`: one full forward per candidate, no cache.
+
+        The prompt + answer + EOS is rendered as one string and run through the processor, so
+        this also checks the token arithmetic of the fast path. Same arguments/result as
+        :meth:`score_candidates` for a single photo.
+        """
+        import torch
+
+        (labels,) = _check_inputs([image], [candidates])
+        self.load()
+        prompt = prompts.verdict_prompt(self.processor, labels)
+        eos = self.processor.tokenizer.eos_token or ""
+        n_prompt = self._encode([image], [prompt], "right")["input_ids"].shape[1]
+        scores = []
+        with torch.inference_mode():
+            for c in labels:
+                inputs = self._encode([image], [prompt + candidate_answer(prompt, c) + eos], "right")
+                ids = inputs["input_ids"][0]
+                logprobs = torch.log_softmax(self.model(**inputs).logits[0].float(), dim=-1)  # (L, V)
+                n = ids.shape[0] - n_prompt
+                token_lp = logprobs[n_prompt - 1 : -1].gather(-1, ids[n_prompt:, None])[:, 0]  # (n,)
+                scores.append(
+                    reduce_scores(token_lp[None], torch.tensor([n]), self.profile.score_normalisation).item()
+                )
+        return VLMVerdict.from_scores(labels, scores, self.model_version)
+
+    def _guard_oom(self, fn, *args):
+        import torch
+
+        try:
+            return fn(*args)
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if _is_oom(exc):
+                raise VLMError(
+                    f"out of memory in VLM profile {self.name!r} (batch_size={self.profile.batch_size}); "
+                    "lower batch_size or use load_in_4bit"
+                ) from exc
+            raise
+
+    # ---- generation ------------------------------------------------------------------------
+
+    def _generation_kwargs(self, max_new_tokens: int | None = None) -> dict[str, Any]:
+        p = self.profile
+        kw: dict[str, Any] = {
+            "max_new_tokens": max_new_tokens or p.max_new_tokens,
+            "do_sample": p.do_sample,
+            "pad_token_id": self._pad_id(),
+        }
+        if p.do_sample:
+            kw.update(temperature=p.temperature, top_p=p.top_p)
+        else:  # silence "temperature is set but do_sample=False" from checkpoint generation configs
+            kw.update(temperature=None, top_p=None, top_k=None)
+        return kw
+
+    def _generate_text(self, image: Image.Image, prompt: str, max_new_tokens: int | None = None) -> str:
+        import torch
+
+        inputs = self._encode([image], [prompt], "left")
+        with torch.inference_mode():
+            out = self._guard_oom(
+                lambda: self.model.generate(**inputs, **self._generation_kwargs(max_new_tokens))
+            )
+        return self.processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+    def reasoning(self, image: Image.Image, candidates: Sequence[str]) -> str:
+        """Free-text explanation of the traits deciding between ``candidates`` (whole text).
+
+        Generation settings from the profile (greedy unless ``do_sample``).
+        """
+        (labels,) = _check_inputs([image], [candidates])
+        self.load()
+        return self._generate_text(image, prompts.reasoning_prompt(self.processor, labels)).strip()
+
+    def stream_reasoning(
+        self,
+        image: Image.Image,
+        candidates: Sequence[str],
+        stop_event: threading.Event | None = None,
+    ) -> Iterator[str]:
+        """Like :meth:`reasoning`, yielding the cumulative text as it is generated.
+
+        ``generate`` runs in a background thread feeding a ``TextIteratorStreamer``. Setting
+        ``stop_event`` (or closing the iterator) stops generation at the next token; the thread
+        is joined before this generator returns. An exception in ``generate`` is re-raised here.
+        """
+        from transformers import StoppingCriteriaList, TextIteratorStreamer
+
+        (labels,) = _check_inputs([image], [candidates])
+        self.load()
+        inputs = self._encode([image], [prompts.reasoning_prompt(self.processor, labels)], "left")
+        streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        closed = threading.Event()
+        events = [closed] if stop_event is None else [closed, stop_event]
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                self.model.generate(
+                    **inputs,
+                    **self._generation_kwargs(),
+                    streamer=streamer,
+                    stopping_criteria=StoppingCriteriaList([event_stopping_criteria(events)]),
+                )
+            except Exception as exc:  # handed to the consumer, re-raised below
+                errors.append(exc)
+                streamer.end()
+
+        thread = threading.Thread(target=run, name=f"vlm-stream-{self.name}", daemon=True)
+        thread.start()
+        text = ""
+        try:
+            for chunk in streamer:
+                if chunk:
+                    text += chunk
+                    yield text
+        finally:
+            closed.set()
+            thread.join()
+        if errors:
+            raise VLMError(f"generation failed in VLM profile {self.name!r}: {errors[0]}") from errors[0]
+
+    def generate_verdict(
+        self, image: Image.Image, candidates: Sequence[str], max_new_tokens: int = DEFAULT_VERDICT_TOKENS
+    ) -> VLMVerdict:
+        """Verdict by *generating* an answer to the verdict prompt and matching candidate names.
+
+        For the benchmark only: no probabilities (one-hot on the matched candidate; ``other``
+        when no name matches; ``scores`` are 0 / ``-inf``). The answer text is in
+        ``extra["answer"]``.
+        """
+        (labels,) = _check_inputs([image], [candidates])
+        self.load()
+        answer = self._generate_text(image, prompts.verdict_prompt(self.processor, labels), max_new_tokens)
+        label = match_candidate(answer, labels)
+        scores = [0.0 if c == label else float("-inf") for c in labels]
+        verdict = VLMVerdict.from_scores(labels, scores, self.model_version)
+        verdict.extra["answer"] = answer
+        return verdict
+
+
+def event_stopping_criteria(events: Sequence[threading.Event]) -> Any:
+    """A ``transformers.StoppingCriteria`` that stops every sequence once any of ``events`` is set.
+
+    Built lazily so that importing this module does not import torch/transformers.
+    """
+    import torch
+    from transformers import StoppingCriteria
+
+    class EventStoppingCriteria(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            stop = any(e.is_set() for e in events)
+            return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+    return EventStoppingCriteria()
+
+
+def match_candidate(answer: str, labels: Sequence[str]) -> str:
+    """The candidate named in ``answer`` (case-insensitive, earliest mention, longest name on a
+    tie), or :data:`~catreview.prompts.OTHER_LABEL`."""
+    text = " ".join(answer.lower().replace("_", " ").split())
+    best: tuple[int, int, str] | None = None
+    for label in labels:
+        name = prompts.answer_text(label).strip().lower()
+        pos = text.find(name)
+        if pos >= 0 and (best is None or (pos, -len(name)) < (best[0], best[1])):
+            best = (pos, -len(name), label)
+    return best[2] if best is not None else prompts.OTHER_LABEL
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _check_inputs(images: Sequence[Any], candidates: Sequence[Sequence[str]]) -> list[list[str]]:
+    """Validate and return the candidate lists with ``"other"`` appended.
+
+    Raises:
+        ValueError: different lengths, a non-PIL image, or a bad candidate list.
+    """
+    from PIL import Image
+
+    if len(images) != len(candidates):
+        raise ValueError(f"{len(images)} images but {len(candidates)} candidate lists")
+    for im in images:
+        if not isinstance(im, Image.Image):
+            raise ValueError(f"images must be PIL.Image.Image, got {type(im).__name__}")
+    if isinstance(candidates, str) or any(isinstance(c, str) for c in candidates):
+        raise ValueError("candidates must be one list of labels per image, e.g. [['Bengal', 'Siamese', 'Persian']]")
+    return [prompts.with_other(c) for c in candidates]

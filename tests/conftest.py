@@ -1,0 +1,58 @@
+"""Shared test helpers.
+
+* ``HF_HUB_OFFLINE=1`` is set for the whole test session (tests never download).
+* :func:`shared_photos_dir` finds the shared cat photos (``../shared/data/cats`` next to the
+  repository, or ``$CATREVIEW_SHARED_CATS``). When they are absent, tests that need them are
+  skipped with a message -- except under CI (``$CI`` set), where a missing data set is a failure.
+* :func:`load_photos` opens photos as PIL images; the path (which contains the breed) is never
+  passed to a model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_SHARED_CATS = REPO_ROOT.parent / "shared" / "data" / "cats"
+
+
+def shared_photos_dir() -> Path:
+    """Folder of the shared photos (``<Breed>/*.jpg`` + ``labels.csv``); skip or fail if absent."""
+    root = Path(os.environ.get("CATREVIEW_SHARED_CATS", DEFAULT_SHARED_CATS))
+    if not (root / "labels.csv").is_file():
+        message = (
+            f"shared cat photos not found at {root} (expected <Breed>/*.jpg and labels.csv); "
+            "set CATREVIEW_SHARED_CATS to their folder"
+        )
+        if os.environ.get("CI"):
+            pytest.fail(message + " -- CI is set, so missing test data is an error", pytrace=False)
+        pytest.skip(message)
+    return root
+
+
+def photo_paths(breeds: list[str], per_breed: int = 1) -> list[Path]:
+    """The first ``per_breed`` photos (sorted by name) of each folder in ``breeds``."""
+    root = shared_photos_dir()
+    paths: list[Path] = []
+    for breed in breeds:
+        found = sorted((root / breed).glob("*.jpg"))[:per_breed]
+        if len(found) < per_breed:
+            pytest.fail(f"{root / breed} has {len(found)} photos, {per_breed} needed", pytrace=False)
+        paths += found
+    return paths
+
+
+def load_photos(breeds: list[str], per_breed: int = 1):
+    """PIL RGB images (fully loaded, files closed) for :func:`photo_paths`."""
+    from PIL import Image
+
+    images = []
+    for path in photo_paths(breeds, per_breed):
+        with Image.open(path) as im:
+            images.append(im.convert("RGB"))
+    return images
