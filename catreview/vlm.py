@@ -528,7 +528,11 @@ class VLMPostClassifier:
     # ---- scoring ---------------------------------------------------------------------------
 
     def score_candidates(
-        self, images: Sequence[Image.Image], candidates: Sequence[Sequence[str]]
+        self,
+        images: Sequence[Image.Image],
+        candidates: Sequence[Sequence[str]],
+        *,
+        batch_size: int | None = None,
     ) -> list[VLMVerdict]:
         """Probability of each candidate per photo, by shared-prefill answer scoring.
 
@@ -538,8 +542,9 @@ class VLMPostClassifier:
                 Coon"``); ``"other"`` is appended here.
 
         Returns:
-            One :class:`VLMVerdict` per photo, in order. Photos are processed
-            ``profile.batch_size`` at a time; results equal one-at-a-time within float tolerance.
+            One :class:`VLMVerdict` per photo, in order. Photos are processed ``batch_size``
+            (default ``profile.batch_size``) per prefill; results equal one-at-a-time within
+            float tolerance.
 
         Raises:
             ValueError: lengths differ, or a candidate list is empty / has duplicates.
@@ -549,7 +554,7 @@ class VLMPostClassifier:
         labels = _check_inputs(images, candidates)
         self.load()
         out: list[VLMVerdict] = []
-        step = self.profile.batch_size
+        step = batch_size or self.profile.batch_size
         for i in range(0, len(labels), step):
             scores = self._guard_oom(self._score_batch, self._prepare(images[i : i + step], labels[i : i + step]))
             out += [VLMVerdict.from_scores(ls, s, self.model_version) for ls, s in zip(labels[i : i + step], scores)]

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SHARED_CATS = REPO_ROOT.parent / "shared" / "data" / "cats"
@@ -49,10 +50,33 @@ def photo_paths(breeds: list[str], per_breed: int = 1) -> list[Path]:
 
 def load_photos(breeds: list[str], per_breed: int = 1):
     """PIL RGB images (fully loaded, files closed) for :func:`photo_paths`."""
-    from PIL import Image
+    from catreview.images import load_rgb
 
-    images = []
-    for path in photo_paths(breeds, per_breed):
-        with Image.open(path) as im:
-            images.append(im.convert("RGB"))
-    return images
+    return [load_rgb(path) for path in photo_paths(breeds, per_breed)]
+
+
+ARTIFACTS_DIR = REPO_ROOT / "test-artifacts"
+
+
+@pytest.fixture(scope="session")
+def cats_dir() -> Path:
+    """The shared photos folder (skip when absent; fail under CI)."""
+    return shared_photos_dir()
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Demo models built once per session through :func:`catreview.demo_models.ensure_demo_models`."""
+    from catreview.demo_models import ensure_demo_models
+
+    d = tmp_path_factory.mktemp("demo") / "models"
+    ensure_demo_models(d)
+    return d
+
+
+@pytest.fixture
+def settings(tmp_path: Path, demo_dir: Path):
+    """Settings on a fresh SQLite file with the demo models."""
+    from catreview.config import load_settings
+
+    return load_settings(database_url=f"sqlite:///{tmp_path / 'test.db'}", demo_dir=demo_dir)

@@ -96,7 +96,7 @@ def build(app: ReviewApp, demo: gr.Blocks) -> None:
             with gr.Row():
                 confirm = [gr.Button("—", variant="primary", elem_id=f"confirm-{i}") for i in range(N_CANDIDATES)]
             with gr.Row():
-                pick = gr.Dropdown(app.vocabulary.choices(), label="Any breed (type to search)", filterable=True, elem_id="breed-pick", scale=3)
+                pick = gr.Dropdown(app.vocabulary.choices(), value=None, label="Any breed (type to search)", filterable=True, allow_custom_value=True, elem_id="breed-pick", scale=3)
                 set_label = gr.Button("Set label", elem_id="set-label", scale=1)
             with gr.Row():
                 not_cat = gr.Button(NOT_A_CAT, elem_id="not-a-cat")

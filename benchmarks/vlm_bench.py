@@ -1,0 +1,181 @@
+"""Benchmark the ways of getting a stage-2 verdict, on the same model and photos, in one run.
+
+Methods (per photo; best and median of ``--repeats`` interleaved runs after one warm-up):
+
+* ``score, shared prefill``   -- :meth:`VLMPostClassifier.score_candidates`, one photo per call
+* ``score, shared, batched``  -- the same with all photos in one prefill (``batch_size=N``)
+* ``score, 1 fwd/candidate``  -- :meth:`VLMPostClassifier.score_candidates_reference`
+* ``generate N tokens``       -- :meth:`VLMPostClassifier.generate_verdict` (greedy, no EOS
+  expected from random weights, so exactly N tokens); run with ``--max-new-tokens`` (default 20)
+  and with just enough tokens for the longest candidate answer (the best case for generate).
+
+Ratios (of the best times) are against ``generate --max-new-tokens``. The scoring results of the fast path are also
+checked against the reference (max |score difference|).
+
+Models: ``tiny:demo`` and ``tiny:14m`` (built offline into a temporary folder, see
+:mod:`catreview.tiny_vlms`), ``tiny:llava-next``, ``tiny:qwen2-vl``, or any local folder / cached
+hub id (e.g. ``llava-hf/llava-1.5-7b-hf`` on a GPU machine).
+
+    HF_HUB_OFFLINE=1 python benchmarks/vlm_bench.py --models tiny:demo tiny:14m
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without install
+
+from catreview import prompts, tiny_vlms  # noqa: E402
+from catreview.config import VLMProfile  # noqa: E402
+from catreview.vlm import VLMPostClassifier, answer_token_ids, candidate_answer  # noqa: E402
+
+PHOTO_BREEDS = ["Bengal", "Maine_Coon", "Persian", "Siamese", "Ragdoll", "Sphynx", "Bombay", "Birman"]
+TINY = {
+    "tiny:demo": lambda d: tiny_vlms.build_tiny_llava(d, size="demo"),
+    "tiny:14m": lambda d: tiny_vlms.build_tiny_llava(d, size="14m"),
+    "tiny:llava-next": tiny_vlms.build_tiny_llava_next,
+    "tiny:qwen2-vl": tiny_vlms.build_tiny_qwen2_vl,
+}
+
+
+def load_photos(root: Path, n: int):
+    """``n`` photos (first of each breed folder) and stage-1-like top-3 candidate lists."""
+    from PIL import Image
+
+    breeds = PHOTO_BREEDS[:n]
+    images, candidates = [], []
+    for i, breed in enumerate(breeds):
+        path = sorted((root / breed).glob("*.jpg"))[0]
+        with Image.open(path) as im:
+            images.append(im.convert("RGB"))
+        others = [b for b in PHOTO_BREEDS if b != breed]
+        candidates.append([breed, others[i % len(others)], others[(i + 3) % len(others)]])
+    return images, candidates
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_interleaved(methods: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Wall times (seconds) of each method, run round-robin ``repeats`` times after one warm-up.
+
+    Interleaving makes every method see the same background load (shared CPUs); compare the
+    minimum, the run least disturbed by other processes.
+    """
+    for fn in methods.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    for _ in range(repeats):
+        for name, fn in methods.items():
+            _sync()
+            t0 = time.perf_counter()
+            fn()
+            _sync()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def longest_answer_tokens(vlm: VLMPostClassifier, candidates: list[list[str]]) -> int:
+    tok = vlm.processor.tokenizer
+    longest = 0
+    for cands in candidates:
+        labels = prompts.with_other(cands)
+        prompt = prompts.verdict_prompt(vlm.processor, labels)
+        for c in labels:
+            longest = max(longest, len(answer_token_ids(tok, prompt, candidate_answer(prompt, c), eos_id=tok.eos_token_id)))
+    return longest
+
+
+def bench_model(
+    model: str, images, candidates, *, repeats: int, max_new_tokens: int, label: str | None = None
+) -> list[tuple[str, float, float]]:
+    """Rows ``(method, best seconds per photo, median seconds per photo)``; prints a consistency
+    check first."""
+    n = len(images)
+    single = VLMPostClassifier(VLMProfile(model=model, batch_size=1), name="bench").load()
+
+    fast = single.score_candidates(images, candidates)
+    fast_b = single.score_candidates(images, candidates, batch_size=n)
+    ref = [single.score_candidates_reference(im, c) for im, c in zip(images, candidates)]
+    diff = max(abs(a - b) for f, r in zip(fast, ref) for a, b in zip(f.scores, r.scores))
+    diff_b = max(abs(a - b) for f, r in zip(fast_b, fast) for a, b in zip(f.scores, r.scores))
+    n_params = sum(p.numel() for p in single.model.parameters())
+    n_prompt = single._prepare(images[:1], [prompts.with_other(candidates[0])]).inputs["input_ids"].shape[1]
+    print(
+        f"\n{label or model}  ({n_params / 1e6:.2f}M params, prompt {n_prompt} tokens incl. image, "
+        f"{len(prompts.with_other(candidates[0]))} candidates, {n} photos, device {single.device})"
+    )
+    print(f"  max |score| diff: shared-prefill vs reference {diff:.2e}, batched vs one-at-a-time {diff_b:.2e}")
+
+    short = longest_answer_tokens(single, candidates)
+    methods = {
+        "score, shared prefill (1 photo/call)": lambda: single.score_candidates(images, candidates),
+        f"score, shared prefill, batched ({n}/call)": lambda: single.score_candidates(images, candidates, batch_size=n),
+        "score, 1 forward per candidate": lambda: [
+            single.score_candidates_reference(i, c) for i, c in zip(images, candidates)
+        ],
+        f"generate {max_new_tokens} tokens + match": lambda: [
+            single.generate_verdict(i, c, max_new_tokens) for i, c in zip(images, candidates)
+        ],
+        f"generate {short} tokens + match (longest answer)": lambda: [
+            single.generate_verdict(i, c, short) for i, c in zip(images, candidates)
+        ],
+    }
+    times = time_interleaved(methods, repeats)
+    single.unload()
+    return [(name, min(t) / n, statistics.median(t) / n) for name, t in times.items()]
+
+
+def print_table(rows: list[tuple[str, float, float]]) -> None:
+    """Columns: best and median ms per photo, best-time ratios vs generate and vs 1-at-a-time."""
+    gen, one = rows[3][1], rows[0][1]
+    width = max(len(r[0]) for r in rows)
+    print(f"  {'method':<{width}}  {'best ms':>8}  {'median ms':>9}  {'vs generate':>11}  {'vs 1-at-a-time':>14}")
+    for name, best, median in rows:
+        print(f"  {name:<{width}}  {best * 1e3:8.1f}  {median * 1e3:9.1f}  {best / gen:10.2f}x  {best / one:13.2f}x")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["tiny:demo", "tiny:14m"])
+    parser.add_argument("--photos", type=int, default=4, help=f"number of photos (<= {len(PHOTO_BREEDS)})")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-new-tokens", type=int, default=20)
+    parser.add_argument("--photos-dir", type=Path, default=tiny_vlms.SHARED_PHOTOS_DIR)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    if not (args.photos_dir / "labels.csv").is_file():
+        parser.error(f"no shared photos at {args.photos_dir}")
+    images, candidates = load_photos(args.photos_dir, min(args.photos, len(PHOTO_BREEDS)))
+    load = os.getloadavg()[0]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load avg {load:.1f}")
+    with tempfile.TemporaryDirectory(prefix="vlm-bench-") as tmp:
+        for spec in args.models:
+            model = str(TINY[spec](Path(tmp) / spec.split(":")[1])) if spec in TINY else spec
+            rows = bench_model(
+                model, images, candidates, repeats=args.repeats, max_new_tokens=args.max_new_tokens, label=spec
+            )
+            print_table(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,78 @@
+"""The app launched on a free port and driven over its API (gradio_client), across a restart."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from gradio_client import Client
+from sqlmodel import Session, select
+
+from catreview.app_core import ReviewApp
+from catreview.db import Review
+from catreview.ui import build_ui
+
+
+@contextmanager
+def running_app(settings, folders: list[Path] | None = None) -> Iterator[tuple[ReviewApp, str]]:
+    """Start the app (background import + predictions finished) on a free port; yield (app, url)."""
+    app = ReviewApp(settings)
+    app.start_background(folders or [])
+    app.wait(timeout=300)
+    assert app.job.error is None, app.job.log
+    demo = build_ui(app)
+    demo.queue()
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True)
+    try:
+        yield app, url
+    finally:
+        demo.close()
+
+
+@pytest.fixture
+def photos(tmp_path: Path, cats_dir: Path) -> Path:
+    root = tmp_path / "photos"
+    for breed in ("Sphynx", "Birman"):
+        (root / breed).mkdir(parents=True)
+        for p in sorted((cats_dir / breed).glob("*.jpg"))[:2]:
+            shutil.copy(p, root / breed / p.name)
+    (root / "broken.jpg").write_bytes(b"not a jpeg")
+    return root
+
+
+def test_review_over_api_survives_restart(settings, photos: Path) -> None:
+    with running_app(settings, [photos]) as (app, url):
+        client = Client(url, verbose=False)
+        shown = client.predict(api_name="/show")
+        image_id, counter = int(shown[0]), shown[2]
+        assert "0 / 4 reviewed" in counter
+        stage1 = shown[4]
+        assert len(stage1["confidences"]) == 3
+        failed = client.predict(api_name="/failed")
+        assert [Path(r[0]).name for r in failed["data"]] == ["broken.jpg"]
+        assert "not a readable image" in failed["data"][0][1]
+
+        # Review through the public API with an alias; then a bad label is refused, nothing stored.
+        out = client.predict(image_id, "sphynx", "alice", "ears say so", api_name="/review")
+        assert "Saved" in out[-1] and "1 / 4 reviewed" in out[2]
+        refused = client.predict(image_id, "Dragon", "alice", "", api_name="/review")
+        assert "unknown label" in refused[-1]
+        nameless = client.predict(image_id, "Birman", "  ", "", api_name="/review")
+        assert "annotator" in nameless[-1]
+        reasoning = client.predict(image_id, api_name="/reasoning")
+        assert isinstance(reasoning, str) and reasoning.strip()
+
+    # Restart on the same database: the review is there, nothing recomputed.
+    with running_app(settings) as (app2, url2):
+        assert app2.job.log and "0 computed" in app2.job.log[0] + app2.job.log[1]
+        shown = Client(url2, verbose=False).predict(api_name="/show")
+        assert "1 / 4 reviewed" in shown[2]
+        if int(shown[0]) == image_id:
+            assert "Sphynx - Hairless Cat" in shown[8] and "alice" in shown[8]
+    with Session(app2.engine) as s:
+        rows = list(s.exec(select(Review)))
+    assert [(r.image_id, r.label, r.annotator, r.note) for r in rows] == [(image_id, "Sphynx - Hairless Cat", "alice", "ears say so")]
+    assert rows[0].model_snapshot_json and "stage1" in rows[0].model_snapshot_json

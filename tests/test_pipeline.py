@@ -1,0 +1,122 @@
+"""Both stages over the shared photos: caching by model version, routing, labels import, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlmodel import Session, select
+
+from catreview.config import load_settings
+from catreview.db import Prediction, Review, make_engine
+from catreview.demo_models import build_demo_classifier
+from catreview.importer import import_folder
+from catreview.labels import BreedVocabulary, read_label_file, BREEDS67_FILE
+from catreview.predict import run_predictions
+from catreview.registry import ModelRegistry
+from catreview.results import iter_views
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BREEDS = ["Sphynx", "Maine_Coon", "Bombay"]
+
+
+@pytest.fixture
+def photos(tmp_path: Path, cats_dir: Path) -> Path:
+    """3 photos each of 3 breeds, copied into breed folders."""
+    root = tmp_path / "photos"
+    for breed in BREEDS:
+        (root / breed).mkdir(parents=True)
+        for p in sorted((cats_dir / breed).glob("*.jpg"))[:3]:
+            shutil.copy(p, root / breed / p.name)
+    return root
+
+
+def test_predictions_are_cached_per_model_version(settings, photos: Path, tmp_path: Path) -> None:
+    engine = make_engine(settings.database_url)
+    import_folder(engine, photos, vocabulary=BreedVocabulary.default())
+    reg = ModelRegistry(settings)
+    first = run_predictions(engine, reg)
+    assert (first.stage1_computed, first.vlm_computed) == (9, 9)
+    again = run_predictions(engine, ModelRegistry(settings))  # a restart: fresh registry
+    assert (again.stage1_computed, again.vlm_computed, again.stage1_cached, again.vlm_cached) == (0, 0, 9, 9)
+
+    views = list(iter_views(engine, reg))
+    for v in views:
+        assert len(v["stage1"]) == 3
+        probs = v["vlm"]["probabilities"]
+        assert list(probs) == [d["label"] for d in v["stage1"]] + ["other"]
+        assert sum(probs.values()) == pytest.approx(1.0, abs=1e-6)
+        assert sum(v["fused"]["probabilities"].values()) == pytest.approx(1.0, abs=1e-6)
+
+    # A new classifier checkpoint is a new version: stage 1 recomputed, old rows kept (history).
+    ckpt = build_demo_classifier(tmp_path / "other" / "model.safetensors", read_label_file(BREEDS67_FILE), seed=1)
+    s2 = load_settings(database_url=settings.database_url, demo_dir=settings.demo_dir,
+                       classifier={"model": "convnext_atto", "checkpoint": ckpt})
+    third = run_predictions(engine, ModelRegistry(s2))
+    assert third.stage1_computed == 9 and third.stage1_cached == 0
+    with Session(engine) as s:
+        assert len(list(s.exec(select(Prediction).where(Prediction.kind == "stage1")))) == 18
+
+
+def test_routing_threshold_skips_the_vlm(settings, photos: Path) -> None:
+    engine = make_engine(settings.database_url)
+    import_folder(engine, photos, vocabulary=BreedVocabulary.default())
+    routed = settings.model_copy(update={"fusion": settings.fusion.model_copy(update={"routing_threshold": 0.0})})
+    summary = run_predictions(engine, ModelRegistry(routed))
+    assert summary.vlm_skipped == 9 and summary.vlm_computed == 0
+    for v in iter_views(engine, ModelRegistry(routed)):
+        assert v["vlm"]["skipped"] is True
+        assert v["fused"]["label"] == v["stage1"][0]["label"]
+
+
+def test_labels_csv_reports_problems(settings, photos: Path, tmp_path: Path) -> None:
+    engine = make_engine(settings.database_url)
+    csv = tmp_path / "labels.csv"
+    csv.write_text(
+        "path,label\n"
+        "Sphynx/" + sorted(os.listdir(photos / "Sphynx"))[0] + ",sphynx\n"
+        "Maine_Coon/" + sorted(os.listdir(photos / "Maine_Coon"))[0] + ",Maine_Coon\n"
+        "Maine_Coon/" + sorted(os.listdir(photos / "Maine_Coon"))[0] + ",Maine_Coon\n"
+        "Bombay/" + sorted(os.listdir(photos / "Bombay"))[0] + ",Tabby Tiger Lion\n"
+        "Bombay/gone.jpg,Bombay\n"
+    )
+    summary = import_folder(engine, photos, vocabulary=BreedVocabulary.default(), labels_csv=csv)
+    assert summary.labels_recorded == 2
+    assert [lab for _, lab in summary.unknown_labels] == ["Tabby Tiger Lion"]
+    assert summary.missing_files == ["Bombay/gone.jpg"]
+    assert len(summary.duplicate_label_rows) == 1
+    with Session(engine) as s:
+        labels = sorted(r.label for r in s.exec(select(Review)))
+    assert labels == ["Maine Coon", "Sphynx - Hairless Cat"]
+
+
+def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "catreview", *args], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_cli_import_predict_list_json(settings, photos: Path) -> None:
+    env = {**os.environ, "CATREVIEW_DEMO_DIR": str(settings.demo_dir), "HF_HUB_OFFLINE": "1"}
+    db = ["--db", settings.database_url]
+    r = _cli("import", str(photos), "--labels-from-folders", *db, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "9 new" in r.stdout and "labels recorded as reviews: 9" in r.stdout
+    r = _cli("predict", *db, env=env)
+    assert r.returncode == 0, r.stderr
+    r = _cli("predictions", "--json", *db, env=env)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(rows) == 9
+    for row in rows:
+        assert set(row) >= {"path", "sha256", "error", "stage1", "vlm", "fused", "review"}
+        assert row["error"] is None and len(row["stage1"]) == 3
+        assert row["vlm"]["reasoning"], "predict generates the reasoning by default"
+        assert row["review"]["annotator"] == "import"
+    assert {row["review"]["label"] for row in rows} == {"Sphynx - Hairless Cat", "Maine Coon", "Bombay"}
+    bad = _cli("import", str(photos / "nope"), *db, env=env)
+    assert bad.returncode == 2 and "not a folder" in bad.stderr and "Traceback" not in bad.stderr
