@@ -684,7 +684,8 @@ def redact_url(url: str | URL) -> str:
     """A database URL without its password (and without ``password``/``token`` query keys)."""
     u = make_url(str(url)) if not isinstance(url, URL) else url
     query = {k: v for k, v in u.query.items() if not any(s in k.lower() for s in ("password", "secret", "token"))}
-    return u.set(password=None, query=query).render_as_string(hide_password=False)
+    # URL.set(password=None) would keep the password ("None" means unchanged there)
+    return u._replace(password=None).set(query=query).render_as_string(hide_password=False)
 
 
 def _prepare_out_dir(out: Path, overwrite: bool) -> None:

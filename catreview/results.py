@@ -149,3 +149,42 @@ def model_snapshot(view: dict[str, Any]) -> dict[str, Any]:
         "model_versions": {"vlm": vlm.get("model_version")},
     }
 
+
+
+@dataclass(frozen=True)
+class RoutingStats:
+    """How many photos went to the VLM under the current routing threshold, and the VLM time
+    that skipping saved (skipped photos x mean measured VLM seconds per photo)."""
+
+    photos: int
+    to_vlm: int
+    skipped: int
+    mean_vlm_seconds: float
+    threshold: float | None
+
+    @property
+    def saved_seconds(self) -> float:
+        return self.skipped * self.mean_vlm_seconds
+
+    def text(self) -> str:
+        if self.threshold is None:
+            return f"Routing off: all {self.photos} photos with stage-1 predictions go to the VLM."
+        return (
+            f"Routing threshold {self.threshold}: {self.to_vlm} of {self.photos} photos went to the VLM, "
+            f"{self.skipped} skipped; VLM time saved ≈ {self.saved_seconds:.1f} s "
+            f"({self.mean_vlm_seconds * 1000:.0f} ms per photo measured)."
+        )
+
+
+def routing_stats(engine: Engine, registry: Any, *, vlm_name: str | None = None) -> RoutingStats:
+    """Count photos routed to / past the VLM for the current models and threshold."""
+    clf, vlm = registry.classifier(), registry.vlm(vlm_name)
+    thr = registry.settings.fusion.routing_threshold
+    with Session(engine) as session:
+        s1 = session.exec(select(Prediction).where(
+            Prediction.kind == "stage1", Prediction.model_id == clf.model_id, Prediction.model_version == clf.model_version)).all()
+        secs = session.exec(select(Prediction.seconds).where(
+            Prediction.kind == "vlm", Prediction.model_id == vlm.model_id, Prediction.model_version == vlm.model_version)).all()
+    skipped = sum(not should_route_to_vlm(stage1_topk(p)[0][1], thr) for p in s1)
+    mean = float(sum(secs) / len(secs)) if secs else 0.0
+    return RoutingStats(len(s1), len(s1) - skipped, skipped, mean, thr)

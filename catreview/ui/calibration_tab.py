@@ -1,5 +1,5 @@
 """Calibration tab: fit temperatures and the fusion weight on reviewed photos; show ECE and
-per-breed accuracy of stage 1, VLM and fused."""
+per-breed accuracy of stage 1, VLM and fused; routing counts and VLM time saved."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import pandas as pd
 
 from catreview.app_core import ReviewApp
 from catreview.calibration_store import fit_and_store
+from catreview.results import routing_stats
 
 
 def build(app: ReviewApp) -> None:
@@ -31,3 +32,8 @@ def build(app: ReviewApp) -> None:
         return text, pd.DataFrame(rep.summary_rows()), pd.DataFrame(rep.per_breed_rows())
 
     fit.click(run, outputs=[report, summary, per_breed], api_name="calibrate")
+
+    gr.Markdown("### Routing")
+    routing = gr.Markdown(elem_id="routing-stats")
+    refresh = gr.Button("Refresh routing counts", elem_id="refresh-routing", size="sm")
+    refresh.click(lambda: routing_stats(app.engine, app.registry).text(), outputs=[routing], api_name="routing")
