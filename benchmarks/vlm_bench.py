@@ -94,7 +94,8 @@ def longest_answer_tokens(vlm: VLMPostClassifier, candidates: list[list[str]]) -
         labels = prompts.with_other(cands)
         prompt = prompts.verdict_prompt(vlm.processor, labels)
         for c in labels:
-            longest = max(longest, len(answer_token_ids(tok, prompt, candidate_answer(prompt, c), eos_id=tok.eos_token_id)))
+            ids = answer_token_ids(tok, prompt, candidate_answer(prompt, c), eos_id=tok.eos_token_id)
+            longest = max(longest, len(ids))
     return longest
 
 
@@ -179,7 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=20)
     parser.add_argument("--photos-dir", type=Path, default=tiny_vlms.SHARED_PHOTOS_DIR)
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: on a shared 2-core machine, 2 threads make "
+        "generate's many small ops collide with other processes and the timings are noise; 0 = torch's default)",
+    )
     args = parser.parse_args(argv)
 
     import torch

@@ -58,6 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vlm", metavar="PROFILE")
     p.add_argument("--dry-run", action="store_true", help="report only; do not store the fit")
 
+    p = sub.add_parser("export", help="export reviewed photos as a curated, versioned dataset")
+    _common(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="export folder (must be absent or empty)")
+    p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    p.add_argument("--image-size", type=int, default=336, help="shortest side in px (336 for LLaVA-1.5, 512 for Pixtral)")
+    p.add_argument("--cap-per-breed", type=int, default=None, help="at most this many photos per breed")
+    p.add_argument("--oversample", action="store_true", help="oversample minority breeds in train only")
+    p.add_argument("--resplit", action="store_true", help="forget sticky splits and split again")
+    p.add_argument("--vlm", metavar="PROFILE", help="check records against this profile's processor (default: active)")
+    p.add_argument("--no-check", action="store_true", help="skip the processor/chat-template check")
+    p.add_argument("--zip", action="store_true", help="also write DIR.zip")
+
     return parser
 
 
@@ -165,11 +177,42 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from catreview.db import make_engine
+    from catreview.exports import export_dataset, zip_export
+
+    settings = _settings(args)
+    engine = make_engine(settings.database_url)
+    processor = None
+    if not args.no_check:
+        registry = _registry(settings)
+        processor = registry.profiles()[args.vlm or registry.active_vlm_name].model
+    bar = tqdm(desc="export", unit="photo", file=sys.stderr)
+
+    def progress(done: int, total: int) -> None:
+        bar.total, bar.n = total, done
+        bar.refresh()
+
+    try:
+        summary = export_dataset(
+            engine, args.out, seed=args.seed, image_size=args.image_size, cap_per_breed=args.cap_per_breed,
+            oversample_train=args.oversample, resplit=args.resplit, processor=processor,
+            vocabulary=_vocabulary(settings), progress=progress,
+        )
+    finally:
+        bar.close()
+    print("\n".join(summary.lines()))
+    if args.zip:
+        print(f"zip: {zip_export(summary.out_dir)}")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "import": cmd_import,
     "predict": cmd_predict,
     "predictions": cmd_predictions,
     "calibrate": cmd_calibrate,
+    "export": cmd_export,
 }
 
 
@@ -178,10 +221,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (CLIError, ConfigError, ValueError, KeyError) as exc:
+    except Exception as exc:
+        if not isinstance(exc, _user_errors()):
+            raise  # a bug: keep the traceback
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"error: {msg}", file=sys.stderr)
         return 2
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors a user can fix: reported as one line, exit status 2."""
+    from catreview.classifier import ClassifierError
+    from catreview.exports import ExportError
+    from catreview.vlm import VLMError
+
+    return (CLIError, ConfigError, ValueError, KeyError, FileNotFoundError, NotADirectoryError,
+            ExportError, ClassifierError, VLMError)
 
 
 def run(argv: Any = None) -> None:

@@ -39,7 +39,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path, PurePosixPath
@@ -75,6 +76,7 @@ ANSWER_TEMPLATES: tuple[str, ...] = (
 )
 """Answer openings; ``" Characteristics: <traits>"`` follows when traits are known."""
 
+_HEX = re.compile(r"[0-9a-f]{16,64}")
 ID_HEX_CHARS = 16
 """Record ids are the first 16 hex digits (64 bits) of the photo's sha256; collisions among
 127K photos have probability ~1e-9, and exports check for them anyway."""
@@ -198,7 +200,7 @@ def record_id(sha256: str, copy: int = 0) -> str:
         ValueError: ``sha256`` is not a hex digest of at least 16 characters.
     """
     sha = sha256.lower()
-    if len(sha) < ID_HEX_CHARS or any(c not in "0123456789abcdef" for c in sha):
+    if not _HEX.fullmatch(sha):
         raise ValueError(f"not a sha256 hex digest: {sha256!r}")
     base = sha[:ID_HEX_CHARS]
     return base if copy == 0 else f"{base}-o{copy}"
@@ -312,9 +314,11 @@ def predictions_from_snapshot(snapshot: Mapping[str, Any] | None) -> dict[str, A
     return {
         "stage1": _prob_list(snapshot.get("stage1")),
         "vlm": _prob_list(snapshot.get("vlm")),
-        "fused": {"label": str(fused.get("label")), "probability": float(fused.get("probability", 0.0))}
-        if isinstance(fused, dict) and fused.get("label") is not None
-        else None,
+        "fused": (
+            {"label": str(fused.get("label")), "probability": float(fused.get("probability", 0.0))}
+            if isinstance(fused, dict) and fused.get("label") is not None
+            else None
+        ),
         "model_versions": snapshot.get("model_versions") if isinstance(snapshot.get("model_versions"), dict) else None,
     }
 

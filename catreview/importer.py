@@ -116,7 +116,7 @@ def import_folder(
             seen.setdefault(sha, rel)
             row = image_by_sha(session, sha)
             if row is None:
-                row = _new_image_row(path, sha)
+                row = new_image_row(path, sha)
                 session.add(row)
                 session.commit()
                 session.refresh(row)
@@ -135,7 +135,7 @@ def import_folder(
     return summary
 
 
-def _new_image_row(path: Path, sha: str) -> ImageRecord:
+def new_image_row(path: Path, sha: str) -> ImageRecord:
     try:
         img = load_rgb(path)
         width, height, error = img.width, img.height, None

@@ -200,8 +200,8 @@ def load_processor_and_model(profile: VLMProfile) -> tuple[Any, Any, torch.devic
         ``(processor, model, device, dtype)``; the model is in eval mode on ``device``.
 
     Raises:
-        VLMError: model or adapter not found (offline), 4-bit without CUDA/bitsandbytes, out of
-            memory.
+        VLMError: model or adapter not found (offline), not an image-text-to-text checkpoint,
+            4-bit without CUDA/bitsandbytes, out of memory.
     """
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -219,6 +219,11 @@ def load_processor_and_model(profile: VLMProfile) -> tuple[Any, Any, torch.devic
         model = AutoModelForImageTextToText.from_pretrained(profile.model, **kwargs)
     except OSError as exc:
         raise VLMError(_not_found_message(profile.model)) from exc
+    except ValueError as exc:  # e.g. "Unrecognized configuration class ... for AutoModelForImageTextToText"
+        raise VLMError(
+            f"{profile.model!r} cannot be loaded as an image-text-to-text model with this transformers "
+            f"version: {exc}"
+        ) from exc
     except (torch.OutOfMemoryError, RuntimeError) as exc:
         if _is_oom(exc):
             raise VLMError(

@@ -36,6 +36,7 @@ from catreview.exports import (
     SPLITS,
     ExportError,
     ProcessorMismatchError,
+    RecordValidator,
     _tree_hash,
     assign_splits,
     check_processor,
@@ -104,7 +105,9 @@ def base(cats_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
         for i, (rel, folder) in enumerate(sorted(labels.items())):
             path = cats_dir / rel
             img = load_rgb(path)
-            row = ImageRecord(sha256=sha256_file(path), path=str(path), size=path.stat().st_size, width=img.width, height=img.height)
+            row = ImageRecord(
+                sha256=sha256_file(path), path=str(path), size=path.stat().st_size, width=img.width, height=img.height
+            )
             s.add(row)
             s.commit()
             s.refresh(row)
@@ -160,7 +163,18 @@ def _assignments(engine) -> dict[str, str]:
 def test_traits_cover_the_67_classes_and_the_shared_breeds():
     assert set(TRAITS.classes) == set(VOCAB.names) and len(TRAITS) == 67
     assert {t.kind for t in TRAITS.classes.values()} == set(KINDS)
-    for name in ("Calico", "Tabby", "Tortoiseshell", "Tuxedo", "Torbie", "Dilute Calico", "Dilute Tortoiseshell", "Tiger", "Silver", "Chinchilla"):
+    for name in (
+        "Calico",
+        "Tabby",
+        "Tortoiseshell",
+        "Tuxedo",
+        "Torbie",
+        "Dilute Calico",
+        "Dilute Tortoiseshell",
+        "Tiger",
+        "Silver",
+        "Chinchilla",
+    ):
         assert TRAITS.get(name).kind == "colour_pattern" and "not a" in TRAITS.get(name).traits.lower()
     for name in ("Domestic Short Hair", "Domestic Medium Hair", "Domestic Long Hair"):
         assert TRAITS.get(name).kind == "landrace" and TRAITS.get(name).traits.startswith("Not a breed")
@@ -173,29 +187,37 @@ def test_traits_cover_the_67_classes_and_the_shared_breeds():
 
 @pytest.mark.parametrize(
     ("name", "article"),
-    [("Abyssinian", "an"), ("American Shorthair", "an"), ("Bengal", "a"), ("Egyptian Mau", "an"), ("Exotic Shorthair", "an"),
-     ("Ocicat", "an"), ("Oriental Tabby", "an"), ("Extra-Toes (Hemingway Polydactyl)", "an"), ("York Chocolate", "a"),
-     ("Himalayan", "a"), ("Ural Rex", "a"), ("Ukrainian Levkoy", "a"), ("hour", "an")],
+    [("Abyssinian", "an"), ("American Shorthair", "an"), ("Bengal", "a"), ("Egyptian Mau", "an"),
+     ("Exotic Shorthair", "an"), ("Ocicat", "an"), ("Oriental Tabby", "an"), ("Extra-Toes (Hemingway Polydactyl)", "an"),
+     ("York Chocolate", "a"), ("Himalayan", "a"), ("Ural Rex", "a"), ("Ukrainian Levkoy", "a"), ("hour", "an")],
 )  # fmt: skip
 def test_indefinite_article(name, article):
     assert indefinite_article(name) == article
 
 
 def test_answers_read_naturally():
-    assert answer_text("Abyssinian", TRAITS.get("Abyssinian"), 0).startswith("This is an Abyssinian cat. Characteristics: Short")
+    assert answer_text("Abyssinian", TRAITS.get("Abyssinian"), 0).startswith(
+        "This is an Abyssinian cat. Characteristics: Short"
+    )
     assert answer_text("Bengal", TRAITS.get("Bengal"), 0).startswith("This is a Bengal cat.")
     assert answer_text("Sphynx - Hairless Cat", TRAITS.get("Sphynx"), 0).startswith("This is a Sphynx cat.")
-    assert answer_text("Norwegian Forest Cat", TRAITS.get("Norwegian Forest Cat"), 0).startswith("This is a Norwegian Forest Cat.")
-    assert answer_text("Extra-Toes Cat - Hemingway Polydactyl", TRAITS.get("Extra-Toes Cat - Hemingway Polydactyl"), 1).startswith(
-        "The cat in this photo is an Extra-Toes (Hemingway Polydactyl)."
+    assert answer_text("Norwegian Forest Cat", TRAITS.get("Norwegian Forest Cat"), 0).startswith(
+        "This is a Norwegian Forest Cat."
     )
-    assert answer_text("Calico", TRAITS.get("Calico"), 0).startswith("This is a Calico cat. Characteristics: Not a breed")
+    assert answer_text(
+        "Extra-Toes Cat - Hemingway Polydactyl", TRAITS.get("Extra-Toes Cat - Hemingway Polydactyl"), 1
+    ).startswith("The cat in this photo is an Extra-Toes (Hemingway Polydactyl).")
+    assert answer_text("Calico", TRAITS.get("Calico"), 0).startswith(
+        "This is a Calico cat. Characteristics: Not a breed"
+    )
     assert answer_text("Savannah", None, 0) == "This is a Savannah cat."  # no traits: no characteristics
 
 
 def _row(i: int, label: str = "Abyssinian", **kw) -> ReviewedRow:
     sha = f"{i:064x}"[::-1]
-    return ReviewedRow(image_id=i, sha256=sha, path=f"/photos/{i}.jpg", label=label, annotator=kw.pop("annotator", "alice"), **kw)
+    return ReviewedRow(
+        image_id=i, sha256=sha, path=f"/photos/{i}.jpg", label=label, annotator=kw.pop("annotator", "alice"), **kw
+    )
 
 
 def test_records_schema_ids_templates_and_confidence():
@@ -203,7 +225,9 @@ def test_records_schema_ids_templates_and_confidence():
     for r in recs:
         assert check_record(r) == []
         first = r["conversations"][0]["value"]
-        assert first.startswith(IMAGE_TOKEN + "\n") and sum(t["value"].count(IMAGE_TOKEN) for t in r["conversations"]) == 1
+        assert (
+            first.startswith(IMAGE_TOKEN + "\n") and sum(t["value"].count(IMAGE_TOKEN) for t in r["conversations"]) == 1
+        )
         assert r["id"] == r["metadata"]["sha256"][:16]
     assert len({r["conversations"][0]["value"] for r in recs}) == len(QUESTION_TEMPLATES)
     assert len({r["conversations"][1]["value"].split(".")[0] for r in recs}) >= 3
@@ -215,7 +239,10 @@ def test_records_schema_ids_templates_and_confidence():
     def meta(**kw):
         return build_record(_row(1, **kw), "a.jpg", traits=TRAITS, vocabulary=VOCAB)["metadata"]
 
-    assert (meta(snapshot=_snapshot("Abyssinian", "abyssinian"))["review"], meta()["confidence_target"]) == ("confirmed", 1.0)
+    assert (meta(snapshot=_snapshot("Abyssinian", "abyssinian"))["review"], meta()["confidence_target"]) == (
+        "confirmed",
+        1.0,
+    )
     assert meta(snapshot=_snapshot("Abyssinian", "Somali"))["review"] == "corrected"
     assert (meta(source="import")["review"], meta(source="import")["confidence_target"]) == ("imported", 0.8)
     assert meta()["review"] == "labelled"
@@ -309,7 +336,10 @@ def test_export_layout_schema_stratification_and_no_leakage(base: dict, first: d
     shas = {s: {r["metadata"]["sha256"] for r in recs[s]} for s in SPLITS}
     assert not (shas["train"] & shas["validation"] or shas["train"] & shas["test"] or shas["validation"] & shas["test"])
     dup_sha = sha256_file(cats_dir / sorted(base["labels"])[0])
-    assert sum(dup_sha in shas[s] for s in SPLITS) <= 1 and sum(r["metadata"]["sha256"] == dup_sha for s in SPLITS for r in recs[s]) <= 1
+    assert (
+        sum(dup_sha in shas[s] for s in SPLITS) <= 1
+        and sum(r["metadata"]["sha256"] == dup_sha for s in SPLITS for r in recs[s]) <= 1
+    )
 
     per_breed: dict[str, Counter] = defaultdict(Counter)
     for s in SPLITS:
@@ -317,7 +347,9 @@ def test_export_layout_schema_stratification_and_no_leakage(base: dict, first: d
             per_breed[r["metadata"]["breed"]][s] += 1
     for breed, c in per_breed.items():
         assert [c[s] for s in SPLITS] == largest_remainder(sum(c.values()), (0.8, 0.1, 0.1)), breed
-        assert {s: c[s] for s in SPLITS if c[s]} == {s: summary.counts[s][breed] for s in SPLITS if breed in summary.counts[s]}
+        assert {s: c[s] for s in SPLITS if c[s]} == {
+            s: summary.counts[s][breed] for s in SPLITS if breed in summary.counts[s]
+        }
     assert len(per_breed) == 15 and "Sphynx - Hairless Cat" in per_breed
 
     sources = {}
@@ -403,7 +435,15 @@ def test_sticky_splits_new_photos_and_resplit(base: dict, first: dict, tmp_path:
 
 def test_cap_and_oversampling_touch_train_only(base: dict, tmp_path: Path):
     engine = _clone(base["db"], tmp_path / "db.sqlite")
-    s = export_dataset(engine, tmp_path / "capped", seed=0, cap_per_breed=6, oversample_train=True, image_size=96, oversample_max_factor=3)
+    s = export_dataset(
+        engine,
+        tmp_path / "capped",
+        seed=0,
+        cap_per_breed=6,
+        oversample_train=True,
+        image_size=96,
+        oversample_max_factor=3,
+    )
     photos = Counter()
     for split in SPLITS:
         for breed, n in s.counts[split].items():
@@ -514,9 +554,18 @@ def test_template_check_catches_token_count_mismatches(tiny_llava, first: dict):
         with pytest.raises(ValueError, match="do not match"):
             model(**bad(images=[image], text=[text], return_tensors="pt"))
 
+    # the per-image-size cache of bulk exports gives the same verdicts as the full check
+    cached = RecordValidator(processor, model_config=config)
+    for r in [r for recs in _split_records(out).values() for r in recs][:12] + [two]:
+        im = load_rgb(out / r["image"])
+        assert cached(r, image=im) == validate_record_for_processor(r, processor, image=im, model_config=config)
+    assert cached.cache  # the cached length identity held for every size seen
+
     short = validate_record_for_processor(rec, processor, image=image, model_config=config, max_length=100)
     assert not short.ok and "cut image tokens" in short.reason
-    tight = validate_record_for_processor(rec, processor, image=image, model_config=config, max_length=good.n_tokens - 1)
+    tight = validate_record_for_processor(
+        rec, processor, image=image, model_config=config, max_length=good.n_tokens - 1
+    )
     assert not tight.ok and "cut the answer" in tight.reason
 
 
@@ -525,17 +574,20 @@ def test_export_with_processor_reports_and_skips_failing_records(base: dict, tin
     engine = _clone(base["db"], tmp_path / "db.sqlite")
     with Session(engine) as s:
         rows, _ = collect_reviewed_rows(s, VOCAB)
-    lengths = sorted(
-        validate_record_for_processor(build_record(r, "x.jpg", traits=TRAITS), processor, image=Image.new("RGB", (224, 224)), model_config=config).n_tokens
-        for r in rows
-    )
+    probe = RecordValidator(processor, model_config=config)
+    blank = Image.new("RGB", (224, 224))
+    lengths = sorted(probe(build_record(r, "x.jpg", traits=TRAITS), image=blank).n_tokens for r in rows)
     limit = lengths[len(lengths) // 2]  # about half the records are too long
-    summary = export_dataset(engine, tmp_path / "out", processor=folder, max_length=limit, vocabulary=VOCAB, image_size=224)
+    summary = export_dataset(
+        engine, tmp_path / "out", processor=folder, max_length=limit, vocabulary=VOCAB, image_size=224, cap_per_breed=8
+    )
     too_long = [why for _, why in summary.failed]
     assert too_long and all("exceed max_length" in why for why in too_long)
     written = [r for recs in _split_records(tmp_path / "out").values() for r in recs]
-    assert len(written) == summary.n_photos == len(rows) - len(too_long)
-    assert all(validate_record_for_processor(r, processor, images_root=tmp_path / "out", model_config=config, max_length=limit).ok for r in written)
+    capped = sum(min(8, n) for n in Counter(r.label for r in rows).values())
+    assert len(written) == summary.n_photos == capped - len(too_long)
+    again = RecordValidator(processor, model_config=config, max_length=limit)
+    assert all(again(r, images_root=tmp_path / "out").ok for r in written)
     jpgs = sum(1 for s in SPLITS for _ in (tmp_path / "out" / s).glob("*.jpg"))
     assert jpgs == summary.n_photos  # failing records' images are not left behind
 
@@ -602,7 +654,9 @@ def test_round_trip_through_import_llava_jsonl(first: dict, tmp_path: Path):
     escaped = json.loads(good_line) | {"image": "../../etc/passwd"}
     unknown = json.loads(good_line)
     unknown["metadata"]["breed"] = "Savannah"
-    bad.write_text("\n".join(["{not json", json.dumps(escaped), json.dumps(unknown), good_line]) + "\n", encoding="utf-8")
+    bad.write_text(
+        "\n".join(["{not json", json.dumps(escaped), json.dumps(unknown), good_line]) + "\n", encoding="utf-8"
+    )
     res = import_llava_jsonl(make_engine(f"sqlite:///{tmp_path / 'other.db'}"), bad, out)
     assert [n for n, _ in res.errors] == [1, 2, 3] and res.labels_recorded == 1
     assert "must be relative" in res.errors[1][1] and "Savannah" in res.errors[2][1]
@@ -621,3 +675,20 @@ def test_export_loads_with_datasets_imagefolder(first: dict, tmp_path: Path):
     assert Counter(ds["test"]["breed"]) == Counter(summary.counts["test"])
     via_card = datasets.load_dataset(str(out), cache_dir=str(tmp_path / "hf2"))
     assert via_card["train"].num_rows == summary.rows_per_split["train"]
+
+
+def test_a_tiny_collection_with_an_empty_split_still_loads(cats_dir: Path, tmp_path: Path):
+    import datasets
+
+    photos = tmp_path / "photos" / "Bombay"
+    photos.mkdir(parents=True)
+    for p in sorted((cats_dir / "Bombay").glob("*.jpg"))[:3]:
+        shutil.copy(p, photos / p.name)
+    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    assert import_folder(engine, photos.parent, vocabulary=VOCAB, labels_from_folders=True).labels_recorded == 3
+    s = export_dataset(engine, tmp_path / "out", vocabulary=VOCAB)
+    assert s.rows_per_split == {"train": 3, "validation": 0, "test": 0}
+    assert not (tmp_path / "out" / "test").exists() and (tmp_path / "out" / "llava" / "test.jsonl").read_text() == ""
+    for kw in ({"path": "imagefolder", "data_dir": str(tmp_path / "out")}, {"path": str(tmp_path / "out")}):
+        ds = datasets.load_dataset(**kw, cache_dir=str(tmp_path / "hf"))
+        assert list(ds) == ["train"] and ds["train"].num_rows == 3

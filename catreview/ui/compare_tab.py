@@ -1,0 +1,235 @@
+"""Compare tab: two VLM profiles (or two adapter versions of one) side by side, per photo and in
+aggregate over the reviewed photos, with a blind mode that records preferences.
+
+Thin over :mod:`catreview.compare` (tested there); this module only lays out and wires.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+from contextlib import closing
+from typing import Any
+
+import gradio as gr
+
+from catreview.app_core import ReviewApp
+from catreview.compare import (
+    AggregateJob,
+    CompareAggregate,
+    CompareError,
+    CompareSession,
+    display_sides,
+    export_preference_pairs,
+    known_adapters,
+)
+
+SIDES = ("left", "right")
+INTRO = (
+    "Two VLM profiles on the same photo and candidates: verdict, probabilities, streamed "
+    "reasoning, latency and peak memory (weights + working memory; CPU: process RSS growth "
+    "sampled every 5 ms, CUDA: `torch.cuda.max_memory_allocated`). Outputs are cached like all "
+    "predictions. **Blind mode** hides which model is which (and their latency/memory) and asks "
+    "you to pick the better reasoning; choices are stored and exportable as DPO pairs."
+)
+
+
+def _panel_values(payload: dict[str, Any] | None) -> list[Any]:
+    """Values of both panels' (title, verdict, probabilities, reasoning, stats) components."""
+    out: list[Any] = []
+    for side in SIDES:
+        p = payload[side] if payload else {"title": "", "verdict": "", "probabilities": None, "reasoning": "", "stats": ""}
+        out += [f"### {p['title']}" if p["title"] else "", p["verdict"], p["probabilities"], p["reasoning"], p["stats"]]
+    return out
+
+
+def _aggregate_values(result: CompareAggregate) -> list[Any]:
+    out_dir = tempfile.mkdtemp(prefix="catreview-compare-")
+    files = [str(p) for p in result.write_csv(out_dir)]
+    return [result.summary_frame(), result.per_breed_frame(), result.plot_frame(), files]
+
+
+def build(app: ReviewApp) -> None:
+    """Lay out the Compare tab and wire its events."""
+    session = CompareSession(app.settings, app.registry, app.engine, app.vocabulary)
+    job = AggregateJob(session)
+    pair = session.default_pair()
+    names = list(session.profiles())
+
+    gr.Markdown(INTRO)
+    gr.Markdown(f"⚠️ {pair.note}" if pair.note else "", elem_id="compare-pair-note")
+    with gr.Row():
+        prof_a = gr.Dropdown(names, value=pair.a, label="Model A (profile)", elem_id="compare-profile-a")
+        prof_b = gr.Dropdown(names, value=pair.b, label="Model B (profile)", elem_id="compare-profile-b")
+        one = gr.Checkbox(False, label="Load one model at a time (when both do not fit in memory)", elem_id="compare-one-at-a-time")
+        blind = gr.Checkbox(False, label="Blind mode", elem_id="compare-blind")
+    with gr.Accordion("Adapter version A vs B of one model", open=False):
+        adapter_choices = [(label, path) for label, path in known_adapters(app.engine)]
+        with gr.Row():
+            base = gr.Dropdown(list(app.registry.profiles()), value=pair.a, label="Base profile", elem_id="compare-adapter-base")
+            ad_a = gr.Dropdown(adapter_choices, value=None, allow_custom_value=True, label="Adapter A folder (empty: no adapter)", elem_id="compare-adapter-a")
+            ad_b = gr.Dropdown(adapter_choices, value=None, allow_custom_value=True, label="Adapter B folder (empty: no adapter)", elem_id="compare-adapter-b")
+        use_adapters = gr.Button("Compare these adapter versions", elem_id="compare-adapter-use")
+        adapter_msg = gr.Markdown(elem_id="compare-adapter-message")
+
+    gr.Markdown("## Per photo")
+    pos = gr.State(0)
+    with gr.Row():
+        with gr.Column(scale=2):
+            photo = gr.Image(label="Photo", type="pil", interactive=False, height=320, elem_id="compare-photo")
+            image_id = gr.Number(label="Image id", precision=0, interactive=False, elem_id="compare-image-id")
+            with gr.Row():
+                prev_btn = gr.Button("◀ Previous", elem_id="compare-prev")
+                next_btn = gr.Button("Next ▶", elem_id="compare-next")
+            with gr.Row():
+                run_btn = gr.Button("Compare this photo", variant="primary", elem_id="compare-run")
+                stop_btn = gr.Button("Stop", elem_id="compare-stop")
+        with gr.Column(scale=5):
+            notice = gr.Markdown(elem_id="compare-notice")
+            panels: list[gr.components.Component] = []
+            with gr.Row():
+                for side in SIDES:
+                    with gr.Column(elem_id=f"compare-{side}"):
+                        panels += [
+                            gr.Markdown(elem_id=f"compare-{side}-title"),
+                            gr.Markdown(elem_id=f"compare-{side}-verdict"),
+                            gr.Label(label="Probabilities over the candidates", elem_id=f"compare-{side}-probs"),
+                            gr.Textbox(label="Reasoning (streamed)", lines=6, interactive=False, elem_id=f"compare-{side}-reasoning"),
+                            gr.Markdown(elem_id=f"compare-{side}-stats"),
+                        ]
+            with gr.Row():
+                annotator = gr.Textbox(value=app.settings.annotator, label="Annotator", elem_id="compare-annotator", scale=2)
+                prefer = [
+                    gr.Button(text, interactive=False, elem_id=f"compare-prefer-{key}", scale=1)
+                    for key, text in (("1", "Model 1 is better"), ("tie", "Tie"), ("2", "Model 2 is better"))
+                ]
+            pref_msg = gr.Markdown(elem_id="compare-pref-message")
+            trial = gr.Textbox(visible="hidden", elem_id="compare-trial")
+
+    gr.Markdown(
+        "## Aggregate over the reviewed photos\n"
+        "Photos whose latest review is a breed. A verdict is correct when it equals the human label "
+        "(\"other\" never is). Latency: stored seconds per photo (batched work divided evenly). "
+        "Runs in the background; a second run reads everything from the cache."
+    )
+    with gr.Row():
+        agg_run = gr.Button("Run on reviewed photos", variant="primary", elem_id="compare-aggregate-run")
+        agg_stop = gr.Button("Stop", elem_id="compare-aggregate-stop")
+    agg_progress = gr.Markdown(job.state.text(), elem_id="compare-aggregate-progress")
+    summary = gr.Dataframe(label="Per model", interactive=False, elem_id="compare-summary")
+    per_breed = gr.Dataframe(label="Per-breed accuracy", interactive=False, elem_id="compare-per-breed")
+    plot = gr.BarPlot(x="group", y="accuracy", color="model", y_lim=[0, 1], x_label_angle=-40, sort=None,
+                      label="Accuracy (all photos, balanced, per breed)", elem_id="compare-plot")
+    csv = gr.File(label="CSV", file_count="multiple", interactive=False, elem_id="compare-csv")
+    shown_version = gr.State(0)
+
+    gr.Markdown("## Preference pairs")
+    with gr.Row():
+        export_btn = gr.Button("Export blind preferences (JSONL, DPO pairs)", elem_id="compare-export-preferences")
+        export_file = gr.File(label="preferences.jsonl", interactive=False, elem_id="compare-preferences-file")
+    export_msg = gr.Markdown(elem_id="compare-export-message")
+
+    # ------------------------------------------------------------------ handlers
+    def show(p: int) -> list[Any]:
+        ids = app.image_ids()
+        if not ids:
+            return [0, None, None, "No photos yet.", *_panel_values(None), "", *[gr.update(interactive=False)] * 3]
+        p = max(0, min(int(p or 0), len(ids) - 1))
+        return [p, ids[p], app.image(ids[p]), f"Photo {p + 1} of {len(ids)}.", *_panel_values(None), "",
+                *[gr.update(interactive=False)] * 3]
+
+    view_out = [pos, image_id, photo, notice, *panels, trial, *prefer]
+    compare_out = [image_id, photo, notice, *panels, trial, *prefer, pref_msg]
+    idle = [*[gr.update(interactive=False)] * 3, ""]
+
+    def compare(img_id: float | None, p: int, a: str, b: str, is_blind: bool, one_at_a_time: bool):
+        """Stream the comparison of photo ``img_id`` (default: the photo at position ``p``)."""
+        if img_id is None:
+            ids = app.image_ids()
+            if not ids:
+                yield [None, None, "No photos yet.", *_panel_values(None), "", *idle]
+                return
+            img_id = ids[max(0, min(int(p or 0), len(ids) - 1))]
+        head = [int(img_id), app.image(int(img_id))]
+        if app.job.running:
+            yield [*head, "Background predictions are still running; compare when they finish.", *_panel_values(None), "", *idle]
+            return
+        stop = threading.Event()
+        try:
+            runs = session.compare_photo(int(img_id), a, b, blind=bool(is_blind), one_at_a_time=bool(one_at_a_time), stop=stop)
+            with closing(runs):  # a cancelled request closes the core generator (and its lock) at once
+                for comp in runs:
+                    payload = display_sides(comp)
+                    yield [*head, payload["notice"], *_panel_values(payload), payload["trial_id"],
+                           *[gr.update(interactive=payload["can_prefer"])] * 3, ""]
+                    head = [gr.skip(), gr.skip()]  # send the photo once
+        except CompareError as exc:
+            yield [*head, f"⚠️ {exc}", *_panel_values(None), "", *idle]
+        finally:
+            stop.set()  # the page moved on or "Stop" was pressed: end generation
+
+    def record(choice: str):
+        def fn(trial_id: str, who: str) -> list[Any]:
+            try:
+                pref = session.record_preference(trial_id, choice, who)
+            except CompareError as exc:
+                return [f"⚠️ {exc}", *[gr.skip()] * 3]
+            said = {"a": "Model 1", "b": "Model 2", "tie": "a tie"}[pref.choice]
+            return [f"Saved preference #{pref.id}: {said} (photo {pref.image_id}, by {pref.annotator}).",
+                    *[gr.update(interactive=False)] * 3]
+        return fn
+
+    def use_adapter_pair(base_name: str, path_a: str | None, path_b: str | None) -> list[Any]:
+        try:
+            na, nb = session.add_adapter_pair(base_name, path_a, path_b)
+        except CompareError as exc:
+            return [f"⚠️ {exc}", gr.skip(), gr.skip()]
+        choices = list(session.profiles())
+        return [f"Comparing **{na}** (A) with **{nb}** (B).",
+                gr.update(choices=choices, value=na), gr.update(choices=choices, value=nb)]
+
+    def start_aggregate(a: str, b: str, one_at_a_time: bool) -> str:
+        if app.job.running:
+            return "Background predictions are still running; start the comparison when they finish."
+        if not job.start(a, b, one_at_a_time=bool(one_at_a_time)):
+            return "A comparison is already running."
+        return job.state.text()
+
+    def tick(version: int) -> list[Any]:
+        text = job.state.text()
+        if job.result is None or job.version == version:
+            return [text, *[gr.skip()] * 4, version]
+        return [text, *_aggregate_values(job.result), job.version]
+
+    def export() -> list[Any]:
+        out = tempfile.mkdtemp(prefix="catreview-preferences-")
+        result = export_preference_pairs(app.engine, f"{out}/preferences.jsonl")
+        return [str(result.path), result.text()]
+
+    # ------------------------------------------------------------------ wiring
+    nav = [
+        prev_btn.click(lambda p: show(p - 1), inputs=[pos], outputs=view_out, api_visibility="private"),
+        next_btn.click(lambda p: show(p + 1), inputs=[pos], outputs=view_out, api_visibility="private"),
+    ]
+    compare_in = [image_id, pos, prof_a, prof_b, blind, one]
+    runs = [run_btn.click(compare, inputs=compare_in, outputs=compare_out, api_name="compare_photo")]
+    runs += [e.then(compare, inputs=compare_in, outputs=compare_out, api_visibility="private") for e in nav]
+    stop_btn.click(None, cancels=runs, api_visibility="private")
+    for btn, key in zip(prefer, ("1", "tie", "2")):
+        btn.click(record(key), inputs=[trial, annotator], outputs=[pref_msg, *prefer], api_visibility="private")
+
+    def prefer_api(trial_id: str, choice: str, who: str) -> str:
+        """Record a blind choice: ``choice`` is "1", "2" or "tie"; returns a message."""
+        try:
+            pref = session.record_preference(trial_id, choice, who)
+        except CompareError as exc:
+            return f"error: {exc}"
+        return f"saved preference #{pref.id}"
+
+    gr.api(prefer_api, api_name="compare_prefer")
+    use_adapters.click(use_adapter_pair, inputs=[base, ad_a, ad_b], outputs=[adapter_msg, prof_a, prof_b], api_visibility="private")
+    agg_run.click(start_aggregate, inputs=[prof_a, prof_b, one], outputs=[agg_progress], api_name="compare_aggregate")
+    agg_stop.click(lambda: job.stop() or "Stopping after the current batch…", outputs=[agg_progress], api_visibility="private")
+    export_btn.click(export, outputs=[export_file, export_msg], api_name="compare_export_preferences")
+    gr.Timer(1.0).tick(tick, inputs=[shown_version], outputs=[agg_progress, summary, per_breed, plot, csv, shown_version],
+                       api_visibility="private")

@@ -1,0 +1,332 @@
+"""Compare two VLM profiles: two tiny offline LLaVAs of different sizes (0.6M "demo" and 14M
+"14m") on reviewed shared photos. Aggregates are checked against a direct computation from the
+stored per-photo outputs; caching, blind mode, preferences, adapter pairs and the CLI run for
+real. No mocks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+from sqlmodel import Session, select
+
+from catreview import compare as cmp
+from catreview.config import VLMProfile, load_settings
+from catreview.db import Prediction, Preference, make_engine
+from catreview.importer import import_folder
+from catreview.labels import BreedVocabulary
+from catreview.registry import ModelRegistry
+
+BREEDS = ["Bengal", "Persian", "Siamese"]
+SMALL, LARGE = "small-llava", "large-llava"
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory, demo_dir: Path) -> dict[str, Path]:
+    """The demo LLaVA (0.6M params) and a 14M-param LLaVA (336 px, 576 image tokens)."""
+    from catreview.tiny_vlms import build_tiny_llava
+
+    return {SMALL: demo_dir / "llava-tiny", LARGE: build_tiny_llava(tmp_path_factory.mktemp("vlm14m") / "llava-14m", size="14m")}
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory, cats_dir: Path) -> Path:
+    root = tmp_path_factory.mktemp("compare-photos")
+    for breed in BREEDS:
+        (root / breed).mkdir()
+        for p in sorted((cats_dir / breed).glob("*.jpg"))[:2]:
+            shutil.copy(p, root / breed / p.name)
+    return root
+
+
+def make_settings(db: Path, demo_dir: Path, models: dict[str, Path], **extra):
+    profiles = {name: {"model": str(path), "max_new_tokens": 12, "batch_size": 4} for name, path in models.items()}
+    return load_settings(database_url=f"sqlite:///{db}", demo_dir=demo_dir, vlm_profiles=profiles,
+                         active_vlm=SMALL, compare_profiles=(SMALL, LARGE), **extra)
+
+
+def new_session(db: Path, demo_dir: Path, models: dict[str, Path], photos: Path) -> cmp.CompareSession:
+    """A compare session on a fresh database holding the photos, labelled from their folders."""
+    settings = make_settings(db, demo_dir, models)
+    engine = make_engine(settings.database_url)
+    summary = import_folder(engine, photos, vocabulary=BreedVocabulary.default(), labels_from_folders=True)
+    assert summary.labels_recorded == len(summary.image_ids)
+    return cmp.CompareSession(settings, ModelRegistry(settings), engine)
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory, demo_dir: Path, tiny_models, photos: Path) -> cmp.CompareSession:
+    """Shared by the tests that only read or add to the cache (any order works)."""
+    return new_session(tmp_path_factory.mktemp("db") / "compare.db", demo_dir, tiny_models, photos)
+
+
+@pytest.fixture
+def fresh(tmp_path: Path, demo_dir: Path, tiny_models, photos: Path) -> cmp.CompareSession:
+    """A session on its own empty database (for tests that count computed vs cached)."""
+    return new_session(tmp_path / "fresh.db", demo_dir, tiny_models, photos)
+
+
+# --------------------------------------------------------------------------- choosing profiles
+
+
+def test_default_pair_falls_back_and_says_so(settings) -> None:
+    assert cmp.default_pair(("7B", "13B"), ["7B", "13B", "x"]) == cmp.PairChoice("7B", "13B")
+    fallback = cmp.default_pair(("7B", "13B"), ["q", "r", "s"])
+    assert (fallback.a, fallback.b) == ("q", "r") and "not both configured" in fallback.note
+    # The plain test settings configure no profile: only the demo is there, and the note says so.
+    only = cmp.CompareSession(settings, ModelRegistry(settings), make_engine(settings.database_url)).default_pair()
+    assert (only.a, only.b) == ("demo", "demo")
+    assert "Only the demo profile" in only.note and "compared with itself" in only.note
+    with pytest.raises(cmp.CompareError):
+        cmp.default_pair(("7B", "13B"), [])
+
+
+def test_memory_meter_sees_a_cpu_allocation() -> None:
+    import torch
+
+    with cmp.MemoryMeter("cpu") as meter:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB of float32, touched
+        block += 1
+    assert meter.working_bytes > 48 * 2**20
+    lin = torch.nn.Linear(100, 10)
+    assert cmp.model_bytes(lin) == (100 * 10 + 10) * 4
+
+
+# --------------------------------------------------------------------------- aggregate
+
+
+def direct_metrics(rows: list[dict]) -> dict:
+    """Metrics computed by hand from per-photo (human, label_a, label_b, seconds) rows."""
+    def recall_mean(key: str) -> float:
+        breeds = sorted({r["human"] for r in rows})
+        return sum(sum(r[key] == b for r in rows if r["human"] == b) / sum(r["human"] == b for r in rows) for b in breeds) / len(breeds)
+
+    def p95(xs: list[float]) -> float:  # linear interpolation between closest ranks
+        xs = sorted(xs)
+        k = 0.95 * (len(xs) - 1)
+        lo, hi = math.floor(k), math.ceil(k)
+        return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+    n = len(rows)
+    return {
+        "accuracy": tuple(sum(r[k] == r["human"] for r in rows) / n for k in ("label_a", "label_b")),
+        "balanced": (recall_mean("label_a"), recall_mean("label_b")),
+        "agreement": sum(r["label_a"] == r["label_b"] for r in rows) / n,
+        "mean": tuple(sum(r[k] for r in rows) / n for k in ("seconds_a", "seconds_b")),
+        "p95": tuple(p95([r[k] for r in rows]) for k in ("seconds_a", "seconds_b")),
+    }
+
+
+def test_aggregate_matches_direct_computation_and_second_run_is_cached(fresh: cmp.CompareSession, tmp_path: Path) -> None:
+    session = fresh
+    # First run in the background job, one model resident at a time.
+    job = cmp.AggregateJob(session)
+    assert job.start(SMALL, LARGE, one_at_a_time=True)
+    job.wait(timeout=300)
+    assert job.state.error is None, job.state.log
+    first = job.result
+    assert first is not None and job.version == 1 and "6 reviewed photos" in job.state.message
+    assert job.state.stage.startswith("VLM B") and job.state.done == job.state.total == 6
+    assert (first.a.computed, first.b.computed, first.a.cached, first.b.cached) == (6, 6, 0, 0)
+    assert not session.vlm(SMALL).loaded and session.vlm(LARGE).loaded  # A was unloaded before B loaded
+    assert first.a.memory and first.b.memory and first.b.memory.weights_bytes > 10 * first.a.memory.weights_bytes
+
+    # Recompute every metric from the stored predictions, straight from the database.
+    human = {}
+    with Session(session.engine) as s:
+        from catreview.reviews import current_reviews
+
+        human = {i: r.label for i, r in current_reviews(s).items()}
+        stored = {(p.model_version, p.image_id): p for p in s.exec(select(Prediction).where(Prediction.kind == "vlm"))}
+    rows = []
+    for o in first.photos:
+        pa, pb = stored[(first.a.model_version, o.image_id)], stored[(first.b.model_version, o.image_id)]
+        rows.append({"human": human[o.image_id], "label_a": pa.payload["label"], "label_b": pb.payload["label"],
+                     "seconds_a": pa.seconds, "seconds_b": pb.seconds})
+        assert pa.payload["candidates"] == [*o.candidates, "other"]
+    want = direct_metrics(rows)
+    m = first.metrics
+    assert m.n == 6 and {r["human"] for r in rows} == {"Bengal", "Persian", "Siamese"}
+    assert m.accuracy == pytest.approx(want["accuracy"])
+    assert m.balanced_accuracy == pytest.approx(want["balanced"])
+    assert m.agreement == pytest.approx(want["agreement"])
+    assert m.mean_latency_s == pytest.approx(want["mean"])
+    assert m.p95_latency_s == pytest.approx(want["p95"])
+    for breed, (n, acc_a, acc_b) in m.per_breed.items():
+        mine = [r for r in rows if r["human"] == breed]
+        assert n == len(mine) == 2
+        assert acc_a == pytest.approx(sum(r["label_a"] == breed for r in mine) / n)
+        assert acc_b == pytest.approx(sum(r["label_b"] == breed for r in mine) / n)
+
+    # Tables, plot data and CSV agree with the metrics.
+    summary = first.summary_frame()
+    assert list(summary["profile"]) == [SMALL, LARGE]
+    assert list(summary["accuracy"]) == pytest.approx([round(x, 4) for x in want["accuracy"]])
+    assert len(first.plot_frame()) == 2 * (2 + 3) and first.plot_frame()["group"].is_unique
+    paths = first.write_csv(tmp_path / "csv")
+    import pandas as pd
+
+    photos_csv = pd.read_csv(paths[2])
+    assert len(photos_csv) == 6 and list(photos_csv["label_b"]) == [r["label_b"] for r in rows]
+
+    # Second run on a fresh registry (a restart): nothing computed, nothing loaded, same numbers.
+    again = cmp.CompareSession(session.settings, ModelRegistry(session.settings), session.engine)
+    second = again.run_aggregate(SMALL, LARGE)
+    assert (second.a.computed, second.b.computed, second.a.cached, second.b.cached) == (0, 0, 6, 6)
+    assert second.a.memory is None and not again.vlm(SMALL).loaded and not again.vlm(LARGE).loaded
+    assert second.metrics == first.metrics
+
+
+def test_cli_compare_prints_the_table(session: cmp.CompareSession, tmp_path: Path, capsys) -> None:
+    st = session.settings
+    lines = [f'active_vlm = "{SMALL}"', f'compare_profiles = ["{SMALL}", "{LARGE}"]', f'demo_dir = "{st.demo_dir}"']
+    for name, prof in st.vlm_profiles.items():
+        lines += [f"[vlm_profiles.{name}]", f'model = "{prof.model}"', f"max_new_tokens = {prof.max_new_tokens}",
+                  f"batch_size = {prof.batch_size}"]
+    config = tmp_path / "config.toml"
+    config.write_text("\n".join(lines) + "\n")
+    parser = argparse.ArgumentParser()
+    cmp.add_compare_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["compare", "--config", str(config), "--db", st.database_url, "--csv", str(tmp_path / "out")])
+    assert cmp.cmd_compare(args) == 0  # defaults: compare_profiles from the config
+    out = capsys.readouterr().out
+    assert f"A = {SMALL}" in out and f"B = {LARGE}" in out and "6 reviewed photos" in out
+    assert "balanced_accuracy" in out and "agreement A vs B" in out and "note:" not in out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["compare_per_breed.csv", "compare_photos.csv", "compare_summary.csv"]
+
+
+# --------------------------------------------------------------------------- per photo
+
+
+def test_photo_comparison_streams_measures_and_caches(fresh: cmp.CompareSession, capsys) -> None:
+    session = fresh
+    image_id = session.reviewed_image_ids()[0]
+    comps = []
+    for comp in session.compare_photo(image_id, SMALL, LARGE, one_at_a_time=True):
+        comps.append(json.dumps(cmp.display_sides(comp)))  # snapshot: the state object is updated in place
+    assert len(comps) > 4  # status changes and streamed reasoning chunks
+    assert any(json.loads(c)["left"]["reasoning"] and not json.loads(c)["right"]["verdict"].startswith("Verdict") for c in comps)
+    first = json.loads(comps[-1])
+    for panel, name in ((first["left"], SMALL), (first["right"], LARGE)):
+        assert panel["title"] == f"{'A' if name == SMALL else 'B'}: {name}"
+        assert "peak" in panel["stats"] and "verdict latency" in panel["stats"] and "load" in panel["stats"]
+        assert sum(panel["probabilities"].values()) == pytest.approx(1.0, abs=1e-6)
+        assert panel["reasoning"]
+    assert not session.vlm(SMALL).loaded and session.vlm(LARGE).loaded  # one at a time
+    for side in comp.sides:
+        assert side.memory is not None and side.memory.weights_bytes == cmp.model_bytes(session.vlm(side.name).model)
+        assert side.memory.peak_bytes >= side.memory.weights_bytes
+        assert side.verdict_seconds > 0 and side.reasoning_seconds > 0 and side.load_seconds is not None
+        assert side.verdict["candidates"][-1] == "other" and not side.verdict_cached and not side.reasoning_cached
+    with capsys.disabled():  # the figures the tab shows for the two tiny models
+        for side in comp.sides:
+            print(f"\n[compare figures] {side.name}: verdict {side.verdict_seconds * 1000:.0f} ms, reasoning "
+                  f"{side.reasoning_seconds * 1000:.0f} ms, load {side.load_seconds * 1000:.0f} ms, {side.memory.text()}")
+
+    # Run again: everything from the cache, no memory measured, latency from the stored rows.
+    *_, again = list(session.compare_photo(image_id, SMALL, LARGE))
+    for side, before in zip(again.sides, comp.sides):
+        assert side.status == "done" and side.verdict_cached and side.reasoning_cached and side.memory is None
+        assert side.verdict_seconds == pytest.approx(before.verdict_seconds) and side.reasoning == before.reasoning
+    shown = cmp.display_sides(again)
+    assert "cached" in shown["left"]["stats"] and "not measured" in shown["right"]["stats"]
+
+
+def test_blind_mode_hides_names_and_exports_preferences(session: cmp.CompareSession, tmp_path: Path) -> None:
+    ids = session.reviewed_image_ids()
+    # Pick one photo shown in A/B order and one shown swapped (the order is deterministic).
+    straight = next(i for i in ids if not cmp.blind_swapped(i, SMALL, LARGE))
+    swapped = next(i for i in ids if cmp.blind_swapped(i, SMALL, LARGE))
+    secrets = [SMALL, LARGE]
+    for name in (SMALL, LARGE):
+        v = session.vlm(name)
+        secrets += [v.model_id, v.model_version, Path(v.model_id).name]
+
+    trials = {}
+    for image_id in (straight, swapped):
+        comp = None
+        for comp in session.compare_photo(image_id, SMALL, LARGE, blind=True):
+            payload = cmp.display_sides(comp)
+            text = json.dumps(payload)
+            assert not [s for s in secrets if s in text], "blind payload names a model"
+            assert (payload["left"]["title"], payload["right"]["title"]) == ("Model 1", "Model 2")
+            assert payload["left"]["stats"] == payload["right"]["stats"] == ""
+        assert comp is not None and comp.finished and comp.trial_id
+        assert cmp.display_sides(comp)["can_prefer"]
+        trials[image_id] = comp
+
+    # Model 1 better on the straight photo (= A, small), Model 1 better on the swapped one (= B, large).
+    p1 = session.record_preference(trials[straight].trial_id, "1", "alice")
+    p2 = session.record_preference(trials[swapped].trial_id, "1", "alice")
+    assert cmp.split_model_label(p1.model_a)[0] == SMALL and cmp.split_model_label(p2.model_a)[0] == LARGE
+    assert p1.choice == p2.choice == "a"
+    assert p1.output_a == trials[straight].sides[0].reasoning and p2.output_a == trials[swapped].sides[1].reasoning
+    session.record_preference(trials[straight].trial_id, "tie", "bob")
+    with pytest.raises(cmp.CompareError, match="annotator"):
+        session.record_preference(trials[straight].trial_id, "2", " ")
+    with pytest.raises(cmp.CompareError, match="choice"):
+        session.record_preference(trials[straight].trial_id, "a", "alice")
+    # A named (non-blind) comparison offers nothing to judge.
+    *_, named = list(session.compare_photo(straight, SMALL, LARGE))
+    assert named.trial_id is None and not cmp.display_sides(named)["can_prefer"]
+    with pytest.raises(cmp.CompareError, match="blind"):
+        session.record_preference("", "1", "alice")
+
+    with Session(session.engine) as s:
+        rows = list(s.exec(select(Preference).order_by(Preference.id)))
+    assert [(r.image_id, r.annotator, r.choice) for r in rows] == [(straight, "alice", "a"), (swapped, "alice", "a"), (straight, "bob", "tie")]
+    assert all(r.prompt.startswith("This cat is one of these breeds") for r in rows)
+
+    result = cmp.export_preference_pairs(session.engine, tmp_path / "prefs.jsonl")
+    assert (result.pairs, result.ties, result.superseded) == (2, 1, 0)
+    records = [json.loads(line) for line in (tmp_path / "prefs.jsonl").read_text().splitlines()]
+    assert [set(r) for r in records] == [{"prompt", "chosen", "rejected", "image", "metadata"}] * 2
+    by_image = {r["metadata"]["image_id"]: r for r in records}
+    assert by_image[straight]["chosen"] == trials[straight].sides[0].reasoning
+    assert by_image[straight]["rejected"] == trials[straight].sides[1].reasoning
+    assert cmp.split_model_label(by_image[swapped]["metadata"]["chosen_model"])[0] == LARGE
+    assert Path(by_image[swapped]["image"]).is_file() and all(isinstance(r["prompt"], str) and r["prompt"] for r in records)
+
+
+# --------------------------------------------------------------------------- adapter versions
+
+
+def make_adapter(base_dir: Path, out: Path, seed: int) -> Path:
+    """A random (non-identity) LoRA adapter on the language model's q/v projections."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_pretrained(base_dir)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|v_proj)", init_lora_weights=False)
+    get_peft_model(model, cfg).save_pretrained(out)
+    return out
+
+
+def test_adapter_versions_of_one_model(session: cmp.CompareSession, tiny_models, tmp_path: Path) -> None:
+    ad1 = make_adapter(tiny_models[SMALL], tmp_path / "round1" / "adapter", seed=1)
+    ad2 = make_adapter(tiny_models[SMALL], tmp_path / "round2" / "adapter", seed=2)
+    with pytest.raises(cmp.CompareError, match="adapter_config.json"):
+        session.add_adapter_pair(SMALL, ad1, tmp_path / "nowhere")
+    with pytest.raises(cmp.CompareError, match="same adapter"):
+        session.add_adapter_pair(SMALL, ad1, ad1)
+    name_a, name_b = session.add_adapter_pair(SMALL, ad1, ad2)
+    assert name_a.startswith(f"{SMALL}+adapter@") and name_b.startswith(f"{SMALL}+adapter@") and name_a != name_b
+    pa, pb = session.profiles()[name_a], session.profiles()[name_b]
+    base = session.settings.vlm_profiles[SMALL]
+    assert pa.model_dump(exclude={"adapter"}) == pb.model_dump(exclude={"adapter"}) == base.model_dump(exclude={"adapter"})
+    assert (pa.adapter, pb.adapter) == (ad1.resolve(), ad2.resolve())
+
+    result = session.run_aggregate(name_a, name_b, one_at_a_time=True)
+    assert result.a.model_version != result.b.model_version and "+adapter" in result.a.model_version
+    assert result.metrics.n == 6 and (result.a.computed, result.b.computed) == (6, 6)
+    probs = [(o.label_a, o.confidence_a) for o in result.photos], [(o.label_b, o.confidence_b) for o in result.photos]
+    assert probs[0] != probs[1]  # different adapters, different verdicts
+    # The base model without an adapter against one version is a pair too.
+    none_name, v1_name = session.add_adapter_pair(SMALL, "", ad1)
+    assert none_name == f"{SMALL} (no adapter)" and v1_name == name_a

@@ -1,0 +1,72 @@
+"""``python -m training``: one LoRA round on an export folder (no database access).
+
+Usage::
+
+    python -m training --export db/exports/E --base llava-hf/llava-1.5-7b-hf --out db/runs/R \\
+        [--config-json FILE] [--baseline-adapter DIR] [--no-resume] [--epochs 3 --lr 2e-4 ...]
+
+    accelerate launch --num_processes 4 -m training --export ... --base ... --out ... \\
+        --mixed-precision bf16
+
+Every :class:`training.config.TrainConfig` field is a flag (``--grad-accum``, ``--rank`` ...);
+flags override ``--config-json``. The round writes ``OUT/progress.jsonl``, checkpoints,
+``OUT/best/`` and finally ``OUT/result.json`` (see :mod:`training.lora`); running the same command
+again after a crash resumes from ``OUT/checkpoint-last``. Registering the adapter as a version
+(and gating/activating it) is the app's job (:mod:`catreview.train_jobs`,
+``python -m catreview train``), not this command's.
+
+Exit status: 0 done, 2 unusable inputs (message on stderr), 1 unexpected error (traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Argument parser of ``python -m training``."""
+    from training.config import add_config_arguments
+
+    p = argparse.ArgumentParser(prog="python -m training", description="One LoRA round of the catreview VLM.")
+    p.add_argument("--export", required=True, type=Path, help="curated export folder (llava/*.jsonl)")
+    p.add_argument("--base", required=True, help="base VLM: hub id or local folder")
+    p.add_argument("--out", required=True, type=Path, help="run folder (progress, checkpoints, best/, result.json)")
+    p.add_argument("--config-json", type=Path, help="TrainConfig as JSON (flags override it)")
+    p.add_argument("--baseline-adapter", type=Path, help="the active adapter, evaluated on the same validation items")
+    p.add_argument("--no-resume", action="store_true", help="ignore OUT/checkpoint-last and start over")
+    add_config_arguments(p)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    from training.config import TrainConfig, config_from_args
+    from training.data import ExportFormatError
+    from training.lora import TrainingError, train_round
+
+    args = build_parser().parse_args(argv)
+    try:
+        base = TrainConfig.load(args.config_json) if args.config_json else TrainConfig()
+        cfg = config_from_args(args, base)
+        result = train_round(
+            args.export, args.base, args.out, cfg, baseline_adapter=args.baseline_adapter, resume=not args.no_resume,
+        )
+    except (TrainingError, ExportFormatError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    m = result["metrics"] or {}
+    summary = {k: result[k] for k in ("steps", "best_step", "stopped_early", "samples_per_second")}
+    summary.update(val_balanced_accuracy=m.get("balanced_accuracy"), val_loss=m.get("val_loss"))
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,446 @@
+"""Training data for a LoRA round: the curated export folder -> token batches with masked labels.
+
+Input: an export folder as written by :func:`catreview.exports.export_dataset` (read from the
+files, not through the exporter's code)::
+
+    OUT/export.json                      {"content_hash": ..., ...}
+    OUT/{train,validation,test}/<id>.jpg
+    OUT/llava/{train,validation,test}.jsonl
+        {"id", "image": <path relative to OUT>,
+         "conversations": [{"from": "human", "value": "<image>\\nWhat cat breed is this?"},
+                           {"from": "gpt", "value": "This is a(n) <Breed> cat. Characteristics: ..."}],
+         "metadata": {"breed": <canonical breed>, ...}}
+
+**What is learned (the training target).** The app never generates verdicts: it *scores* each
+candidate answer after the verdict prompt of :mod:`catreview.prompts` (stage-1 top-k plus
+``"other"``) and softmaxes the length-normalised log-likelihoods (:mod:`catreview.vlm`). A round
+therefore trains on exactly that (``target="verdict"``, the default; "train on what you
+evaluate"): the prompt is ``prompts.verdict_prompt(processor, candidates + ["other"])`` and the
+answer is ``vlm.candidate_answer(prompt, breed)`` + EOS -- the very token ids the scorer measures
+(:func:`catreview.vlm.answer_token_ids`, which also checks the token boundary). Candidate lists
+imitate stage 1's top-k: the true breed plus ``n_candidates - 1`` distractors drawn from the
+export's breeds, shuffled; with probability ``other_rate`` the true breed is left out and the
+answer is ``"other"``, so the escape answer keeps its meaning. ``target="conversation"`` trains on
+the export's LLaVA conversation instead (question -> the descriptive answer), and ``"both"``
+uses each photo twice; they teach the model to talk about breeds but do not directly optimise the
+scored verdict.
+
+**Labels.** ``-100`` on every prompt position, including the expanded image tokens (the prompt
+length is counted on the processor's output, after image expansion); the answer tokens and the
+appended EOS are the targets. The chat templates emit no EOS after an assistant turn, so without
+it the model never learns to stop -- and the scorer counts EOS as part of every answer.
+
+All randomness (distractors, "other" prompts) is a pure function of ``(seed, epoch, index)``, so
+a resumed round sees exactly the prompts an uninterrupted one would.
+
+Shapes: B photos per batch, L padded sequence length (prompt incl. image tokens + answer).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from catreview import prompts
+from catreview.images import load_rgb
+from training.config import TrainConfig
+
+if TYPE_CHECKING:
+    import torch
+
+SPLITS = ("train", "validation", "test")
+IMAGE_PLACEHOLDER = "<image>"
+
+
+class ExportFormatError(ValueError):
+    """The export folder does not have the documented layout; the message names file and line."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One exported photo.
+
+    Attributes:
+        id: the export's record id.
+        image: absolute path of the exported photo.
+        breed: canonical breed name (``metadata.breed``).
+        split: ``train``, ``validation`` or ``test``.
+        question: the human turn without the ``<image>`` placeholder.
+        answer: the assistant turn (``"This is a Bengal cat. ..."``).
+    """
+
+    id: str
+    image: Path
+    breed: str
+    split: str
+    question: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class ExportData:
+    """A parsed export folder.
+
+    Attributes:
+        root: the folder.
+        content_hash: the export's content hash (``export.json``), stored with adapter versions.
+        splits: ``{split: [Example, ...]}`` in file order; a missing split file is an empty list.
+    """
+
+    root: Path
+    content_hash: str
+    splits: dict[str, list[Example]]
+
+    @property
+    def train(self) -> list[Example]:
+        return self.splits["train"]
+
+    @property
+    def validation(self) -> list[Example]:
+        return self.splits["validation"]
+
+    @property
+    def breeds(self) -> list[str]:
+        """Sorted breeds of the train and validation splits (the distractor pool)."""
+        return sorted({e.breed for e in self.train} | {e.breed for e in self.validation})
+
+
+def _parse_record(rec: Any, root: Path, split: str, where: str) -> Example:
+    try:
+        conv = rec["conversations"]
+        human = next(t["value"] for t in conv if t["from"] == "human")
+        gpt = next(t["value"] for t in conv if t["from"] == "gpt")
+        breed = rec["metadata"]["breed"]
+        image = root / rec["image"]
+        rid = str(rec["id"])
+    except (KeyError, TypeError, StopIteration) as exc:
+        raise ExportFormatError(
+            f"{where}: record lacks id/image/conversations (human+gpt)/metadata.breed ({exc!r})"
+        ) from exc
+    if not image.is_file():
+        raise ExportFormatError(f"{where}: image {image} does not exist")
+    question = human.replace(IMAGE_PLACEHOLDER, "").strip()
+    return Example(id=rid, image=image.resolve(), breed=str(breed), split=split, question=question, answer=gpt.strip())
+
+
+def export_content_hash(root: Path) -> str:
+    """The content hash from ``export.json`` (key ``content_hash``, else ``hash``/``export_hash``).
+
+    Without ``export.json`` or such a key, the sha256 of the three JSONL files is used (so a
+    hand-made export still gets a stable identity).
+    """
+    meta = root / "export.json"
+    if meta.is_file():
+        data = json.loads(meta.read_text(encoding="utf-8"))
+        for key in ("content_hash", "hash", "export_hash"):
+            if isinstance(data.get(key), str) and data[key]:
+                return data[key]
+    h = hashlib.sha256()
+    for split in SPLITS:
+        f = root / "llava" / f"{split}.jsonl"
+        h.update(split.encode() + (f.read_bytes() if f.is_file() else b""))
+    return "jsonl-" + h.hexdigest()
+
+
+def read_export(root: str | Path) -> ExportData:
+    """Parse an export folder (see the module docstring).
+
+    Raises:
+        ExportFormatError: no ``llava/train.jsonl``, a malformed line, or a missing image.
+    """
+    root = Path(root).resolve()
+    if not (root / "llava" / "train.jsonl").is_file():
+        raise ExportFormatError(f"{root} is not an export folder: llava/train.jsonl is missing")
+    splits: dict[str, list[Example]] = {}
+    for split in SPLITS:
+        path = root / "llava" / f"{split}.jsonl"
+        items: list[Example] = []
+        if path.is_file():
+            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{n}"
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ExportFormatError(f"{where}: not JSON ({exc})") from exc
+                items.append(_parse_record(rec, root, split, where))
+        splits[split] = items
+    return ExportData(root=root, content_hash=export_content_hash(root), splits=splits)
+
+
+def subsample(examples: Sequence[Example], n: int | None, seed: int) -> list[Example]:
+    """The first ``n`` examples after a seeded shuffle, in their original order (all if ``None``)."""
+    if n is None or n >= len(examples):
+        return list(examples)
+    keep = set(random.Random(f"subsample/{seed}").sample(range(len(examples)), n))
+    return [e for i, e in enumerate(examples) if i in keep]
+
+
+# --------------------------------------------------------------------------------------------
+# Samples: what one training / evaluation row asks and answers
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One row before tokenisation.
+
+    Attributes:
+        image: photo path (decoded with :func:`catreview.images.load_rgb`).
+        breed: the photo's breed (for weights and metrics).
+        kind: ``"verdict"`` or ``"conversation"``.
+        candidates: verdict labels in prompt order, ``"other"`` last (``()`` for conversations).
+        target: verdict: the label answered (the breed or ``"other"``); conversation: the answer
+            text.
+        weight: loss weight (1.0 unless ``balance="loss"``).
+        question: conversation: the human turn without ``<image>`` (unused for verdicts).
+    """
+
+    image: Path
+    breed: str
+    kind: Literal["verdict", "conversation"]
+    candidates: tuple[str, ...]
+    target: str
+    weight: float = 1.0
+    question: str = ""
+
+
+def sample_candidates(breed: str, pool: Sequence[str], k: int, rng: random.Random, *, include_true: bool = True) -> list[str]:
+    """A stage-1-like candidate list: ``breed`` (unless ``include_true`` is false) plus
+    distractors from ``pool``, ``k`` names in all (fewer when the pool is small), shuffled.
+
+    Without ``include_true`` at least one name is returned; if the pool has no other breed the
+    true breed is kept.
+    """
+    others = [b for b in pool if b != breed]
+    if not include_true and others:
+        chosen = rng.sample(others, min(k, len(others)))
+    else:
+        chosen = [breed, *rng.sample(others, min(k - 1, len(others)))]
+    rng.shuffle(chosen)
+    return chosen
+
+
+def class_weights(breeds: Sequence[str]) -> dict[str, float]:
+    """``N / (C * count(breed))`` per breed: mean weight over the examples is 1 (loss balancing)."""
+    counts = Counter(breeds)
+    n, c = len(breeds), len(counts)
+    return {b: n / (c * k) for b, k in counts.items()}
+
+
+class TrainDataset:
+    """Map-style dataset of :class:`Sample` for the training split.
+
+    Index ``i < N`` is photo ``i``'s verdict row (``target="verdict"`` or ``"both"``), index
+    ``N + i`` its conversation row (``"both"``); ``"conversation"`` has only conversation rows.
+    :meth:`set_epoch` changes the per-row random choices (distractors, "other"), which are a pure
+    function of ``(seed, epoch, index)``.
+    """
+
+    def __init__(self, examples: Sequence[Example], pool: Sequence[str], cfg: TrainConfig) -> None:
+        if not examples:
+            raise ValueError("the export's train split is empty: review some photos first")
+        self.examples = list(examples)
+        self.pool = list(pool)
+        self.cfg = cfg
+        self.epoch = 0
+        kinds = {"verdict": ["verdict"], "conversation": ["conversation"], "both": ["verdict", "conversation"]}
+        self.kinds: list[str] = kinds[cfg.target]
+        self.loss_weights = class_weights([e.breed for e in self.examples]) if cfg.balance == "loss" else None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.examples) * len(self.kinds)
+
+    def breed_of(self, index: int) -> str:
+        return self.examples[index % len(self.examples)].breed
+
+    def sampling_weights(self) -> list[float]:
+        """Per-index ``1 / count(breed)`` (for ``WeightedRandomSampler``)."""
+        counts = Counter(e.breed for e in self.examples)
+        return [1.0 / counts[self.breed_of(i)] for i in range(len(self))]
+
+    def __getitem__(self, index: int) -> Sample:
+        ex = self.examples[index % len(self.examples)]
+        kind = self.kinds[index // len(self.examples)]
+        weight = self.loss_weights[ex.breed] if self.loss_weights else 1.0
+        if kind == "conversation":
+            return Sample(ex.image, ex.breed, "conversation", (), ex.answer, weight, question=ex.question)
+        rng = random.Random(f"train/{self.cfg.seed}/{self.epoch}/{index}")
+        use_other = rng.random() < self.cfg.other_rate and len(self.pool) > self.cfg.n_candidates
+        cands = sample_candidates(ex.breed, self.pool, self.cfg.n_candidates, rng, include_true=not use_other)
+        target = prompts.OTHER_LABEL if use_other else ex.breed
+        return Sample(ex.image, ex.breed, "verdict", tuple(prompts.with_other(cands)), target, weight)
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    """One validation photo with its fixed candidate list (``"other"`` not included)."""
+
+    image: Path
+    breed: str
+    candidates: tuple[str, ...]
+
+    def sample(self) -> Sample:
+        """The verdict row answering the true breed (for validation loss)."""
+        return Sample(self.image, self.breed, "verdict", tuple(prompts.with_other(self.candidates)), self.breed)
+
+
+def eval_items(examples: Sequence[Example], pool: Sequence[str], cfg: TrainConfig) -> list[EvalItem]:
+    """Validation photos with the candidate lists they are scored over.
+
+    ``eval_candidates="sampled"`` (default): the true breed + ``n_candidates - 1`` distractors,
+    seeded by ``(seed, photo id)`` -- the shape of the app's stage-1 top-k lists, and the same
+    lists at every evaluation of the round (and for the baseline), so numbers are comparable.
+    Chance level is ``1 / n_candidates``. ``"all"``: every breed of the export, sorted.
+    Distractors are random, hence easier than stage 1's confusable top-k: absolute accuracies are
+    optimistic, comparisons between adapters on the same items are fair.
+    """
+    items = []
+    for ex in examples:
+        if cfg.eval_candidates == "all":
+            cands = sorted(set(pool) | {ex.breed})
+        else:
+            cands = sample_candidates(ex.breed, pool, cfg.n_candidates, random.Random(f"eval/{cfg.seed}/{ex.id}"))
+        items.append(EvalItem(ex.image, ex.breed, tuple(cands)))
+    return items
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenisation
+# --------------------------------------------------------------------------------------------
+
+
+def render(processor: Any, sample: Sample) -> tuple[str, str]:
+    """``(prompt, answer)`` strings of ``sample`` through the processor's chat template.
+
+    The answer carries its separating space (never the prompt), exactly as the scorer builds it.
+    """
+    from catreview.vlm import answer_prefix, candidate_answer
+
+    if sample.kind == "verdict":
+        prompt = prompts.verdict_prompt(processor, list(sample.candidates))
+        return prompt, candidate_answer(prompt, sample.target)
+    prompt = prompts.build_chat(processor, sample.question)
+    return prompt, answer_prefix(prompt) + sample.target
+
+
+class Collator:
+    """Batches :class:`Sample` rows into model inputs with masked labels.
+
+    Output (``dict`` of tensors): ``input_ids`` (B, L) int64, ``attention_mask`` (B, L) int64
+    (right padded), ``labels`` (B, L) int64 (``-100`` except answer + EOS), ``weights`` (B,)
+    float32, ``answer_start`` (B,) int64 (index of each row's first answer token), plus every
+    other processor output (``pixel_values`` (B, 3, H, W) float32, ``image_sizes`` ...). Per-row
+    (B, L_prompt) extras such as ``mm_token_type_ids`` are extended with zeros over the answer.
+
+    Args:
+        processor: the model's ``AutoProcessor``.
+    """
+
+    def __init__(self, processor: Any) -> None:
+        self.processor = processor
+        tok = processor.tokenizer
+        self.eos_id: int | None = tok.eos_token_id
+        self.pad_id: int = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    def __call__(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
+        import torch
+
+        from catreview.vlm import answer_token_ids, pad_right
+
+        texts, answers = [], []
+        for s in samples:
+            prompt, answer = render(self.processor, s)
+            texts.append(prompt)
+            answers.append(answer_token_ids(self.processor.tokenizer, prompt, answer, eos_id=self.eos_id))
+        enc = self.processor(
+            images=[load_rgb(s.image) for s in samples], text=texts, return_tensors="pt", padding=True, padding_side="right"
+        )
+        prompt_len = enc["attention_mask"].sum(dim=1)  # (B,) after image-token expansion
+        rows = [enc["input_ids"][i, : prompt_len[i]].tolist() + answers[i] for i in range(len(samples))]
+        ids, mask = pad_right(rows, self.pad_id)
+        labels = torch.full_like(ids, -100)
+        for i, ans in enumerate(answers):
+            start = int(prompt_len[i])
+            labels[i, start : start + len(ans)] = torch.tensor(ans, dtype=torch.long)
+        batch: dict[str, torch.Tensor] = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        width_in = enc["input_ids"].shape[1]
+        for key, value in enc.items():
+            if key in batch:
+                continue
+            if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape == (len(samples), width_in):
+                extended = torch.zeros((len(samples), ids.shape[1]), dtype=value.dtype)
+                for i in range(len(samples)):
+                    extended[i, : prompt_len[i]] = value[i, : prompt_len[i]]
+                value = extended
+            batch[key] = value
+        batch["weights"] = torch.tensor([s.weight for s in samples], dtype=torch.float32)
+        batch["answer_start"] = prompt_len.to(torch.long)
+        return batch
+
+
+MODEL_INPUT_EXCLUDE = frozenset({"labels", "weights", "answer_start"})
+"""Collator keys that are not model inputs."""
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """The batch without the collator's bookkeeping keys (:data:`MODEL_INPUT_EXCLUDE`)."""
+    return {k: v for k, v in batch.items() if k not in MODEL_INPUT_EXCLUDE}
+
+
+# --------------------------------------------------------------------------------------------
+# A minimal export writer (tests, benchmarks, training from a plain labelled folder)
+# --------------------------------------------------------------------------------------------
+
+
+def write_export(rows: Sequence[tuple[str | Path, str, str]], out_dir: str | Path, *, content_hash: str | None = None) -> Path:
+    """Write ``rows`` = ``(photo path, canonical breed, split)`` as an export folder in the layout
+    of the module docstring (photos are copied as they are; the real exporter
+    :func:`catreview.exports.export_dataset` also resizes and records more metadata).
+
+    ``content_hash`` defaults to the sha256 of the photos' bytes, breeds and splits.
+
+    Returns:
+        ``out_dir`` as a :class:`~pathlib.Path`.
+    """
+    import shutil
+
+    out = Path(out_dir)
+    (out / "llava").mkdir(parents=True, exist_ok=True)
+    lines: dict[str, list[str]] = {s: [] for s in SPLITS}
+    h = hashlib.sha256()
+    for path, breed, split in rows:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
+        data = Path(path).read_bytes()
+        rid = hashlib.sha256(data).hexdigest()[:16]
+        h.update(f"{rid}/{breed}/{split};".encode())
+        rel = f"{split}/{rid}.jpg"
+        (out / split).mkdir(exist_ok=True)
+        shutil.copyfile(path, out / rel)
+        name = prompts.display_name(breed)
+        article = "an" if name[:1].lower() in "aeiou" else "a"
+        rec = {
+            "id": rid,
+            "image": rel,
+            "conversations": [
+                {"from": "human", "value": f"{IMAGE_PLACEHOLDER}\nWhat cat breed is this?"},
+                {"from": "gpt", "value": f"This is {article} {name} cat."},
+            ],
+            "metadata": {"breed": breed},
+        }
+        lines[split].append(json.dumps(rec, ensure_ascii=False))
+    for split, recs in lines.items():
+        (out / "llava" / f"{split}.jsonl").write_text("".join(r + "\n" for r in recs), encoding="utf-8")
+    (out / "export.json").write_text(json.dumps({"content_hash": content_hash or h.hexdigest()}), encoding="utf-8")
+    return out
