@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,12 @@ def test_review_over_api_survives_restart(settings, photos: Path) -> None:
         assert "annotator" in nameless[-1]
         reasoning = client.predict(image_id, api_name="/reasoning")
         assert isinstance(reasoning, str) and reasoning.strip()
+
+        # Export tab: the reviewed photo leaves as a dataset zip.
+        summary, zip_file = client.predict(0, 336, None, False, False, api_name="/export")
+        assert "1 photos" in summary and zip_file.endswith(".zip"), summary
+        names = zipfile.ZipFile(zip_file).namelist()
+        assert any(n.endswith("llava/train.jsonl") for n in names) and any(n.endswith("manifest.csv") for n in names)
 
     # Restart on the same database: the review is there, nothing recomputed.
     with running_app(settings) as (app2, url2):

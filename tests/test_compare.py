@@ -218,7 +218,7 @@ def test_photo_comparison_streams_measures_and_caches(fresh: cmp.CompareSession,
         assert panel["reasoning"]
     assert not session.vlm(SMALL).loaded and session.vlm(LARGE).loaded  # one at a time
     for side in comp.sides:
-        assert side.memory is not None and side.memory.weights_bytes == cmp.model_bytes(session.vlm(side.name).model)
+        assert side.memory is not None and side.memory.weights_bytes == cmp.model_bytes(session.vlm(side.name).load().model)
         assert side.memory.peak_bytes >= side.memory.weights_bytes
         assert side.verdict_seconds > 0 and side.reasoning_seconds > 0 and side.load_seconds is not None
         assert side.verdict["candidates"][-1] == "other" and not side.verdict_cached and not side.reasoning_cached
