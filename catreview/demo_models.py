@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from catreview.labels import read_label_file, BREEDS67_FILE
 
 #: Bump when the demo models' recipe changes, so caches built by older code are rebuilt.
-DEMO_RECIPE_VERSION = "1"
+DEMO_RECIPE_VERSION = "2"
 DEMO_CLASSIFIER_ARCH = "convnext_atto"
 
 

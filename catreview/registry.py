@@ -21,8 +21,11 @@ class ModelRegistry:
     Thread-safe: the UI's background worker and request handlers may ask at the same time.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, engine=None) -> None:
         self.settings = settings
+        # [issue 5: adapters] database where active LoRA adapter versions are looked up
+        # (catreview.adapters.active_adapter); None = only adapters set in the profiles apply.
+        self.engine = engine
         self._lock = threading.RLock()
         self._classifier: Stage1Classifier | None = None
         self._vlms: dict[str, object] = {}
@@ -76,12 +79,27 @@ class ModelRegistry:
 
         name = name or self.active_vlm_name
         with self._lock:
-            if name not in self._vlms:
-                profiles = self.profiles()
-                if name not in profiles:
-                    raise KeyError(f"no VLM profile named {name!r}; configured: {sorted(profiles)}")
-                self._vlms[name] = VLMPostClassifier(profiles[name], name=name)
+            profiles = self.profiles()
+            if name not in profiles:
+                raise KeyError(f"no VLM profile named {name!r}; configured: {sorted(profiles)}")
+            profile = self._with_active_adapter(profiles[name])
+            current = self._vlms.get(name)
+            # [issue 5: adapters] a new active adapter (or a rollback) gives a new profile, hence a
+            # new VLM object and model_version; the old object is dropped, not unloaded, so a
+            # prediction batch still using it finishes (its memory goes with the last reference).
+            if current is None or current.profile != profile:
+                self._vlms[name] = VLMPostClassifier(profile, name=name)
             return self._vlms[name]
+
+    def _with_active_adapter(self, profile: VLMProfile) -> VLMProfile:
+        """[issue 5: adapters] ``profile`` with the active adapter version of its base model
+        (catreview.adapters). An adapter set explicitly in the profile's config wins."""
+        if self.engine is None or profile.adapter is not None:
+            return profile
+        from catreview.adapters import active_adapter
+
+        path = active_adapter(self.engine, profile.model)
+        return profile if path is None else profile.model_copy(update={"adapter": path})
 
     def unload_vlms(self, keep: str | None = None) -> None:
         """Free the memory of every loaded VLM except ``keep``."""

@@ -79,6 +79,8 @@ class VLMVerdict:
         label: the candidate with the highest probability.
         confidence: its probability.
         model_version: :attr:`VLMPostClassifier.model_version` that produced it.
+        extra: optional diagnostics, not compared (``generate_verdict`` puts the raw answer
+            text under ``"answer"``).
     """
 
     candidates: list[str]

@@ -73,6 +73,8 @@ class Example:
         split: ``train``, ``validation`` or ``test``.
         question: the human turn without the ``<image>`` placeholder.
         answer: the assistant turn (``"This is a Bengal cat. ..."``).
+        stage1: stage 1's top-k labels when the photo was reviewed
+            (``metadata.predictions_at_review.stage1``), or ``None`` when not recorded.
     """
 
     id: str
@@ -81,6 +83,7 @@ class Example:
     split: str
     question: str
     answer: str
+    stage1: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -126,7 +129,31 @@ def _parse_record(rec: Any, root: Path, split: str, where: str) -> Example:
     if not image.is_file():
         raise ExportFormatError(f"{where}: image {image} does not exist")
     question = human.replace(IMAGE_PLACEHOLDER, "").strip()
-    return Example(id=rid, image=image.resolve(), breed=str(breed), split=split, question=question, answer=gpt.strip())
+    return Example(
+        id=rid, image=image.resolve(), breed=str(breed), split=split, question=question, answer=gpt.strip(),
+        stage1=_stage1_labels(rec["metadata"]),
+    )
+
+
+def _stage1_labels(metadata: dict[str, Any]) -> tuple[str, ...] | None:
+    """Stage-1 top-k labels from ``metadata.predictions_at_review.stage1`` (list of
+    ``{"label", "probability"}``), ``None`` when absent or empty."""
+    preds = (metadata.get("predictions_at_review") or {}).get("stage1")
+    if not isinstance(preds, list):
+        return None
+    labels = [str(p["label"]) for p in preds if isinstance(p, dict) and p.get("label")]
+    return tuple(dict.fromkeys(labels)) or None
+
+
+def same_label(a: str, b: str) -> bool:
+    """Labels equal up to spelling (``Maine_Coon`` == ``maine coon``), as the prompts show them."""
+    return prompts.display_name(a).casefold() == prompts.display_name(b).casefold()
+
+
+def answer_for(breed: str, candidates: Sequence[str]) -> str:
+    """What the app should answer for a photo of ``breed`` offered ``candidates``: the matching
+    candidate, or :data:`catreview.prompts.OTHER_LABEL` when none matches."""
+    return next((c for c in candidates if same_label(c, breed)), prompts.OTHER_LABEL)
 
 
 def export_content_hash(root: Path) -> str:

@@ -37,8 +37,8 @@ communication; only the main process writes files.
 
 Files in ``run_dir`` (written by the main process):
 
-* ``progress.jsonl``: one JSON object per line -- ``{"kind": "train", "step", "epoch", "loss",
-  "lr", "samples", "elapsed"}`` every ``log_every`` steps and ``{"kind": "eval", "step",
+* ``progress.jsonl``: one JSON object per line -- ``{"kind": "train", "step", "total_steps",
+  "epoch", "loss", "lr", "samples", "elapsed"}`` every ``log_every`` steps and ``{"kind": "eval", "step",
   "val_loss", "val_balanced_accuracy", "val_accuracy", "val_macro_f1"}`` at each evaluation.
 * ``checkpoint-last/``: adapter (current and best so far), optimizer, scheduler, RNG states and
   ``trainer_state.json``; written to a temporary folder and renamed into place (the previous one
@@ -720,7 +720,7 @@ def train_round(
             step_losses = []
             if state.step % cfg.log_every == 0 or state.step == total:
                 emit({
-                    "kind": "train", "step": state.step, "epoch": state.epoch, "loss": mean_loss,
+                    "kind": "train", "step": state.step, "total_steps": total, "epoch": state.epoch, "loss": mean_loss,
                     "lr": scheduler.get_last_lr()[0], "samples": state.samples_seen, "elapsed": time.perf_counter() - t_start,
                 })
             evaluated = state.step % cfg.eval_every == 0 or state.step == total

@@ -1,0 +1,55 @@
+"""A real browser (Debian's Chromium via Playwright) opens the Compare tab, runs a blind
+comparison of two tiny LLaVAs of different sizes and records a preference by a click."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from sqlmodel import Session, select
+
+from catreview.compare import blind_swapped, split_model_label
+from catreview.db import Preference
+from tests.conftest import ARTIFACTS_DIR
+from tests.test_app import running_app
+from tests.test_browser import browser  # noqa: F401  (the Chromium fixture)
+from tests.test_compare import LARGE, SMALL, make_settings, tiny_models  # noqa: F401  (fixture)
+
+
+def test_blind_preference_with_a_click(demo_dir: Path, tiny_models, cats_dir: Path, tmp_path: Path, browser) -> None:  # noqa: F811
+    root = tmp_path / "photos" / "Bengal"
+    root.mkdir(parents=True)
+    for p in sorted((cats_dir / "Bengal").glob("*.jpg"))[:2]:
+        shutil.copy(p, root / p.name)
+    settings = make_settings(tmp_path / "browser.db", demo_dir, tiny_models)
+    with running_app(settings, [root.parent]) as (app, url):
+        page = browser.new_page(viewport={"width": 1500, "height": 1200})
+        page.goto(url)
+        page.get_by_role("tab", name="Compare").click()
+        page.locator("#compare-blind input[type=checkbox]").check()
+        page.locator("#compare-annotator textarea, #compare-annotator input").first.fill("browser-carol")
+        page.wait_for_timeout(300)
+        page.locator("#compare-run").click()
+        prefer_2 = page.locator("#compare-prefer-2")
+        page.wait_for_function("() => { const b = document.querySelector('#compare-prefer-2'); return b && !b.disabled; }", timeout=60000)
+
+        # Both panels are unnamed: no profile name or model folder anywhere in them.
+        panels = page.locator("#compare-left").inner_text() + page.locator("#compare-right").inner_text()
+        assert "Model 1" in panels and "Model 2" in panels
+        for secret in (SMALL, LARGE, *(str(p) for p in tiny_models.values()), *(p.name for p in tiny_models.values())):
+            assert secret not in panels
+        model_2_reasoning = page.locator("#compare-right-reasoning textarea").input_value()
+
+        prefer_2.click()
+        page.locator("#compare-pref-message").get_by_text("Saved preference").wait_for(timeout=30000)
+        ARTIFACTS_DIR.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS_DIR / "compare_tab.png"), full_page=True)
+        page.close()
+
+    image_id = app.image_ids()[0]
+    with Session(app.engine) as s:
+        rows = list(s.exec(select(Preference)))
+    assert [(r.image_id, r.annotator, r.choice) for r in rows] == [(image_id, "browser-carol", "b")]
+    shown_second = SMALL if blind_swapped(image_id, SMALL, LARGE) else LARGE  # what "Model 2" was
+    assert split_model_label(rows[0].model_b)[0] == shown_second
+    assert rows[0].output_b == model_2_reasoning and rows[0].output_a and rows[0].output_a != rows[0].output_b
