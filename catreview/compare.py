@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import threading
 import time
 import traceback
@@ -71,7 +72,6 @@ from catreview.predict import (
     run_stage1,
     run_vlm,
     store_reasoning,
-    verdict_payload,
 )
 from catreview.reviews import current_reviews
 
@@ -81,7 +81,8 @@ if TYPE_CHECKING:
     from catreview.registry import ModelRegistry
     from catreview.vlm import VLMPostClassifier
 
-SIDES = ("a", "b")
+log = logging.getLogger(__name__)
+
 BLIND_TITLES = ("Model 1", "Model 2")
 CHOICES = ("1", "2", "tie")
 """Choices offered in blind mode: displayed Model 1, Model 2, or a tie."""
@@ -954,7 +955,11 @@ class CompareSession:
         """Verdict, then reasoning, of one side (cached where possible), under the run lock."""
         vlm = self.vlm(side.name)
         key = candidates_key(comp.candidates)
-        with self.run_lock:
+        if not self.run_lock.acquire(blocking=False):
+            side.status = "waiting for another comparison to finish"
+            yield comp
+            self.run_lock.acquire()
+        try:
             try:
                 with Session(self.engine) as s:
                     verdict = cached_predictions(s, "vlm", vlm.model_id, vlm.model_version, [rec.id]).get((rec.id, key))  # type: ignore[list-item]
@@ -977,9 +982,11 @@ class CompareSession:
                             yield from self._stream(rec, comp, side, vlm, stop)
                     side.memory = meter.reading(vlm.model)
                 side.status = "stopped" if stop.is_set() and not side.reasoning_cached else "done"
-            except Exception as exc:  # one side's failure (OOM, bad adapter) is shown, not fatal
+            except Exception as exc:  # one side's failure (OOM, bad adapter) is shown on that side and logged
                 side.status, side.error = "error", f"{type(exc).__name__}: {exc}"
-                traceback.print_exc()
+                log.exception("comparison side %r failed on photo %s", side.name, rec.id)
+        finally:
+            self.run_lock.release()
         yield comp
 
     def _score(self, rec: ImageRecord, topk: list[tuple[str, float]], vlm: VLMPostClassifier) -> tuple[dict[str, Any], float]:

@@ -233,6 +233,43 @@ def store_reasoning(session: Session, vlm: Any, image_id: int, candidates: Seque
     )])
 
 
+def run_reasoning(
+    session: Session,
+    vlm: Any,
+    images: Sequence[ImageRecord],
+    topk: dict[int, list[tuple[str, float]]],
+    summary: PredictSummary,
+    *,
+    progress: Progress | None = None,
+    stop: threading.Event | None = None,
+) -> None:
+    """Generate (batched, left-padded) and cache the reasoning texts that are not cached yet."""
+    cands = {rec.id: [lab for lab, _ in topk[rec.id]] for rec in images}  # type: ignore[index]
+    cache = cached_predictions(session, "reasoning", vlm.model_id, vlm.model_version, list(cands))
+    todo = [rec for rec in images if (rec.id, candidates_key(cands[rec.id])) not in cache]  # type: ignore[index]
+    bs = vlm.profile.batch_size
+    for start in range(0, len(todo), bs):
+        if stop is not None and stop.is_set():
+            summary.cancelled = True
+            break
+        loaded = _load_batch(todo[start : start + bs], summary)
+        t0 = time.perf_counter()
+        texts = vlm.reasoning_batch([im for _, im in loaded], [cands[rec.id] for rec, _ in loaded])  # type: ignore[index]
+        dt = time.perf_counter() - t0
+        _store(session, [
+            Prediction(
+                image_id=rec.id, kind="reasoning", model_id=vlm.model_id, model_version=vlm.model_version,
+                input_key=candidates_key(cands[rec.id]), payload_json=json.dumps({"text": text}, ensure_ascii=False),  # type: ignore[index]
+                seconds=dt / max(len(loaded), 1),
+            )
+            for (rec, _), text in zip(loaded, texts)
+        ])
+        summary.reasoning_computed += len(loaded)
+        summary.reasoning_seconds += dt
+        if progress:
+            progress("reasoning", min(start + bs, len(todo)), len(todo))
+
+
 def run_predictions(
     engine: Engine,
     registry: Any,
@@ -262,16 +299,5 @@ def run_predictions(
             routing_threshold=registry.settings.fusion.routing_threshold, progress=progress, stop=stop,
         )
         if reasoning:
-            todo = [rec for rec in images if rec.id in verdicts]
-            for n, rec in enumerate(todo):
-                if stop is not None and stop.is_set():
-                    summary.cancelled = True
-                    break
-                t0 = time.perf_counter()
-                _, cached = get_or_generate_reasoning(session, vlm, rec, [lab for lab, _ in topk[rec.id]])  # type: ignore[index]
-                if not cached:
-                    summary.reasoning_computed += 1
-                    summary.reasoning_seconds += time.perf_counter() - t0
-                if progress:
-                    progress("reasoning", n + 1, len(todo))
+            run_reasoning(session, vlm, [rec for rec in images if rec.id in verdicts], topk, summary, progress=progress, stop=stop)
     return summary

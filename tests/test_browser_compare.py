@@ -42,6 +42,17 @@ def test_blind_preference_with_a_click(demo_dir: Path, tiny_models, cats_dir: Pa
 
         prefer_2.click()
         page.locator("#compare-pref-message").get_by_text("Saved preference").wait_for(timeout=30000)
+
+        # Aggregate in the background over the (now) reviewed photos: table, plot and CSV appear.
+        for i in app.image_ids():
+            app.review(i, "Bengal", "browser-carol")
+        page.locator("#compare-aggregate-run").click()
+        page.locator("#compare-aggregate-progress").get_by_text("Compared 2 reviewed photos").wait_for(timeout=60000)
+        has_text = "([sel, text]) => (document.querySelector(sel)?.innerText || '').includes(text)"
+        page.wait_for_function(has_text, arg=["#compare-summary", LARGE], timeout=10000)
+        page.wait_for_function(has_text, arg=["#compare-per-breed", "Bengal"], timeout=10000)
+        page.locator("#compare-plot canvas, #compare-plot svg").first.wait_for(timeout=10000)
+        page.wait_for_function(has_text, arg=["#compare-csv", "compare_summary"], timeout=10000)
         ARTIFACTS_DIR.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS_DIR / "compare_tab.png"), full_page=True)
         page.close()

@@ -15,7 +15,7 @@ import pytest
 from sqlmodel import Session, select
 
 from catreview import compare as cmp
-from catreview.config import VLMProfile, load_settings
+from catreview.config import load_settings
 from catreview.db import Prediction, Preference, make_engine
 from catreview.importer import import_folder
 from catreview.labels import BreedVocabulary
@@ -181,7 +181,9 @@ def test_aggregate_matches_direct_computation_and_second_run_is_cached(fresh: cm
     assert second.metrics == first.metrics
 
 
-def test_cli_compare_prints_the_table(session: cmp.CompareSession, tmp_path: Path, capsys) -> None:
+def test_cli_compare_prints_the_table(demo_dir: Path, tiny_models, photos: Path, tmp_path: Path, capsys) -> None:
+    shutil.copytree(photos / "Bengal", tmp_path / "photos" / "Bengal")  # 2 photos keep it quick
+    session = new_session(tmp_path / "cli.db", demo_dir, tiny_models, tmp_path / "photos")
     st = session.settings
     lines = [f'active_vlm = "{SMALL}"', f'compare_profiles = ["{SMALL}", "{LARGE}"]', f'demo_dir = "{st.demo_dir}"']
     for name, prof in st.vlm_profiles.items():
@@ -194,7 +196,7 @@ def test_cli_compare_prints_the_table(session: cmp.CompareSession, tmp_path: Pat
     args = parser.parse_args(["compare", "--config", str(config), "--db", st.database_url, "--csv", str(tmp_path / "out")])
     assert cmp.cmd_compare(args) == 0  # defaults: compare_profiles from the config
     out = capsys.readouterr().out
-    assert f"A = {SMALL}" in out and f"B = {LARGE}" in out and "6 reviewed photos" in out
+    assert f"A = {SMALL}" in out and f"B = {LARGE}" in out and "2 reviewed photos" in out
     assert "balanced_accuracy" in out and "agreement A vs B" in out and "note:" not in out
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["compare_per_breed.csv", "compare_photos.csv", "compare_summary.csv"]
 

@@ -173,6 +173,17 @@ def test_stream_reasoning_grows_and_matches_reasoning(model_dirs, photos):
     assert texts[-1].strip() == vlm.reasoning(photos[0], CANDIDATES[0])
 
 
+@pytest.mark.parametrize("family", ["llava", "qwen2-vl"])
+def test_batched_reasoning_equals_one_at_a_time(family, model_dirs, photos):
+    # Left padding + attention mask: greedy text of each row equals the unbatched text.
+    vlm = make(model_dirs[family], batch_size=4)
+    cands = [CANDIDATES[i % 2] for i in range(len(photos))]
+    batched = vlm.reasoning_batch(photos, cands)
+    assert batched == [vlm.reasoning(im, c) for im, c in zip(photos, cands)]
+    assert len({len(vlm.processor.tokenizer(vlm_prompt)["input_ids"]) for vlm_prompt in (
+        prompts.reasoning_prompt(vlm.processor, prompts.with_other(c)) for c in cands)}) > 1, "rows must differ in length"
+
+
 def test_stream_reasoning_can_be_cancelled(model_dirs, photos):
     vlm = make(model_dirs["llava-next"])
     vlm.profile.max_new_tokens = 200

@@ -70,7 +70,10 @@ class TrainConfig:
         target: ``"verdict"`` (default: the app's verdict prompt, answer = the breed name),
             ``"conversation"`` (the export's LLaVA conversation), or ``"both"`` (each photo
             twice).
-        n_candidates: breeds listed in a training verdict prompt (true breed + distractors),
+        candidate_source: ``"stage1"`` (default): verdict prompts list the photo's stage-1 top-k
+            at review time when the export recorded it (the app's own lists; answer ``"other"``
+            when the breed is missing), else sampled lists; ``"sampled"``: always sampled.
+        n_candidates: breeds listed in a sampled verdict prompt (true breed + distractors),
             like stage 1's top-k (default 3); ``"other"`` is always appended.
         other_rate: share of training verdict prompts whose list leaves the true breed out, with
             the answer ``"other"`` (default 0.1); teaches the app's escape answer.
@@ -117,6 +120,7 @@ class TrainConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
     target: Literal["verdict", "conversation", "both"] = "verdict"
+    candidate_source: Literal["stage1", "sampled"] = "stage1"
     n_candidates: int = 3
     other_rate: float = 0.1
     balance: Literal["sampler", "loss", "none"] = "sampler"
@@ -185,7 +189,7 @@ class TrainConfig:
         for name, ok in checks:
             if not ok:
                 raise ValueError(f"invalid {name}: {getattr(self, name)!r}")
-        for name in ("mixed_precision", "dtype", "target", "balance", "eval_candidates", "score_normalisation"):
+        for name in ("mixed_precision", "dtype", "target", "candidate_source", "balance", "eval_candidates", "score_normalisation"):
             allowed = typing.get_args(_field_types()[name])
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")

@@ -17,10 +17,13 @@ candidate answer after the verdict prompt of :mod:`catreview.prompts` (stage-1 t
 therefore trains on exactly that (``target="verdict"``, the default; "train on what you
 evaluate"): the prompt is ``prompts.verdict_prompt(processor, candidates + ["other"])`` and the
 answer is ``vlm.candidate_answer(prompt, breed)`` + EOS -- the very token ids the scorer measures
-(:func:`catreview.vlm.answer_token_ids`, which also checks the token boundary). Candidate lists
-imitate stage 1's top-k: the true breed plus ``n_candidates - 1`` distractors drawn from the
-export's breeds, shuffled; with probability ``other_rate`` the true breed is left out and the
-answer is ``"other"``, so the escape answer keeps its meaning. ``target="conversation"`` trains on
+(:func:`catreview.vlm.answer_token_ids`, which also checks the token boundary). Candidates are
+the photo's stage-1 top-k at review time when the export recorded it
+(``metadata.predictions_at_review.stage1``, ``candidate_source="stage1"``): the exact lists the
+app scores, answered ``"other"`` when stage 1 missed the breed. Otherwise lists imitate stage 1's
+top-k: the true breed plus ``n_candidates - 1`` distractors drawn from the export's breeds,
+shuffled; with probability ``other_rate`` the true breed is left out and the answer is
+``"other"``, so the escape answer keeps its meaning. ``target="conversation"`` trains on
 the export's LLaVA conversation instead (question -> the descriptive answer), and ``"both"``
 uses each photo twice; they teach the model to talk about breeds but do not directly optimise the
 scored verdict.
@@ -302,6 +305,9 @@ class TrainDataset:
         weight = self.loss_weights[ex.breed] if self.loss_weights else 1.0
         if kind == "conversation":
             return Sample(ex.image, ex.breed, "conversation", (), ex.answer, weight, question=ex.question)
+        if self.cfg.candidate_source == "stage1" and ex.stage1:
+            cands = list(ex.stage1)
+            return Sample(ex.image, ex.breed, "verdict", tuple(prompts.with_other(cands)), answer_for(ex.breed, cands), weight)
         rng = random.Random(f"train/{self.cfg.seed}/{self.epoch}/{index}")
         use_other = rng.random() < self.cfg.other_rate and len(self.pool) > self.cfg.n_candidates
         cands = sample_candidates(ex.breed, self.pool, self.cfg.n_candidates, rng, include_true=not use_other)
@@ -311,34 +317,43 @@ class TrainDataset:
 
 @dataclass(frozen=True)
 class EvalItem:
-    """One validation photo with its fixed candidate list (``"other"`` not included)."""
+    """One validation photo with its fixed candidate list (``"other"`` not included) and the
+    correct answer among them (the breed's candidate, or ``"other"`` when it is not offered)."""
 
     image: Path
     breed: str
     candidates: tuple[str, ...]
+    target: str
 
     def sample(self) -> Sample:
-        """The verdict row answering the true breed (for validation loss)."""
-        return Sample(self.image, self.breed, "verdict", tuple(prompts.with_other(self.candidates)), self.breed)
+        """The verdict row answering :attr:`target` (for validation loss)."""
+        return Sample(self.image, self.breed, "verdict", tuple(prompts.with_other(self.candidates)), self.target)
 
 
 def eval_items(examples: Sequence[Example], pool: Sequence[str], cfg: TrainConfig) -> list[EvalItem]:
-    """Validation photos with the candidate lists they are scored over.
+    """Validation photos with the candidate lists they are scored over -- fixed for the whole
+    round (and the baseline), so every evaluation compares like with like.
 
-    ``eval_candidates="sampled"`` (default): the true breed + ``n_candidates - 1`` distractors,
-    seeded by ``(seed, photo id)`` -- the shape of the app's stage-1 top-k lists, and the same
-    lists at every evaluation of the round (and for the baseline), so numbers are comparable.
-    Chance level is ``1 / n_candidates``. ``"all"``: every breed of the export, sorted.
-    Distractors are random, hence easier than stage 1's confusable top-k: absolute accuracies are
-    optimistic, comparisons between adapters on the same items are fair.
+    Per photo, in order of preference:
+
+    * ``candidate_source="stage1"`` and the export recorded stage 1's top-k at review time: that
+      list, in stage-1 order -- exactly what the app scored for this photo. When the true breed
+      is not in it the correct answer is ``"other"``.
+    * ``eval_candidates="sampled"``: the true breed + ``n_candidates - 1`` distractors seeded by
+      ``(seed, photo id)``, the shape of stage 1's top-k (chance = ``1 / n_candidates``).
+      Random distractors are easier than stage 1's confusable ones: absolute accuracies are
+      optimistic, comparisons between adapters on the same items are fair.
+    * ``eval_candidates="all"``: every breed of the export, sorted.
     """
     items = []
     for ex in examples:
-        if cfg.eval_candidates == "all":
+        if cfg.candidate_source == "stage1" and ex.stage1:
+            cands = list(ex.stage1)
+        elif cfg.eval_candidates == "all":
             cands = sorted(set(pool) | {ex.breed})
         else:
             cands = sample_candidates(ex.breed, pool, cfg.n_candidates, random.Random(f"eval/{cfg.seed}/{ex.id}"))
-        items.append(EvalItem(ex.image, ex.breed, tuple(cands)))
+        items.append(EvalItem(ex.image, ex.breed, tuple(cands), answer_for(ex.breed, cands)))
     return items
 
 

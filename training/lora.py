@@ -324,10 +324,11 @@ def make_scorer(model: Any, processor: Any, base_model: str | Path, cfg: TrainCo
 
 
 def classification_metrics(truth: Sequence[str], predicted: Sequence[str]) -> dict[str, Any]:
-    """Balanced accuracy, accuracy, macro-F1 and per-breed accuracy over the true breeds.
+    """Balanced accuracy, accuracy, macro-F1 and per-class ("per-breed") accuracy.
 
-    Classes are the breeds present in ``truth``; a prediction outside them (``"other"``, a
-    distractor absent from validation) is simply wrong.
+    ``truth`` holds each photo's correct answer among its candidates: its breed, or ``"other"``
+    when the candidate list (stage 1's top-k) missed the breed -- then ``"other"`` is a class of
+    its own. Classes are the values present in ``truth``; any other prediction is simply wrong.
     """
     classes = sorted(set(truth))
     per = per_class_accuracy(truth, predicted, labels=classes)
@@ -344,8 +345,8 @@ def evaluate(scorer: Any, items: Sequence[EvalItem], cfg: TrainConfig) -> dict[s
     """Score ``items`` with ``scorer`` (its model is put in eval mode and left there).
 
     Returns:
-        :func:`classification_metrics` plus ``val_loss`` (mean per-token NLL of the true answer,
-        nats) and ``eval_seconds``.
+        :func:`classification_metrics` plus ``val_loss`` (mean per-token NLL of the correct
+        answer, nats) and ``eval_seconds``.
     """
     from catreview.vlm import answer_token_ids, candidate_answer
 
@@ -357,12 +358,12 @@ def evaluate(scorer: Any, items: Sequence[EvalItem], cfg: TrainConfig) -> dict[s
         part = items[start : start + chunk]
         verdicts = scorer.score_candidates([load_rgb(it.image) for it in part], [list(it.candidates) for it in part])
         for it, v in zip(part, verdicts):
-            score = v.scores[v.candidates.index(it.breed)]
+            score = v.scores[v.candidates.index(it.target)]
             if cfg.score_normalisation == "sum":
                 prompt = prompts.verdict_prompt(scorer.processor, v.candidates)
-                n = len(answer_token_ids(scorer.processor.tokenizer, prompt, candidate_answer(prompt, it.breed), eos_id=scorer._eos_id()))
+                n = len(answer_token_ids(scorer.processor.tokenizer, prompt, candidate_answer(prompt, it.target), eos_id=scorer._eos_id()))
                 score /= n
-            truth.append(it.breed)
+            truth.append(it.target)
             predicted.append(v.label)
             losses.append(-score)
     metrics = classification_metrics(truth, predicted)
@@ -633,8 +634,9 @@ def train_round(
 
     set_seed(cfg.seed)
     processor, model = load_base_model(base_model, dtype, accelerator.device)
-    baseline = None
-    if baseline_adapter is not None:
+    ckpt = complete_dir(run_dir / CHECKPOINT_DIR) if resume else None
+    baseline = _saved_baseline(ckpt, baseline_adapter)
+    if baseline_adapter is not None and baseline is None:
         baseline = _evaluate_baseline(model, processor, Path(baseline_adapter), items, cfg, base_model, accelerator.device, dtype)
         model = baseline.pop("_model")
     set_seed(cfg.seed)
@@ -658,9 +660,9 @@ def train_round(
     scorer = make_scorer(raw, processor, base_model, cfg, accelerator.device, dtype)
     state = RoundState(total_steps=total, baseline=baseline)
     best_weights: dict[str, torch.Tensor] | None = None
-    ckpt = complete_dir(run_dir / CHECKPOINT_DIR) if resume else None
     if ckpt is not None:
         state, best_weights = load_checkpoint(ckpt, raw, optimizer, scheduler, cfg, data.content_hash, rank)
+        state.baseline = baseline
         state.resumed_from_step.append(state.step)
         log.truncate_after(state.step)
         emit({"kind": "resume", "step": state.step, "elapsed": 0.0})
@@ -742,6 +744,17 @@ def train_round(
     result = _finish(run_dir, raw, best_weights, state, cfg, data, base_model, baseline_adapter, accelerator, mixed, dtype, t_start)
     accelerator.wait_for_everyone()
     return result
+
+
+def _saved_baseline(ckpt: Path | None, adapter: str | Path | None) -> dict[str, Any] | None:
+    """The baseline stored in a checkpoint when it was measured for the same adapter folder
+    (a resumed round does not evaluate it again), else ``None``."""
+    if ckpt is None or adapter is None:
+        return None
+    saved = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))["state"].get("baseline")
+    if saved and Path(saved["adapter"]).resolve() == Path(adapter).resolve():
+        return saved
+    return None
 
 
 def _evaluate_baseline(

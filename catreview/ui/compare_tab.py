@@ -46,7 +46,9 @@ def _panel_values(payload: dict[str, Any] | None) -> list[Any]:
 def _aggregate_values(result: CompareAggregate) -> list[Any]:
     out_dir = tempfile.mkdtemp(prefix="catreview-compare-")
     files = [str(p) for p in result.write_csv(out_dir)]
-    return [result.summary_frame(), result.per_breed_frame(), result.plot_frame(), files]
+    bars = result.plot_frame()
+    plot = gr.BarPlot(value=bars, sort=list(bars["group"]))  # keep the table's order, not alphabetical
+    return [result.summary_frame(), result.per_breed_frame(), plot, files]
 
 
 def build(app: ReviewApp) -> None:
@@ -120,13 +122,13 @@ def build(app: ReviewApp) -> None:
     per_breed = gr.Dataframe(label="Per-breed accuracy", interactive=False, elem_id="compare-per-breed")
     plot = gr.BarPlot(x="group", y="accuracy", color="model", y_lim=[0, 1], x_label_angle=-40, sort=None,
                       label="Accuracy (all photos, balanced, per breed)", elem_id="compare-plot")
-    csv = gr.File(label="CSV", file_count="multiple", interactive=False, elem_id="compare-csv")
+    csv = gr.File(label="CSV", file_count="multiple", interactive=False, height=190, elem_id="compare-csv")
     shown_version = gr.State(0)
 
     gr.Markdown("## Preference pairs")
     with gr.Row():
         export_btn = gr.Button("Export blind preferences (JSONL, DPO pairs)", elem_id="compare-export-preferences")
-        export_file = gr.File(label="preferences.jsonl", interactive=False, elem_id="compare-preferences-file")
+        export_file = gr.File(label="preferences.jsonl", interactive=False, height=100, elem_id="compare-preferences-file")
     export_msg = gr.Markdown(elem_id="compare-export-message")
 
     # ------------------------------------------------------------------ handlers
@@ -143,13 +145,14 @@ def build(app: ReviewApp) -> None:
     idle = [*[gr.update(interactive=False)] * 3, ""]
 
     def compare(img_id: float | None, p: int, a: str, b: str, is_blind: bool, one_at_a_time: bool):
-        """Stream the comparison of photo ``img_id`` (default: the photo at position ``p``)."""
-        if img_id is None:
-            ids = app.image_ids()
-            if not ids:
-                yield [None, None, "No photos yet.", *_panel_values(None), "", *idle]
-                return
+        """Stream the comparison of photo ``img_id`` (empty or 0: the photo at position ``p``)."""
+        ids = app.image_ids()
+        if not img_id and ids:
             img_id = ids[max(0, min(int(p or 0), len(ids) - 1))]
+        if not img_id or int(img_id) not in ids:
+            yield [gr.skip(), gr.skip(), f"No photo with id {img_id}." if img_id else "No photos yet.",
+                   *_panel_values(None), "", *idle]
+            return
         head = [int(img_id), app.image(int(img_id))]
         if app.job.running:
             yield [*head, "Background predictions are still running; compare when they finish.", *_panel_values(None), "", *idle]
