@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-check", action="store_true", help="skip the processor/chat-template check")
     p.add_argument("--zip", action="store_true", help="also write DIR.zip")
 
+    from catreview.compare import add_compare_parser
+
+    add_compare_parser(sub)
     return parser
 
 
@@ -207,12 +210,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from catreview.compare import cmd_compare
+
+    return cmd_compare(args)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "import": cmd_import,
     "predict": cmd_predict,
     "predictions": cmd_predictions,
     "calibrate": cmd_calibrate,
     "export": cmd_export,
+    "compare": _cmd_compare,
 }
 
 

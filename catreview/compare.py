@@ -413,7 +413,7 @@ def side_display(side: SideState, title: str, *, blind: bool, secrets: Sequence[
             f"- reasoning latency: {_fmt_s(side.reasoning_seconds)}{cached(side.reasoning_cached)}",
         ]
         if side.load_seconds is not None:
-            lines.append(f"- load: {_fmt_s(side.load_seconds)}")
+            lines.append(f"- load: {_fmt_s(side.load_seconds)} (loaded for this run: its first call includes warm-up)")
         lines.append(
             f"- memory: {side.memory.text()}" if side.memory
             else "- memory: not measured (nothing ran: outputs were cached)" if side.status == "done"
@@ -1205,12 +1205,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """Run ``compare``: print the aggregate tables; returns the exit status (0).
 
     Raises:
-        CompareError / ConfigError (both ``ValueError``): bad profiles, adapters or config.
+        CompareError / ConfigError (both ``ValueError``): bad profiles, adapters or config, or a
+            model that cannot be loaded.
     """
     from catreview.cli import _progress_bar, _vocabulary
     from catreview.config import load_settings
     from catreview.db import make_engine
     from catreview.registry import ModelRegistry
+    from catreview.vlm import VLMError
 
     settings = load_settings(args.config, database_url=args.db)
     engine = make_engine(settings.database_url)
@@ -1227,6 +1229,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     update, close = _progress_bar()
     try:
         result = session.run_aggregate(name_a, name_b, one_at_a_time=args.one_at_a_time, progress=update)
+    except VLMError as exc:  # model folder missing, out of memory...: one line, exit status 2
+        raise CompareError(str(exc)) from exc
     finally:
         close()
     print(result.to_text())

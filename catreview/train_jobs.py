@@ -168,8 +168,9 @@ def read_progress(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def export_reviews(engine: Engine, out_dir: Path, *, seed: int = 0, image_size: int = 336) -> Path:
-    """Export the current reviews with :func:`catreview.exports.export_dataset` into ``out_dir``.
+def export_reviews(engine: Engine, out_dir: Path, *, seed: int = 0, image_size: int = 336, processor: str | None = None) -> Path:
+    """Export the current reviews with :func:`catreview.exports.export_dataset` into ``out_dir``;
+    with ``processor`` (the base model's folder/id) every record is checked against it first.
 
     Raises:
         TrainJobError: the exporter module is not available.
@@ -180,7 +181,7 @@ def export_reviews(engine: Engine, out_dir: Path, *, seed: int = 0, image_size: 
         if exc.name != "catreview.exports":
             raise
         raise TrainJobError("the dataset exporter (catreview.exports) is not available; pass an export folder") from exc
-    export_dataset(engine, out_dir, seed=seed, image_size=image_size)
+    export_dataset(engine, out_dir, seed=seed, image_size=image_size, processor=processor)
     return out_dir
 
 
@@ -465,7 +466,10 @@ class TrainJobs:
                 meta["phase"] = "exporting"
                 write_json(run_dir / RUN_META_FILE, meta)
                 stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-                export_dir = export_reviews(self.engine, self.data_dir / EXPORTS_DIRNAME / f"run{run_id:04d}-{stamp}", seed=seed, image_size=image_size)
+                export_dir = export_reviews(
+                    self.engine, self.data_dir / EXPORTS_DIRNAME / f"run{run_id:04d}-{stamp}", seed=seed,
+                    image_size=image_size, processor=base_model,
+                )
                 meta["export_dir"] = str(export_dir)
             if run_id in _CANCELLED:
                 self._mark(run_id, "cancelled", "cancelled before training started")

@@ -16,7 +16,7 @@ from sqlmodel import Session, select
 
 from catreview import compare as cmp
 from catreview.config import load_settings
-from catreview.db import Prediction, Preference, make_engine
+from catreview.db import AdapterVersion, Prediction, Preference, make_engine
 from catreview.importer import import_folder
 from catreview.labels import BreedVocabulary
 from catreview.registry import ModelRegistry
@@ -317,6 +317,10 @@ def test_adapter_versions_of_one_model(session: cmp.CompareSession, tiny_models,
         session.add_adapter_pair(SMALL, ad1, tmp_path / "nowhere")
     with pytest.raises(cmp.CompareError, match="same adapter"):
         session.add_adapter_pair(SMALL, ad1, ad1)
+    with Session(session.engine) as s:  # adapters recorded by training rounds are offered by folder
+        s.add(AdapterVersion(base_model=str(tiny_models[SMALL]), path=str(ad2), export_hash="x", active=True))
+        s.commit()
+    assert [path for _, path in cmp.known_adapters(session.engine)] == [str(ad2)]
     name_a, name_b = session.add_adapter_pair(SMALL, ad1, ad2)
     assert name_a.startswith(f"{SMALL}+adapter@") and name_b.startswith(f"{SMALL}+adapter@") and name_a != name_b
     pa, pb = session.profiles()[name_a], session.profiles()[name_b]

@@ -632,14 +632,12 @@ def train_round(
     if is_main:
         cfg.save(run_dir / CONFIG_FILE)
 
-    set_seed(cfg.seed)
-    processor, model = load_base_model(base_model, dtype, accelerator.device)
     ckpt = complete_dir(run_dir / CHECKPOINT_DIR) if resume else None
     baseline = _saved_baseline(ckpt, baseline_adapter)
     if baseline_adapter is not None and baseline is None:
-        baseline = _evaluate_baseline(model, processor, Path(baseline_adapter), items, cfg, base_model, accelerator.device, dtype)
-        model = baseline.pop("_model")
+        baseline = _evaluate_baseline(Path(baseline_adapter), items, cfg, base_model, accelerator.device, dtype)
     set_seed(cfg.seed)
+    processor, model = load_base_model(base_model, dtype, accelerator.device)
     model = add_lora(model, cfg)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
@@ -758,18 +756,26 @@ def _saved_baseline(ckpt: Path | None, adapter: str | Path | None) -> dict[str, 
 
 
 def _evaluate_baseline(
-    model: Any, processor: Any, adapter: Path, items: Sequence[EvalItem], cfg: TrainConfig,
-    base_model: str | Path, device: torch.device, dtype: torch.dtype,
+    adapter: Path, items: Sequence[EvalItem], cfg: TrainConfig, base_model: str | Path, device: torch.device, dtype: torch.dtype,
 ) -> dict[str, Any]:
-    """Metrics of the active adapter on this round's validation items; the adapter is then
-    removed again (``PeftModel.unload``) and the clean base model returned in ``"_model"``."""
+    """Metrics of the active adapter on this round's validation items, on a model of its own that
+    is freed afterwards. (Not on the training model: ``unload()`` after
+    ``PeftModel.from_pretrained`` keeps a ``modules_to_save`` projector copy in the base model.)"""
+    import gc
+
+    import torch
     from peft import PeftModel
 
     if not (adapter / "adapter_config.json").is_file():
         raise TrainingError(f"baseline adapter {adapter} has no adapter_config.json")
+    processor, model = load_base_model(base_model, dtype, device)
     wrapped = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
     metrics = evaluate(make_scorer(wrapped, processor, base_model, cfg, device, dtype), items, cfg)
-    return {"adapter": str(adapter), "metrics": metrics, "_model": wrapped.unload()}
+    del wrapped, model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"adapter": str(adapter), "metrics": metrics}
 
 
 def _finish(

@@ -1,0 +1,156 @@
+"""Train tab: retrain the VLM's LoRA adapter on the reviews, watch the round, manage versions.
+
+"Retrain adapter" exports the current reviews and starts a round in a separate process
+(:class:`catreview.train_jobs.TrainJobs`); a timer refreshes the status, the training-loss and
+validation balanced-accuracy plots (from ``progress.jsonl``) and the versions table. A finished
+round is registered as a new adapter version and activated only if it passes the gate
+(:func:`catreview.adapters.gate`); otherwise the per-breed comparison explains why. Any version,
+or "no adapter", can be activated by hand (promote / roll back); predictions use it from their
+next call.
+
+The handlers are plain functions of the :class:`ReviewApp` (``start``, ``cancel``, ``refresh``,
+``promote``, ``no_adapter``) so they can be tested without a browser.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from catreview.adapters import AdapterError, activate, deactivate, version_rows
+from catreview.app_core import ReviewApp
+from catreview.train_jobs import TrainingBusy, TrainJobError, TrainJobs
+from training.config import TrainConfig
+
+_JOBS: weakref.WeakKeyDictionary[ReviewApp, TrainJobs] = weakref.WeakKeyDictionary()
+REFRESH_SECONDS = 2.0
+LOSS_COLUMNS = ["step", "loss"]
+VAL_COLUMNS = ["step", "val_balanced_accuracy"]
+GATE_COLUMNS = ["breed", "n", "reference", "candidate", "delta", "checked", "blocking"]
+
+
+def jobs_for(app: ReviewApp) -> TrainJobs:
+    """The app's :class:`TrainJobs` (created once per app; creating it recovers crashed runs)."""
+    jobs = _JOBS.get(app)
+    if jobs is None:
+        jobs = _JOBS[app] = TrainJobs(app.engine, app.settings)
+    return jobs
+
+
+def base_model(app: ReviewApp) -> str:
+    """The active VLM profile's base model (what an adapter is trained for)."""
+    return app.registry.profiles()[app.registry.active_vlm_name].model
+
+
+def start(app: ReviewApp, epochs: float = 3, lr: float = 2e-4, rank: float = 16, batch_size: float = 4, train_projector: bool = False) -> str:
+    """Start a round with these hyper-parameters (the rest: :class:`TrainConfig` defaults)."""
+    try:
+        cfg = TrainConfig(epochs=int(epochs), lr=float(lr), rank=int(rank), batch_size=int(batch_size), train_projector=bool(train_projector))
+        run_id = jobs_for(app).start(base_model(app), cfg)
+    except (TrainingBusy, TrainJobError, ValueError) as exc:
+        return f"Not started: {exc}"
+    return f"Run #{run_id} started: exporting the reviews, then training in a separate process."
+
+
+def cancel(app: ReviewApp) -> str:
+    """Stop the running round (its checkpoint is kept)."""
+    return "Cancelling the running round." if jobs_for(app).cancel() else "No round is running."
+
+
+def promote(app: ReviewApp, choice: str | None) -> str:
+    """Activate the version chosen in the dropdown (manual promote or rollback; no gate)."""
+    if not choice:
+        return "Choose a version first."
+    try:
+        row = activate(app.engine, int(choice))
+    except (AdapterError, ValueError) as exc:
+        return f"Not changed: {exc}"
+    return f"Adapter #{row.id} is active; new predictions use it."
+
+
+def no_adapter(app: ReviewApp) -> str:
+    """Roll back to the base model alone."""
+    deactivate(app.engine, base_model(app))
+    return "No adapter active: the base model predicts alone."
+
+
+def _frames(rows: list[dict[str, Any]]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    train = [{"step": r["step"], "loss": r["loss"]} for r in rows if r.get("kind") == "train"]
+    evals = [{"step": r["step"], "val_balanced_accuracy": r["val_balanced_accuracy"]} for r in rows if r.get("kind") == "eval"]
+    return pd.DataFrame(train, columns=LOSS_COLUMNS), pd.DataFrame(evals, columns=VAL_COLUMNS)
+
+
+def refresh(app: ReviewApp) -> tuple[str, pd.DataFrame, pd.DataFrame, str, pd.DataFrame, pd.DataFrame, list[tuple[str, str]]]:
+    """Everything the timer updates: status line, loss frame, validation frame, gate summary,
+    per-breed comparison, versions table, dropdown choices ``(label, id)``."""
+    jobs = jobs_for(app)
+    st = jobs.status()
+    rows = jobs.progress(st.run_id) if st else []
+    loss, val = _frames(rows)
+    gate_text, gate_rows = "", []
+    if st is not None and st.gate:
+        g = st.gate
+        verdict = "activated" if st.activated else "kept inactive"
+        why = "" if g["passed"] else " Blocked: " + "; ".join(g["reasons"]) + "."
+        gate_text = f"**Gate vs {g['reference']}: {'passed' if g['passed'] else 'blocked'}** (adapter #{st.adapter_id} {verdict}).{why}"
+        gate_rows = g["breeds"]
+    versions = version_rows(app.engine, base_model(app))
+    choices = [(f"#{v['id']} {v['name']}{' (active)' if v['active'] else ''}", str(v["id"])) for v in versions]
+    return (
+        st.text() if st else "No training run yet.",
+        loss,
+        val,
+        gate_text,
+        pd.DataFrame(gate_rows, columns=GATE_COLUMNS),
+        pd.DataFrame(versions),
+        choices,
+    )
+
+
+def build(app: ReviewApp) -> None:
+    """Lay out the Train tab."""
+    gr.Markdown(
+        "Fine-tunes the VLM's LoRA adapter on the reviewed photos (verdict prompt, answer = the reviewed "
+        "breed). The new version is activated only if its validation balanced accuracy is at least the "
+        "active one's and no breed drops by more than 10 points; otherwise it is kept for manual promotion."
+    )
+    with gr.Accordion("Hyper-parameters", open=False):
+        with gr.Row():
+            epochs = gr.Number(3, label="Epochs", precision=0, elem_id="train-epochs")
+            lr = gr.Number(2e-4, label="Learning rate", elem_id="train-lr")
+            rank = gr.Number(16, label="LoRA rank", precision=0, elem_id="train-rank")
+            batch = gr.Number(4, label="Batch size", precision=0, elem_id="train-batch")
+            projector = gr.Checkbox(False, label="Also train the projector", elem_id="train-projector")
+    with gr.Row():
+        retrain = gr.Button("Retrain adapter", variant="primary", elem_id="retrain")
+        stop = gr.Button("Cancel training", variant="stop", elem_id="cancel-train")
+    status = gr.Textbox(label="Status", interactive=False, elem_id="train-status")
+    with gr.Row():
+        loss_plot = gr.LinePlot(pd.DataFrame(columns=LOSS_COLUMNS), x="step", y="loss", title="Training loss", elem_id="train-loss-plot")
+        val_plot = gr.LinePlot(
+            pd.DataFrame(columns=VAL_COLUMNS), x="step", y="val_balanced_accuracy", y_lim=[0, 1],
+            title="Validation balanced accuracy", elem_id="train-val-plot",
+        )
+    gate_md = gr.Markdown(elem_id="gate-summary")
+    gate_table = gr.Dataframe(label="Per-breed validation accuracy (reference vs new)", interactive=False, elem_id="gate-comparison")
+    versions = gr.Dataframe(label="Adapter versions", interactive=False, elem_id="adapters-table")
+    with gr.Row():
+        choice = gr.Dropdown([], label="Version", elem_id="adapter-choice")
+        promote_btn = gr.Button("Activate this version (promote / roll back)", elem_id="promote-adapter")
+        none_btn = gr.Button("No adapter", elem_id="no-adapter")
+    message = gr.Markdown(elem_id="train-message")
+
+    outputs = [status, loss_plot, val_plot, gate_md, gate_table, versions, choice]
+
+    def tick() -> list[Any]:
+        *values, choices = refresh(app)
+        return [*values, gr.update(choices=choices)]
+
+    gr.Timer(REFRESH_SECONDS).tick(tick, outputs=outputs, api_visibility="private")
+    retrain.click(lambda *a: start(app, *a), inputs=[epochs, lr, rank, batch, projector], outputs=[message], api_name="retrain").then(tick, outputs=outputs)
+    stop.click(lambda: cancel(app), outputs=[message], api_name="cancel_training").then(tick, outputs=outputs)
+    promote_btn.click(lambda c: promote(app, c), inputs=[choice], outputs=[message], api_name="promote_adapter").then(tick, outputs=outputs)
+    none_btn.click(lambda: no_adapter(app), outputs=[message], api_name="no_adapter").then(tick, outputs=outputs)

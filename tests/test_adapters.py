@@ -1,0 +1,293 @@
+"""Adapter versions (catreview/adapters.py), background rounds (catreview/train_jobs.py) and the
+Train tab: gating rules, activation/rollback taking effect in the app's predictions, and crash
+safety of a training process killed with SIGKILL (then cancelled, then resumed to the same
+weights as an uninterrupted round). Real processes, real peft adapters, real photos.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from sqlmodel import Session, select
+
+from catreview.adapters import (
+    AdapterError,
+    BreedComparison,
+    GatePolicy,
+    activate,
+    active_adapter,
+    active_version,
+    folder_digest,
+    gate,
+    register_version,
+    rollback,
+    store_adapter_files,
+)
+from catreview.config import REPO_ROOT, Settings
+from catreview.db import AdapterVersion, TrainingRun, make_engine
+from catreview.train_jobs import LOG_FILE, TrainingBusy, TrainJobs, process_alive, read_progress
+from tests.conftest import load_photos
+from tests.test_training import demo_llava, export_rows  # noqa: F401  (session fixture)
+from training.config import DEFAULT_TARGET_MODULES, TrainConfig
+from training.data import write_export
+from training.lora import CHECKPOINT_DIR, PROGRESS_FILE, STATE_FILE, read_result, train_round
+
+
+def metrics(bacc: float, per_breed: dict[str, tuple[int, float]]) -> dict:
+    return {"balanced_accuracy": bacc, "per_breed": {b: {"n": n, "accuracy": a} for b, (n, a) in per_breed.items()}}
+
+
+# ------------------------------------------------------------------------------ gating rules
+
+
+def test_gate_passes_only_without_regression():
+    ref = metrics(0.60, {"Bengal": (10, 0.8), "Siamese": (10, 0.6), "Korat": (2, 1.0)})
+    better = metrics(0.65, {"Bengal": (10, 0.75), "Siamese": (10, 0.8), "Korat": (2, 0.0)})
+    d = gate(better, ref, GatePolicy(min_val_photos=5, max_breed_drop=0.10))
+    assert d.passed and d.reasons == []
+    korat = next(b for b in d.breeds if b.breed == "Korat")
+    assert korat == BreedComparison("Korat", 2, 1.0, 0.0, checked=False, blocking=False)  # too few photos to judge
+
+    assert gate(metrics(0.60, {"Bengal": (10, 0.8)}), metrics(0.60, {"Bengal": (10, 0.8)})).passed  # equal is enough
+    lower = gate(metrics(0.59, {}), metrics(0.60, {}))
+    assert not lower.passed and "balanced accuracy fell" in lower.reasons[0]
+
+    drop = gate(metrics(0.70, {"Bengal": (10, 0.6), "Siamese": (10, 1.0)}), ref, GatePolicy(min_val_photos=5, max_breed_drop=0.10))
+    assert not drop.passed and drop.reasons == ["Bengal (10 photos) fell from 80.0% to 60.0%"]
+    assert [r["breed"] for r in drop.rows() if r["blocking"]] == ["Bengal"]
+    assert gate(metrics(0.70, {"Bengal": (10, 0.6)}), ref, GatePolicy(max_breed_drop=0.25)).passed  # margin configurable
+    assert gate(metrics(0.70, {"Bengal": (10, 0.6)}), ref, GatePolicy(min_val_photos=11)).passed  # min photos configurable
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def random_adapter(base: str | Path, out: Path, seed: int) -> Path:
+    """A real, non-identity LoRA adapter (peft ``init_lora_weights=False``: B is random too)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_pretrained(str(base), dtype=torch.float32)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=DEFAULT_TARGET_MODULES, init_lora_weights=False)
+    get_peft_model(model, cfg).save_pretrained(str(out))
+    return out
+
+
+def add_version(engine, settings: Settings, base: str, adapter_dir: Path) -> int:
+    from catreview.adapters import adapters_root
+
+    folder = store_adapter_files(adapter_dir, adapters_root(settings))
+    with Session(engine) as s:
+        row = register_version(s, folder, base_model=base, export_hash="test", hyperparams={}, metrics={})
+        s.commit()
+        return int(row.id)
+
+
+def snapshot(engine, settings: Settings) -> dict:
+    """Everything a crash must not change: version rows and the adapters folder's files."""
+    with Session(engine) as s:
+        rows = [(v.id, v.path, v.active, v.metrics_json, v.hyperparams_json) for v in s.exec(select(AdapterVersion).order_by(AdapterVersion.id))]
+    root = Path(settings.data_dir) / "adapters"
+    return {"rows": rows, "folders": {p.name: folder_digest(p) for p in sorted(root.iterdir())}}
+
+
+# ------------------------------------------------------------------------------ activation and rollback
+
+
+def test_activation_rollback_and_no_adapter_restore_identical_predictions(tmp_path):
+    from catreview.app_core import ReviewApp
+
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'app.db'}", data_dir=tmp_path / "data")
+    app = ReviewApp(settings)
+    assert app.registry.engine is app.engine
+    base = app.registry.profiles()[app.registry.active_vlm_name].model
+    photos = load_photos(["Bengal", "Siamese"], per_breed=1)
+    cands = [["Bengal", "Siamese", "Persian"]] * 2
+
+    def predict() -> tuple[str, list[list[float]]]:
+        vlm = app.registry.vlm()
+        return vlm.model_version, [v.probabilities for v in vlm.score_candidates(photos, cands)]
+
+    v0, p0 = predict()
+    a = add_version(app.engine, settings, base, random_adapter(base, tmp_path / "a", seed=1))
+    b = add_version(app.engine, settings, base, random_adapter(base, tmp_path / "b", seed=2))
+    assert predict() == (v0, p0)  # registered versions are inactive
+
+    activate(app.engine, a)
+    va, pa = predict()
+    assert va != v0 and pa != p0 and active_adapter(app.engine, base).name in va
+    activate(app.engine, b)
+    vb, pb = predict()
+    assert vb not in (v0, va) and pb != pa
+    with Session(app.engine) as s:  # at most one active per base model
+        assert [v.id for v in s.exec(select(AdapterVersion).where(AdapterVersion.active == True))] == [b]  # noqa: E712
+
+    assert rollback(app.engine, base, a).id == a
+    assert predict() == (va, pa)  # identical predictions and cache key as before
+    assert rollback(app.engine, base, None) is None
+    assert predict() == (v0, p0)
+    assert active_version(app.engine, base) is None
+
+
+def test_incomplete_adapters_are_never_registered_or_activated(tmp_path, demo_llava):
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'db.sqlite'}", data_dir=tmp_path / "data")
+    engine = make_engine(settings.database_url)
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "adapter_config.json").write_text("{}")
+    with pytest.raises(AdapterError):
+        store_adapter_files(partial, tmp_path / "data" / "adapters")
+    a = add_version(engine, settings, str(demo_llava), random_adapter(demo_llava, tmp_path / "a", seed=1))
+    activate(engine, a)
+    b = add_version(engine, settings, str(demo_llava), random_adapter(demo_llava, tmp_path / "b", seed=2))
+    with Session(engine) as s:
+        path_b = Path(s.get(AdapterVersion, b).path)
+    (path_b / "adapter_model.safetensors").unlink()
+    with pytest.raises(AdapterError):
+        activate(engine, b)
+    assert active_version(engine, str(demo_llava)).id == a  # unchanged
+    with pytest.raises(AdapterError):
+        rollback(engine, "another/model", a)
+
+
+# ------------------------------------------------------------------------------ crash safety and resume
+
+
+def _wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _checkpoint_step(run_dir: Path) -> int:
+    f = run_dir / CHECKPOINT_DIR / STATE_FILE
+    try:
+        return json.loads(f.read_text())["state"]["step"]
+    except (OSError, json.JSONDecodeError, KeyError):
+        return -1  # not written yet, or being replaced right now
+
+
+def test_sigkill_mid_round_then_recover_cancel_and_resume_to_the_same_weights(tmp_path, demo_llava):
+    """A round started by the CLI is SIGKILLed (CLI and training process) mid-way: the database,
+    the active adapter and every stored version are untouched, a second start is refused while
+    it runs, and the next start marks it failed with its log. It is then resumed, cancelled,
+    resumed again and finishes with the weights and losses of an uninterrupted round."""
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'db.sqlite'}", data_dir=tmp_path / "data")
+    engine = make_engine(settings.database_url)
+    base = str(demo_llava)
+    a = add_version(engine, settings, base, random_adapter(demo_llava, tmp_path / "a", seed=1))
+    add_version(engine, settings, base, random_adapter(demo_llava, tmp_path / "b", seed=2))
+    activate(engine, a)
+    before = snapshot(engine, settings)
+    export = write_export(export_rows({"Bombay": 4, "Abyssinian": 4, "Bengal": 4}, 2), tmp_path / "export")
+    cfg = TrainConfig(max_steps=40, epochs=100, batch_size=2, lr=1e-3, eval_every=20, save_every=4,
+                      early_stopping_patience=0, candidate_source="sampled", other_rate=0.0)
+    flags = ["--max-steps", "40", "--epochs", "100", "--batch-size", "2", "--lr", "1e-3", "--eval-every", "20",
+             "--save-every", "4", "--early-stopping-patience", "0", "--candidate-source", "sampled", "--other-rate", "0"]
+    env = {**os.environ, "CATREVIEW_DATA_DIR": str(settings.data_dir), "HF_HUB_OFFLINE": "1"}
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "catreview.train_jobs", "train", "--db", settings.database_url, "--base", base, "--export", str(export), *flags],
+        cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        def spawned():
+            with Session(engine) as s:
+                run = s.exec(select(TrainingRun)).first()
+            return run if run is not None and run.pid not in (None, driver.pid) else None
+
+        run = _wait_for(spawned, 120, "the training process")
+        run_dir = Path(run.run_dir)
+        _wait_for(lambda: _checkpoint_step(run_dir) >= 8, 180, "a checkpoint at step >= 8")
+        with pytest.raises(TrainingBusy):  # one round at a time, across processes
+            TrainJobs(engine, settings).start(base, cfg, export_dir=export)
+        os.kill(driver.pid, signal.SIGKILL)  # the app/CLI dies ...
+        driver.wait(30)
+        os.kill(run.pid, signal.SIGKILL)  # ... and so does the round, mid-way
+        _wait_for(lambda: not process_alive(run.pid), 30, "the killed training process to end")
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    killed_at = _checkpoint_step(run_dir)
+    assert 8 <= killed_at < 40 and read_result(run_dir) is None
+    assert snapshot(engine, settings) == before  # nothing the app relies on was touched
+    with Session(engine) as s:
+        assert s.get(TrainingRun, run.id).status == "running"  # nobody was left to close it
+
+    jobs = TrainJobs(engine, settings)  # the next start recovers
+    with Session(engine) as s:
+        failed = s.get(TrainingRun, run.id)
+    assert failed.status == "failed" and "killed or crashed" in failed.error and str(run_dir / LOG_FILE) in failed.error
+    assert (run_dir / LOG_FILE).stat().st_size > 0
+    assert snapshot(engine, settings) == before
+
+    second = jobs.start(base, resume_run=run.id)
+    with pytest.raises(TrainingBusy):
+        jobs.start(base, cfg, export_dir=export)
+    _wait_for(lambda: _checkpoint_step(run_dir) > killed_at, 180, "the resumed round to checkpoint")
+    assert jobs.cancel(second)
+    assert jobs.wait(second, timeout=60) == "cancelled"
+    assert snapshot(engine, settings) == before
+
+    third = jobs.start(base, resume_run=second)
+    assert jobs.wait(third, timeout=300) == "succeeded", jobs.status(third).error
+    result = read_result(run_dir)
+    assert result["steps"] == 40 and len(result["resumed_from_step"]) == 2 and result["resumed_from_step"][0] == killed_at
+
+    reference = train_round(export, base, tmp_path / "uninterrupted", cfg)
+    got = load_file(str(run_dir / CHECKPOINT_DIR / "adapter" / "adapter_model.safetensors"))
+    want = load_file(str(tmp_path / "uninterrupted" / CHECKPOINT_DIR / "adapter" / "adapter_model.safetensors"))
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+    losses = [r["loss"] for r in read_progress(run_dir / PROGRESS_FILE) if r["kind"] == "train"]
+    ref_losses = [r["loss"] for r in read_progress(tmp_path / "uninterrupted" / PROGRESS_FILE) if r["kind"] == "train"]
+    assert losses == pytest.approx(ref_losses, rel=1e-5) and len(losses) == 40
+    assert result["metrics"]["balanced_accuracy"] == pytest.approx(reference["metrics"]["balanced_accuracy"])
+
+    st = jobs.status(third)
+    assert st.adapter_id is not None and st.gate["reference"] == f"adapter #{a}"  # gated against the active one
+    after = snapshot(engine, settings)
+    unchanged = lambda rows: [(i, path, m, hp) for i, path, _active, m, hp in rows]  # noqa: E731  (activation may move)
+    assert unchanged(after["rows"][: len(before["rows"])]) == unchanged(before["rows"]) and len(after["rows"]) == 3
+    assert {k: v for k, v in after["folders"].items() if k in before["folders"]} == before["folders"]
+
+
+# ------------------------------------------------------------------------------ the tab
+
+
+def test_train_tab_builds_and_refreshes(tmp_path):
+    import gradio as gr
+
+    from catreview.app_core import ReviewApp
+    from catreview.ui import train_tab
+
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'app.db'}", data_dir=tmp_path / "data")
+    app = ReviewApp(settings)
+    with gr.Blocks() as demo:
+        train_tab.build(app)
+    ids = {getattr(b, "elem_id", None) for b in demo.blocks.values()}
+    assert {"retrain", "cancel-train", "train-loss-plot", "train-val-plot", "adapters-table", "gate-comparison"} <= ids
+    status, loss, val, gate_text, gate_rows, versions, choices = train_tab.refresh(app)
+    assert status == "No training run yet." and loss.empty and val.empty and versions.empty and choices == []
+    base = train_tab.base_model(app)
+    a = add_version(app.engine, settings, base, random_adapter(base, tmp_path / "a", seed=1))
+    assert train_tab.promote(app, str(a)).startswith(f"Adapter #{a} is active")
+    *_, versions, choices = train_tab.refresh(app)
+    assert versions["active"].tolist() == [True] and choices[0][1] == str(a)
+    assert train_tab.no_adapter(app).startswith("No adapter")
+    assert active_version(app.engine, base) is None
+    assert train_tab.cancel(app) == "No round is running."
