@@ -1389,7 +1389,7 @@ def import_llava_jsonl(
         FileNotFoundError: ``jsonl_path`` or ``images_root`` is missing. Problems with single
         records are collected in ``errors`` instead.
     """
-    from catreview.importer import new_image_row  # the importer's single way to make image rows
+    from catreview.importer import get_or_create_image  # the importer's single way to make image rows
 
     vocab = vocabulary or BreedVocabulary.default()
     root = Path(images_root).resolve()
@@ -1415,13 +1415,8 @@ def import_llava_jsonl(
                 row = image_by_sha(session, meta["sha256"]) if isinstance(meta.get("sha256"), str) else None
                 if row is None:
                     sha = sha256_file(path)
-                    row = image_by_sha(session, sha)
-                    if row is None:
-                        row = new_image_row(path, sha)
-                        session.add(row)
-                        session.commit()
-                        session.refresh(row)
-                        summary.images_added += 1
+                    row, created = get_or_create_image(session, path, sha)
+                    summary.images_added += int(created)
                 if row.error is not None:
                     raise ValueError(f"image {rec['image']} could not be decoded: {row.error}")
                 prev = latest_review(session, row.id)

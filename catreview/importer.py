@@ -114,12 +114,8 @@ def import_folder(
             if sha in seen:
                 summary.duplicates.append((rel, seen[sha]))
             seen.setdefault(sha, rel)
-            row = image_by_sha(session, sha)
-            if row is None:
-                row = new_image_row(path, sha)
-                session.add(row)
-                session.commit()
-                session.refresh(row)
+            row, created = get_or_create_image(session, path, sha)
+            if created:
                 summary.added += 1
             else:
                 summary.already_present += 1
@@ -135,7 +131,23 @@ def import_folder(
     return summary
 
 
+def get_or_create_image(session: Session, path: Path, sha: str) -> tuple[ImageRecord, bool]:
+    """The image row for content hash ``sha``, created (decoded, committed) if absent.
+
+    Returns ``(row, created)``. A file that fails to decode becomes a row with ``error`` set.
+    """
+    row = image_by_sha(session, sha)
+    if row is not None:
+        return row, False
+    row = new_image_row(path, sha)
+    session.add(row)
+    session.commit()
+    session.refresh(row)
+    return row, True
+
+
 def new_image_row(path: Path, sha: str) -> ImageRecord:
+    """An uncommitted image row for ``path``: size, and width/height or the decode error."""
     try:
         img = load_rgb(path)
         width, height, error = img.width, img.height, None

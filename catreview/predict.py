@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,6 +90,18 @@ def _load_batch(images: Sequence[ImageRecord], summary: PredictSummary) -> list[
     return out
 
 
+def _batches(
+    todo: Sequence[ImageRecord], size: int, summary: PredictSummary, stop: threading.Event | None
+) -> Iterator[tuple[int, list[tuple[ImageRecord, Any]]]]:
+    """Yield ``(done_so_far, [(record, PIL image), ...])`` batches of ``size``, decoding each
+    batch just in time; stops early (``summary.cancelled``) when ``stop`` is set."""
+    for start in range(0, len(todo), size):
+        if stop is not None and stop.is_set():
+            summary.cancelled = True
+            return
+        yield min(start + size, len(todo)), _load_batch(todo[start : start + size], summary)
+
+
 def stage1_topk(pred: Prediction) -> list[tuple[str, float]]:
     """The stored top-k of a stage-1 prediction as (label, probability) pairs."""
     return [(lab, float(p)) for lab, p in pred.payload["topk"]]
@@ -110,11 +122,7 @@ def run_stage1(
     out = {img_id: stage1_topk(p) for (img_id, _), p in cache.items()}
     summary.stage1_cached += len(out)
     todo = [i for i in images if i.id not in out]
-    for start in range(0, len(todo), clf.batch_size):
-        if stop is not None and stop.is_set():
-            summary.cancelled = True
-            break
-        loaded = _load_batch(todo[start : start + clf.batch_size], summary)
+    for done, loaded in _batches(todo, clf.batch_size, summary, stop):
         t0 = time.perf_counter()
         results = clf.topk([im for _, im in loaded], k=top_k)
         dt = time.perf_counter() - t0
@@ -131,7 +139,7 @@ def run_stage1(
         summary.stage1_computed += len(rows)
         summary.stage1_seconds += dt
         if progress:
-            progress("stage 1", min(start + clf.batch_size, len(todo)), len(todo))
+            progress("stage 1", done, len(todo))
     return out
 
 
@@ -167,12 +175,7 @@ def run_vlm(
         else:
             todo.append(rec)
     summary.vlm_cached += len(out)
-    bs = vlm.profile.batch_size
-    for start in range(0, len(todo), bs):
-        if stop is not None and stop.is_set():
-            summary.cancelled = True
-            break
-        loaded = _load_batch(todo[start : start + bs], summary)
+    for done, loaded in _batches(todo, vlm.profile.batch_size, summary, stop):
         cands = [[lab for lab, _ in topk[rec.id]] for rec, _ in loaded]  # type: ignore[index]
         t0 = time.perf_counter()
         verdicts = vlm.score_candidates([im for _, im in loaded], cands)
@@ -190,7 +193,7 @@ def run_vlm(
         summary.vlm_computed += len(rows)
         summary.vlm_seconds += dt
         if progress:
-            progress("VLM", min(start + bs, len(todo)), len(todo))
+            progress("VLM", done, len(todo))
     return out
 
 
@@ -203,23 +206,6 @@ def verdict_payload(v: Any) -> dict[str, Any]:
         "label": v.label,
         "confidence": float(v.confidence),
     }
-
-
-def get_or_generate_reasoning(
-    session: Session, vlm: Any, image: ImageRecord, candidates: Sequence[str]
-) -> tuple[str, bool]:
-    """Cached reasoning text for (image, VLM version, candidates), generating it if absent.
-
-    Returns ``(text, was_cached)``.
-    """
-    key = candidates_key(candidates)
-    hit = cached_predictions(session, "reasoning", vlm.model_id, vlm.model_version, [image.id]).get((image.id, key))  # type: ignore[arg-type]
-    if hit is not None:
-        return hit.payload["text"], True
-    t0 = time.perf_counter()
-    text = vlm.reasoning(load_rgb(image.path), list(candidates))
-    store_reasoning(session, vlm, image.id, candidates, text, time.perf_counter() - t0)  # type: ignore[arg-type]
-    return text, False
 
 
 def store_reasoning(session: Session, vlm: Any, image_id: int, candidates: Sequence[str], text: str, seconds: float) -> None:
@@ -247,12 +233,7 @@ def run_reasoning(
     cands = {rec.id: [lab for lab, _ in topk[rec.id]] for rec in images}  # type: ignore[index]
     cache = cached_predictions(session, "reasoning", vlm.model_id, vlm.model_version, list(cands))
     todo = [rec for rec in images if (rec.id, candidates_key(cands[rec.id])) not in cache]  # type: ignore[index]
-    bs = vlm.profile.batch_size
-    for start in range(0, len(todo), bs):
-        if stop is not None and stop.is_set():
-            summary.cancelled = True
-            break
-        loaded = _load_batch(todo[start : start + bs], summary)
+    for done, loaded in _batches(todo, vlm.profile.batch_size, summary, stop):
         t0 = time.perf_counter()
         texts = vlm.reasoning_batch([im for _, im in loaded], [cands[rec.id] for rec, _ in loaded])  # type: ignore[index]
         dt = time.perf_counter() - t0
@@ -267,7 +248,7 @@ def run_reasoning(
         summary.reasoning_computed += len(loaded)
         summary.reasoning_seconds += dt
         if progress:
-            progress("reasoning", min(start + bs, len(todo)), len(todo))
+            progress("reasoning", done, len(todo))
 
 
 def run_predictions(
