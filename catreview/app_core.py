@@ -58,7 +58,7 @@ class ReviewApp:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.engine = make_engine(settings.database_url)
-        self.registry = ModelRegistry(settings, engine=self.engine)  # [issue 5] engine: active LoRA adapters
+        self.registry = ModelRegistry(settings, engine=self.engine)
         labels_file = settings.classifier.labels_file
         self.vocabulary = BreedVocabulary(read_label_file(labels_file)) if labels_file else BreedVocabulary.default()
         self.job = JobState()

@@ -3,7 +3,8 @@
 Commands: ``import`` (photos and existing labels), ``predict`` (both stages, cached),
 ``predictions --json`` (one JSON object per photo per line), ``calibrate`` (fit temperatures and
 the fusion weight on reviewed photos), ``export`` (curated dataset), ``train`` (a LoRA round),
-``compare`` (two VLM profiles on the reviewed photos).
+``adapters`` (list, promote, roll back LoRA adapter versions), ``compare`` (two VLM profiles on
+the reviewed photos).
 
 Errors a user can fix (bad paths, bad config, unknown labels) print one line on stderr and exit
 with status 2; nothing stored is changed by a failed command.
@@ -71,7 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zip", action="store_true", help="also write DIR.zip")
 
     from catreview.compare import add_compare_parser
+    from catreview.train_jobs import add_adapters_parser, add_train_parser
 
+    add_train_parser(sub)
+    add_adapters_parser(sub)
     add_compare_parser(sub)
     return parser
 
@@ -210,6 +214,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from catreview.train_jobs import cmd_train
+
+    return cmd_train(args)
+
+
+def _cmd_adapters(args: argparse.Namespace) -> int:
+    from catreview.train_jobs import cmd_adapters
+
+    return cmd_adapters(args)
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     from catreview.compare import cmd_compare
 
@@ -223,6 +239,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "calibrate": cmd_calibrate,
     "export": cmd_export,
     "compare": _cmd_compare,
+    "train": _cmd_train,
+    "adapters": _cmd_adapters,
 }
 
 
@@ -242,11 +260,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors a user can fix: reported as one line, exit status 2."""
     from catreview.classifier import ClassifierError
+    from catreview.compare import CompareError
     from catreview.exports import ExportError
+    from catreview.train_jobs import TrainingBusy, TrainJobError
     from catreview.vlm import VLMError
 
     return (CLIError, ConfigError, ValueError, KeyError, FileNotFoundError, NotADirectoryError,
-            ExportError, ClassifierError, VLMError)
+            ExportError, ClassifierError, VLMError, CompareError, TrainingBusy, TrainJobError)
 
 
 def run(argv: Any = None) -> None:

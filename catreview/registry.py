@@ -11,7 +11,10 @@ from __future__ import annotations
 import threading
 
 from catreview.classifier import Stage1Classifier
+from sqlalchemy.engine import Engine
+
 from catreview.config import DEMO_PROFILE, Settings, VLMProfile
+from catreview.db import make_engine
 from catreview.demo_models import DemoModels, ensure_demo_models
 
 
@@ -21,11 +24,10 @@ class ModelRegistry:
     Thread-safe: the UI's background worker and request handlers may ask at the same time.
     """
 
-    def __init__(self, settings: Settings, engine=None) -> None:
+    def __init__(self, settings: Settings, engine: Engine | None = None) -> None:
         self.settings = settings
-        # [issue 5: adapters] database where active LoRA adapter versions are looked up
-        # (catreview.adapters.active_adapter); None = only adapters set in the profiles apply.
-        self.engine = engine
+        # Where active LoRA adapter versions are looked up (catreview.adapters.active_adapter).
+        self.engine = engine if engine is not None else make_engine(settings.database_url)
         self._lock = threading.RLock()
         self._classifier: Stage1Classifier | None = None
         self._vlms: dict[str, object] = {}
@@ -84,7 +86,7 @@ class ModelRegistry:
                 raise KeyError(f"no VLM profile named {name!r}; configured: {sorted(profiles)}")
             profile = self._with_active_adapter(profiles[name])
             current = self._vlms.get(name)
-            # [issue 5: adapters] a new active adapter (or a rollback) gives a new profile, hence a
+            # A new active adapter (or a rollback) gives a new profile, hence a
             # new VLM object and model_version; the old object is dropped, not unloaded, so a
             # prediction batch still using it finishes (its memory goes with the last reference).
             if current is None or current.profile != profile:
@@ -92,9 +94,9 @@ class ModelRegistry:
             return self._vlms[name]
 
     def _with_active_adapter(self, profile: VLMProfile) -> VLMProfile:
-        """[issue 5: adapters] ``profile`` with the active adapter version of its base model
+        """``profile`` with the active adapter version of its base model
         (catreview.adapters). An adapter set explicitly in the profile's config wins."""
-        if self.engine is None or profile.adapter is not None:
+        if profile.adapter is not None:
             return profile
         from catreview.adapters import active_adapter
 

@@ -505,6 +505,9 @@ class TrainJobs:
                 _WORKERS.pop(run_id, None)
 
     def _finalise(self, run_id: int, run_dir: Path, rc: int) -> None:
+        current = self._get(run_id)
+        if current is not None and current.status != "running":
+            return  # closed meanwhile (cancelled from another process)
         if run_id in _CANCELLED:
             self._mark(run_id, "cancelled", f"cancelled by the user (exit status {rc}); checkpoint and log kept in {run_dir}")
         elif rc == 0 and (run_dir / RESULT_FILE).is_file():

@@ -35,11 +35,19 @@ from catreview.adapters import (
 from catreview.config import REPO_ROOT, Settings
 from catreview.db import AdapterVersion, TrainingRun, make_engine
 from catreview.train_jobs import LOG_FILE, TrainingBusy, TrainJobs, process_alive, read_progress
-from tests.conftest import load_photos
-from tests.test_training import demo_llava, export_rows  # noqa: F401  (session fixture)
+from tests.conftest import load_photos, shared_photos_dir
+from tests.test_training import export_rows
 from training.config import DEFAULT_TARGET_MODULES, TrainConfig
 from training.data import write_export
 from training.lora import CHECKPOINT_DIR, PROGRESS_FILE, STATE_FILE, read_result, train_round
+
+
+@pytest.fixture(scope="module")
+def demo_llava(tmp_path_factory) -> Path:
+    """The tiny demo LLaVA (0.6M parameters, 224 px), built offline."""
+    from catreview.tiny_vlms import build_tiny_llava
+
+    return build_tiny_llava(tmp_path_factory.mktemp("llava-demo"), size="demo")
 
 
 def metrics(bacc: float, per_breed: dict[str, tuple[int, float]]) -> dict:
@@ -264,6 +272,41 @@ def test_sigkill_mid_round_then_recover_cancel_and_resume_to_the_same_weights(tm
     unchanged = lambda rows: [(i, path, m, hp) for i, path, _active, m, hp in rows]  # noqa: E731  (activation may move)
     assert unchanged(after["rows"][: len(before["rows"])]) == unchanged(before["rows"]) and len(after["rows"]) == 3
     assert {k: v for k, v in after["folders"].items() if k in before["folders"]} == before["folders"]
+
+
+def test_retrain_exports_the_reviews_trains_in_a_process_and_registers_the_version(tmp_path, demo_llava):
+    """The "Retrain adapter" path: current reviews -> catreview.exports -> python -m training ->
+    a gated, activated version whose folder is complete before its row exists."""
+    import shutil
+
+    from catreview.importer import import_folder
+    from catreview.labels import BreedVocabulary
+    from catreview.train_jobs import metrics_table
+
+    photos = tmp_path / "photos"
+    for folder in ("Bombay", "Siamese"):
+        (photos / folder).mkdir(parents=True)
+        for f in sorted((shared_photos_dir() / folder).glob("*.jpg")):
+            shutil.copy(f, photos / folder / f.name)
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'db.sqlite'}", data_dir=tmp_path / "data")
+    engine = make_engine(settings.database_url)
+    import_folder(engine, photos, vocabulary=BreedVocabulary.default(), labels_from_folders=True)
+    jobs = TrainJobs(engine, settings)
+    run_id = jobs.start(str(demo_llava), TrainConfig(max_steps=2, eval_every=1, batch_size=2))
+    assert jobs.wait(run_id, timeout=300) == "succeeded", jobs.status(run_id).error
+    st = jobs.status(run_id)
+    meta = json.loads((Path(st.run_dir) / "run.json").read_text())
+    assert Path(meta["export_dir"]).is_relative_to(settings.data_dir / "exports")
+    assert (Path(meta["export_dir"]) / "export.json").is_file()
+    with Session(engine) as s:
+        version = s.get(AdapterVersion, st.adapter_id)
+        assert version.export_hash == json.loads((Path(meta["export_dir"]) / "export.json").read_text())["content_hash"]
+        assert json.loads(version.hyperparams_json)["max_steps"] == 2
+        assert set(json.loads(version.metrics_json)["per_breed"]) == {"Bombay", "Siamese"}
+    assert st.gate["reference"] == "no adapter (base model)" and st.activated == st.gate["passed"]
+    assert (Path(version.path) / "adapter_model.safetensors").is_file()
+    table = metrics_table(st, engine)
+    assert "Bombay" in table and "Siamese" in table and f"adapter #{st.adapter_id}" in table
 
 
 # ------------------------------------------------------------------------------ the tab

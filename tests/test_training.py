@@ -19,7 +19,7 @@ import torch
 from catreview import prompts
 from tests.conftest import shared_photos_dir
 from training.config import DEFAULT_TARGET_MODULES, TrainConfig, add_config_arguments, config_from_args
-from training.data import Collator, Sample, TrainDataset, eval_items, read_export, write_export
+from training.data import Collator, TrainDataset, eval_items, read_export, write_export
 from training.lora import (
     BEST_DIR,
     CHECKPOINT_DIR,
@@ -133,7 +133,7 @@ def test_class_balanced_sampling_weights_and_other_prompts(small_export):
     w = ds.sampling_weights()
     per_breed = {b: sum(x for x, e in zip(w, data.train) if e.breed == b) for b in data.breeds}
     assert per_breed == pytest.approx({"Abyssinian": 1.0, "Bombay": 1.0})  # each breed drawn equally often
-    targets = [ds[i].target for i in range(len(ds))] + [(ds.set_epoch(1), ds[i].target)[1] for i in range(len(ds))]
+    targets = [ds[i].target for i in range(len(ds))] + [(ds.select_epoch(1), ds[i].target)[1] for i in range(len(ds))]
     assert prompts.OTHER_LABEL in targets and set(targets) - {prompts.OTHER_LABEL} <= set(data.breeds)
     assert ds[0] == ds[0]  # a pure function of (seed, epoch, index): resumes see the same prompts
 

@@ -61,10 +61,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (TrainingError, ExportFormatError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    m = result["metrics"] or {}
-    summary = {k: result[k] for k in ("steps", "best_step", "stopped_early", "samples_per_second")}
-    summary.update(val_balanced_accuracy=m.get("balanced_accuracy"), val_loss=m.get("val_loss"))
-    print(json.dumps(summary))
+    if int(os.environ.get("RANK", "0")) == 0:  # one summary line, from the main process
+        m = result["metrics"] or {}
+        summary = {k: result[k] for k in ("steps", "best_step", "stopped_early", "samples_per_second")}
+        summary.update(val_balanced_accuracy=m.get("balanced_accuracy"), val_loss=m.get("val_loss"))
+        print(json.dumps(summary))
     return 0
 
 

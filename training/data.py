@@ -270,8 +270,10 @@ class TrainDataset:
 
     Index ``i < N`` is photo ``i``'s verdict row (``target="verdict"`` or ``"both"``), index
     ``N + i`` its conversation row (``"both"``); ``"conversation"`` has only conversation rows.
-    :meth:`set_epoch` changes the per-row random choices (distractors, "other"), which are a pure
-    function of ``(seed, epoch, index)``.
+    :meth:`select_epoch` changes the per-row random choices (distractors, "other"), which are a
+    pure function of ``(seed, epoch, index)``. (Not named ``set_epoch``: accelerate's data loader
+    calls ``dataset.set_epoch(<its own iteration count>)``, which restarts at 0 for the loader a
+    resumed round skips batches with.)
     """
 
     def __init__(self, examples: Sequence[Example], pool: Sequence[str], cfg: TrainConfig) -> None:
@@ -285,7 +287,8 @@ class TrainDataset:
         self.kinds: list[str] = kinds[cfg.target]
         self.loss_weights = class_weights([e.breed for e in self.examples]) if cfg.balance == "loss" else None
 
-    def set_epoch(self, epoch: int) -> None:
+    def select_epoch(self, epoch: int) -> None:
+        """Use epoch ``epoch``'s random choices from now on."""
         self.epoch = epoch
 
     def __len__(self) -> int:

@@ -616,6 +616,12 @@ def train_round(
     run_dir.mkdir(parents=True, exist_ok=True)
     mixed, dtype = resolve_precision(cfg)
     accelerator = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=cfg.grad_accum)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise TrainingError(
+            f"launched as {launched} processes but accelerate runs {accelerator.num_processes}: every process would "
+            "write the same files. On CPUs set ACCELERATE_USE_CPU=1 (gloo backend); on GPUs check the accelerate config."
+        )
     is_main, rank = accelerator.is_main_process, accelerator.process_index
     log = ProgressLog(run_dir / PROGRESS_FILE, is_main)
 
@@ -643,9 +649,12 @@ def train_round(
 
     ds = TrainDataset(train_examples, data.breeds, cfg)
     generator = torch.Generator().manual_seed(cfg.seed)
+    # The loader gets its own generator too: creating an iterator draws a worker base seed, which
+    # must not come from the global RNG (dropout's), or a resumed round's dropout masks would shift.
     loader = DataLoader(
         ds, batch_size=cfg.batch_size, sampler=_make_sampler(ds, cfg, generator),
         collate_fn=Collator(processor), num_workers=cfg.num_workers,
+        generator=torch.Generator().manual_seed(cfg.seed + 1),
     )
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
@@ -695,7 +704,7 @@ def train_round(
     model.train()
     done = state.step >= total or state.stopped_early
     while not done:
-        ds.set_epoch(state.epoch)
+        ds.select_epoch(state.epoch)
         generator.manual_seed(cfg.seed * 1_000_003 + state.epoch)
         epoch_loader = accelerator.skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
         step_losses: list[torch.Tensor] = []

@@ -18,8 +18,9 @@ DEMO_BANNER = (
 
 
 def build_ui(app: ReviewApp) -> gr.Blocks:
-    """The whole app: a banner when demo models are in use, then one tab per concern."""
-    from catreview.ui import calibration_tab, review_tab
+    """The whole app: a banner when demo models are in use, then one tab per step of the data
+    flow (review -> calibration -> export -> train -> compare)."""
+    from catreview.ui import calibration_tab, compare_tab, export_tab, review_tab, train_tab
 
     with gr.Blocks(title="catreview") as demo:
         gr.Markdown("# catreview — cat-breed review with a VLM in the loop")
@@ -29,21 +30,10 @@ def build_ui(app: ReviewApp) -> gr.Blocks:
             review_tab.build(app, demo)
         with gr.Tab("Calibration", id="calibration-tab"):
             calibration_tab.build(app)
-        for name, module in _optional_tabs():
-            with gr.Tab(name, id=f"{name.lower()}-tab"):
-                module.build(app)
+        with gr.Tab("Export", id="export-tab"):
+            export_tab.build(app)
+        with gr.Tab("Train", id="train-tab"):
+            train_tab.build(app)
+        with gr.Tab("Compare", id="compare-tab"):
+            compare_tab.build(app)
     return demo
-
-
-def _optional_tabs() -> list[tuple[str, object]]:
-    """Tabs whose modules exist (export, train, compare), in data-flow order."""
-    import importlib
-
-    tabs = []
-    for name, mod in (("Export", "export_tab"), ("Train", "train_tab"), ("Compare", "compare_tab")):
-        try:
-            tabs.append((name, importlib.import_module(f"catreview.ui.{mod}")))
-        except ModuleNotFoundError as exc:
-            if exc.name != f"catreview.ui.{mod}":
-                raise
-    return tabs

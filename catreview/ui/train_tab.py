@@ -87,6 +87,8 @@ def refresh(app: ReviewApp) -> tuple[str, pd.DataFrame, pd.DataFrame, str, pd.Da
     """Everything the timer updates: status line, loss frame, validation frame, gate summary,
     per-breed comparison, versions table, dropdown choices ``(label, id)``."""
     jobs = jobs_for(app)
+    if jobs.running() is not None:
+        jobs.reconcile()  # a round started elsewhere (CLI) whose process died, or finished meanwhile
     st = jobs.status()
     rows = jobs.progress(st.run_id) if st else []
     loss, val = _frames(rows)
@@ -111,7 +113,8 @@ def refresh(app: ReviewApp) -> tuple[str, pd.DataFrame, pd.DataFrame, str, pd.Da
 
 
 def build(app: ReviewApp) -> None:
-    """Lay out the Train tab."""
+    """Lay out the Train tab (creating the app's :class:`TrainJobs` recovers crashed rounds)."""
+    jobs_for(app)
     gr.Markdown(
         "Fine-tunes the VLM's LoRA adapter on the reviewed photos (verdict prompt, answer = the reviewed "
         "breed). The new version is activated only if its validation balanced accuracy is at least the "
