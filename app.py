@@ -41,11 +41,22 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"error: not a folder: {', '.join(missing)}", file=sys.stderr)
         return 2
-    app = ReviewApp(settings)
-    app.start_background(folders)
+    try:
+        app = ReviewApp(settings)
+    except ValueError as exc:  # bad database URL, missing driver, unreadable file
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     demo = build_ui(app)
     demo.queue(default_concurrency_limit=4)
-    demo.launch(server_name=args.host, server_port=args.port, show_error=True)
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, show_error=True, prevent_thread_lock=True)
+    except OSError as exc:  # port taken or address not available
+        where = f"port {args.port}" if args.port else "a free port from 7860"
+        print(f"error: cannot listen on {args.host}, {where}: it is in use or not available "
+              f"({type(exc).__name__}). Choose another --port, or leave --port out to take a free one.", file=sys.stderr)
+        return 2
+    app.start_background(folders)
+    demo.block_thread()
     return 0
 
 

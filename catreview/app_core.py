@@ -93,7 +93,7 @@ class ReviewApp:
             self.job.stage = "loading models"
             summary = run_predictions(self.engine, self.registry, progress=self._progress, stop=self._stop)
             self.job.log += summary.lines()
-            self.job.message = "Predictions ready. " + " ".join(summary.lines()[:2])
+            self.job.message = "Predictions ready. " + "; ".join(summary.lines()[:2])
         except Exception as exc:  # surfaced in the UI; the thread must not die silently
             self.job.error = f"{type(exc).__name__}: {exc}"
             self.job.log.append(traceback.format_exc())

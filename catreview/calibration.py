@@ -744,6 +744,10 @@ class CalibrationReport:
             f"ECE with {self.n_bins} bins; fitted and measured on the same photos (in-sample).",
             f"Temperature: stage 1 T={self.stage1_temperature:.3f}, VLM T={t_vlm}. "
             f"Fusion weight (VLM share): {self.current_weight:.2f} -> {self.weight:.2f}.",
+            f"Stage 1 missed the human breed in its top-k on {self.excluded_from_fit['stage1']} of "
+            f"{self.n_reviews} photos. The VLM and the fusion answer over the candidates plus 'other', "
+            "so on those photos 'other' counts as correct; a model that says 'other' often scores "
+            "well when stage 1 is weak.",
             "",
         ]
         head = ["stage", "n", "ECE before", "ECE after", "acc before", "acc after", "bal.acc before", "bal.acc after"]

@@ -47,16 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="run stage 1 and the VLM on every imported photo (cached)")
     _common(p)
     p.add_argument("--vlm", metavar="PROFILE", help="VLM profile (default: active_vlm)")
-    p.add_argument("--no-reasoning", action="store_true", help="skip generating the reasoning texts")
+    p.add_argument("--no-reasoning", action="store_true",
+                   help="skip generating the reasoning texts (the slow part; the app streams them on demand)")
 
     p = sub.add_parser("predictions", help="list photos with their predictions and reviews")
     _common(p)
     p.add_argument("--json", action="store_true", help="one JSON object per photo per line")
-    p.add_argument("--vlm", metavar="PROFILE")
+    p.add_argument("--vlm", metavar="PROFILE", help="VLM profile whose predictions to list (default: active_vlm)")
 
     p = sub.add_parser("calibrate", help="fit temperatures and the fusion weight on reviewed photos")
     _common(p)
-    p.add_argument("--vlm", metavar="PROFILE")
+    p.add_argument("--vlm", metavar="PROFILE", help="VLM profile to calibrate with (default: active_vlm)")
     p.add_argument("--dry-run", action="store_true", help="report only; do not store the fit")
 
     p = sub.add_parser("export", help="export reviewed photos as a curated, versioned dataset")
@@ -90,7 +91,7 @@ def _progress_bar() -> tuple[Callable[..., None], Callable[[], None]]:
     def update(stage: str, done: int, total: int) -> None:
         bar = bars.get(stage)
         if bar is None:
-            bar = bars[stage] = tqdm(total=total, desc=stage, unit="photo", file=sys.stderr)
+            bar = bars[stage] = tqdm(total=total, desc=stage, unit="photo", file=sys.stderr, disable=None)
         bar.n = done
         bar.refresh()
 
@@ -108,7 +109,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     engine = make_engine(settings.database_url)
-    bar = tqdm(desc="import", unit="photo", file=sys.stderr)
+    bar = tqdm(desc="import", unit="photo", file=sys.stderr, disable=None)
 
     def progress(done: int, total: int) -> None:
         bar.total = total
@@ -194,7 +195,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not args.no_check:
         registry = _registry(settings)
         processor = registry.profiles()[args.vlm or registry.active_vlm_name].model
-    bar = tqdm(desc="export", unit="photo", file=sys.stderr)
+    bar = tqdm(desc="export", unit="photo", file=sys.stderr, disable=None)
 
     def progress(done: int, total: int) -> None:
         bar.total, bar.n = total, done

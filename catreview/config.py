@@ -15,10 +15,11 @@ No profile or classifier configured means: use the tiny demo models that
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -159,7 +160,14 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
             (Settings,),
             {"model_config": SettingsConfigDict(**{**Settings.model_config, "toml_file": path})},
         )
+    sources = ", ".join(filter(None, [f"file {config_file}" if config_file else None, "environment (CATREVIEW_*)", "command-line flags"]))
     try:
         return cls(**kwargs)
-    except Exception as exc:  # pydantic ValidationError or tomllib.TOMLDecodeError
-        raise ConfigError(f"invalid configuration ({config_file or 'defaults/env'}): {exc}") from exc
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg'].removeprefix('Value error, ')}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration ({problems}); read from {sources}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {config_file} is not valid TOML: {exc}") from None

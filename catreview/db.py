@@ -22,6 +22,7 @@ from typing import Any
 
 from sqlalchemy import Column, Text, UniqueConstraint, event
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import NoSuchModuleError, OperationalError
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
 
@@ -189,7 +190,8 @@ def make_engine(url: str) -> Engine:
     keys on, a 10 s busy timeout so the app and a CLI can share one file.
 
     Raises:
-        ValueError: the URL cannot be parsed.
+        ValueError: the URL cannot be parsed, names an unknown database type or a driver that is
+            not installed, or the database cannot be opened.
     """
     try:
         parsed = make_url(url)
@@ -200,10 +202,24 @@ def make_engine(url: str) -> Engine:
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 10}
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, **kwargs)
+    try:
+        engine = create_engine(url, **kwargs)
+    except NoSuchModuleError:
+        raise ValueError(
+            f"unknown database type {parsed.drivername!r} in {url!r}; use sqlite:///path/to/file.db "
+            "or postgresql+psycopg://user@host/dbname"
+        ) from None
+    except ModuleNotFoundError as exc:
+        raise ValueError(
+            f"the driver for {parsed.drivername!r} is not installed (missing module {exc.name!r}); "
+            "for PostgreSQL: pip install 'psycopg[binary]' and use postgresql+psycopg://..."
+        ) from None
     if parsed.get_backend_name() == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
-    SQLModel.metadata.create_all(engine)
+    try:
+        SQLModel.metadata.create_all(engine)
+    except OperationalError as exc:
+        raise ValueError(f"cannot open the database {engine.url.render_as_string(hide_password=True)}: {exc.orig}") from None
     return engine
 
 

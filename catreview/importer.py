@@ -34,6 +34,8 @@ class ImportSummary:
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     duplicates: list[tuple[str, str]] = field(default_factory=list)  # (path, same content as)
     labels_recorded: int = 0
+    labels_unchanged: int = 0  # the same label was already recorded
+    labels_kept_human: int = 0  # a person's review exists; an import never overrides it
     unknown_labels: list[tuple[str, str]] = field(default_factory=list)  # (path, label)
     missing_files: list[str] = field(default_factory=list)  # label rows whose file is absent
     duplicate_label_rows: list[str] = field(default_factory=list)
@@ -47,8 +49,11 @@ class ImportSummary:
         ]
         out += [f"  failed: {p}: {r}" for p, r in self.failed]
         out += [f"  duplicate: {p} has the same content as {q}" for p, q in self.duplicates]
-        if self.labels_recorded or self.unknown_labels or self.missing_files or self.duplicate_label_rows:
-            out.append(f"labels recorded as reviews: {self.labels_recorded}")
+        if self.labels_recorded or self.labels_unchanged or self.labels_kept_human or self.unknown_labels or self.missing_files or self.duplicate_label_rows:
+            out.append(
+                f"labels recorded as reviews: {self.labels_recorded}; already recorded: {self.labels_unchanged}; "
+                f"left alone because a person reviewed the photo: {self.labels_kept_human}"
+            )
             out += [f"  unknown label: {p}: {lab!r}" for p, lab in self.unknown_labels]
             out += [f"  label row for a missing file: {p}" for p in self.missing_files]
             out += [f"  duplicate label row: {p}" for p in self.duplicate_label_rows]
@@ -69,7 +74,7 @@ def read_labels_csv(path: str | Path) -> tuple[dict[str, str], list[str]]:
         cols = set(reader.fieldnames or [])
         label_col = "label" if "label" in cols else "breed" if "breed" in cols else None
         if "path" not in cols or label_col is None:
-            raise ValueError(f"{path}: expected columns 'path,label' (found {sorted(cols)})")
+            raise ValueError(f"{path}: expected columns 'path,label' or 'path,breed' (found {sorted(cols)})")
         labels: dict[str, str] = {}
         dupes: list[str] = []
         for row in reader:
@@ -164,7 +169,11 @@ def _record_import_label(
         return
     canonical = vocabulary.canonical(label)
     prev = latest_review(session, image_id)
-    if prev is not None and (prev.label == canonical or prev.annotator != IMPORT_ANNOTATOR):
-        return  # idempotent; and never let an import override a human decision
+    if prev is not None and prev.source != "import":
+        summary.labels_kept_human += 1  # never let an import override a human decision
+        return
+    if prev is not None and prev.label == canonical:
+        summary.labels_unchanged += 1  # idempotent
+        return
     record_review(session, image_id, canonical, IMPORT_ANNOTATOR, vocabulary=vocabulary, source="import")
     summary.labels_recorded += 1

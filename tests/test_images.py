@@ -14,6 +14,7 @@ from catreview.db import ImageRecord, make_engine
 from catreview.images import ImageDecodeError, load_rgb
 from catreview.importer import import_folder
 from catreview.labels import BreedVocabulary
+from catreview.reviews import record_review
 
 
 def _jpeg_bytes(path: Path) -> bytes:
@@ -120,7 +121,15 @@ def test_import_records_failures_and_is_idempotent(tmp_path: Path, cats_dir: Pat
     assert len(s1.unknown_labels) == 0  # failed photos get no label row at all
 
     s2 = import_folder(engine, root, vocabulary=vocab, labels_from_folders=True)
-    assert s2.added == 0 and s2.already_present == 9 and s2.labels_recorded == 0
+    assert s2.added == 0 and s2.already_present == 9 and s2.labels_recorded == 0 and s2.labels_unchanged == 4  # the copy counts too
+
+    # A person's review is never overridden by a later import, and the summary says so.
+    with Session(engine) as s:
+        first = s.exec(select(ImageRecord).where(ImageRecord.error.is_(None)).order_by(ImageRecord.id)).first()
+        record_review(s, first.id, "Himalayan", "carol", vocabulary=vocab)
+    s3 = import_folder(engine, root, vocabulary=vocab, labels_from_folders=True)
+    assert (s3.labels_recorded, s3.labels_unchanged, s3.labels_kept_human) == (0, 2, 2)  # first + its copy
+    assert "left alone because a person reviewed the photo: 2" in "\n".join(s3.lines())
     with Session(engine) as s:
         rows = list(s.exec(select(ImageRecord)))
     assert len(rows) == 8

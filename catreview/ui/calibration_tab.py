@@ -16,12 +16,20 @@ def build(app: ReviewApp) -> None:
     n_min = app.settings.fusion.calibration_min_reviews
     gr.Markdown(
         f"Fits a temperature per stage (Guo et al. 2017) and the fusion weight that maximises balanced "
-        f"accuracy, on the reviewed photos (at least {n_min}). ECE uses 15 equal-width bins."
+        f"accuracy, on the reviewed photos (at least {n_min}). ECE uses 15 equal-width bins. "
+        "The VLM and the fusion answer over the stage-1 candidates **plus \"other\"**: when the human "
+        "breed is not among stage 1's candidates, \"other\" counts as the right answer."
     )
     fit = gr.Button("Fit calibration on reviewed photos", elem_id="fit-calibration", variant="primary")
     report = gr.Textbox(label="Report", lines=8, interactive=False, elem_id="calibration-report")
-    summary = gr.Dataframe(label="Stages: ECE and accuracy before/after", elem_id="calibration-summary", interactive=False)
-    per_breed = gr.Dataframe(label="Per-breed accuracy", elem_id="calibration-per-breed", interactive=False)
+    summary = gr.Dataframe(
+        headers=["stage", "n", "ece_before", "ece_after", "accuracy_before", "accuracy_after",
+                 "balanced_accuracy_before", "balanced_accuracy_after"],
+        label="Stages: ECE and accuracy before/after", elem_id="calibration-summary", interactive=False)
+    per_breed = gr.Dataframe(
+        headers=["breed", "reviews", "stage1_correct", "stage1_accuracy", "vlm_reviews", "vlm_correct",
+                 "vlm_accuracy", "fused_correct", "fused_accuracy"],
+        label="Per-breed accuracy", elem_id="calibration-per-breed", interactive=False)
 
     def run() -> tuple[str, pd.DataFrame | None, pd.DataFrame | None]:
         try:
@@ -29,7 +37,7 @@ def build(app: ReviewApp) -> None:
         except ValueError as exc:
             return f"Cannot calibrate yet: {exc}", None, None
         text = rep.to_table().split("\n\n")[0] + f"\nStored as calibration #{row_id}; fused predictions now use it."
-        return text, pd.DataFrame(rep.summary_rows()), pd.DataFrame(rep.per_breed_rows())
+        return text, pd.DataFrame(rep.summary_rows()).round(3), pd.DataFrame(rep.per_breed_rows()).round(3)
 
     fit.click(run, outputs=[report, summary, per_breed], api_name="calibrate")
 

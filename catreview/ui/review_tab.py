@@ -76,13 +76,14 @@ def build(app: ReviewApp, demo: gr.Blocks) -> None:
     with gr.Row():
         with gr.Column(scale=3):
             photo = gr.Image(label="Photo", type="pil", interactive=False, elem_id="photo", height=420)
-            image_id = gr.Number(label="Image id", precision=0, elem_id="image-id", interactive=False)
+            image_id = gr.Number(label="Photo id in the database", precision=0, elem_id="image-id", interactive=False)
             with gr.Row():
                 prev_btn = gr.Button("◀ Previous", elem_id="prev")
                 next_btn = gr.Button("Next ▶", elem_id="next")
                 next_open = gr.Button("Next unreviewed", elem_id="next-unreviewed")
                 refresh = gr.Button("Refresh", elem_id="refresh")
         with gr.Column(scale=4):
+            message = gr.Markdown(elem_id="review-message")
             status = gr.Markdown(elem_id="pred-status")
             with gr.Row():
                 stage1 = gr.Label(label="Stage 1 (ConvNeXt) top-3", num_top_classes=3, elem_id="stage1")
@@ -103,7 +104,6 @@ def build(app: ReviewApp, demo: gr.Blocks) -> None:
                 unsure = gr.Button(UNSURE, elem_id="unsure")
                 skip = gr.Button("Skip", elem_id="skip")
             note = gr.Textbox(label="Note (optional)", elem_id="note")
-            message = gr.Markdown(elem_id="review-message")
     with gr.Accordion("Photos that could not be read", open=False):
         failed = gr.Dataframe(headers=["path", "reason"], elem_id="failed-list", interactive=False)
 
@@ -132,14 +132,25 @@ def build(app: ReviewApp, demo: gr.Blocks) -> None:
             return [*render(app, p), f"⚠️ {exc}"]
         return [*render(app, p + 1), f"Saved **{label}** for photo {int(img_id)}."]
 
-    def unreviewed_after(p: int) -> int:
+    def unreviewed_after(p: int) -> int | None:
+        """Position of the next photo without a review after ``p`` (wrapping), or None."""
         ids = app.image_ids()
         with Session(app.engine) as s:
             done = set(current_reviews(s))
-        order = list(range(p + 1, len(ids))) + list(range(0, p + 1))
-        return next((i for i in order if ids[i] not in done), p)
+        order = list(range(p + 1, len(ids))) + list(range(0, max(p + 1, 0)))
+        return next((i for i in order if ids[i] not in done), None)
 
-    ev = demo.load(show, inputs=[pos], outputs=view_out, api_name="show")
+    def show_next_unreviewed(p: int) -> list[Any]:
+        nxt = unreviewed_after(p)
+        if nxt is None:
+            return [*show(p), "Every photo is reviewed. 🎉"]
+        return [*show(nxt), ""]
+
+    def first_view(p: int) -> list[Any]:
+        nxt = unreviewed_after(-1)
+        return show(p if nxt is None else nxt)
+
+    ev = demo.load(first_view, inputs=[pos], outputs=view_out, api_name="show")
     first_stream = ev.then(stream, inputs=[image_id], outputs=[reasoning], api_name="reasoning")
     ev.then(lambda: app.failed_images(), outputs=[failed], api_name="failed")
     nav = [
@@ -147,7 +158,7 @@ def build(app: ReviewApp, demo: gr.Blocks) -> None:
         next_btn.click(lambda p: show(p + 1), inputs=[pos], outputs=view_out, api_visibility="private"),
         skip.click(lambda p: show(p + 1), inputs=[pos], outputs=view_out, api_visibility="private"),
         refresh.click(show, inputs=[pos], outputs=view_out, api_visibility="private"),
-        next_open.click(lambda p: show(unreviewed_after(p)), inputs=[pos], outputs=view_out, api_visibility="private"),
+        next_open.click(show_next_unreviewed, inputs=[pos], outputs=[*view_out, message], api_visibility="private"),
     ]
     review_inputs_tail = [annotator, note]
     reviews = [
