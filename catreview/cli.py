@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vlm", metavar="PROFILE", help="check records against this profile's processor (default: active)")
     p.add_argument("--no-check", action="store_true", help="skip the processor/chat-template check")
     p.add_argument("--zip", action="store_true", help="also write DIR.zip")
+    p.add_argument("--overwrite", action="store_true", help="replace DIR when it holds an earlier catreview export")
 
     from catreview.compare import add_compare_parser
     from catreview.train_jobs import add_adapters_parser, add_train_parser
@@ -205,8 +206,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         summary = export_dataset(
             engine, args.out, seed=args.seed, image_size=args.image_size, cap_per_breed=args.cap_per_breed,
             oversample_train=args.oversample, resplit=args.resplit, processor=processor,
-            vocabulary=_vocabulary(settings), progress=progress,
+            vocabulary=_vocabulary(settings), progress=progress, overwrite=args.overwrite,
         )
+    except FileExistsError as exc:
+        raise CLIError(str(exc).replace("pass overwrite=True", "pass --overwrite")) from exc
     finally:
         bar.close()
     print("\n".join(summary.lines()))

@@ -21,7 +21,7 @@ def build(app: ReviewApp) -> None:
     with gr.Row():
         seed = gr.Number(0, label="Split seed", precision=0, elem_id="export-seed")
         size = gr.Number(336, label="Image size (shortest side, px)", precision=0, elem_id="export-size")
-        cap = gr.Number(None, label="Cap per breed (empty: none)", precision=0, elem_id="export-cap")
+        cap = gr.Number(0, label="Cap per breed (0 = no cap)", precision=0, minimum=0, elem_id="export-cap")
     with gr.Row():
         oversample = gr.Checkbox(False, label="Oversample minority breeds (train only)", elem_id="export-oversample")
         resplit = gr.Checkbox(False, label="Re-split (forget sticky splits)", elem_id="export-resplit")
