@@ -747,7 +747,8 @@ class CalibrationReport:
             f"Stage 1 missed the human breed in its top-k on {self.excluded_from_fit['stage1']} of "
             f"{self.n_reviews} photos. The VLM and the fusion answer over the candidates plus 'other', "
             "so on those photos 'other' counts as correct; a model that says 'other' often scores "
-            "well when stage 1 is weak.",
+            "well when stage 1 is weak."
+            + (" No label was a candidate, so stage 1's temperature stays 1." if self.excluded_from_fit["stage1"] >= self.n_reviews else ""),
             "",
         ]
         head = ["stage", "n", "ECE before", "ECE after", "acc before", "acc after", "bal.acc before", "bal.acc after"]
@@ -866,7 +867,7 @@ def calibrate(
 
     Raises:
         ValueError: fewer than ``min_reviews`` records; invalid records (message names the
-            record); or no human label among the stage-1 candidates (stage-1 ``T`` cannot be fitted).
+            record). With no human label among the stage-1 candidates, stage 1's ``T`` stays 1.
         TypeError: a record that is neither a ReviewRecord nor a mapping.
     """
     if len(records) < min_reviews:
@@ -887,9 +888,8 @@ def calibrate(
     z1 = log_probabilities(matrices.p1[:, :other_col])
     in_cands = matrices.truth != other_col
     usable1 = in_cands & np.isfinite(z1[np.arange(n), np.where(in_cands, matrices.truth, 0)])
-    if not usable1.any():
-        raise ValueError("no reviewed label is among the stage-1 candidates: cannot fit stage-1 temperature")
-    t1 = fit_temperature(z1[usable1], matrices.truth[usable1])
+    # With no photo whose label is a candidate there is nothing to fit: stage 1 stays unscaled.
+    t1 = fit_temperature(z1[usable1], matrices.truth[usable1]) if usable1.any() else 1.0
 
     # (2) VLM temperature over candidates + OTHER, on photos with a verdict.
     z2 = log_probabilities(matrices.p2[has_vlm])

@@ -90,7 +90,9 @@ def build(app: ReviewApp, demo: gr.Blocks) -> None:
                 vlm = gr.Label(label="VLM over the candidates", elem_id="vlm")
                 fused = gr.Label(label="Fused prediction", num_top_classes=4, elem_id="fused")
             vlm_info = gr.Markdown(elem_id="vlm-info")
-            reasoning = gr.Textbox(label="VLM reasoning (streamed)", lines=5, interactive=False, elem_id="reasoning")
+            reasoning_label = "VLM reasoning (streamed)" + (
+                " — demo model: random weights, so this text is noise" if app.settings.uses_demo_models else "")
+            reasoning = gr.Textbox(label=reasoning_label, lines=5, interactive=False, elem_id="reasoning")
             stop_reasoning = gr.Button("Stop reasoning", elem_id="stop-reasoning", size="sm")
             review_info = gr.Markdown(elem_id="review-info")
             gr.Markdown("**Confirm a candidate** or pick any breed:")
