@@ -24,7 +24,9 @@ one profile built by :func:`adapter_variant`):
   are left out of the blind display (:func:`display_sides`) because each identifies a model.
   The annotator's choice is stored in ``preferences`` with both outputs in display order
   (``model_a`` = what was shown as Model 1) and exported as DPO pairs by
-  :func:`export_preference_pairs`.
+  :func:`export_preference_pairs`. No preference is recorded when both sides are the same model
+  version or their outputs are the same text (:func:`preference_refusal`): such a pair would
+  teach nothing, and the export leaves out any stored pair whose chosen and rejected texts match.
 
 Memory figures (:class:`MemoryReading`): *peak* = the model's parameter + buffer bytes (weights
 resident during inference) + *working* memory, the largest increase during inference over the
@@ -84,6 +86,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BLIND_TITLES = ("Model 1", "Model 2")
+PROBABILITIES_LABEL = "probabilities over the candidates"
+"""Label of each side's probability panel, after the side's name (see :func:`side_display`)."""
+SUMMARY_COLUMNS = ("side", "profile", "model_version", "photos", "accuracy", "balanced_accuracy", "agreement",
+                   "mean_latency_ms", "p95_latency_ms", "computed", "cached", "peak_memory_mib")
+"""Columns of :meth:`CompareAggregate.summary_frame`."""
 CHOICES = ("1", "2", "tie")
 """Choices offered in blind mode: displayed Model 1, Model 2, or a tie."""
 
@@ -91,6 +98,19 @@ MEMORY_SAMPLE_S = 0.005
 """RSS sampling interval of :class:`MemoryMeter` on CPU (seconds)."""
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``"1 photo"``, ``"2 photos"``: ``n`` and ``word`` (``many``, default ``word + "s"``, unless 1)."""
+    return f"{n} {word if n == 1 else (many or word + 's')}"
+
+
+def per_breed_columns(name_a: str, name_b: str) -> list[str]:
+    """Columns of :meth:`CompareAggregate.per_breed_frame` for sides named ``name_a``/``name_b``
+    (``"accuracy A: <name>"`` and ``"accuracy B: <name>"`` when both sides have the same name)."""
+    if name_a == name_b:
+        return ["breed", "photos", f"accuracy A: {name_a}", f"accuracy B: {name_b}"]
+    return ["breed", "photos", f"accuracy {name_a}", f"accuracy {name_b}"]
 
 
 class CompareError(ValueError):
@@ -354,7 +374,8 @@ class PhotoComparison:
 
     ``sides`` holds side A then side B as chosen; ``swapped`` says whether B is displayed as
     "Model 1" in blind mode. ``trial_id`` is set once both sides finished (the key for
-    :meth:`CompareSession.record_preference`).
+    :meth:`CompareSession.record_preference`), unless :func:`preference_refusal` finds nothing to
+    judge: then ``preference_refused`` says why and ``trial_id`` stays ``None``.
     """
 
     image_id: int
@@ -367,6 +388,7 @@ class PhotoComparison:
     human_label: str | None = None
     notes: list[str] = field(default_factory=list)
     trial_id: str | None = None
+    preference_refused: str | None = None  # blind, finished, but nothing to judge (preference_refusal)
 
     def displayed(self) -> tuple[SideState, SideState]:
         """The sides in display order (blind order when ``blind``)."""
@@ -390,12 +412,20 @@ def _redact(text: str, secrets: Sequence[str], replacement: str) -> str:
     return text
 
 
-def side_display(side: SideState, title: str, *, blind: bool, secrets: Sequence[str] = ()) -> dict[str, Any]:
-    """What one panel shows: ``{"title", "verdict", "probabilities", "reasoning", "stats"}``.
+def probabilities_label(name: str) -> str:
+    """``"<name>: probabilities over the candidates"`` (the label of a side's probability panel)."""
+    return f"{name}: {PROBABILITIES_LABEL}"
 
-    ``verdict`` and ``stats`` are Markdown; ``probabilities`` is ``{candidate: p}`` or ``None``.
-    Blind: ``stats`` (latency, memory, model) is left out and ``secrets`` (both sides' names,
-    ids and versions) are replaced by ``title`` in any error text.
+
+def side_display(side: SideState, title: str, *, blind: bool, secrets: Sequence[str] = (),
+                 letter: str = "") -> dict[str, Any]:
+    """What one panel shows: ``{"title", "verdict", "probabilities", "probabilities_label",
+    "reasoning", "stats"}``.
+
+    ``verdict`` and ``stats`` are Markdown; ``probabilities`` is ``{candidate: p}`` or ``None``;
+    ``probabilities_label`` names the side (``title`` when blind, else the profile name and
+    ``letter``, "A" or "B"). Blind: ``stats`` (latency, memory, model) is left out and
+    ``secrets`` (both sides' names, ids and versions) are replaced by ``title`` in any error text.
     """
     if side.error:
         err = _redact(side.error, secrets, title) if blind else side.error
@@ -421,23 +451,30 @@ def side_display(side: SideState, title: str, *, blind: bool, secrets: Sequence[
         )
         stats = "\n".join(lines)
     probs = dict(zip(side.verdict["candidates"], side.verdict["probabilities"])) if side.verdict else None
-    return {"title": title, "verdict": verdict, "probabilities": probs, "reasoning": side.reasoning, "stats": stats}
+    named = title if blind else f"{side.name} ({letter})" if letter else side.name
+    return {"title": title, "verdict": verdict, "probabilities": probs, "probabilities_label": probabilities_label(named),
+            "reasoning": side.reasoning, "stats": stats}
 
 
 def display_sides(comp: PhotoComparison) -> dict[str, Any]:
-    """The UI payload of a comparison: ``{"left", "right", "notice", "trial_id", "can_prefer"}``.
+    """The UI payload of a comparison: ``{"left", "right", "notice", "trial_id", "can_prefer",
+    "preference_note"}``.
 
     Blind mode: titles "Model 1"/"Model 2", no stats, nothing that names a model.
+    ``preference_note``: why no preference can be recorded for a finished blind comparison
+    (both sides the same model, or the same text), else ``""``.
     """
     secrets = [v for s in comp.sides for v in (s.name, s.model_id, s.model_version, s.label, Path(s.model_id).name)]
     panels = []
     for i, side in enumerate(comp.displayed()):
-        title = BLIND_TITLES[i] if comp.blind else f"{'AB'[comp.sides.index(side)]}: {side.name}"
-        panels.append(side_display(side, title, blind=comp.blind, secrets=secrets))
+        letter = "A" if side is comp.sides[0] else "B"  # identity: equal states of one profile are two sides
+        title = BLIND_TITLES[i] if comp.blind else f"{letter}: {side.name}"
+        panels.append(side_display(side, title, blind=comp.blind, secrets=secrets, letter=letter))
     notes = list(comp.notes)
     if comp.blind:
         notes.append("Blind mode: sides are unnamed and in a per-photo order; latency and memory are "
-                     "hidden because they would tell the models apart. Pick the better reasoning.")
+                     "hidden because they would tell the models apart."
+                     + ("" if comp.preference_refused else " Pick the better reasoning."))
     if comp.human_label:
         notes.append(f"Human label: **{comp.human_label}**")
     return {
@@ -446,6 +483,7 @@ def display_sides(comp: PhotoComparison) -> dict[str, Any]:
         "notice": "\n\n".join(notes),
         "trial_id": comp.trial_id or "",
         "can_prefer": bool(comp.blind and comp.trial_id),
+        "preference_note": f"⚠️ No preference can be recorded: {comp.preference_refused}." if comp.preference_refused else "",
     }
 
 
@@ -456,6 +494,23 @@ class BlindTrial:
     image_id: int
     prompt: str
     shown: tuple[tuple[str, str], tuple[str, str]]  # ((model label, reasoning), ...) in display order
+
+
+def preference_refusal(shown: Sequence[tuple[str, str]]) -> str | None:
+    """Why a blind choice between ``shown`` (``(model label, output)`` of Model 1 and Model 2)
+    would be a useless training pair, or ``None`` when it is a real choice.
+
+    Refused: both sides are the same model version (:func:`model_label`; two profile names for
+    the same checkpoint count as the same), or both outputs are the same text (ignoring
+    surrounding whitespace), since chosen would equal rejected.
+    """
+    (label_1, out_1), (label_2, out_2) = shown
+    if split_model_label(label_1)[1] == split_model_label(label_2)[1]:
+        return ("both sides are the same model version, so there is nothing to choose between; "
+                "pick two different profiles (or two adapter versions) to record preferences")
+    if (out_1 or "").strip() == (out_2 or "").strip():
+        return "both outputs are the same text, so a chosen/rejected pair would teach nothing"
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -583,16 +638,15 @@ class CompareAggregate:
                 "computed": side.computed, "cached": side.cached,
                 "peak_memory_mib": round(side.memory.peak_bytes / 2**20, 1) if side.memory else None,
             })
-        return pd.DataFrame(rows)
+        return pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
 
     def per_breed_frame(self) -> pd.DataFrame:
         """``breed, photos, accuracy <A>, accuracy <B>``."""
         import pandas as pd
 
-        return pd.DataFrame(
-            [{"breed": b, "photos": n, f"accuracy {self.a.name}": round(x, 4), f"accuracy {self.b.name}": round(y, 4)}
-             for b, (n, x, y) in self.metrics.per_breed.items()]
-        )
+        cols = per_breed_columns(self.a.name, self.b.name)
+        return pd.DataFrame([[b, n, round(x, 4), round(y, 4)] for b, (n, x, y) in self.metrics.per_breed.items()],
+                            columns=cols)
 
     def photos_frame(self) -> pd.DataFrame:
         """One row per photo: id, path, human label, candidates, both verdicts, correctness,
@@ -644,9 +698,9 @@ class CompareAggregate:
     def to_text(self) -> str:
         """The aggregate as plain-text tables (the CLI output)."""
         lines = [f"A = {self.a.name} ({self.a.model_version}), B = {self.b.name} ({self.b.model_version})",
-                 f"{self.metrics.n} reviewed photos; agreement A vs B: {self.metrics.agreement:.1%}"]
+                 f"{plural(self.metrics.n, 'reviewed photo')}; agreement A vs B: {self.metrics.agreement:.1%}"]
         if self.skipped:
-            lines.append(f"{len(self.skipped)} reviewed photos skipped (no verdict): "
+            lines.append(f"{plural(len(self.skipped), 'reviewed photo')} skipped (no verdict): "
                          + ", ".join(f"#{i} {r}" for i, r in self.skipped[:5]))
         if self.cancelled:
             lines.append("cancelled before the end: metrics cover the photos done so far")
@@ -694,16 +748,19 @@ def photo_outcomes(
 
 @dataclass(frozen=True)
 class PreferenceExport:
-    """What :func:`export_preference_pairs` wrote: pairs, ties left out, superseded choices."""
+    """What :func:`export_preference_pairs` wrote: pairs, ties left out, superseded choices, and
+    pairs left out because chosen == rejected (``identical``)."""
 
     path: Path
     pairs: int
     ties: int
     superseded: int
+    identical: int = 0
 
     def text(self) -> str:
-        return (f"Wrote {self.pairs} preference pairs to {self.path}; {self.ties} ties left out; "
-                f"{self.superseded} earlier choices superseded by a later one of the same annotator.")
+        return (f"Wrote {plural(self.pairs, 'preference pair')} to {self.path}; {plural(self.ties, 'tie')} left out; "
+                f"{plural(self.identical, 'pair')} with chosen == rejected left out; "
+                f"{plural(self.superseded, 'earlier choice')} superseded by a later one of the same annotator.")
 
 
 def latest_preferences(session: Session) -> tuple[list[Preference], int]:
@@ -746,13 +803,15 @@ def preference_pair(pref: Preference, image: ImageRecord) -> dict[str, Any] | No
 
 
 def export_preference_pairs(engine: Engine, path: str | Path) -> PreferenceExport:
-    """Write the blind preferences as JSONL, one DPO pair per line (ties left out, counted).
+    """Write the blind preferences as JSONL, one DPO pair per line.
 
-    Only the newest choice of an annotator for a photo and model pair is exported.
+    Only the newest choice of an annotator for a photo and model pair is exported. Ties and pairs
+    whose chosen and rejected texts are equal (ignoring surrounding whitespace; e.g. a model
+    compared with itself) are left out and counted.
     """
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    pairs = ties = 0
+    pairs = ties = identical = 0
     with Session(engine) as s:
         prefs, superseded = latest_preferences(s)
         with out.open("w", encoding="utf-8") as fh:
@@ -761,9 +820,12 @@ def export_preference_pairs(engine: Engine, path: str | Path) -> PreferenceExpor
                 if record is None:
                     ties += 1
                     continue
+                if (record["chosen"] or "").strip() == (record["rejected"] or "").strip():
+                    identical += 1
+                    continue
                 fh.write(json.dumps(record, ensure_ascii=False) + "\n")
                 pairs += 1
-    return PreferenceExport(out, pairs, ties, superseded)
+    return PreferenceExport(out, pairs, ties, superseded, identical)
 
 
 # --------------------------------------------------------------------------------------------
@@ -876,6 +938,11 @@ class CompareSession:
     def _human_labels(self, session: Session) -> dict[int, str]:
         return {i: r.label for i, r in current_reviews(session).items() if is_breed(r.label)}
 
+    def human_labels(self) -> dict[int, str]:
+        """``{image id: breed}`` of photos whose latest review is a breed."""
+        with Session(self.engine) as s:
+            return self._human_labels(s)
+
     def reviewed_image_ids(self) -> list[int]:
         """Decodable photos whose latest review is a breed, by id."""
         with Session(self.engine) as s:
@@ -936,7 +1003,11 @@ class CompareSession:
             one_at_a_time=one_at_a_time, human_label=human,
         )
         if name_a == name_b:
-            comp.notes.append("Both sides use the same profile: the outputs are identical.")
+            comp.notes.append("Both sides use the same profile: the outputs are identical"
+                              + (", so no blind preference can be recorded." if blind else "."))
+        elif vlms[0].model_version == vlms[1].model_version:
+            comp.notes.append("Both profiles are the same model version: the outputs are identical"
+                              + (", so no blind preference can be recorded." if blind else "."))
         if one_at_a_time:
             comp.notes.append("Loading one model at a time: each side's model is loaded, run, and "
                               "unloaded before the other side loads (slower, half the memory).")
@@ -947,7 +1018,9 @@ class CompareSession:
                 continue
             yield from self._run_side(rec, topk, comp, side, one_at_a_time, stop)
         if comp.blind and comp.finished:
-            comp.trial_id = self._new_trial(comp)
+            comp.preference_refused = preference_refusal([(s.label, s.reasoning) for s in comp.displayed()])
+            if comp.preference_refused is None:
+                comp.trial_id = self._new_trial(comp)
         yield comp
 
     def _run_side(self, rec: ImageRecord, topk: list[tuple[str, float]], comp: PhotoComparison, side: SideState,
@@ -1032,7 +1105,8 @@ class CompareSession:
             ``choice`` a/b/tie).
 
         Raises:
-            CompareError: unknown trial (none finished in blind mode), bad choice, no annotator.
+            CompareError: unknown trial (none finished in blind mode), bad choice, no annotator,
+                or a pair with nothing to choose between (:func:`preference_refusal`).
         """
         annotator = (annotator or "").strip()
         if not annotator:
@@ -1042,6 +1116,9 @@ class CompareSession:
         trial = self._trials.get(trial_id or "")
         if trial is None:
             raise CompareError("no finished blind comparison to judge: tick 'Blind mode' and run the comparison first")
+        refused = preference_refusal(trial.shown)
+        if refused:
+            raise CompareError(f"no preference recorded: {refused}")
         (model_1, out_1), (model_2, out_2) = trial.shown
         pref = Preference(
             image_id=trial.image_id, annotator=annotator, model_a=model_1, model_b=model_2,
@@ -1158,8 +1235,9 @@ class AggregateJob:
             self.result = result
             self.version += 1
             self.state.message = (
-                f"Compared {result.metrics.n} reviewed photos: {result.a.computed + result.b.computed} verdicts "
-                f"computed, {result.a.cached + result.b.cached} from the cache"
+                f"Compared {plural(result.metrics.n, 'reviewed photo')}: "
+                f"{plural(result.a.computed + result.b.computed, 'verdict')} computed, "
+                f"{result.a.cached + result.b.cached} from the cache"
                 + (" (cancelled: partial)" if result.cancelled else "") + "."
             )
         except CompareError as exc:
@@ -1246,5 +1324,6 @@ __all__ = [
     "MemoryMeter", "MemoryReading", "PairChoice", "PhotoComparison", "PhotoOutcome", "PreferenceExport", "SideRun",
     "SideState", "adapter_variant", "add_compare_parser", "aggregate_metrics", "blind_swapped", "cmd_compare",
     "default_pair", "display_sides", "export_preference_pairs", "known_adapters", "latest_preferences",
-    "model_bytes", "model_label", "photo_outcomes", "preference_pair", "side_display", "split_model_label",
+    "model_bytes", "model_label", "per_breed_columns", "photo_outcomes", "plural", "preference_pair",
+    "preference_refusal", "probabilities_label", "side_display", "split_model_label",
 ]

@@ -1,5 +1,7 @@
 """A real browser (Debian's Chromium via Playwright) opens the Compare tab, runs a blind
-comparison of two tiny LLaVAs of different sizes and records a preference by a click."""
+comparison of two tiny LLaVAs of different sizes and records a preference by a click; with only
+the demo profile (compared with itself) the tab opens on the first reviewed photo and refuses a
+preference."""
 
 from __future__ import annotations
 
@@ -26,8 +28,10 @@ def test_blind_preference_with_a_click(demo_dir: Path, tiny_models, cats_dir: Pa
         page = browser.new_page(viewport={"width": 1500, "height": 1200})
         page.goto(url)
         page.get_by_role("tab", name="Compare").click()
+        name_box = page.locator("#compare-annotator textarea, #compare-annotator input").first
+        assert name_box.input_value() == settings.annotator  # the configured default, not the Review tab's box
         page.locator("#compare-blind input[type=checkbox]").check()
-        page.locator("#compare-annotator textarea, #compare-annotator input").first.fill("browser-carol")
+        name_box.fill("browser-carol")
         page.wait_for_timeout(300)
         page.locator("#compare-run").click()
         prefer_2 = page.locator("#compare-prefer-2")
@@ -36,6 +40,8 @@ def test_blind_preference_with_a_click(demo_dir: Path, tiny_models, cats_dir: Pa
         # Both panels are unnamed: no profile name or model folder anywhere in them.
         panels = page.locator("#compare-left").inner_text() + page.locator("#compare-right").inner_text()
         assert "Model 1" in panels and "Model 2" in panels
+        assert "Model 1: probabilities over the candidates" in page.locator("#compare-left-probs").inner_text()
+        assert "Model 2: probabilities over the candidates" in page.locator("#compare-right-probs").inner_text()
         for secret in (SMALL, LARGE, *(str(p) for p in tiny_models.values()), *(p.name for p in tiny_models.values())):
             assert secret not in panels
         model_2_reasoning = page.locator("#compare-right-reasoning textarea").input_value()
@@ -64,3 +70,60 @@ def test_blind_preference_with_a_click(demo_dir: Path, tiny_models, cats_dir: Pa
     shown_second = SMALL if blind_swapped(image_id, SMALL, LARGE) else LARGE  # what "Model 2" was
     assert split_model_label(rows[0].model_b)[0] == shown_second
     assert rows[0].output_b == model_2_reasoning and rows[0].output_a and rows[0].output_a != rows[0].output_b
+
+
+def test_demo_alone_opens_on_a_reviewed_photo_and_refuses_a_preference(settings, cats_dir: Path, tmp_path: Path, browser) -> None:  # noqa: F811
+    root = tmp_path / "photos"
+    for breed in ("Persian", "Sphynx"):
+        (root / breed).mkdir(parents=True)
+        for p in sorted((cats_dir / breed).glob("*.jpg"))[:2]:
+            shutil.copy(p, root / breed / p.name)
+    with running_app(settings, [root]) as (app, url):
+        ids = app.image_ids()
+        reviewed = ids[2]
+        app.review(reviewed, "Sphynx", "someone")
+        page = browser.new_page(viewport={"width": 1500, "height": 1200})
+        page.goto(url)
+        page.get_by_role("tab", name="Compare").click()
+
+        # Opens on the first reviewed photo (not "0" and no photo), says how to pick another.
+        id_box = page.locator("#compare-image-id input")
+        page.wait_for_function("(v) => document.querySelector('#compare-image-id input')?.value === v", arg=str(reviewed), timeout=30000)
+        page.locator("#compare-photo img").first.wait_for(timeout=10000)
+        notice = page.locator("#compare-notice")
+        notice.get_by_text("Photo 3 of 4").wait_for(timeout=10000)
+        assert "human label: Sphynx" in notice.inner_text() and "1 reviewed photo in all" in notice.inner_text()
+        assert "press Enter" in page.locator("#compare-image-id").inner_text()
+        assert "demo (A): probabilities over the candidates" in page.locator("#compare-left-probs").inner_text()
+        assert "demo (B): probabilities over the candidates" in page.locator("#compare-right-probs").inner_text()
+        # Empty tables have their real column headers from the start.
+        summary_head = page.locator("#compare-summary").inner_text()
+        assert all(c in summary_head for c in ("profile", "balanced_accuracy", "p95_latency_ms", "peak_memory_mib"))
+        assert "accuracy A: demo" in page.locator("#compare-per-breed").inner_text()
+
+        # An unknown id is refused with a message; typing another id and pressing Enter shows
+        # that photo and compares it.
+        id_box.fill("999")
+        id_box.press("Enter")
+        page.get_by_text(f"No photo with id 999 (ids run from {ids[0]} to {ids[-1]})").first.wait_for(timeout=10000)
+        id_box.fill(str(ids[0]))
+        id_box.press("Enter")
+        notice.get_by_text("Both sides use the same profile").wait_for(timeout=60000)
+        assert "Photo 1 of 4" not in notice.inner_text()  # the comparison's notes replaced the photo line
+        assert id_box.input_value() == str(ids[0])
+
+        # Blind: the same model on both sides cannot give a training pair; the UI says so.
+        page.locator("#compare-blind input[type=checkbox]").check()
+        page.wait_for_timeout(300)
+        assert "Model 1: probabilities over the candidates" in page.locator("#compare-left-probs").inner_text()
+        page.locator("#compare-run").click()
+        message = page.locator("#compare-pref-message")
+        message.get_by_text("No preference can be recorded").wait_for(timeout=60000)
+        assert "same model version" in message.inner_text()
+        for key in ("1", "tie", "2"):
+            assert page.locator(f"#compare-prefer-{key}").is_disabled()
+        ARTIFACTS_DIR.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS_DIR / "compare_tab_demo.png"), full_page=True)
+        page.close()
+    with Session(app.engine) as s:
+        assert not list(s.exec(select(Preference)))

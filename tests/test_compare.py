@@ -294,6 +294,76 @@ def test_blind_mode_hides_names_and_exports_preferences(session: cmp.CompareSess
     assert Path(by_image[swapped]["image"]).is_file() and all(isinstance(r["prompt"], str) and r["prompt"] for r in records)
 
 
+def test_no_preference_between_one_model_and_itself(demo_dir: Path, tiny_models, photos: Path, tmp_path: Path) -> None:
+    """The demo compared with itself (or two profile names for one checkpoint) offers nothing to
+    judge: no trial, a message saying why, nothing stored; the export drops chosen == rejected."""
+    shutil.copytree(photos / "Bengal", tmp_path / "one" / "Bengal", ignore=lambda d, names: sorted(names)[1:])
+    twin = "small-twin"  # another profile name for the same model folder: the same model version
+    session = new_session(tmp_path / "one.db", demo_dir, {SMALL: tiny_models[SMALL], twin: tiny_models[SMALL]},
+                          tmp_path / "one")
+    (image_id,) = session.reviewed_image_ids()
+    assert session.vlm(SMALL).model_version == session.vlm(twin).model_version
+
+    for a, b, why in ((SMALL, SMALL, "same profile"), (SMALL, twin, "same model version")):
+        *_, comp = list(session.compare_photo(image_id, a, b, blind=True))
+        assert comp.finished and comp.trial_id is None and "same model version" in comp.preference_refused
+        shown = cmp.display_sides(comp)
+        assert not shown["can_prefer"] and shown["trial_id"] == ""
+        assert shown["preference_note"].startswith("⚠️ No preference can be recorded: both sides are the same model version")
+        assert why in shown["notice"] and "no blind preference can be recorded" in shown["notice"]
+        assert "Pick the better reasoning" not in shown["notice"]
+        assert [shown[s]["probabilities_label"] for s in ("left", "right")] == [
+            "Model 1: probabilities over the candidates", "Model 2: probabilities over the candidates"]
+    *_, named = list(session.compare_photo(image_id, SMALL, SMALL))
+    shown = cmp.display_sides(named)
+    assert named.preference_refused is None and shown["preference_note"] == ""
+    assert [shown[s]["title"] for s in ("left", "right")] == [f"A: {SMALL}", f"B: {SMALL}"]
+    assert [shown[s]["probabilities_label"] for s in ("left", "right")] == [
+        f"{SMALL} (A): probabilities over the candidates", f"{SMALL} (B): probabilities over the candidates"]
+
+    # The guard in record_preference itself (e.g. a trial id from the API): same version, same text.
+    label_1, label_2 = cmp.model_label(SMALL, "v1@aaa"), cmp.model_label(LARGE, "v2@bbb")
+    assert cmp.preference_refusal([(label_1, "a tabby"), (label_2, "a calico")]) is None
+    forged = {
+        "same-version": cmp.BlindTrial(image_id, "p", ((label_1, "a tabby"), (cmp.model_label(twin, "v1@aaa"), "a calico"))),
+        "same-text": cmp.BlindTrial(image_id, "p", ((label_1, "a tabby "), (label_2, " a tabby"))),
+    }
+    session._trials.update(forged)
+    with pytest.raises(cmp.CompareError, match="same model version"):
+        session.record_preference("same-version", "1", "alice")
+    with pytest.raises(cmp.CompareError, match="same text"):
+        session.record_preference("same-text", "2", "alice")
+    with Session(session.engine) as s:
+        assert not list(s.exec(select(Preference)))
+
+    # Rows stored before this guard (or by other tools): chosen == rejected pairs are left out, counted.
+    with Session(session.engine) as s:
+        for annotator, (out_a, out_b), choice in (("old-1", ("same", "same"), "a"), ("old-2", ("same ", "same"), "b"),
+                                                  ("ok", ("a tabby", "a calico"), "b"), ("tied", ("x", "y"), "tie")):
+            s.add(Preference(image_id=image_id, annotator=annotator, model_a=label_1, model_b=label_2,
+                             output_a=out_a, output_b=out_b, prompt="p", choice=choice))
+        s.commit()
+    result = cmp.export_preference_pairs(session.engine, tmp_path / "prefs.jsonl")
+    assert (result.pairs, result.ties, result.identical, result.superseded) == (1, 1, 2, 0)
+    records = [json.loads(line) for line in (tmp_path / "prefs.jsonl").read_text().splitlines()]
+    assert [(r["chosen"], r["rejected"]) for r in records] == [("a calico", "a tabby")]
+    assert all(r["chosen"].strip() != r["rejected"].strip() for r in records)
+    assert result.text().startswith("Wrote 1 preference pair to ")
+    assert "1 tie left out; 2 pairs with chosen == rejected left out; 0 earlier choices superseded" in result.text()
+
+    # One reviewed photo: singular wording in the job message and the CLI text.
+    job = cmp.AggregateJob(session)
+    assert job.start(SMALL, twin)
+    job.wait(timeout=300)
+    assert job.state.error is None, job.state.log
+    assert job.state.message.startswith("Compared 1 reviewed photo: "), job.state.message
+    assert "1 reviewed photo;" in job.result.to_text()
+    assert list(job.result.summary_frame().columns) == list(cmp.SUMMARY_COLUMNS)
+    assert list(job.result.per_breed_frame().columns) == cmp.per_breed_columns(SMALL, twin)
+    assert cmp.per_breed_columns(SMALL, SMALL)[2:] == [f"accuracy A: {SMALL}", f"accuracy B: {SMALL}"]
+    assert [cmp.plural(n, "pair") for n in (0, 1, 2)] == ["0 pairs", "1 pair", "2 pairs"]
+
+
 # --------------------------------------------------------------------------- adapter versions
 
 

@@ -15,6 +15,8 @@ import gradio as gr
 
 from catreview.app_core import ReviewApp
 from catreview.compare import (
+    BLIND_TITLES,
+    SUMMARY_COLUMNS,
     AggregateJob,
     CompareAggregate,
     CompareError,
@@ -22,6 +24,9 @@ from catreview.compare import (
     display_sides,
     export_preference_pairs,
     known_adapters,
+    per_breed_columns,
+    plural,
+    probabilities_label,
 )
 
 SIDES = ("left", "right")
@@ -34,12 +39,32 @@ INTRO = (
 )
 
 
-def _panel_values(payload: dict[str, Any] | None) -> list[Any]:
-    """Values of both panels' (title, verdict, probabilities, reasoning, stats) components."""
+def _side_names(a: str, b: str, blind: bool) -> list[tuple[str, str]]:
+    """(heading, probability-panel label) of the left and right panel before a comparison runs."""
+    if blind:
+        return [(t, probabilities_label(t)) for t in BLIND_TITLES]
+    return [(f"{letter}: {name}", probabilities_label(f"{name} ({letter})")) for letter, name in (("A", a), ("B", b))]
+
+
+def _panel_values(payload: dict[str, Any] | None, names: list[tuple[str, str]] | None = None) -> list[Any]:
+    """Values of both panels' (title, verdict, probabilities, reasoning, stats) components.
+
+    ``payload`` (from :func:`display_sides`) sets everything, the probability panels' labels
+    included; without it the panels are cleared, and headings and labels are set from ``names``
+    (:func:`_side_names`) or left as they are.
+    """
     out: list[Any] = []
-    for side in SIDES:
-        p = payload[side] if payload else {"title": "", "verdict": "", "probabilities": None, "reasoning": "", "stats": ""}
-        out += [f"### {p['title']}" if p["title"] else "", p["verdict"], p["probabilities"], p["reasoning"], p["stats"]]
+    for i, side in enumerate(SIDES):
+        if payload:
+            p = payload[side]
+            title, probs = f"### {p['title']}", gr.update(value=p["probabilities"], label=p["probabilities_label"])
+        elif names:
+            p = {"verdict": "", "reasoning": "", "stats": ""}
+            title, probs = f"### {names[i][0]}", gr.update(value=None, label=names[i][1])
+        else:
+            p = {"verdict": "", "reasoning": "", "stats": ""}
+            title, probs = gr.skip(), gr.update(value=None)
+        out += [title, p["verdict"], probs, p["reasoning"], p["stats"]]
     return out
 
 
@@ -76,10 +101,12 @@ def build(app: ReviewApp) -> None:
 
     gr.Markdown("## Per photo")
     pos = gr.State(0)
+    start_names = _side_names(pair.a, pair.b, False)
     with gr.Row():
         with gr.Column(scale=2):
             photo = gr.Image(label="Photo", type="pil", interactive=False, height=320, elem_id="compare-photo")
-            image_id = gr.Number(label="Image id", precision=0, interactive=False, elem_id="compare-image-id")
+            image_id = gr.Number(label="Image id", precision=0, interactive=True, elem_id="compare-image-id",
+                                 info="Pick a photo: type its id and press Enter, or step with ◀ Previous / Next ▶.")
             with gr.Row():
                 prev_btn = gr.Button("◀ Previous", elem_id="compare-prev")
                 next_btn = gr.Button("Next ▶", elem_id="compare-next")
@@ -90,12 +117,12 @@ def build(app: ReviewApp) -> None:
             notice = gr.Markdown(elem_id="compare-notice")
             panels: list[gr.components.Component] = []
             with gr.Row():
-                for side in SIDES:
+                for side, (heading, probs_label) in zip(SIDES, start_names):
                     with gr.Column(elem_id=f"compare-{side}"):
                         panels += [
-                            gr.Markdown(elem_id=f"compare-{side}-title"),
+                            gr.Markdown(f"### {heading}", elem_id=f"compare-{side}-title"),
                             gr.Markdown(elem_id=f"compare-{side}-verdict"),
-                            gr.Label(label="Probabilities over the candidates", elem_id=f"compare-{side}-probs"),
+                            gr.Label(label=probs_label, elem_id=f"compare-{side}-probs"),
                             gr.Textbox(label="Reasoning (streamed)", lines=6, interactive=False, elem_id=f"compare-{side}-reasoning"),
                             gr.Markdown(elem_id=f"compare-{side}-stats"),
                         ]
@@ -118,8 +145,9 @@ def build(app: ReviewApp) -> None:
         agg_run = gr.Button("Run on reviewed photos", variant="primary", elem_id="compare-aggregate-run")
         agg_stop = gr.Button("Stop", elem_id="compare-aggregate-stop")
     agg_progress = gr.Markdown(job.state.text(), elem_id="compare-aggregate-progress")
-    summary = gr.Dataframe(label="Per model", interactive=False, elem_id="compare-summary")
-    per_breed = gr.Dataframe(label="Per-breed accuracy", interactive=False, elem_id="compare-per-breed")
+    summary = gr.Dataframe(headers=list(SUMMARY_COLUMNS), label="Per model", interactive=False, elem_id="compare-summary")
+    per_breed = gr.Dataframe(headers=per_breed_columns(pair.a, pair.b), label="Per-breed accuracy", interactive=False,
+                             elem_id="compare-per-breed")
     plot = gr.BarPlot(x="group", y="accuracy", color="model", y_lim=[0, 1], x_label_angle=-40, sort=None,
                       label="Accuracy (all photos, balanced, per breed)", elem_id="compare-plot")
     csv = gr.File(label="CSV", file_count="multiple", interactive=False, height=190, elem_id="compare-csv")
@@ -132,16 +160,44 @@ def build(app: ReviewApp) -> None:
     export_msg = gr.Markdown(elem_id="compare-export-message")
 
     # ------------------------------------------------------------------ handlers
+    def describe(p: int, ids: list[int]) -> str:
+        """Where photo ``p`` is, its human label, and what to do next."""
+        human = session.human_labels()
+        label = human.get(ids[p])
+        return (f"Photo {p + 1} of {len(ids)} (id {ids[p]}; {plural(len(human), 'reviewed photo')} in all) · "
+                + (f"human label: **{label}**" if label else "not reviewed yet")
+                + ". Press **Compare this photo** to run both models on it.")
+
     def show(p: int) -> list[Any]:
         ids = app.image_ids()
         if not ids:
-            return [0, None, None, "No photos yet.", *_panel_values(None), "", *[gr.update(interactive=False)] * 3]
+            return [0, None, None, "No photos yet: import some first (`python app.py --images DIR`).",
+                    *_panel_values(None), "", *[gr.update(interactive=False)] * 3]
         p = max(0, min(int(p or 0), len(ids) - 1))
-        return [p, ids[p], app.image(ids[p]), f"Photo {p + 1} of {len(ids)}.", *_panel_values(None), "",
+        return [p, ids[p], app.image(ids[p]), describe(p, ids), *_panel_values(None), "",
                 *[gr.update(interactive=False)] * 3]
 
+    def start_position() -> int:
+        """Position of the first reviewed photo (the first photo when none is reviewed)."""
+        ids, reviewed = app.image_ids(), session.reviewed_image_ids()
+        return ids.index(reviewed[0]) if reviewed and reviewed[0] in ids else 0
+
+    def jump(img_id: float | None) -> list[Any]:
+        """Show the photo whose id was typed (an error toast, and no comparison, for an unknown id)."""
+        ids = app.image_ids()
+        span = f"ids run from {ids[0]} to {ids[-1]}" if ids else "no photos are imported yet"
+        if img_id is None:
+            raise gr.Error(f"Type a photo id first ({span}).")
+        if int(img_id) not in ids:
+            raise gr.Error(f"No photo with id {int(img_id)} ({span}).")
+        return show(ids.index(int(img_id)))
+
+    def reset_sides(a: str, b: str, is_blind: bool) -> list[Any]:
+        """Profiles or blind mode changed: clear the panels and name them for the new setting."""
+        return [*_panel_values(None, _side_names(a, b, bool(is_blind))), "", *idle]
+
     view_out = [pos, image_id, photo, notice, *panels, trial, *prefer]
-    compare_out = [image_id, photo, notice, *panels, trial, *prefer, pref_msg]
+    compare_out = [pos, image_id, photo, notice, *panels, trial, *prefer, pref_msg]
     idle = [*[gr.update(interactive=False)] * 3, ""]
 
     def compare(img_id: float | None, p: int, a: str, b: str, is_blind: bool, one_at_a_time: bool):
@@ -150,10 +206,10 @@ def build(app: ReviewApp) -> None:
         if not img_id and ids:
             img_id = ids[max(0, min(int(p or 0), len(ids) - 1))]
         if not img_id or int(img_id) not in ids:
-            yield [gr.skip(), gr.skip(), f"No photo with id {img_id}." if img_id else "No photos yet.",
+            yield [gr.skip(), gr.skip(), gr.skip(), f"No photo with id {img_id}." if img_id else "No photos yet.",
                    *_panel_values(None), "", *idle]
             return
-        head = [int(img_id), app.image(int(img_id))]
+        head = [ids.index(int(img_id)), int(img_id), app.image(int(img_id))]
         if app.job.running:
             yield [*head, "Background predictions are still running; compare when they finish.", *_panel_values(None), "", *idle]
             return
@@ -164,8 +220,8 @@ def build(app: ReviewApp) -> None:
                 for comp in runs:
                     payload = display_sides(comp)
                     yield [*head, payload["notice"], *_panel_values(payload), payload["trial_id"],
-                           *[gr.update(interactive=payload["can_prefer"])] * 3, ""]
-                    head = [gr.skip(), gr.skip()]  # send the photo once
+                           *[gr.update(interactive=payload["can_prefer"])] * 3, payload["preference_note"]]
+                    head = [gr.skip()] * 3  # send the photo once
         except CompareError as exc:
             yield [*head, f"⚠️ {exc}", *_panel_values(None), "", *idle]
         finally:
@@ -210,6 +266,8 @@ def build(app: ReviewApp) -> None:
         return [str(result.path), result.text()]
 
     # ------------------------------------------------------------------ wiring
+    # On page load: the first reviewed photo (photos may have been imported since the UI was built).
+    gr.on(None, lambda: show(start_position()), outputs=view_out, api_visibility="private")
     nav = [
         prev_btn.click(lambda p: show(p - 1), inputs=[pos], outputs=view_out, api_visibility="private"),
         next_btn.click(lambda p: show(p + 1), inputs=[pos], outputs=view_out, api_visibility="private"),
@@ -217,6 +275,10 @@ def build(app: ReviewApp) -> None:
     compare_in = [image_id, pos, prof_a, prof_b, blind, one]
     runs = [run_btn.click(compare, inputs=compare_in, outputs=compare_out, api_name="compare_photo")]
     runs += [e.then(compare, inputs=compare_in, outputs=compare_out, api_visibility="private") for e in nav]
+    runs.append(image_id.submit(jump, inputs=[image_id], outputs=view_out, api_visibility="private")
+                .success(compare, inputs=compare_in, outputs=compare_out, api_visibility="private"))
+    gr.on([prof_a.change, prof_b.change, blind.change], reset_sides, inputs=[prof_a, prof_b, blind],
+          outputs=[*panels, trial, *prefer, pref_msg], api_visibility="private")
     stop_btn.click(None, cancels=runs, api_visibility="private")
     for btn, key in zip(prefer, ("1", "tie", "2")):
         btn.click(record(key), inputs=[trial, annotator], outputs=[pref_msg, *prefer], api_visibility="private")
