@@ -474,19 +474,44 @@ def to_messages(record: Mapping[str, Any], style: Literal["trl", "llamafactory"]
     return {"id": record["id"], "messages": messages, "images": [record["image"]], "metadata": record.get("metadata")}
 
 
+#: Columns of an imagefolder ``metadata.jsonl`` row (after ``file_name``) and their one JSON type.
+METADATA_COLUMNS: dict[str, type] = {
+    "id": str,
+    "breed": str,
+    "kind": str,
+    "confidence_target": float,
+    "review": str,
+    "annotator": str,
+    "sha256": str,
+    "predicted_at_review": str,
+}
+
+
 def metadata_row(record: Mapping[str, Any], file_name: str) -> dict[str, Any]:
     """Flat row for an imagefolder ``metadata.jsonl``: ``file_name`` plus scalar metadata
-    (nested predictions are left to the conversation files)."""
+    (nested predictions are left to the conversation files).
+
+    Every column has one type whatever the row (:data:`METADATA_COLUMNS`) and is never null: a
+    missing string is ``""`` (``predicted_at_review`` of an imported label, which has no model
+    prediction; ``kind`` of a label without traits), ``confidence_target`` is always a float.
+    ``datasets`` infers each split's schema from its own rows, so a split whose rows were all
+    null would get a null-typed column and the export would not load ("Metadata files ... have
+    different features").
+    """
     meta = record.get("metadata") or {}
     fused = (meta.get("predictions_at_review") or {}).get("fused") or {}
+
+    def text(value: Any) -> str:
+        return "" if value is None else str(value)
+
     return {
         "file_name": file_name,
-        "id": record["id"],
-        "breed": meta.get("breed"),
-        "kind": meta.get("kind"),
-        "confidence_target": meta.get("confidence_target"),
-        "review": meta.get("review"),
-        "annotator": meta.get("annotator"),
-        "sha256": meta.get("sha256"),
-        "predicted_at_review": fused.get("label"),
+        "id": text(record["id"]),
+        "breed": text(meta.get("breed")),
+        "kind": text(meta.get("kind")),
+        "confidence_target": float(meta.get("confidence_target", 0.0)),
+        "review": text(meta.get("review")),
+        "annotator": text(meta.get("annotator")),
+        "sha256": text(meta.get("sha256")),
+        "predicted_at_review": text(fused.get("label")),
     }

@@ -15,8 +15,11 @@ Three entry points:
       OUT/manifest.csv, OUT/README.md (dataset card), OUT/export.json
 
   ``datasets.load_dataset("imagefolder", data_dir=OUT)`` loads the three splits (tested), and
-  so does ``datasets.load_dataset(OUT)`` through the card's YAML header. Every image path in
-  every file is relative to ``OUT``.
+  so does ``datasets.load_dataset(OUT)`` through the card's YAML header. ``datasets`` infers each
+  split's schema from that split's own ``metadata.jsonl``, so every column there has one type in
+  every row and is never null (:func:`catreview.conversations.metadata_row`: ``""`` for a missing
+  string, e.g. ``predicted_at_review`` of imported labels). Every image path in every file is
+  relative to ``OUT``.
 * :func:`import_llava_jsonl` -- seeds labels in a (fresh) database from such a JSONL file.
 
 Split rules (:func:`assign_splits`): stratified 80/10/10 by breed, deterministic for a seed;
@@ -230,7 +233,7 @@ def collect_reviewed_rows(
 @dataclass
 class JsonlResult:
     """What :func:`write_llava_jsonl` wrote: ``image_root`` is the folder image paths are
-    relative to (LLaVA's ``--image_folder``)."""
+    relative to (LLaVA's ``--image_folder``), absolute but with symlinks kept as imported."""
 
     path: Path
     n_records: int
@@ -257,6 +260,14 @@ def write_llava_jsonl(
             holding every photo. Photos outside it raise.
         traits: trait table (default ``assets/breed_traits.json``).
 
+    Paths are taken as the photos were imported (``os.path.abspath``, symlinks **not**
+    resolved), so the default ``image_root`` is the folder the user imported from, e.g.
+    ``/tmp/shared/data/cats`` even when ``/tmp/shared`` links to ``/work/shared``: it is the
+    path people know and pass to LLaVA's ``--image_folder``, and a photo folder that holds
+    symlinked files keeps them inside it. An ``image_root`` given through another path to the same
+    folder (the link's target, or a link to it) also works: a photo not under it by name is
+    compared by resolved path.
+
     Raises:
         ValueError: a photo lies outside ``image_root``.
     """
@@ -269,13 +280,21 @@ def write_llava_jsonl(
     else:
         root = os.path.abspath(image_root)
     prefix = root.rstrip(os.sep) + os.sep
+    real_prefix = os.path.realpath(root).rstrip(os.sep) + os.sep
+
+    def relative(p: str) -> str | None:
+        if p.startswith(prefix):
+            return p[len(prefix) :]
+        real = os.path.realpath(p)  # only for photos not under image_root by name (rare, slower)
+        return real[len(real_prefix) :] if real.startswith(real_prefix) else None
 
     def records() -> Iterator[dict[str, Any]]:
         for r in good:
             p = os.path.abspath(r.path)
-            if not p.startswith(prefix):
+            rel = relative(p)
+            if rel is None:
                 raise ValueError(f"photo {p} is outside image_root {root}")
-            rel = p[len(prefix) :].replace(os.sep, "/")
+            rel = rel.replace(os.sep, "/")
             yield build_record(r, rel, traits=table, vocabulary=vocabulary, imported_confidence=imported_confidence)
 
     n = write_jsonl(records(), path)
@@ -912,7 +931,8 @@ Reviewed cat photos exported by catreview on {info['created_at']}.
 
 - `{{train,validation,test}}/<id>.jpg` + `metadata.jsonl`:
   `datasets.load_dataset("imagefolder", data_dir=...)` (columns `image`, `id`, `breed`, `kind`,
-  `confidence_target`, `review`, `annotator`, `sha256`, `predicted_at_review`).
+  `confidence_target`, `review`, `annotator`, `sha256`, `predicted_at_review`; a missing text value is
+  an empty string, never null: `predicted_at_review` is "" for imported labels, which had no model prediction).
 - `llava/<split>.jsonl`: LLaVA `conversations` records (`<image>` once, at the start of the first
   human turn); this folder is the image folder.
 - `messages/<split>.jsonl`: TRL `messages` (typed content) + `images`;
@@ -1097,6 +1117,30 @@ def _plan_export(
         raise ExportError("two photos share an id prefix; this needs a longer id (please report)")
     splits = assign_splits({r.sha256: r.label for r in rows}, {} if resplit else sticky, seed=seed, fractions=fractions)
     return _Plan(rows, splits, sticky, skipped)
+
+
+def preview_splits(
+    engine: Engine,
+    *,
+    seed: int = 0,
+    cap_per_breed: int | None = None,
+    resplit: bool = False,
+    vocabulary: BreedVocabulary | None = None,
+    fractions: Sequence[float] = FRACTIONS,
+) -> dict[str, dict[str, int]]:
+    """Photos per split and breed that :func:`export_dataset` with these options would export now,
+    without writing anything (``{split: {breed: n}}``, every split present). Photos that would
+    fail at export time (missing or changed files) cannot be foreseen and are counted.
+
+    Raises:
+        ExportError: no photo's latest review names a breed.
+    """
+    _check_options(fractions, IMAGE_SIZE, cap_per_breed)
+    plan = _plan_export(engine, vocabulary=vocabulary, seed=seed, cap=cap_per_breed, resplit=resplit, fractions=fractions)
+    counts: dict[str, Counter[str]] = {s: Counter() for s in SPLITS}
+    for row in plan.rows:
+        counts[plan.splits[row.sha256]][row.label] += 1
+    return {s: dict(sorted(c.items())) for s, c in counts.items()}
 
 
 @dataclass
@@ -1476,6 +1520,7 @@ __all__ = [
     "largest_remainder",
     "model_image_tokens",
     "oversample_copies",
+    "preview_splits",
     "read_jsonl",
     "redact_url",
     "validate_record_for_processor",

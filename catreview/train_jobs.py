@@ -2,10 +2,12 @@
 
 :class:`TrainJobs` is what the Train tab and ``python -m catreview train`` use:
 
-1. :meth:`TrainJobs.start` claims the single training slot (a ``TrainingRun`` row with status
-   ``running``; a second start raises :class:`TrainingBusy`), then a worker thread exports the
-   current reviews (:func:`catreview.exports.export_dataset`, unless an export folder is given)
-   and starts ``python -m training ...`` (or ``accelerate launch -m training ...`` with
+1. :meth:`TrainJobs.start` first checks that the reviews (or the given export) hold training and
+   validation photos of at least two breeds, refusing with a message that says what is missing
+   (:func:`check_reviews_for_training`). It then claims the single training slot (a
+   ``TrainingRun`` row with status ``running``; a second start raises :class:`TrainingBusy`),
+   and a worker thread exports the current reviews (:func:`catreview.exports.export_dataset`,
+   unless an export folder is given) and starts ``python -m training ...`` (or ``accelerate launch -m training ...`` with
    ``launcher``) as a **separate process** in its own session, output to ``run_dir/train.log``.
    The app's process never imports torch for training and stays responsive.
 2. The round writes only inside its run folder (``settings.data_dir/runs/<id>-<time>``):
@@ -14,7 +16,9 @@
    the active adapter, the database and every stored version as they were.
 3. When the process exits 0 the worker registers the round (:func:`catreview.adapters.register_round`:
    store the adapter, add the version, gate, maybe activate -- one transaction). A non-zero exit
-   marks the run ``failed`` with the tail of the log in ``error`` (the log file is kept);
+   marks the run ``failed``; its ``error`` starts with the reason the round reported (the last
+   ``error:`` line or exception of the log, :func:`log_error_summary`) and the log's path, which
+   the Train tab and the CLI show (:attr:`RunStatus.summary`), then the log's tail (the file is kept);
    :meth:`TrainJobs.cancel` terminates the process group and marks it ``cancelled``.
 4. **Crash recovery** (:meth:`TrainJobs.reconcile`, run at construction and at every start): a
    ``running`` row whose process is gone is marked ``failed`` (log kept) -- or, when its
@@ -34,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -65,11 +70,15 @@ PROGRESS_FILE = "progress.jsonl"  # == training.lora.PROGRESS_FILE
 RESULT_FILE = "result.json"  # == training.lora.RESULT_FILE
 CONFIG_FILE = "train_config.json"
 LOG_TAIL_CHARS = 4000
+#: A round learns to tell breeds apart and is gated per breed: fewer reviewed breeds is refused.
+MIN_BREEDS = 2
 
-# Process-wide: several TrainJobs objects in one process (the app and a CLI call in tests) share them.
-_WORKERS: dict[int, threading.Thread] = {}
-_PROCS: dict[int, subprocess.Popen] = {}
-_CANCELLED: set[int] = set()
+# Process-wide: several TrainJobs objects in one process (the app and a CLI call in tests) share
+# them. Keyed by (database URL, run id): run ids are per database, and one process may use several.
+RunKey = tuple[str, int]
+_WORKERS: dict[RunKey, threading.Thread] = {}
+_PROCS: dict[RunKey, subprocess.Popen] = {}
+_CANCELLED: set[RunKey] = set()
 _STATE_LOCK = threading.RLock()
 
 
@@ -124,6 +133,36 @@ def log_tail(path: Path, chars: int = LOG_TAIL_CHARS) -> str:
         size = fh.tell()
         fh.seek(max(0, size - chars))
         return fh.read().decode("utf-8", errors="replace")
+
+
+_ERROR_LINE = re.compile(r"(?:^|: )error: (.+)$")  # "error: ..." (python -m training), "prog: error: ..." (argparse)
+
+
+def log_error_summary(path: Path, chars: int = 4 * LOG_TAIL_CHARS) -> str | None:
+    """The error a failed round reported, read from the end of its log.
+
+    The last ``error: ...`` line (``python -m training`` reports unusable inputs that way, exit
+    status 2; argparse too), else the exception line that ends the last traceback
+    (``RuntimeError: ...``); ``None`` when the log shows neither (a killed process, say).
+    """
+    lines = log_tail(path, chars).splitlines()
+    for line in reversed(lines):
+        m = _ERROR_LINE.search(line.strip())
+        if m:
+            return m.group(1).strip()
+    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last):")]
+    if starts:
+        for line in lines[starts[-1] + 1 :]:
+            if line.strip() and not line[:1].isspace():
+                return line.strip()
+    return None
+
+
+def _failure_text(summary: str, log: Path) -> str:
+    """A run's ``error``: summary lines, a blank line, then the log's tail (what the UI shows is
+    the part before the blank line, :attr:`RunStatus.summary`)."""
+    tail = log_tail(log)
+    return f"{summary}\n\n{tail}" if tail else summary
 
 
 @contextmanager
@@ -185,6 +224,82 @@ def export_reviews(engine: Engine, out_dir: Path, *, seed: int = 0, image_size: 
     return out_dir
 
 
+def _breed_list(counts: dict[str, int]) -> str:
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    shown = ", ".join(f"{b} {n}" for b, n in ranked[:5])
+    return shown + (f" and {len(ranked) - 5} more" if len(ranked) > 5 else "")
+
+
+def check_training_data(train: dict[str, int], validation: dict[str, int], *, what: str) -> None:
+    """Refuse a round that cannot work, with a message saying what to do.
+
+    Args:
+        train, validation: photos per breed in the two splits.
+        what: what the counts describe, for the message ("the reviews", "export DIR").
+
+    Raises:
+        TrainJobError: no training photos, fewer than :data:`MIN_BREEDS` breeds, or no
+            validation photos (a round evaluates and gates on them).
+    """
+    total = {b: train.get(b, 0) + validation.get(b, 0) for b in {*train, *validation}}
+    if not train:
+        raise TrainJobError(f"Not enough reviewed photos to train: {what} give no training photos. Review some photos first.")
+    if len(total) < MIN_BREEDS:
+        raise TrainJobError(
+            f"Not enough reviewed breeds to train: {what} name only {len(total)} breed(s) ({_breed_list(total)} "
+            f"photos); a round needs photos of at least {MIN_BREEDS} breeds (it learns to tell breeds apart). "
+            "Review photos of other breeds too."
+        )
+    if not validation:
+        raise TrainJobError(
+            f"Not enough reviewed photos to train: {what} give {sum(train.values())} training photos but no validation "
+            "photo, and a round needs validation photos to evaluate and gate the new adapter. Photos are split "
+            "80/10/10 per breed, so a breed's first validation photo comes with its 4th reviewed photo; reviewed so "
+            f"far: {_breed_list(total)}. Review more photos."
+        )
+
+
+def check_reviews_for_training(engine: Engine, *, seed: int = 0) -> dict[str, dict[str, int]]:
+    """The splits an export of the current reviews would have (:func:`catreview.exports.preview_splits`,
+    nothing written), checked with :func:`check_training_data`.
+
+    Raises:
+        TrainJobError: too few reviewed photos or breeds (the message says what is missing).
+    """
+    from catreview.exports import ExportError, preview_splits
+
+    try:
+        counts = preview_splits(engine, seed=seed)
+    except ExportError:
+        raise TrainJobError("Nothing to train on: no photo's latest review names a breed yet. Review some photos first.") from None
+    check_training_data(counts["train"], counts["validation"], what="the reviews")
+    return counts
+
+
+def check_export_for_training(export_dir: str | Path) -> None:
+    """:func:`check_training_data` on an export folder's ``llava/{train,validation}.jsonl``.
+
+    Raises:
+        TrainJobError: not an export folder, or too few photos/breeds in it.
+    """
+    root = Path(export_dir)
+    if not (root / "llava" / "train.jsonl").is_file():
+        raise TrainJobError(f"{root} is not an export folder: llava/train.jsonl is missing")
+    counts: dict[str, dict[str, int]] = {}
+    for split in ("train", "validation"):
+        c: dict[str, int] = {}
+        path = root / "llava" / f"{split}.jsonl"
+        for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
+            if line.strip():
+                try:
+                    breed = str(json.loads(line)["metadata"]["breed"])
+                except (ValueError, KeyError, TypeError):
+                    continue  # the round reports malformed records with file and line
+                c[breed] = c.get(breed, 0) + 1
+        counts[split] = c
+    check_training_data(counts["train"], counts["validation"], what=f"export {root}")
+
+
 # --------------------------------------------------------------------------------------------
 # Status
 # --------------------------------------------------------------------------------------------
@@ -230,9 +345,20 @@ class RunStatus:
         if self.status == "succeeded" and self.adapter_id is not None:
             verdict = "activated" if self.activated else "kept inactive by the gate"
             return f"{head}: adapter #{self.adapter_id} {verdict}"
-        if self.error:
-            return f"{head}: {self.error.strip().splitlines()[0]}"
+        if self.summary:
+            return f"{head}: {self.summary}"
         return head
+
+    @property
+    def summary(self) -> str:
+        """What went wrong, for people: the ``error`` up to its first blank line (the reason the
+        round gave, then where its log is), at most 3 lines; ``""`` without an error."""
+        text = (self.error or "").strip()
+        if not text:
+            return ""
+        if "\n\n" not in text:  # rows written before errors had a summary part: their first line
+            return text.splitlines()[0]
+        return "\n".join(text.split("\n\n", 1)[0].splitlines()[:3])
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,10 +398,14 @@ class TrainJobs:
         if reconcile:
             self.reconcile()
 
+    def _key(self, run_id: int) -> RunKey:
+        """Key of a run in the process-wide worker/process/cancel tables."""
+        return (self.engine.url.render_as_string(hide_password=True), int(run_id))
+
     # ------------------------------------------------------------------ recovery
     def _is_live(self, run: TrainingRun) -> bool:
         with _STATE_LOCK:
-            worker = _WORKERS.get(run.id)  # type: ignore[arg-type]
+            worker = _WORKERS.get(self._key(run.id))  # type: ignore[arg-type]
             if worker is not None and worker.is_alive():
                 return True
         if run.pid is None or run.pid == os.getpid():
@@ -313,11 +443,9 @@ class TrainJobs:
                 self._mark(run.id, "failed", f"finished round could not be registered: {exc!r}")  # type: ignore[arg-type]
                 return
         log = run_dir / LOG_FILE
-        self._mark(
-            run.id,  # type: ignore[arg-type]
-            "failed",
-            f"training process {run.pid} ended without finishing (killed or crashed); log kept at {log}\n{log_tail(log)}",
-        )
+        summary = f"training process {run.pid} ended without finishing (killed or crashed); log kept at {log}"
+        reason = log_error_summary(log)
+        self._mark(run.id, "failed", _failure_text(f"{reason}\n{summary}" if reason else summary, log))  # type: ignore[arg-type]
 
     def _mark(self, run_id: int, status: str, error: str | None = None) -> None:
         with Session(self.engine) as s:
@@ -398,11 +526,22 @@ class TrainJobs:
                 checkpoint; ``base_model``/``config``/``export_dir`` are then taken from that run.
             export_image_size: ``image_size`` passed to the exporter.
 
+        Before anything starts, the training data are checked (:func:`check_reviews_for_training`,
+        or :func:`check_export_for_training` for ``export_dir``): a round needs training and
+        validation photos of at least :data:`MIN_BREEDS` breeds, and a refused start says what is
+        missing instead of failing later in the training process.
+
         Raises:
             TrainingBusy: another round is running (in this or another process).
-            TrainJobError: ``resume_run`` unknown or without its files.
+            TrainJobError: too few reviewed photos or breeds; ``resume_run`` unknown or without its
+                files.
         """
         cfg = config or TrainConfig()
+        if resume_run is None:
+            if export_dir is None:
+                check_reviews_for_training(self.engine, seed=cfg.seed)
+            else:
+                check_export_for_training(export_dir)
         with _file_lock(self.data_dir / LOCK_FILE):
             self._reconcile_locked()
             busy = self.running()
@@ -436,7 +575,7 @@ class TrainJobs:
                 name=f"catreview-train-{run_id}", daemon=True,
             )
             with _STATE_LOCK:
-                _WORKERS[run_id] = worker
+                _WORKERS[self._key(run_id)] = worker
             worker.start()
         return run_id
 
@@ -471,7 +610,7 @@ class TrainJobs:
                     image_size=image_size, processor=base_model,
                 )
                 meta["export_dir"] = str(export_dir)
-            if run_id in _CANCELLED:
+            if self._key(run_id) in _CANCELLED:
                 self._mark(run_id, "cancelled", "cancelled before training started")
                 return
             env = dict(os.environ)
@@ -484,7 +623,7 @@ class TrainJobs:
                 log.flush()
                 proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             with _STATE_LOCK:
-                _PROCS[run_id] = proc
+                _PROCS[self._key(run_id)] = proc
             meta.update(phase="training", pid=proc.pid, pid_start_ticks=process_start_ticks(proc.pid), command=cmd)
             write_json(run_dir / RUN_META_FILE, meta)
             with Session(self.engine) as s:
@@ -498,22 +637,26 @@ class TrainJobs:
             text = "".join(traceback.format_exception(exc))
             with open(run_dir / LOG_FILE, "a", encoding="utf-8") as log:
                 log.write(text)
-            self._mark(run_id, "failed", f"{type(exc).__name__}: {exc}\n{text}")
+            self._mark(run_id, "failed", f"{type(exc).__name__}: {exc}\nlog kept at {run_dir / LOG_FILE}\n\n{text}")
         finally:
             with _STATE_LOCK:
-                _PROCS.pop(run_id, None)
-                _WORKERS.pop(run_id, None)
+                _PROCS.pop(self._key(run_id), None)
+                _WORKERS.pop(self._key(run_id), None)
+                _CANCELLED.discard(self._key(run_id))
 
     def _finalise(self, run_id: int, run_dir: Path, rc: int) -> None:
         current = self._get(run_id)
         if current is not None and current.status != "running":
             return  # closed meanwhile (cancelled from another process)
-        if run_id in _CANCELLED:
+        if self._key(run_id) in _CANCELLED:
             self._mark(run_id, "cancelled", f"cancelled by the user (exit status {rc}); checkpoint and log kept in {run_dir}")
         elif rc == 0 and (run_dir / RESULT_FILE).is_file():
             register_round(self.engine, self.settings, run_dir, run_id=run_id, policy=self.policy, auto_activate=self.auto_activate)
         else:
-            self._mark(run_id, "failed", f"training process exited with status {rc}; log kept at {run_dir / LOG_FILE}\n{log_tail(run_dir / LOG_FILE)}")
+            log = run_dir / LOG_FILE
+            summary = f"training process exited with status {rc}; log kept at {log}"
+            reason = log_error_summary(log)
+            self._mark(run_id, "failed", _failure_text(f"{reason}\n{summary}" if reason else summary, log))
 
     def cancel(self, run_id: int | None = None) -> bool:
         """Stop the running round (SIGTERM to its process group); ``False`` when none runs.
@@ -525,9 +668,9 @@ class TrainJobs:
             return False
         rid = int(run.id)  # type: ignore[arg-type]
         with _STATE_LOCK:
-            _CANCELLED.add(rid)
-            proc = _PROCS.get(rid)
-            ours = rid in _WORKERS
+            _CANCELLED.add(self._key(rid))
+            proc = _PROCS.get(self._key(rid))
+            ours = self._key(rid) in _WORKERS
         if proc is not None:
             _terminate_group(proc.pid)
             return True
@@ -537,6 +680,8 @@ class TrainJobs:
         if process_alive(run.pid, ticks) and run.pid != os.getpid():
             _terminate_group(run.pid)  # type: ignore[arg-type]
         self._mark(rid, "cancelled", "cancelled by the user")
+        with _STATE_LOCK:
+            _CANCELLED.discard(self._key(rid))  # closed here; no worker of ours will look
         return True
 
     def _get(self, run_id: int) -> TrainingRun | None:
@@ -548,7 +693,7 @@ class TrainJobs:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             with _STATE_LOCK:
-                worker = _WORKERS.get(run_id)
+                worker = _WORKERS.get(self._key(run_id))
             if worker is not None:
                 worker.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
             run = self._get(run_id)

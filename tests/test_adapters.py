@@ -39,7 +39,7 @@ from tests.conftest import load_photos, shared_photos_dir
 from tests.test_training import export_rows
 from training.config import DEFAULT_TARGET_MODULES, TrainConfig
 from training.data import write_export
-from training.lora import CHECKPOINT_DIR, PROGRESS_FILE, STATE_FILE, read_result, train_round
+from training.lora import CHECKPOINT_DIR, PROGRESS_FILE, STATE_FILE, read_result
 
 
 @pytest.fixture(scope="module")
@@ -189,11 +189,19 @@ def _checkpoint_step(run_dir: Path) -> int:
         return -1  # not written yet, or being replaced right now
 
 
-def test_sigkill_mid_round_then_recover_cancel_and_resume_to_the_same_weights(tmp_path, demo_llava):
+def test_sigkill_mid_round_then_recover_cancel_and_resume_to_the_same_weights(tmp_path, demo_llava, monkeypatch):
     """A round started by the CLI is SIGKILLed (CLI and training process) mid-way: the database,
     the active adapter and every stored version are untouched, a second start is refused while
     it runs, and the next start marks it failed with its log. It is then resumed, cancelled,
-    resumed again and finishes with the weights and losses of an uninterrupted round."""
+    resumed again and finishes with the weights and losses of an uninterrupted round -- bit for
+    bit: the uninterrupted round runs the same way (``python -m training``, a process of its own),
+    every process on the CPU (``ACCELERATE_USE_CPU``, no CUDA device: bf16 autocast and GPU kernels
+    without a deterministic version are not bit-reproducible) with the same thread count
+    (``--num-threads``; float sums are split by thread). Dropout's RNG, data order and prompts
+    must continue exactly where the killed process stopped."""
+    cpu_only = {"ACCELERATE_USE_CPU": "1", "CUDA_VISIBLE_DEVICES": ""}
+    for name, value in cpu_only.items():  # for the processes TrainJobs starts from this one
+        monkeypatch.setenv(name, value)
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'db.sqlite'}", data_dir=tmp_path / "data")
     engine = make_engine(settings.database_url)
     base = str(demo_llava)
@@ -203,10 +211,11 @@ def test_sigkill_mid_round_then_recover_cancel_and_resume_to_the_same_weights(tm
     before = snapshot(engine, settings)
     export = write_export(export_rows({"Bombay": 4, "Abyssinian": 4, "Bengal": 4}, 2), tmp_path / "export")
     cfg = TrainConfig(max_steps=40, epochs=100, batch_size=2, lr=1e-3, eval_every=20, save_every=4,
-                      early_stopping_patience=0, candidate_source="sampled", other_rate=0.0)
+                      early_stopping_patience=0, candidate_source="sampled", other_rate=0.0, num_threads=2)
     flags = ["--max-steps", "40", "--epochs", "100", "--batch-size", "2", "--lr", "1e-3", "--eval-every", "20",
-             "--save-every", "4", "--early-stopping-patience", "0", "--candidate-source", "sampled", "--other-rate", "0"]
-    env = {**os.environ, "CATREVIEW_DATA_DIR": str(settings.data_dir), "HF_HUB_OFFLINE": "1"}
+             "--save-every", "4", "--early-stopping-patience", "0", "--candidate-source", "sampled", "--other-rate", "0",
+             "--num-threads", "2"]
+    env = {**os.environ, "CATREVIEW_DATA_DIR": str(settings.data_dir), "HF_HUB_OFFLINE": "1", **cpu_only}
     driver = subprocess.Popen(
         [sys.executable, "-m", "catreview.train_jobs", "train", "--db", settings.database_url, "--base", base, "--export", str(export), *flags],
         cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -255,16 +264,26 @@ def test_sigkill_mid_round_then_recover_cancel_and_resume_to_the_same_weights(tm
     result = read_result(run_dir)
     assert result["steps"] == 40 and len(result["resumed_from_step"]) == 2 and result["resumed_from_step"][0] == killed_at
 
-    reference = train_round(export, base, tmp_path / "uninterrupted", cfg)
+    uninterrupted = tmp_path / "uninterrupted"
+    uninterrupted.mkdir()
+    cfg.save(uninterrupted / "train_config.json")
+    done = subprocess.run(
+        [sys.executable, "-m", "training", "--export", str(export), "--base", base, "--out", str(uninterrupted),
+         "--config-json", str(uninterrupted / "train_config.json")],
+        cwd=REPO_ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", **cpu_only}, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    reference = read_result(uninterrupted)
+    assert reference["num_processes"] == 1 and reference["dtype"] == "float32"
     got = load_file(str(run_dir / CHECKPOINT_DIR / "adapter" / "adapter_model.safetensors"))
     want = load_file(str(tmp_path / "uninterrupted" / CHECKPOINT_DIR / "adapter" / "adapter_model.safetensors"))
     assert got.keys() == want.keys()
     for k in want:
-        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)  # exact: same device, threads and RNG
     losses = [r["loss"] for r in read_progress(run_dir / PROGRESS_FILE) if r["kind"] == "train"]
-    ref_losses = [r["loss"] for r in read_progress(tmp_path / "uninterrupted" / PROGRESS_FILE) if r["kind"] == "train"]
-    assert losses == pytest.approx(ref_losses, rel=1e-5) and len(losses) == 40
-    assert result["metrics"]["balanced_accuracy"] == pytest.approx(reference["metrics"]["balanced_accuracy"])
+    ref_losses = [r["loss"] for r in read_progress(uninterrupted / PROGRESS_FILE) if r["kind"] == "train"]
+    assert losses == ref_losses and len(losses) == 40
+    assert result["metrics"] == {**reference["metrics"], "eval_seconds": result["metrics"]["eval_seconds"]}
 
     st = jobs.status(third)
     assert st.adapter_id is not None and st.gate["reference"] == f"adapter #{a}"  # gated against the active one
@@ -326,6 +345,8 @@ def test_train_tab_builds_and_refreshes(tmp_path):
     assert {"retrain", "cancel-train", "train-loss-plot", "train-val-plot", "adapters-table", "gate-comparison"} <= ids
     status, loss, val, gate_text, gate_rows, versions, choices = train_tab.refresh(app)
     assert status == "No training run yet." and loss.empty and val.empty and versions.empty and choices == []
+    box = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "train-status")
+    assert box.value == status  # shown from the page load on, not only after the timer's first tick
     base = train_tab.base_model(app)
     a = add_version(app.engine, settings, base, random_adapter(base, tmp_path / "a", seed=1))
     assert train_tab.promote(app, str(a)).startswith(f"Adapter #{a} is active")
@@ -334,3 +355,104 @@ def test_train_tab_builds_and_refreshes(tmp_path):
     assert train_tab.no_adapter(app).startswith("No adapter")
     assert active_version(app.engine, base) is None
     assert train_tab.cancel(app) == "No round is running."
+
+
+# ------------------------------------------------------------------------------ refusing and explaining failures
+
+
+def _reviewed(tmp_path: Path, per_breed: dict[str, int]):
+    """Settings and engine of a database whose photos (the first ``n`` of each shared folder) are
+    labelled by folder."""
+    import shutil
+
+    from catreview.importer import import_folder
+    from catreview.labels import BreedVocabulary
+
+    photos = tmp_path / "photos"
+    for folder, n in per_breed.items():
+        (photos / folder).mkdir(parents=True)
+        for f in sorted((shared_photos_dir() / folder).glob("*.jpg"))[:n]:
+            shutil.copy(f, photos / folder / f.name)
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'db.sqlite'}", data_dir=tmp_path / "data")
+    engine = make_engine(settings.database_url)
+    import_folder(engine, photos, vocabulary=BreedVocabulary.default(), labels_from_folders=True)
+    return settings, engine
+
+
+def test_too_few_reviews_are_refused_before_anything_starts(tmp_path, monkeypatch, capsys):
+    """"Retrain adapter" with too few reviewed photos says what is missing -- in the tab and the
+    CLI -- instead of starting a process that exits with "status 2" (its reason only in the log)."""
+    from catreview import train_jobs
+    from catreview.app_core import ReviewApp
+    from catreview.ui import train_tab
+
+    settings, engine = _reviewed(tmp_path / "one", {"Bombay": 6})
+    with pytest.raises(train_jobs.TrainJobError, match=r"only 1 breed\(s\) \(Bombay 6 photos\).*at least 2 breeds"):
+        TrainJobs(engine, settings).start("any/model")
+    settings, engine = _reviewed(tmp_path / "two", {"Bombay": 3, "Siamese": 2})  # 3 -> 3/0/0, 2 -> 2/0/0
+    with pytest.raises(train_jobs.TrainJobError, match="5 training photos but no validation photo.*4th reviewed photo.*Bombay 3, Siamese 2"):
+        TrainJobs(engine, settings).start("any/model")
+    with Session(engine) as s:
+        assert s.exec(select(TrainingRun)).first() is None  # nothing was claimed or started
+
+    app = ReviewApp(settings)
+    message = train_tab.start(app, epochs=1)
+    assert message.startswith("Not started: Not enough reviewed photos to train") and "no validation photo" in message
+    assert train_tab.refresh(app)[0] == "No training run yet."
+
+    monkeypatch.setenv("CATREVIEW_DATA_DIR", str(settings.data_dir))
+    assert train_jobs.main(["train", "--db", settings.database_url, "--base", "any/model"]) == 2
+    assert "error: Not enough reviewed photos to train" in capsys.readouterr().err
+
+    empty = Settings(database_url=f"sqlite:///{tmp_path / 'empty.db'}", data_dir=tmp_path / "empty")
+    with pytest.raises(train_jobs.TrainJobError, match="no photo's latest review names a breed"):
+        TrainJobs(make_engine(empty.database_url), empty).start("any/model")
+
+
+def test_log_error_summary_finds_the_reason_a_round_gave(tmp_path):
+    from catreview.train_jobs import log_error_summary
+
+    log = tmp_path / "train.log"
+    log.write_text("$ python -m training ...\nLoading weights: 100%\nerror: export /x has no validation photos: a round needs them\n")
+    assert log_error_summary(log) == "export /x has no validation photos: a round needs them"
+    log.write_text(
+        "$ python -m training\nTraceback (most recent call last):\n  File \"a.py\", line 1, in <module>\n    boom()\n"
+        "ValueError: first\n\nDuring handling of the above exception, another exception occurred:\n\n"
+        "Traceback (most recent call last):\n  File \"b.py\", line 2, in <module>\nRuntimeError: out of memory\n"
+    )
+    assert log_error_summary(log) == "RuntimeError: out of memory"
+    log.write_text("$ python -m training\nstep 3/40\n")  # killed: no error in the log
+    assert log_error_summary(log) is None and log_error_summary(tmp_path / "absent.log") is None
+
+
+def test_a_failed_round_shows_its_reason_in_the_tab_and_the_cli_also_after_a_restart(tmp_path, demo_llava, monkeypatch, capsys):
+    import gradio as gr
+
+    from catreview import train_jobs
+    from catreview.app_core import ReviewApp
+    from catreview.ui import train_tab
+
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'app.db'}", data_dir=tmp_path / "data")
+    export = write_export(export_rows({"Bombay": 2, "Siamese": 2}, 1), tmp_path / "export")
+    (export / "validation" / next(p.name for p in (export / "validation").iterdir())).unlink()  # the round will refuse it
+    app = ReviewApp(settings)
+    run_id = train_tab.jobs_for(app).start(str(demo_llava), TrainConfig(max_steps=1), export_dir=export)
+    message = train_tab.STARTED.format(run_id=run_id)
+    assert train_tab.jobs_for(app).wait(run_id, timeout=300) == "failed"
+    status = train_tab.refresh(app)[0]
+    lines = status.splitlines()
+    assert lines[0].startswith(f"Run #{run_id}: failed: ") and "does not exist" in lines[0]  # the round's own words
+    assert lines[1] == f"training process exited with status 2; log kept at {train_tab.jobs_for(app).status(run_id).run_dir}/{LOG_FILE}"
+    assert train_tab.message_after_refresh(app, message) == ""  # "Run #1 started" does not stay under the failure
+    assert train_tab.message_after_refresh(app, "Adapter #3 is active; new predictions use it.").startswith("Adapter #3")
+
+    restarted = ReviewApp(settings)  # the app restarts: the box shows the latest run at once
+    with gr.Blocks() as demo:
+        train_tab.build(restarted)
+    box = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "train-status")
+    assert box.value == status == train_tab.status_text(restarted)
+
+    monkeypatch.setenv("CATREVIEW_DATA_DIR", str(settings.data_dir))
+    rc = train_jobs.main(["train", "--db", settings.database_url, "--base", str(demo_llava), "--export", str(export), "--max-steps", "1"])
+    out = capsys.readouterr().out
+    assert rc == 1 and ": failed: " in out and "does not exist" in out and "log kept at" in out

@@ -6,7 +6,9 @@ about a fifth of the photos stay unreviewed at first so the sticky-split test ca
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import shutil
 import sqlite3
 import zipfile
@@ -20,6 +22,7 @@ from sqlmodel import Session, select
 from catreview.conversations import (
     IMAGE_TOKEN,
     KINDS,
+    METADATA_COLUMNS,
     QUESTION_TEMPLATES,
     ReviewedRow,
     answer_text,
@@ -288,12 +291,26 @@ def test_write_llava_jsonl_fast_path(base: dict, tmp_path: Path, cats_dir: Path)
         rows, skipped = collect_reviewed_rows(s, VOCAB)
     result = write_llava_jsonl(rows, tmp_path / "all.jsonl")
     assert result.n_records == len(rows) == 264 - 8 and skipped == {NOT_A_CAT: 5, UNSURE: 3}
-    assert result.image_root == cats_dir.resolve()
+    # the folder as the photos were imported, symlinks on the way kept (the shared folder may be
+    # reached through one, e.g. a clone in /tmp with /tmp/shared -> /work/shared)
+    assert result.image_root == Path(os.path.abspath(cats_dir))
     recs = [r for _, r in read_jsonl(tmp_path / "all.jsonl")]
     assert all(check_record(r) == [] for r in recs)
     assert all((result.image_root / r["image"]).is_file() for r in recs)
     odd = [r for r in recs if r["metadata"]["note"] == ODD_NOTE]
     assert len(odd) == 1
+
+    # the same photos imported through a symlink to their folder
+    link = tmp_path / "link"
+    link.symlink_to(cats_dir.resolve(), target_is_directory=True)
+    linked = [dataclasses.replace(r, path=str(link / os.path.relpath(r.path, cats_dir))) for r in rows]
+    assert write_llava_jsonl(linked, tmp_path / "linked.jsonl").image_root == link  # not resolved
+    for root in (link, cats_dir.resolve()):  # an image_root given either way works
+        res = write_llava_jsonl(linked, tmp_path / "rooted.jsonl", image_root=root)
+        assert res.image_root == root and res.n_records == len(recs)
+        assert [r["image"] for _, r in read_jsonl(tmp_path / "rooted.jsonl")] == [r["image"] for r in recs]
+    with pytest.raises(ValueError, match="outside image_root"):
+        write_llava_jsonl(linked, tmp_path / "bad.jsonl", image_root=tmp_path / "elsewhere")
 
 
 # --------------------------------------------------------------------------------------------
@@ -692,3 +709,55 @@ def test_a_tiny_collection_with_an_empty_split_still_loads(cats_dir: Path, tmp_p
     for kw in ({"path": "imagefolder", "data_dir": str(tmp_path / "out")}, {"path": str(tmp_path / "out")}):
         ds = datasets.load_dataset(**kw, cache_dir=str(tmp_path / "hf"))
         assert list(ds) == ["train"] and ds["train"].num_rows == 3
+
+
+def test_imported_and_reviewed_labels_mixed_keep_one_schema_in_every_split(cats_dir: Path, tmp_path: Path):
+    """Imported labels (source "import", no model snapshot) next to UI reviews (with one), arranged
+    so that validation and test hold imported photos only: every metadata.jsonl column has one
+    JSON type in every split, never null -- otherwise a split whose rows are all null gets a
+    null-typed column and datasets refuses the export ("Metadata files ... have different
+    features"). Both ways of loading it work."""
+    import datasets
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    with Session(engine) as s:
+        for folder, n, how in (("Bombay", 10, "import"), ("Siamese", 2, "ui")):
+            label = VOCAB.canonical(folder)
+            for path in sorted((cats_dir / folder).glob("*.jpg"))[:n]:
+                img = load_rgb(path)
+                row = ImageRecord(sha256=sha256_file(path), path=str(path), size=path.stat().st_size, width=img.width, height=img.height)
+                s.add(row)
+                s.commit()
+                s.refresh(row)
+                if how == "import":
+                    record_review(s, row.id, label, "import", vocabulary=VOCAB, source="import")
+                else:
+                    record_review(s, row.id, label, "alice", vocabulary=VOCAB, model_snapshot=_snapshot(label, "Ocicat"))
+    out = tmp_path / "out"
+    summary = export_dataset(engine, out, vocabulary=VOCAB, image_size=64)
+    # 10 Bombay -> 8/1/1, 2 Siamese -> 2/0/0: validation and test are imported photos only
+    assert summary.counts == {"train": {"Bombay": 8, "Siamese": 2}, "validation": {"Bombay": 1}, "test": {"Bombay": 1}}
+
+    meta = {s: [r for _, r in read_jsonl(out / s / "metadata.jsonl")] for s in SPLITS}
+    columns = set(meta["train"][0])
+    types: dict[str, set[type]] = defaultdict(set)
+    for s in SPLITS:
+        for r in meta[s]:
+            assert set(r) == columns, s
+            for k, v in r.items():
+                types[k].add(type(v))
+    assert all(len(t) == 1 and type(None) not in t for t in types.values()), dict(types)
+    assert {k: next(iter(t)) for k, t in types.items()} == {"file_name": str, **METADATA_COLUMNS}
+    assert {r["predicted_at_review"] for r in meta["train"]} == {"", "Ocicat"}
+    assert {r["review"] for s in ("validation", "test") for r in meta[s]} == {"imported"}
+    assert {r["predicted_at_review"] for s in ("validation", "test") for r in meta[s]} == {""}
+
+    for i, kw in enumerate(({"path": "imagefolder", "data_dir": str(out)}, {"path": str(out)})):
+        ds = datasets.load_dataset(**kw, cache_dir=str(tmp_path / f"hf{i}"))
+        assert {s: ds[s].num_rows for s in ds} == summary.rows_per_split
+        assert ds["validation"].features == ds["train"].features == ds["test"].features
+        features = ds["train"].features
+        assert features["predicted_at_review"].dtype == features["kind"].dtype == features["annotator"].dtype == "string"
+        assert features["confidence_target"].dtype == "float64"
+        assert sorted(set(ds["train"]["predicted_at_review"])) == ["", "Ocicat"]
+        assert ds["test"][0]["confidence_target"] == 0.8 and ds["test"][0]["review"] == "imported"

@@ -194,6 +194,68 @@ def test_val_loss_from_scores_equals_training_loss_on_the_same_rows(demo_llava, 
     assert metrics["n"] == len(items) == 6
 
 
+# ------------------------------------------------------------------------------ reproducible resume
+
+
+def _adapter_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / CHECKPOINT_DIR / "adapter" / "adapter_model.safetensors"))
+
+
+def test_resume_computes_with_the_rounds_thread_count_and_gives_the_callers_back(demo_llava, small_export, tmp_path):
+    """A round resumed by a process with another thread count (another OMP_NUM_THREADS, launcher or
+    machine default) still reproduces the uninterrupted round bit for bit: the count the round
+    started with is recorded in its checkpoint and used again. (Float sums are split by thread:
+    2 and 3 threads drift apart by ~1e-7 a step, which Adam compounds.) A caller's thread count
+    and determinism flags are what they were after a round, also after one that failed."""
+    cfg = TrainConfig(max_steps=8, epochs=100, batch_size=2, lr=1e-3, eval_every=8, save_every=2,
+                      early_stopping_patience=0, candidate_source="sampled", other_rate=0.0)
+
+    class Killed(Exception):
+        pass
+
+    def die_after_step_4(row):
+        if row.get("kind") == "train" and row["step"] == 5:  # checkpoint 4 is written, 5 is not
+            raise Killed
+
+    ambient = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        reference = train_round(small_export, demo_llava, tmp_path / "reference", cfg)
+        with pytest.raises(Killed):
+            train_round(small_export, demo_llava, tmp_path / "run", cfg, on_event=die_after_step_4)
+        assert torch.get_num_threads() == 2 and not torch.are_deterministic_algorithms_enabled()
+        torch.set_num_threads(3)  # the resuming process has another default
+        resumed = train_round(small_export, demo_llava, tmp_path / "run", cfg)
+        assert torch.get_num_threads() == 3 and not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.set_num_threads(ambient)
+    assert resumed["resumed_from_step"] == [4] and resumed["steps"] == reference["steps"] == 8
+    state = json.loads((tmp_path / "run" / CHECKPOINT_DIR / "trainer_state.json").read_text())["state"]
+    assert state["num_threads"] == 2
+    resume_rows = [r for r in read_progress(tmp_path / "run" / PROGRESS_FILE) if r["kind"] == "resume"]
+    assert [(r["step"], r["num_threads"]) for r in resume_rows] == [(4, 2)]
+    want, got = _adapter_weights(tmp_path / "reference"), _adapter_weights(tmp_path / "run")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_rng_state_covers_the_accelerator_devices_own_generator():
+    """Dropout on an MPS/XPU/NPU device draws from that device's generator, not the CPU one: the
+    checkpoint must carry it, and a checkpoint that has one cannot silently resume elsewhere."""
+    from training.lora import TrainingError, _device_rng_module, _rng_state, _set_rng_state
+
+    cpu = _rng_state(torch.device("cpu"))
+    assert "device" not in cpu and _device_rng_module("cpu") is None and _device_rng_module("cuda") is None
+    assert _device_rng_module("mps") is torch.mps  # has get_rng_state/set_rng_state on every build
+    torch.manual_seed(1)
+    _set_rng_state(cpu)
+    assert torch.equal(torch.get_rng_state(), cpu["torch"])
+    if not torch.backends.mps.is_available():
+        with pytest.raises(TrainingError, match="mps device"):
+            _set_rng_state({**cpu, "device": {"type": "mps", "state": torch.get_rng_state()}})
+
+
 # ------------------------------------------------------------------------------ a real round
 
 

@@ -99,6 +99,15 @@ class TrainConfig:
     Reproducibility:
         seed: seeds sampling, distractors, LoRA init and dropout.
         num_workers: ``DataLoader`` worker processes (0 = load in the training process).
+        num_threads: CPU threads for the round's tensor maths (``torch.set_num_threads``);
+            ``None`` = the process default, which is then recorded in the checkpoint and used
+            again by a resumed round. The thread count changes how float sums are split, so two
+            processes with different counts (another ``OMP_NUM_THREADS``, another launcher) drift
+            apart by ~1e-7 per step, which Adam compounds.
+        deterministic: ``torch.use_deterministic_algorithms(True, warn_only=True)``, cuDNN
+            deterministic and a fixed cuBLAS workspace for the round (restored afterwards). CPU
+            kernels are deterministic anyway; on GPUs this removes most run-to-run noise (a few
+            kernels have no deterministic version and only warn), at some speed cost.
     """
 
     rank: int = 16
@@ -138,6 +147,8 @@ class TrainConfig:
 
     seed: int = 0
     num_workers: int = 0
+    num_threads: int | None = None
+    deterministic: bool = True
 
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form notes stored with the config (not used by the round)."""
@@ -180,6 +191,7 @@ class TrainConfig:
             ("early_stopping_patience", self.early_stopping_patience >= 0),
             ("min_delta", self.min_delta >= 0),
             ("num_workers", self.num_workers >= 0),
+            ("num_threads", self.num_threads is None or self.num_threads >= 1),
             ("max_steps", self.max_steps is None or self.max_steps >= 1),
             ("save_every", self.save_every is None or self.save_every >= 1),
             ("alpha", self.alpha is None or self.alpha > 0),

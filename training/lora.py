@@ -44,7 +44,11 @@ Files in ``run_dir`` (written by the main process):
   ``trainer_state.json``; written to a temporary folder and renamed into place (the previous one
   is kept as ``checkpoint-last.prev`` until the rename is done), so a kill at any moment leaves a
   complete checkpoint. A new round in the same ``run_dir`` resumes from it (same config and export
-  required) and reproduces the uninterrupted round (data order, prompts, dropout RNG).
+  required) and reproduces the uninterrupted round bit for bit on CPU: data order, prompts, the
+  dropout RNG (CPU, CUDA and the accelerator device's own generator, e.g. MPS) and the thread
+  count (recorded; float sums are split by thread) all continue where they stopped. Rounds run
+  under :func:`pinned_numerics` (deterministic algorithms). On GPUs, bf16 autocast plus the few
+  kernels without a deterministic version can still leave a resumed round slightly apart.
 * ``best/``: the best adapter (highest validation balanced accuracy, ties -> lower val loss),
   loadable with ``PeftModel.from_pretrained`` / ``VLMProfile(adapter=...)``.
 * ``result.json``: written last (atomically); its presence means the round finished.
@@ -58,7 +62,8 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -196,11 +201,12 @@ def resolve_precision(cfg: TrainConfig) -> tuple[str, torch.dtype]:
     """``(accelerate mixed_precision, base weights dtype)`` for ``cfg`` on this machine.
 
     ``"auto"``: bf16 autocast + bf16 base weights on a CUDA GPU with bf16 support, otherwise no
-    autocast and fp32 (CPU).
+    autocast and fp32 (CPU, also when ``ACCELERATE_USE_CPU=1`` keeps the round off the GPU).
     """
     import torch
+    from accelerate.utils import parse_flag_from_env
 
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU")
     mp = cfg.mixed_precision
     if mp == "auto":
         mp = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
@@ -432,9 +438,27 @@ class RoundState:
     baseline: dict[str, Any] | None = None
     stopped_early: bool = False
     resumed_from_step: list[int] = field(default_factory=list)
+    num_threads: int | None = None
 
 
-def _rng_state() -> dict[str, Any]:
+def _device_rng_module(device_type: str) -> Any:
+    """``torch.<device_type>`` when it has its own default generator (mps, xpu, npu ...), else
+    ``None`` (cpu, whose generator is ``torch.get_rng_state``; cuda is saved for every GPU)."""
+    import torch
+
+    if device_type in ("cpu", "cuda", "meta"):
+        return None
+    try:
+        module = torch.get_device_module(device_type)
+    except (RuntimeError, AttributeError):
+        return None
+    return module if hasattr(module, "get_rng_state") and hasattr(module, "set_rng_state") else None
+
+
+def _rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """Every generator the round draws from: Python, NumPy, torch CPU, all CUDA GPUs and the
+    accelerator ``device``'s own generator (dropout on an MPS/XPU/NPU device draws from it, not
+    from the CPU one)."""
     import numpy as np
     import torch
 
@@ -446,10 +470,19 @@ def _rng_state() -> dict[str, Any]:
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    module = _device_rng_module(device.type) if device is not None else None
+    if module is not None:
+        state["device"] = {"type": device.type, "state": module.get_rng_state()}
     return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`_rng_state`.
+
+    Raises:
+        TrainingError: the checkpoint holds a device generator this process cannot restore
+            (resumed on another kind of device): dropout would not continue where it stopped.
+    """
     import numpy as np
     import torch
 
@@ -460,6 +493,12 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if "device" in state:
+        kind = state["device"]["type"]
+        module = _device_rng_module(kind)
+        if module is None or not (hasattr(module, "is_available") and module.is_available()):
+            raise TrainingError(f"the checkpoint was made on a {kind} device; resume it on one")
+        module.set_rng_state(state["device"]["state"])
 
 
 def trainable_state(model: Any) -> dict[str, torch.Tensor]:
@@ -483,6 +522,7 @@ def save_adapter_weights(model: Any, weights: dict[str, torch.Tensor] | None, ou
 def save_checkpoint(
     run_dir: Path, model: Any, best_weights: dict[str, torch.Tensor] | None, optimizer: Any, scheduler: Any,
     state: RoundState, cfg: TrainConfig, export_hash: str, process_index: int, is_main: bool,
+    device: torch.device | None = None,
 ) -> None:
     """Write ``run_dir/checkpoint-last`` atomically (main process; each process's RNG state is
     written by that process into ``rng-<i>.pt`` of the same folder *before* the rename, so with
@@ -497,7 +537,7 @@ def save_checkpoint(
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         for f in run_dir.glob(".rng-*.pt"):
             shutil.move(str(f), tmp / f.name.lstrip("."))
-        torch.save(_rng_state(), tmp / f"rng-{process_index}.pt")
+        torch.save(_rng_state(device), tmp / f"rng-{process_index}.pt")
         meta = {"state": asdict(state), "config": cfg.to_dict(), "export_hash": export_hash}
         (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
 
@@ -505,11 +545,11 @@ def save_checkpoint(
         write_dir_atomically(run_dir / CHECKPOINT_DIR, fill)
 
 
-def save_rng(run_dir: Path, process_index: int) -> None:
+def save_rng(run_dir: Path, process_index: int, device: torch.device | None = None) -> None:
     """Non-main processes: park this process's RNG state for the next checkpoint."""
     import torch
 
-    torch.save(_rng_state(), run_dir / f".rng-{process_index}.pt")
+    torch.save(_rng_state(device), run_dir / f".rng-{process_index}.pt")
 
 
 def load_checkpoint(
@@ -525,7 +565,10 @@ def load_checkpoint(
     from safetensors.torch import load_file
 
     meta = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
-    saved = dict(meta["config"])
+    try:  # fields added since the checkpoint was written compare as their defaults
+        saved = TrainConfig.from_dict(meta["config"]).to_dict()
+    except (ValueError, TypeError):
+        saved = dict(meta["config"])
     now = cfg.to_dict()
     saved.pop("extra", None), now.pop("extra", None)
     if saved != now or meta["export_hash"] != export_hash:
@@ -604,6 +647,24 @@ def train_round(
     Raises:
         TrainingError, training.data.ExportFormatError: unusable inputs.
     """
+    cfg = cfg or TrainConfig()
+    with pinned_numerics(cfg.deterministic):
+        return _train_round(
+            export_dir, base_model, run_dir, cfg, baseline_adapter=baseline_adapter, resume=resume, on_event=on_event
+        )
+
+
+def _train_round(
+    export_dir: str | Path,
+    base_model: str | Path,
+    run_dir: str | Path,
+    cfg: TrainConfig,
+    *,
+    baseline_adapter: str | Path | None,
+    resume: bool,
+    on_event: EventCallback | None,
+) -> dict[str, Any]:
+    """:func:`train_round` inside :func:`pinned_numerics`."""
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -611,7 +672,6 @@ def train_round(
     from transformers import get_cosine_schedule_with_warmup
 
     t_start = time.perf_counter()
-    cfg = cfg or TrainConfig()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     mixed, dtype = resolve_precision(cfg)
@@ -639,6 +699,10 @@ def train_round(
         cfg.save(run_dir / CONFIG_FILE)
 
     ckpt = complete_dir(run_dir / CHECKPOINT_DIR) if resume else None
+    # Same thread count as the round being resumed (float sums are split by thread), whatever
+    # this process's default is; a fresh round records the count it uses.
+    threads = cfg.num_threads or _saved_threads(ckpt) or torch.get_num_threads()
+    torch.set_num_threads(threads)
     baseline = _saved_baseline(ckpt, baseline_adapter)
     if baseline_adapter is not None and baseline is None:
         baseline = _evaluate_baseline(Path(baseline_adapter), items, cfg, base_model, accelerator.device, dtype)
@@ -665,14 +729,14 @@ def train_round(
 
     raw = accelerator.unwrap_model(model)
     scorer = make_scorer(raw, processor, base_model, cfg, accelerator.device, dtype)
-    state = RoundState(total_steps=total, baseline=baseline)
+    state = RoundState(total_steps=total, baseline=baseline, num_threads=threads)
     best_weights: dict[str, torch.Tensor] | None = None
     if ckpt is not None:
         state, best_weights = load_checkpoint(ckpt, raw, optimizer, scheduler, cfg, data.content_hash, rank)
-        state.baseline = baseline
+        state.baseline, state.num_threads = baseline, threads
         state.resumed_from_step.append(state.step)
         log.truncate_after(state.step)
-        emit({"kind": "resume", "step": state.step, "elapsed": 0.0})
+        emit({"kind": "resume", "step": state.step, "num_threads": threads, "elapsed": 0.0})
     else:
         if is_main and (run_dir / PROGRESS_FILE).exists():
             (run_dir / PROGRESS_FILE).unlink()
@@ -681,9 +745,11 @@ def train_round(
 
     def checkpoint() -> None:
         if not is_main:
-            save_rng(run_dir, rank)
+            save_rng(run_dir, rank, accelerator.device)
         accelerator.wait_for_everyone()
-        save_checkpoint(run_dir, raw, best_weights, optimizer, scheduler, state, cfg, data.content_hash, rank, is_main)
+        save_checkpoint(
+            run_dir, raw, best_weights, optimizer, scheduler, state, cfg, data.content_hash, rank, is_main, accelerator.device
+        )
         accelerator.wait_for_everyone()
 
     def run_eval() -> None:
@@ -762,6 +828,50 @@ def _saved_baseline(ckpt: Path | None, adapter: str | Path | None) -> dict[str, 
     if saved and Path(saved["adapter"]).resolve() == Path(adapter).resolve():
         return saved
     return None
+
+
+def _saved_threads(ckpt: Path | None) -> int | None:
+    """The thread count recorded in a checkpoint (``None``: none, or written before it was recorded)."""
+    if ckpt is None:
+        return None
+    try:
+        value = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))["state"].get("num_threads")
+    except (OSError, ValueError, KeyError):
+        return None
+    return int(value) if isinstance(value, int) and value >= 1 else None
+
+
+@contextmanager
+def pinned_numerics(deterministic: bool = True) -> Iterator[None]:
+    """Run a round with reproducible numerics, then give the caller its settings back.
+
+    With ``deterministic``: ``torch.use_deterministic_algorithms(True, warn_only=True)``, cuDNN
+    deterministic (no benchmarking) and ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (unless already set;
+    cuBLAS reads it when the first handle is made). The round itself sets the thread count
+    (:attr:`TrainConfig.num_threads`). On exit the thread count, the determinism flags and the
+    environment variable are what they were, so a round run inside another program (the tests,
+    a notebook) does not change that program's numerics.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    det, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    cudnn = torch.backends.cudnn
+    cudnn_flags = (cudnn.deterministic, cudnn.benchmark)
+    set_env = deterministic and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    try:
+        if deterministic:
+            if set_env:
+                os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            cudnn.deterministic, cudnn.benchmark = True, False
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(det, warn_only=warn_only)
+        cudnn.deterministic, cudnn.benchmark = cudnn_flags
+        if set_env:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
 def _evaluate_baseline(

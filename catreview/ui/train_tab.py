@@ -8,12 +8,19 @@ round is registered as a new adapter version and activated only if it passes the
 or "no adapter", can be activated by hand (promote / roll back); predictions use it from their
 next call.
 
+"Retrain adapter" is refused at once, with what is missing, when the reviews cannot make a round
+(too few breeds, no validation photo). A round that fails shows the reason its training process
+reported (the error line of its log) and the log's path in the status box, where the "Run #N
+started" message is cleared; the box shows the latest run's status from the first page load on,
+also after an app restart.
+
 The handlers are plain functions of the :class:`ReviewApp` (``start``, ``cancel``, ``refresh``,
-``promote``, ``no_adapter``) so they can be tested without a browser.
+``promote``, ``no_adapter``, ``status_text``) so they can be tested without a browser.
 """
 
 from __future__ import annotations
 
+import re
 import weakref
 from typing import Any
 
@@ -45,14 +52,38 @@ def base_model(app: ReviewApp) -> str:
     return app.registry.profiles()[app.registry.active_vlm_name].model
 
 
+STARTED = "Run #{run_id} started: exporting the reviews, then training in a separate process."
+
+
 def start(app: ReviewApp, epochs: float = 3, lr: float = 2e-4, rank: float = 16, batch_size: float = 4, train_projector: bool = False) -> str:
-    """Start a round with these hyper-parameters (the rest: :class:`TrainConfig` defaults)."""
+    """Start a round with these hyper-parameters (the rest: :class:`TrainConfig` defaults).
+
+    Too few reviewed photos or breeds are refused here, with what is missing
+    (:func:`catreview.train_jobs.check_reviews_for_training`), before any process starts.
+    """
     try:
         cfg = TrainConfig(epochs=int(epochs), lr=float(lr), rank=int(rank), batch_size=int(batch_size), train_projector=bool(train_projector))
         run_id = jobs_for(app).start(base_model(app), cfg)
     except (TrainingBusy, TrainJobError, ValueError) as exc:
         return f"Not started: {exc}"
-    return f"Run #{run_id} started: exporting the reviews, then training in a separate process."
+    return STARTED.format(run_id=run_id)
+
+
+def status_text(app: ReviewApp) -> str:
+    """The latest run's status (after an app restart too), or "No training run yet."; a failed
+    run shows the reason its round gave and where its log is."""
+    st = jobs_for(app).status()
+    return st.text() if st else "No training run yet."
+
+
+def message_after_refresh(app: ReviewApp, message: str | None) -> str:
+    """``message`` unless it announces a run that is no longer running ("Run #1 started ..." under
+    a failed or finished run would contradict the status): then ``""``."""
+    m = re.match(r"Run #(\d+) started", message or "")
+    if m is None:
+        return message or ""
+    st = jobs_for(app).status(int(m.group(1)))
+    return message if st is not None and st.status == "running" else ""
 
 
 def cancel(app: ReviewApp) -> str:
@@ -130,7 +161,9 @@ def build(app: ReviewApp) -> None:
     with gr.Row():
         retrain = gr.Button("Retrain adapter", variant="primary", elem_id="retrain")
         stop = gr.Button("Cancel training", variant="stop", elem_id="cancel-train")
-    status = gr.Textbox(label="Status", interactive=False, elem_id="train-status")
+    # A callable value is computed on every page load: the latest run's status shows at once (also
+    # after an app restart), not only from the timer's first tick.
+    status = gr.Textbox(lambda: _safe_status(app), label="Status", interactive=False, lines=2, max_lines=6, elem_id="train-status")
     with gr.Row():
         loss_plot = gr.LinePlot(pd.DataFrame(columns=LOSS_COLUMNS), x="step", y="loss", title="Training loss", elem_id="train-loss-plot")
         val_plot = gr.LinePlot(
@@ -148,12 +181,23 @@ def build(app: ReviewApp) -> None:
 
     outputs = [status, loss_plot, val_plot, gate_md, gate_table, versions, choice]
 
-    def tick() -> list[Any]:
-        *values, choices = refresh(app)
-        return [*values, gr.update(choices=choices)]
+    def tick(msg: str | None = None) -> list[Any]:
+        try:
+            *values, choices = refresh(app)
+        except Exception as exc:  # noqa: BLE001 -- a failed refresh must not leave the tab silently stale
+            return [f"Status unavailable: {type(exc).__name__}: {exc}", *[gr.update()] * (len(outputs) - 1), gr.update()]
+        return [*values, gr.update(choices=choices), message_after_refresh(app, msg)]
 
-    gr.Timer(REFRESH_SECONDS).tick(tick, outputs=outputs, api_visibility="private")
-    retrain.click(lambda *a: start(app, *a), inputs=[epochs, lr, rank, batch, projector], outputs=[message], api_name="retrain").then(tick, outputs=outputs)
-    stop.click(lambda: cancel(app), outputs=[message], api_name="cancel_training").then(tick, outputs=outputs)
-    promote_btn.click(lambda c: promote(app, c), inputs=[choice], outputs=[message], api_name="promote_adapter").then(tick, outputs=outputs)
-    none_btn.click(lambda: no_adapter(app), outputs=[message], api_name="no_adapter").then(tick, outputs=outputs)
+    ticked = [*outputs, message]
+    gr.Timer(REFRESH_SECONDS).tick(tick, inputs=[message], outputs=ticked, api_visibility="private")
+    retrain.click(lambda *a: start(app, *a), inputs=[epochs, lr, rank, batch, projector], outputs=[message], api_name="retrain").then(tick, inputs=[message], outputs=ticked)
+    stop.click(lambda: cancel(app), outputs=[message], api_name="cancel_training").then(tick, inputs=[message], outputs=ticked)
+    promote_btn.click(lambda c: promote(app, c), inputs=[choice], outputs=[message], api_name="promote_adapter").then(tick, inputs=[message], outputs=ticked)
+    none_btn.click(lambda: no_adapter(app), outputs=[message], api_name="no_adapter").then(tick, inputs=[message], outputs=ticked)
+
+
+def _safe_status(app: ReviewApp) -> str:
+    try:
+        return status_text(app)
+    except Exception as exc:  # noqa: BLE001 -- shown in the box instead of an empty one
+        return f"Status unavailable: {type(exc).__name__}: {exc}"
