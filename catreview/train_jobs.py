@@ -60,6 +60,7 @@ from catreview.adapters import GatePolicy, active_version, register_round, versi
 from catreview.config import REPO_ROOT, Settings
 from catreview.db import TrainingRun, utcnow
 from training.config import TrainConfig
+from training.lora import read_progress  # the one reader of progress.jsonl (torn last line skipped)
 
 RUNS_DIRNAME = "runs"
 EXPORTS_DIRNAME = "exports"
@@ -192,19 +193,6 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
     os.replace(tmp, path)
-
-
-def read_progress(path: Path) -> list[dict[str, Any]]:
-    """Rows of ``progress.jsonl``; a torn last line (kill mid-write) is skipped."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # only the line being written when the process died can be torn
-    return rows
 
 
 def export_reviews(engine: Engine, out_dir: Path, *, seed: int = 0, image_size: int = 336, processor: str | None = None) -> Path:
