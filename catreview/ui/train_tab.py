@@ -37,6 +37,8 @@ REFRESH_SECONDS = 2.0
 LOSS_COLUMNS = ["step", "loss"]
 VAL_COLUMNS = ["step", "val_balanced_accuracy"]
 GATE_COLUMNS = ["breed", "n", "reference", "candidate", "delta", "checked", "blocking"]
+VERSION_COLUMNS = ["id", "active", "name", "created", "val_balanced_accuracy", "val_accuracy", "val_loss",
+                   "gate", "export", "rank", "lr", "epochs"]
 
 
 def jobs_for(app: ReviewApp) -> TrainJobs:
@@ -171,8 +173,8 @@ def build(app: ReviewApp) -> None:
             title="Validation balanced accuracy", elem_id="train-val-plot",
         )
     gate_md = gr.Markdown(elem_id="gate-summary")
-    gate_table = gr.Dataframe(label="Per-breed validation accuracy (reference vs new)", interactive=False, elem_id="gate-comparison")
-    versions = gr.Dataframe(label="Adapter versions", interactive=False, elem_id="adapters-table")
+    gate_table = gr.Dataframe(headers=GATE_COLUMNS, label="Per-breed validation accuracy (reference vs new)", interactive=False, elem_id="gate-comparison")
+    versions = gr.Dataframe(headers=VERSION_COLUMNS, label="Adapter versions", interactive=False, elem_id="adapters-table")
     with gr.Row():
         choice = gr.Dropdown([], label="Version", elem_id="adapter-choice")
         promote_btn = gr.Button("Activate this version (promote / roll back)", elem_id="promote-adapter")
