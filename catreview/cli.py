@@ -27,7 +27,8 @@ class CLIError(Exception):
     """An error reported to the user as one line, exit status 2."""
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def add_common_options(p: argparse.ArgumentParser) -> None:
+    """``--db URL`` and ``--config FILE``, which every sub-command takes."""
     p.add_argument("--db", metavar="URL", help="database URL (default: sqlite file under db/)")
     p.add_argument("--config", metavar="FILE", help="TOML settings file (see assets/example_config.toml)")
 
@@ -38,30 +39,30 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("import", help="import a folder of photos (recursively)")
-    _common(p)
+    add_common_options(p)
     p.add_argument("folder")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--labels", metavar="FILE.csv", help="existing labels: CSV with columns path,label (paths relative to FOLDER)")
     g.add_argument("--labels-from-folders", action="store_true", help="existing labels: the parent folder name of each photo")
 
     p = sub.add_parser("predict", help="run stage 1 and the VLM on every imported photo (cached)")
-    _common(p)
+    add_common_options(p)
     p.add_argument("--vlm", metavar="PROFILE", help="VLM profile (default: active_vlm)")
     p.add_argument("--no-reasoning", action="store_true",
                    help="skip generating the reasoning texts (the slow part; the app streams them on demand)")
 
     p = sub.add_parser("predictions", help="list photos with their predictions and reviews")
-    _common(p)
+    add_common_options(p)
     p.add_argument("--json", action="store_true", help="one JSON object per photo per line")
     p.add_argument("--vlm", metavar="PROFILE", help="VLM profile whose predictions to list (default: active_vlm)")
 
     p = sub.add_parser("calibrate", help="fit temperatures and the fusion weight on reviewed photos")
-    _common(p)
+    add_common_options(p)
     p.add_argument("--vlm", metavar="PROFILE", help="VLM profile to calibrate with (default: active_vlm)")
     p.add_argument("--dry-run", action="store_true", help="report only; do not store the fit")
 
     p = sub.add_parser("export", help="export reviewed photos as a curated, versioned dataset")
-    _common(p)
+    add_common_options(p)
     p.add_argument("--out", required=True, metavar="DIR", help="export folder (must be absent or empty)")
     p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
     p.add_argument("--image-size", type=int, default=336, help="shortest side in px (336 for LLaVA-1.5, 512 for Pixtral)")

@@ -1265,9 +1265,10 @@ class AggregateJob:
 
 def add_compare_parser(sub: Any) -> argparse.ArgumentParser:
     """Add the ``compare`` sub-command to ``sub`` (the CLI's ``add_subparsers()`` object)."""
+    from catreview.cli import add_common_options
+
     p = sub.add_parser("compare", help="compare two VLM profiles on the reviewed photos (cached)")
-    p.add_argument("--db", metavar="URL", help="database URL (default: sqlite file under db/)")
-    p.add_argument("--config", metavar="FILE", help="TOML settings file (see assets/example_config.toml)")
+    add_common_options(p)
     p.add_argument("--a", metavar="PROFILE", help="side A (default: compare_profiles[0] or the first profile)")
     p.add_argument("--b", metavar="PROFILE", help="side B (default: compare_profiles[1] or the second profile)")
     p.add_argument("--base", metavar="PROFILE", help="compare adapter versions of this profile (with --adapter-a/-b)")

@@ -709,17 +709,13 @@ def _terminate_group(pid: int) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--db", metavar="URL", help="database URL (default: sqlite file under db/)")
-    p.add_argument("--config", metavar="FILE", help="TOML settings file (see assets/example_config.toml)")
-
-
 def add_train_parser(sub: Any) -> argparse.ArgumentParser:
     """Add ``train`` to an ``add_subparsers()`` object; returns the sub-parser."""
+    from catreview.cli import add_common_options
     from training.config import add_config_arguments
 
     p = sub.add_parser("train", help="LoRA round on the reviewed photos: export, train, register, gate, maybe activate")
-    _common(p)
+    add_common_options(p)
     p.add_argument("--vlm", metavar="PROFILE", help="VLM profile whose model is adapted (default: active_vlm)")
     p.add_argument("--base", metavar="MODEL", help="base model id/folder (overrides --vlm)")
     p.add_argument("--export", metavar="DIR", type=Path, help="train on this export folder instead of exporting the reviews")
@@ -734,8 +730,10 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
 
 def add_adapters_parser(sub: Any) -> argparse.ArgumentParser:
     """Add ``adapters`` (list / promote ID / rollback ID|none) to an ``add_subparsers()`` object."""
+    from catreview.cli import add_common_options
+
     p = sub.add_parser("adapters", help="list adapter versions, promote one, or roll back (to a version or 'none')")
-    _common(p)
+    add_common_options(p)
     p.add_argument("action", choices=["list", "promote", "rollback"])
     p.add_argument("target", nargs="?", help="version id (promote/rollback) or 'none' (rollback to no adapter)")
     p.add_argument("--vlm", metavar="PROFILE")
