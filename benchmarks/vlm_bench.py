@@ -183,9 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threads",
         type=int,
-        default=1,
-        help="torch intra-op threads (default 1: on a shared 2-core machine, 2 threads make "
-        "generate's many small ops collide with other processes and the timings are noise; 0 = torch's default)",
+        default=0,
+        help="torch intra-op threads (default 0 = torch's default, what the app runs with; 1 is less "
+        "disturbed by other processes on a shared machine but makes the compute-bound prefill slower "
+        "against generate's overhead-bound decoding)",
     )
     args = parser.parse_args(argv)
 

@@ -21,11 +21,13 @@ probabilities are relative to the candidate set, not absolute.
 
 Implementation (:meth:`VLMPostClassifier.score_candidates`): one shared prefill of image +
 prompt for several photos (right padding, ``use_cache=True``, logits only at each row's last
-prompt token), then the KV cache is expanded to one row per (photo, candidate)
-(``Cache.batch_select_indices``, the general form of ``batch_repeat_interleave(k)``) and one
-forward runs over the right-padded candidate tokens with the full attention mask and explicit
-position ids (counted from the mask, plus the M-RoPE offset for Qwen2-VL-style models). The vision
-tower and the prompt run once per photo, not once per candidate.
+prompt token), then ONE forward over all candidates of each photo packed into one row: a 4D
+attention mask lets each candidate token see its photo's prompt and its own earlier tokens only,
+and explicit position ids restart after the prompt for every candidate (plus the M-RoPE offset
+for Qwen2-VL-style models). The vision tower and the prompt run once per photo, not once per
+candidate, and the KV cache is neither copied nor expanded per candidate (an earlier version
+expanded it with ``Cache.batch_select_indices``: k copies of a 576-image-token cache cost more
+than the candidate tokens themselves).
 :meth:`VLMPostClassifier.score_candidates_reference` computes the same numbers the slow way (one
 full forward per candidate) and is the oracle in the tests.
 
@@ -403,20 +405,101 @@ def find_rope_deltas_module(model: Any) -> Any | None:
     return None
 
 
-def continuation_positions(full_mask: torch.Tensor, new_tokens: int, rope_deltas: torch.Tensor | None) -> torch.Tensor:
-    """Position ids of the last ``new_tokens`` columns of ``full_mask`` (cache + new tokens).
+@dataclass
+class PackedCandidates:
+    """All candidates of each photo packed into one row, for scoring after a shared prefill.
 
-    Positions count real tokens only (``cumsum(mask) - 1``), so a row whose prompt was shorter
-    than the padded prefill continues right after its own last token. ``rope_deltas`` ``(N, 1)``
-    is added for M-RoPE models.
+    Candidate ``j`` of photo ``b`` with answer ids ``a_1..a_n`` feeds ``a_1..a_{n-1}`` (teacher
+    forcing; ``log p(a_1)`` comes from the prefill's last logits) into segment ``j`` of row ``b``.
+
+    Shapes: B photos, S = longest packed row, N = total candidates, T = longest answer - 1.
+
+    Attributes:
+        input_ids: ``(B, S)`` int64, pad id after the last segment.
+        targets: ``(B, S)`` int64, the token each position predicts (``a_2..a_n``; 0 on padding).
+        segments: ``(B, S)`` int64, candidate index within the photo, ``-1`` on padding.
+        offsets: ``(B, S)`` int64, position of the token inside its candidate (0-based).
+        gather: ``(N, T)`` int64, column in the photo's row of each candidate's ``t``-th fed token.
+        gather_mask: ``(N, T)`` int64, 1 where ``gather`` points at a real token.
+        rows: ``(N,)`` int64, photo index of each candidate.
+    """
+
+    input_ids: torch.Tensor
+    targets: torch.Tensor
+    segments: torch.Tensor
+    offsets: torch.Tensor
+    gather: torch.Tensor
+    gather_mask: torch.Tensor
+    rows: torch.Tensor
+
+
+def pack_candidates(answers: Sequence[Sequence[Sequence[int]]], pad_id: int) -> PackedCandidates:
+    """Pack ``answers[b][j]`` (answer ids incl. EOS, each >= 1 token) one row per photo.
+
+    Raises:
+        ValueError: an answer is empty.
+    """
+    import torch
+
+    rows_ids, rows_tgt, rows_seg, rows_off, gathers, photo_of = [], [], [], [], [], []
+    for b, per_photo in enumerate(answers):
+        ids, tgt, seg, off = [], [], [], []
+        for j, answer in enumerate(per_photo):
+            if not answer:
+                raise ValueError(f"empty answer for candidate {j} of photo {b}")
+            gathers.append(list(range(len(ids), len(ids) + len(answer) - 1)))
+            photo_of.append(b)
+            ids += answer[:-1]
+            tgt += answer[1:]
+            seg += [j] * (len(answer) - 1)
+            off += range(len(answer) - 1)
+        rows_ids.append(ids)
+        rows_tgt.append(tgt)
+        rows_seg.append(seg)
+        rows_off.append(off)
+    input_ids, _ = pad_right(rows_ids, pad_id)
+    targets, _ = pad_right(rows_tgt, 0)
+    segments, real = pad_right(rows_seg, 0)
+    offsets, _ = pad_right(rows_off, 0)
+    gather, gather_mask = pad_right(gathers, 0)
+    return PackedCandidates(
+        input_ids=input_ids,
+        targets=targets,
+        segments=torch.where(real.bool(), segments, -1),
+        offsets=offsets,
+        gather=gather,
+        gather_mask=gather_mask,
+        rows=torch.tensor(photo_of, dtype=torch.long),
+    )
+
+
+def packed_attention_mask(prompt_mask: torch.Tensor, segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive 4D mask for packed candidates attending to a cached, right-padded prompt.
+
+    A packed token sees every real prompt token of its photo and the earlier tokens of its own
+    candidate, never another candidate; padding tokens see the prompt only (no all-masked row,
+    so no NaN). transformers passes a 4D mask to the attention layers unchanged
+    (``masking_utils._preprocess_mask_arguments``); eager and SDPA attention both add it to
+    the attention logits.
+
+    Args:
+        prompt_mask: ``(B, L)`` 0/1, the prefill's attention mask.
+        segments: ``(B, S)`` candidate index per packed token, ``-1`` on padding.
+        dtype: the model's float dtype.
 
     Returns:
-        ``(N, new_tokens)`` int64 (padding columns get a harmless clamped value).
+        ``(B, 1, S, L + S)`` of ``dtype``: 0 where attention is allowed, ``finfo(dtype).min``
+        elsewhere.
     """
-    pos = (full_mask.long().cumsum(dim=-1) - 1).clamp(min=0)[:, full_mask.shape[1] - new_tokens :]
-    if rope_deltas is not None:
-        pos = pos + rope_deltas.to(pos.device).long()
-    return pos
+    import torch
+
+    B, S = segments.shape
+    see_prompt = prompt_mask.bool()[:, None, :].expand(B, S, prompt_mask.shape[1])
+    causal = torch.ones(S, S, dtype=torch.bool, device=segments.device).tril()
+    same = (segments[:, :, None] == segments[:, None, :]) & (segments[:, :, None] >= 0)
+    allowed = torch.cat([see_prompt, same & causal], dim=-1)[:, None]
+    zero = torch.zeros((), dtype=dtype, device=segments.device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)
 
 
 @dataclass
@@ -568,10 +651,11 @@ class VLMPostClassifier:
         return out
 
     def _score_batch(self, batch: _Batch) -> list[list[float]]:
-        """Shared prefill + one candidate forward for the photos of ``batch``.
+        """Shared prefill + one packed forward over all candidates of the photos of ``batch``.
 
-        Shapes: B photos, L padded prompt length, k_b candidates of photo b, N = sum k_b rows,
-        T = longest answer - 1, V vocabulary.
+        Shapes: B photos, L padded prompt length, S longest packed candidate row, N candidates,
+        T = longest answer - 1, V vocabulary. The KV cache keeps B rows: candidates share their
+        photo's row through :func:`packed_attention_mask` instead of copies of the cache.
         """
         import torch
 
@@ -582,36 +666,40 @@ class VLMPostClassifier:
                 f"{type(self.processor).__name__} ignored padding_side='right'; shared-prefill scoring "
                 "needs right-padded prompts"
             )
-        last = prompt_mask.sum(dim=1) - 1  # (B,) index of each row's last prompt token
+        attn = getattr(self.model.config.get_text_config(), "_attn_implementation", None) or "sdpa"
+        if attn not in ("sdpa", "eager"):
+            raise VLMError(
+                f"shared-prefill scoring passes a 4D attention mask, which attn_implementation {attn!r} "
+                "does not take; load the model with 'sdpa' (transformers' default) or 'eager'"
+            )
+        n_prompt = prompt_mask.sum(dim=1)  # (B,) real prompt tokens; the last is at n_prompt - 1
+        packed = pack_candidates(answers, self._pad_id())
+        rows = packed.rows.to(self.device)  # (N,)
+        flat = [ids for per_photo in answers for ids in per_photo]
+        lengths = torch.tensor([len(ids) for ids in flat], device=self.device)  # (N,)
+        first_ids = torch.tensor([ids[0] for ids in flat], device=self.device)
         with torch.inference_mode():
-            pre = self.model(**inputs, use_cache=True, logits_to_keep=last[:, None])
+            pre = self.model(**inputs, use_cache=True, logits_to_keep=(n_prompt - 1)[:, None])
             first_logprobs = torch.log_softmax(pre.logits[:, -1].float(), dim=-1)  # (B, V)
-            cache = pre.cache
-            rows = torch.repeat_interleave(
-                torch.arange(len(answers)), torch.tensor([len(a) for a in answers])
-            ).to(self.device)  # (N,) photo index of each candidate row
-            flat = [ids for per_photo in answers for ids in per_photo]
-            lengths = torch.tensor([len(ids) for ids in flat], device=self.device)  # (N,)
-            first_ids = torch.tensor([ids[0] for ids in flat], device=self.device)
             token_lp = [first_logprobs[rows, first_ids][:, None]]  # log p(a_1 | prompt), (N, 1)
-
-            # Teacher forcing: feed a_1..a_{n-1}, read log p(a_2..a_n).
-            feed_ids, feed_mask = pad_right([ids[:-1] for ids in flat], self._pad_id())
-            if feed_ids.shape[1] > 0:
-                feed_ids, feed_mask = feed_ids.to(self.device), feed_mask.to(self.device)
-                cache.batch_select_indices(rows)  # == batch_repeat_interleave(k) when all k equal
-                full_mask = torch.cat([prompt_mask[rows], feed_mask], dim=1)
+            if packed.input_ids.shape[1] > 0:
+                # Teacher forcing: feed a_1..a_{n-1} of every candidate, read log p(a_2..a_n).
+                positions = n_prompt[:, None] + packed.offsets.to(self.device)  # (B, S)
                 deltas = self._rope_deltas()
-                positions = continuation_positions(
-                    full_mask, feed_ids.shape[1], deltas[rows] if deltas is not None else None
-                )
+                if deltas is not None:
+                    positions = positions + deltas.to(self.device).long()
+                mask = packed_attention_mask(prompt_mask, packed.segments.to(self.device), self.dtype)
                 out = self.model(
-                    input_ids=feed_ids, attention_mask=full_mask, position_ids=positions, cache=cache, use_cache=True
+                    input_ids=packed.input_ids.to(self.device),
+                    attention_mask=mask,
+                    position_ids=positions,
+                    cache=pre.cache,
+                    use_cache=True,
                 )
-                logprobs = torch.log_softmax(out.logits.float(), dim=-1)  # (N, T, V)
-                targets, _ = pad_right([ids[1:] for ids in flat], 0)
-                picked = logprobs.gather(-1, targets.to(self.device)[..., None])[..., 0]  # (N, T)
-                token_lp.append(picked * feed_mask)  # feed_mask marks exactly the a_2..a_n targets
+                logprobs = torch.log_softmax(out.logits.float(), dim=-1)  # (B, S, V)
+                picked = logprobs.gather(-1, packed.targets.to(self.device)[..., None])[..., 0]  # (B, S)
+                gather_mask = packed.gather_mask.to(self.device)
+                token_lp.append(picked[rows[:, None], packed.gather.to(self.device)] * gather_mask)  # (N, T)
             scores = reduce_scores(torch.cat(token_lp, dim=1), lengths, self.profile.score_normalisation)
         scores = scores.cpu().tolist()
         per_photo, start = [], 0

@@ -29,6 +29,8 @@ from catreview.vlm import (  # noqa: E402
     VLMPostClassifier,
     answer_token_ids,
     candidate_answer,
+    pack_candidates,
+    packed_attention_mask,
 )
 from tests.conftest import load_photos  # noqa: E402  (skips without photos, fails under CI)
 
@@ -144,6 +146,41 @@ def test_token_boundary_check(llava):
         answer_token_ids(tok, prompt + " ", "Maine Coon", eos_id=tok.eos_token_id)
     # ChatML prompts end with a newline: no separator on the answer there.
     assert candidate_answer("<|im_start|>assistant\n", "Maine_Coon") == "Maine Coon"
+
+
+def test_packed_candidates_layout_and_mask():
+    # photo 0: " Maine Coon"+EOS = [5, 6, 2] and " Bengal"+EOS = [7, 2]; photo 1: [8, 9, 4, 2];
+    # photo 2: an EOS-only answer (nothing to feed after the prefill) and [3, 2].
+    packed = pack_candidates([[[5, 6, 2], [7, 2]], [[8, 9, 4, 2]], [[2], [3, 2]]], pad_id=0)
+    assert packed.input_ids.tolist() == [[5, 6, 7], [8, 9, 4], [3, 0, 0]]
+    assert packed.targets.tolist() == [[6, 2, 2], [9, 4, 2], [2, 0, 0]]
+    assert packed.segments.tolist() == [[0, 0, 1], [0, 0, 0], [1, -1, -1]]
+    assert packed.offsets.tolist() == [[0, 1, 0], [0, 1, 2], [0, 0, 0]]
+    assert packed.rows.tolist() == [0, 0, 1, 2, 2]
+    assert packed.gather.tolist() == [[0, 1, 0], [2, 0, 0], [0, 1, 2], [0, 0, 0], [0, 0, 0]]
+    assert packed.gather_mask.tolist() == [[1, 1, 0], [1, 0, 0], [1, 1, 1], [0, 0, 0], [1, 0, 0]]
+    with pytest.raises(ValueError, match="empty answer"):
+        pack_candidates([[[5, 2], []]], pad_id=0)
+
+    prompt_mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0]])  # right-padded prompts
+    mask = packed_attention_mask(prompt_mask, packed.segments, torch.float32)
+    assert mask.shape == (3, 1, 3, 6) and mask.dtype == torch.float32
+    allowed = (mask[:, 0] == 0).int().tolist()
+    # photo 0: " Bengal" (query 2) sees the real prompt and itself, not " Maine Coon" (cols 3, 4)
+    assert allowed[0] == [[1, 1, 0, 1, 0, 0], [1, 1, 0, 1, 1, 0], [1, 1, 0, 0, 0, 1]]
+    assert allowed[1] == [[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]
+    # padding queries see the prompt only: never an all-masked row (NaN in softmax)
+    assert allowed[2] == [[1, 0, 0, 1, 0, 0], [1, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0]]
+    assert (mask[mask != 0] == torch.finfo(torch.float32).min).all()
+
+
+def test_packed_scoring_under_eager_and_sdpa_attention(model_dirs, llava, photos):
+    # The 4D packed mask is additive; both of transformers' mask-taking attention paths must agree.
+    eager = make(model_dirs["llava"]).load()
+    eager.model.set_attn_implementation("eager")
+    assert eager.model.config.get_text_config()._attn_implementation == "eager"
+    for a, b in zip(eager.score_candidates(photos, CANDIDATES), llava.score_candidates(photos, CANDIDATES)):
+        assert_close(a.scores, b.scores, atol=1e-5)
 
 
 def test_mean_and_sum_normalisation_differ_on_multi_token_name(model_dirs, llava, photos):
