@@ -60,6 +60,7 @@ __all__ = [
     "reliability_bins",
     "reliability_bins_from_confidences",
     "scale_probabilities",
+    "stratified_folds",
     "temperature_nll",
 ]
 
@@ -654,6 +655,9 @@ class StageMetrics:
     For stage 1 and the VLM, "after" applies the fitted temperature, which leaves the argmax and
     so the accuracies unchanged (up to exact ties). For the fusion, "before" is the raw
     probabilities at the current weight, "after" the temperature-scaled ones at the fitted weight.
+    "after" is in-sample (fitted and measured on the same photos); the ``*_cv`` values are
+    cross-validated: each photo is measured with the temperatures and weight fitted on the other
+    folds (:func:`calibrate`), ``None`` when cross-validation was not possible.
     ECE values and accuracies are in [0, 1].
     """
 
@@ -664,6 +668,9 @@ class StageMetrics:
     accuracy_after: float
     balanced_accuracy_before: float
     balanced_accuracy_after: float
+    ece_after_cv: float | None = None
+    accuracy_after_cv: float | None = None
+    balanced_accuracy_after_cv: float | None = None
 
 
 STAGES = ("stage1", "vlm", "fused")
@@ -685,6 +692,8 @@ class CalibrationReport:
         reliability: ``{"<stage>_before" | "<stage>_after": [ReliabilityBin, ...]}``.
         excluded_from_fit: ``{"stage1": k, "vlm": k}`` photos left out of the temperature fits
             because their label had no probability in that stage (e.g. not a stage-1 candidate).
+        n_folds: folds of the cross-validated ``*_cv`` metrics (0: not cross-validated).
+        cv_note: why cross-validation was skipped, or ``None``.
     """
 
     n_reviews: int
@@ -700,6 +709,8 @@ class CalibrationReport:
     per_breed: dict[str, dict[str, tuple[int, int, float]]]
     reliability: dict[str, list[ReliabilityBin]] = field(repr=False)
     excluded_from_fit: dict[str, int]
+    n_folds: int = 0
+    cv_note: str | None = None
 
     def summary_rows(self) -> list[dict[str, Any]]:
         """One dict per stage (keys: stage, n, ece_before, ece_after, accuracy_before, ...)."""
@@ -741,7 +752,10 @@ class CalibrationReport:
         t_vlm = "n/a" if self.vlm_temperature is None else f"{self.vlm_temperature:.3f}"
         lines = [
             f"Calibration on {self.n_reviews} reviewed photos ({self.n_with_vlm} with a VLM verdict), "
-            f"ECE with {self.n_bins} bins; fitted and measured on the same photos (in-sample).",
+            f"ECE with {self.n_bins} bins. 'after' is in-sample (fitted and measured on the same photos); "
+            + (f"'CV' is {self.n_folds}-fold cross-validated (stratified by breed): each photo is measured "
+               "with the calibration fitted on the other folds."
+               if self.n_folds else f"no cross-validation: {self.cv_note}"),
             f"Temperature: stage 1 T={self.stage1_temperature:.3f}, VLM T={t_vlm}. "
             f"Fusion weight (VLM share): {self.current_weight:.2f} -> {self.weight:.2f}.",
             f"Stage 1 missed the human breed in its top-k on {self.excluded_from_fit['stage1']} of "
@@ -751,17 +765,21 @@ class CalibrationReport:
             + (" No label was a candidate, so stage 1's temperature stays 1." if self.excluded_from_fit["stage1"] >= self.n_reviews else ""),
             "",
         ]
-        head = ["stage", "n", "ECE before", "ECE after", "acc before", "acc after", "bal.acc before", "bal.acc after"]
+        head = ["stage", "n", "ECE before", "ECE after", "ECE CV", "acc before", "acc after", "acc CV",
+                "bal.acc before", "bal.acc after", "bal.acc CV"]
         body = [
             [
                 r["stage"],
                 str(r["n"]),
                 f"{r['ece_before']:.3f}",
                 f"{r['ece_after']:.3f}",
+                "-" if r["ece_after_cv"] is None else f"{r['ece_after_cv']:.3f}",
                 _pct(r["accuracy_before"]),
                 _pct(r["accuracy_after"]),
+                _pct(r["accuracy_after_cv"]),
                 _pct(r["balanced_accuracy_before"]),
                 _pct(r["balanced_accuracy_after"]),
+                _pct(r["balanced_accuracy_after_cv"]),
             ]
             for r in self.summary_rows()
         ]
@@ -831,57 +849,29 @@ def _scaled_vlm(v: Mapping[str, float], t: float | None) -> dict[str, float]:
     return dict(v) if t is None else scale_probabilities(v, t)
 
 
-def calibrate(
-    records: Sequence[ReviewRecord | Mapping[str, Any]],
-    n_bins: int = 15,
-    min_reviews: int = 30,
-    *,
-    current_weight: float = 0.5,
-    n_weight_steps: int = 101,
-) -> CalibrationReport:
-    """Fit per-stage temperatures and the fusion weight on reviewed photos, and report metrics.
+@dataclass(frozen=True)
+class _Fit:
+    """Fitted parameters of :func:`calibrate` (see its steps 1-3)."""
 
-    Steps: (1) stage-1 ``T`` by :func:`fit_temperature` on log top-k probabilities over each
-    photo's candidates; (2) VLM ``T`` the same way over candidates + OTHER, on photos with a VLM
-    verdict; (3) the weight by :func:`fit_fusion_weight` on the temperature-scaled distributions;
-    (4) ECE, accuracy and balanced accuracy of each stage before and after, and per-breed accuracy.
+    t1: float
+    t2: float | None
+    weight: float
+    excluded1: int
+    excluded2: int
 
-    Scoring of a human label that is not among the stage-1 candidates: a miss for stage 1 (and
-    left out of its temperature fit, which has no such outcome); for the VLM and the fusion the
-    right answer is OTHER. Balanced accuracy averages over the human labels (breeds) present.
-    Photos without a VLM verdict count for stage 1 and the fusion (which equals stage 1 there).
-    Stage-1 confidences are over its candidates (renormalised top-k), before and after scaling.
-    Everything is fitted and measured on the same photos, so the "after" numbers are optimistic;
-    with few reviews, prefer a held-out split.
+    def stage1(self, topk: TopK) -> dict[str, float]:
+        return scale_probabilities(normalise_topk(topk), self.t1)
 
-    Args:
-        records: :class:`ReviewRecord` objects or mappings with keys ``human_label``,
-            ``stage1_topk`` and optionally ``vlm_probs``.
-        n_bins: ECE bins.
-        min_reviews: fewest records accepted (``FusionConfig.calibration_min_reviews``, default 30).
-        current_weight: the configured fusion weight ("before", and the tie-break target).
-        n_weight_steps: weight grid size.
+    def vlm(self, probs: Mapping[str, float] | None) -> dict[str, float] | None:
+        return None if probs is None else _scaled_vlm(probs, self.t2)
 
-    Returns:
-        A :class:`CalibrationReport`.
 
-    Raises:
-        ValueError: fewer than ``min_reviews`` records; invalid records (message names the
-            record). With no human label among the stage-1 candidates, stage 1's ``T`` stays 1.
-        TypeError: a record that is neither a ReviewRecord nor a mapping.
-    """
-    if len(records) < min_reviews:
-        raise ValueError(
-            f"calibration needs at least {min_reviews} reviewed photos, got {len(records)}; "
-            "review more photos or lower fusion.calibration_min_reviews"
-        )
-    n_bins = _check_n_bins(n_bins)
-    recs = [_as_record(i, r) for i, r in enumerate(records)]
+def _fit(recs: Sequence[ReviewRecord], current_weight: float, n_weight_steps: int) -> _Fit:
+    """Steps 1-3 of :func:`calibrate` on ``recs``. Raises ValueError as :func:`calibrate`."""
     human = [r.human_label for r in recs]
     matrices = _outcome_matrices([r.stage1_topk for r in recs], [r.vlm_probs for r in recs], human)
     n, k_plus_other = matrices.p1.shape
     other_col = k_plus_other - 1
-    stage1 = [normalise_topk(r.stage1_topk) for r in recs]
     has_vlm = np.array([r.vlm_probs is not None for r in recs], dtype=bool)
 
     # (1) stage-1 temperature over candidate columns only.
@@ -902,46 +892,180 @@ def calibrate(
         except ValueError as exc:
             raise ValueError(f"VLM temperature: {exc}") from exc
 
-    scaled1 = [scale_probabilities(d, t1) for d in stage1]
-    scaled_vlm = [None if r.vlm_probs is None else _scaled_vlm(r.vlm_probs, t2) for r in recs]
-
     # (3) fusion weight on calibrated distributions.
+    partial = _Fit(t1, t2, current_weight, int(n - usable1.sum()), int(len(y2) - usable2.sum()))
     weight = fit_fusion_weight(
-        scaled1, scaled_vlm, human, current_weight=current_weight, n_steps=n_weight_steps
+        [partial.stage1(r.stage1_topk) for r in recs],
+        [partial.vlm(r.vlm_probs) for r in recs],
+        human,
+        current_weight=current_weight,
+        n_steps=n_weight_steps,
     )
+    return _Fit(t1, t2, weight, partial.excluded1, partial.excluded2)
+
+
+def stratified_folds(labels: Sequence[Hashable], n_folds: int) -> np.ndarray:
+    """Deterministic stratified k-fold assignment.
+
+    The items of each label, in input order, are dealt to folds round-robin, the deal continuing
+    from one label to the next (labels in sorted order), so every label is spread over the folds
+    as evenly as its count allows and fold sizes differ by at most one. The same split as
+    scikit-learn's ``StratifiedKFold(shuffle=False)`` in spirit, without the dependency.
+
+    Args:
+        labels: one hashable, sortable label per item.
+        n_folds: number of folds, ``2 <= n_folds <= len(labels)``.
+
+    Returns:
+        ``(len(labels),)`` int64, the fold of each item, in ``[0, n_folds)``.
+
+    Raises:
+        ValueError: ``n_folds`` out of range.
+    """
+    n = len(labels)
+    if int(n_folds) != n_folds or not 2 <= n_folds <= n:
+        raise ValueError(f"n_folds must be an integer in [2, {n}], got {n_folds!r}")
+    by_label: dict[Hashable, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_label.setdefault(label, []).append(i)
+    folds = np.empty(n, dtype=np.int64)
+    deal = 0
+    for label in sorted(by_label, key=str):
+        for i in by_label[label]:
+            folds[i] = deal % n_folds
+            deal += 1
+    return folds
+
+
+def calibrate(
+    records: Sequence[ReviewRecord | Mapping[str, Any]],
+    n_bins: int = 15,
+    min_reviews: int = 30,
+    *,
+    current_weight: float = 0.5,
+    n_weight_steps: int = 101,
+    n_folds: int = 5,
+) -> CalibrationReport:
+    """Fit per-stage temperatures and the fusion weight on reviewed photos, and report metrics.
+
+    Steps: (1) stage-1 ``T`` by :func:`fit_temperature` on log top-k probabilities over each
+    photo's candidates; (2) VLM ``T`` the same way over candidates + OTHER, on photos with a VLM
+    verdict; (3) the weight by :func:`fit_fusion_weight` on the temperature-scaled distributions;
+    (4) ECE, accuracy and balanced accuracy of each stage before and after, and per-breed accuracy.
+
+    Scoring of a human label that is not among the stage-1 candidates: a miss for stage 1 (and
+    left out of its temperature fit, which has no such outcome); for the VLM and the fusion the
+    right answer is OTHER. Balanced accuracy averages over the human labels (breeds) present.
+    Photos without a VLM verdict count for stage 1 and the fusion (which equals stage 1 there).
+    Stage-1 confidences are over its candidates (renormalised top-k), before and after scaling.
+    The fit (steps 1-3) uses all photos, and the "after" numbers are measured on those same photos,
+    so they are optimistic. The ``*_cv`` numbers are honest estimates: ``n_folds``-fold
+    cross-validation, stratified by human label (:func:`stratified_folds`), repeats steps 1-3
+    without each fold and scores that fold's photos with the result (Hastie, Tibshirani &
+    Friedman, *The Elements of Statistical Learning*, 2nd ed., section 7.10). If a fold cannot be
+    fitted, or there are fewer than ``2 * n_folds`` photos, the CV values are ``None`` and
+    ``cv_note`` says why; the in-sample fit is still returned.
+
+    Args:
+        records: :class:`ReviewRecord` objects or mappings with keys ``human_label``,
+            ``stage1_topk`` and optionally ``vlm_probs``.
+        n_bins: ECE bins.
+        min_reviews: fewest records accepted (``FusionConfig.calibration_min_reviews``, default 30).
+        current_weight: the configured fusion weight ("before", and the tie-break target).
+        n_weight_steps: weight grid size.
+        n_folds: cross-validation folds (default 5; 0 turns cross-validation off).
+
+    Returns:
+        A :class:`CalibrationReport`.
+
+    Raises:
+        ValueError: fewer than ``min_reviews`` records; invalid records (message names the
+            record). With no human label among the stage-1 candidates, stage 1's ``T`` stays 1.
+        TypeError: a record that is neither a ReviewRecord nor a mapping.
+    """
+    if len(records) < min_reviews:
+        raise ValueError(
+            f"calibration needs at least {min_reviews} reviewed photos, got {len(records)}; "
+            "review more photos or lower fusion.calibration_min_reviews"
+        )
+    n_bins = _check_n_bins(n_bins)
+    recs = [_as_record(i, r) for i, r in enumerate(records)]
+    human = [r.human_label for r in recs]
+    n = len(recs)
+    fit = _fit(recs, current_weight, n_weight_steps)  # validates the records, naming the bad one
+    stage1 = [normalise_topk(r.stage1_topk) for r in recs]
+    has_vlm = np.array([r.vlm_probs is not None for r in recs], dtype=bool)
+    t1, t2, weight = fit.t1, fit.t2, fit.weight
+    scaled1 = [fit.stage1(r.stage1_topk) for r in recs]
+    scaled_vlm = [fit.vlm(r.vlm_probs) for r in recs]
+
+    # Cross-validation: every photo scored with the parameters fitted on the other folds.
+    cv_note = None
+    cv1: list[dict[str, float]] = []
+    cv_vlm: list[dict[str, float] | None] = []
+    cv_fused: list[dict[str, float]] = []
+    if n_folds and n < 2 * n_folds:
+        cv_note = f"{n} photos are too few for {n_folds} folds (need {2 * n_folds})"
+    elif n_folds:
+        folds = stratified_folds(human, n_folds)
+        fold_fits = []
+        for f in range(n_folds):
+            try:
+                fold_fits.append(_fit([r for r, g in zip(recs, folds) if g != f], current_weight, n_weight_steps))
+            except ValueError as exc:
+                cv_note = f"fold {f + 1} of {n_folds} could not be fitted ({exc})"
+                break
+        if cv_note is None:
+            for r, g in zip(recs, folds):
+                s1, v = fold_fits[g].stage1(r.stage1_topk), fold_fits[g].vlm(r.vlm_probs)
+                cv1.append(s1)
+                cv_vlm.append(v)
+                cv_fused.append(fuse(s1, v, fold_fits[g].weight))
+    else:
+        cv_note = "n_folds=0"
 
     # (4) metrics.
     reliability: dict[str, list[ReliabilityBin]] = {}
     per_breed: dict[str, dict[str, tuple[int, int, float]]] = {}
     breeds = sorted(set(human))
 
-    def measure(key: str, before: list[dict[str, float]], after: list[dict[str, float]], who: list[str]):
+    def measure(
+        key: str,
+        before: list[dict[str, float]],
+        after: list[dict[str, float]],
+        cv: list[dict[str, float]],
+        who: list[str],
+    ) -> StageMetrics:
         out = []
-        for tag, dists in (("before", before), ("after", after)):
+        for tag, dists in (("before", before), ("after", after), ("cv", cv)):
+            if not dists:
+                out.append((None, None, None, None))
+                continue
             conf, ok, eff = _stage_outcome(dists, who)
             bins = reliability_bins_from_confidences(conf, ok, n_bins)
             reliability[f"{key}_{tag}"] = bins
             out.append((ece_from_bins(bins), float(ok.mean()), balanced_accuracy(who, eff), eff))
-        (e0, a0, b0, _), (e1, a1, b1, eff_after) = out
+        (e0, a0, b0, _), (e1, a1, b1, eff_after), (ec, ac, bc, _) = out
         counts = per_class_accuracy(who, eff_after, labels=breeds)
         for b in breeds:
             per_breed.setdefault(b, {})[key] = counts[b]
-        return StageMetrics(len(who), e0, e1, a0, a1, b0, b1)
+        return StageMetrics(len(who), e0, e1, a0, a1, b0, b1, ec, ac, bc)
 
-    m1 = measure("stage1", stage1, scaled1, human)
+    m1 = measure("stage1", stage1, scaled1, cv1, human)
     vlm_idx = np.flatnonzero(has_vlm)
     mv = None
     if len(vlm_idx):
         cands = [list(stage1[i]) for i in vlm_idx]
         raw_v = [normalise_vlm(recs[i].vlm_probs, c) for i, c in zip(vlm_idx, cands)]
         cal_v = [normalise_vlm(scaled_vlm[i], c) for i, c in zip(vlm_idx, cands)]
-        mv = measure("vlm", raw_v, cal_v, [human[i] for i in vlm_idx])
+        cv_v = [normalise_vlm(cv_vlm[i], c) for i, c in zip(vlm_idx, cands)] if cv_vlm else []
+        mv = measure("vlm", raw_v, cal_v, cv_v, [human[i] for i in vlm_idx])
     else:
         for b in breeds:
             per_breed.setdefault(b, {})["vlm"] = (0, 0, math.nan)
     fused_before = [fuse(r.stage1_topk, r.vlm_probs, current_weight) for r in recs]
     fused_after = [fuse(s, v, weight) for s, v in zip(scaled1, scaled_vlm)]
-    mf = measure("fused", fused_before, fused_after, human)
+    mf = measure("fused", fused_before, fused_after, cv_fused, human)
 
     return CalibrationReport(
         n_reviews=n,
@@ -956,5 +1080,7 @@ def calibrate(
         fused=mf,
         per_breed=per_breed,
         reliability=reliability,
-        excluded_from_fit={"stage1": int(n - usable1.sum()), "vlm": int(len(y2) - usable2.sum())},
+        excluded_from_fit={"stage1": fit.excluded1, "vlm": fit.excluded2},
+        n_folds=n_folds if cv_note is None else 0,
+        cv_note=cv_note,
     )

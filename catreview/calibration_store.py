@@ -46,7 +46,12 @@ def fit_and_store(settings: Any, registry: Any, *, vlm_name: str | None = None, 
     engine = make_engine(settings.database_url)
     views = list(iter_views(engine, registry, vlm_name=vlm_name))
     records = review_records(views)
-    report = calibrate(records, min_reviews=settings.fusion.calibration_min_reviews, current_weight=settings.fusion.weight)
+    report = calibrate(
+        records,
+        min_reviews=settings.fusion.calibration_min_reviews,
+        current_weight=settings.fusion.weight,
+        n_folds=settings.fusion.calibration_folds,
+    )
     if not store:
         return report, None
     clf, vlm = registry.classifier(), registry.vlm(vlm_name)

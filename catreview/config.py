@@ -81,12 +81,14 @@ class FusionConfig(BaseModel):
 
     ``weight`` is the VLM's share in [0, 1]. ``routing_threshold``: when set, photos whose
     stage-1 top-1 probability is above it skip the VLM. ``calibration_min_reviews``: reviewed
-    photos needed before temperatures and the weight are fitted.
+    photos needed before temperatures and the weight are fitted. ``calibration_folds``: folds of
+    the cross-validated ECE/accuracy in the calibration report (0 = in-sample numbers only).
     """
 
     weight: float = Field(0.5, ge=0.0, le=1.0)
     routing_threshold: float | None = Field(None, ge=0.0, le=1.0)
     calibration_min_reviews: int = Field(30, ge=2)
+    calibration_folds: int = Field(5, ge=0, le=20)
 
 
 class Settings(BaseSettings):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from catreview.calibration import (
     per_class_accuracy,
     reliability_bins,
     scale_probabilities,
+    stratified_folds,
     temperature_nll,
 )
 from catreview.fusion import OTHER
@@ -370,3 +372,55 @@ def test_calibrate_without_any_vlm_verdicts():
     assert rep.weight == pytest.approx(0.3)  # every weight ties: keep the current one
     assert rep.fused.accuracy_after == rep.stage1.accuracy_after
     assert "n/a" in rep.to_table()
+
+
+# --------------------------------------------------------------------------- cross-validation
+
+
+def test_stratified_folds_spread_every_label_and_balance_sizes():
+    labels = ["Bengal"] * 7 + ["Ocicat"] * 3 + ["Bombay"] * 11 + ["Siamese"]
+    folds = stratified_folds(labels, 5)
+    assert folds.tolist() == stratified_folds(labels, 5).tolist()  # deterministic
+    sizes = np.bincount(folds, minlength=5)
+    assert sizes.max() - sizes.min() <= 1 and sizes.sum() == len(labels)
+    for label in set(labels):
+        per_fold = np.bincount(folds[[i for i, x in enumerate(labels) if x == label]], minlength=5)
+        assert per_fold.max() - per_fold.min() <= 1, label  # as even as the count allows
+    for bad in (1, 0, len(labels) + 1, 2.5):
+        with pytest.raises(ValueError, match="n_folds"):
+            stratified_folds(labels, bad)
+
+
+def test_cross_validated_ece_also_falls(report):
+    assert report.n_folds == 5 and report.cv_note is None
+    assert report.vlm.ece_after_cv < report.vlm.ece_before and report.vlm.ece_after_cv < 0.06
+    assert report.stage1.ece_after_cv < report.stage1.ece_before
+    assert report.fused.ece_after_cv < report.fused.ece_before
+    assert report.stage1.accuracy_after_cv == report.stage1.accuracy_before  # T keeps the argmax
+    assert "ECE CV" in report.to_table() and "5-fold cross-validated" in report.to_table()
+
+
+def test_in_sample_fit_is_optimistic_and_cv_is_not():
+    # A VLM that is pure noise: the weight search fits the noise of the photos it sees, so
+    # in-sample balanced accuracy beats the cross-validated one (which never scores a photo with
+    # a fit that saw it). Equality would mean the CV numbers leak the fit.
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        records = []
+        for r in synthetic_records(60, seed=seed):
+            outcomes = [label for label, _ in r.stage1_topk] + [OTHER]
+            noise = rng.dirichlet(np.full(len(outcomes), 0.3))
+            records.append(ReviewRecord(r.human_label, r.stage1_topk, dict(zip(outcomes, map(float, noise)))))
+        with warnings.catch_warnings():  # the noise VLM's T may run to its bound (it says so)
+            warnings.simplefilter("ignore", RuntimeWarning)
+            rep = calibrate(records, min_reviews=30)
+        assert rep.fused.balanced_accuracy_after_cv < rep.fused.balanced_accuracy_after, seed
+
+
+def test_cross_validation_is_skipped_with_a_reason():
+    records = synthetic_records(40, seed=3)
+    rep = calibrate(records, min_reviews=30, n_folds=25)
+    assert rep.n_folds == 0 and "too few for 25 folds" in rep.cv_note
+    assert rep.fused.ece_after_cv is None and rep.fused.ece_after is not None
+    assert "no cross-validation" in rep.to_table() and "ECE CV" in rep.to_table()
+    assert calibrate(records, min_reviews=30, n_folds=0).cv_note == "n_folds=0"

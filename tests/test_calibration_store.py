@@ -35,6 +35,9 @@ def test_fit_store_and_use(settings, cats_dir: Path, tmp_path: Path) -> None:
 
     report, row_id = fit_and_store(settings, reg)
     assert row_id is not None and report.n_reviews == 36
+    # cross-validated numbers on the real photos, stratified over the 4 breeds
+    assert report.n_folds == settings.fusion.calibration_folds == 5 and report.cv_note is None
+    assert 0.0 <= report.fused.ece_after_cv <= 1.0 and 0.0 <= report.stage1.balanced_accuracy_after_cv <= 1.0
     assert report.stage1_temperature > 0 and 0.0 <= report.weight <= 1.0
     assert {r["breed"] for r in report.per_breed_rows()} == {"Bengal", "Abyssinian", "Scottish Fold", "Exotic Shorthair"}
     after = {v["id"]: v["fused"] for v in iter_views(engine, ModelRegistry(settings))}

@@ -17,6 +17,8 @@ def build(app: ReviewApp) -> None:
     gr.Markdown(
         f"Fits a temperature per stage (Guo et al. 2017) and the fusion weight that maximises balanced "
         f"accuracy, on the reviewed photos (at least {n_min}). ECE uses 15 equal-width bins. "
+        "\"after\" is measured on the photos the fit saw; the \"_cv\" columns are cross-validated "
+        "(each photo measured with a fit that did not see it), the honest estimate. "
         "The VLM and the fusion answer over the stage-1 candidates **plus \"other\"**: when the human "
         "breed is not among stage 1's candidates, \"other\" counts as the right answer."
     )
@@ -24,8 +26,10 @@ def build(app: ReviewApp) -> None:
     report = gr.Textbox(label="Report", lines=8, interactive=False, elem_id="calibration-report")
     summary = gr.Dataframe(
         headers=["stage", "n", "ece_before", "ece_after", "accuracy_before", "accuracy_after",
-                 "balanced_accuracy_before", "balanced_accuracy_after"],
-        label="Stages: ECE and accuracy before/after", elem_id="calibration-summary", interactive=False)
+                 "balanced_accuracy_before", "balanced_accuracy_after", "ece_after_cv", "accuracy_after_cv",
+                 "balanced_accuracy_after_cv"],
+        label="Stages: ECE and accuracy before/after (in-sample) and cross-validated (_cv)",
+        elem_id="calibration-summary", interactive=False)
     per_breed = gr.Dataframe(
         headers=["breed", "reviews", "stage1_correct", "stage1_accuracy", "vlm_reviews", "vlm_correct",
                  "vlm_accuracy", "fused_correct", "fused_accuracy"],
