@@ -13,7 +13,8 @@ Ratios (of the best times) are against ``generate --max-new-tokens``. The scorin
 checked against the reference (max |score difference|).
 
 Models: ``tiny:demo`` and ``tiny:14m`` (built offline into a temporary folder, see
-:mod:`catreview.tiny_vlms`), ``tiny:llava-next``, ``tiny:qwen2-vl``, or any local folder / cached
+:mod:`catreview.tiny_vlms`), ``tiny:llava-next``, ``tiny:qwen2-vl``, ``tiny:idefics3``,
+``tiny:llava-onevision``, ``tiny:pixtral``, or any local folder / cached
 hub id (e.g. ``llava-hf/llava-1.5-7b-hf`` on a GPU machine).
 
     HF_HUB_OFFLINE=1 python benchmarks/vlm_bench.py --models tiny:demo tiny:14m
@@ -43,6 +44,9 @@ TINY = {
     "tiny:14m": lambda d: tiny_vlms.build_tiny_llava(d, size="14m"),
     "tiny:llava-next": tiny_vlms.build_tiny_llava_next,
     "tiny:qwen2-vl": tiny_vlms.build_tiny_qwen2_vl,
+    "tiny:idefics3": tiny_vlms.build_tiny_idefics3,
+    "tiny:llava-onevision": tiny_vlms.build_tiny_llava_onevision,
+    "tiny:pixtral": tiny_vlms.build_tiny_pixtral,
 }
 
 

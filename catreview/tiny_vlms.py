@@ -24,8 +24,16 @@ Builders (all deterministic for a ``seed``; the seed and size are stored in the 
   connector, Llama text, image splitting into a grid of tiles + a global image,
   ``User:<image>... Assistant:`` template).
 
-Not built here: Pixtral / Mistral3, LLaVA-OneVision, Gemma3 and the rest -- not attempted (no
-known blocker; each is a config + processor from arguments like the builders below).
+* :func:`build_tiny_llava_onevision` -- LLaVA-OneVision (SigLIP vision, "full" features,
+  anyres tiling, Qwen2 text, ``LlavaOnevisionProcessor`` with the ChatML-style template of
+  ``llava-hf/llava-onevision-qwen2-*-ov-hf``).
+* :func:`build_tiny_pixtral` -- Pixtral (``PixtralVisionModel`` with 2-D RoPE at native
+  resolution + Mistral text in ``LlavaForConditionalGeneration``, ``PixtralProcessor`` with
+  ``[IMG]``/``[IMG_BREAK]``/``[IMG_END]`` tokens and the ``[INST]...[/INST]`` template), the layout
+  of ``mistral-community/pixtral-12b``.
+
+Not built here: Mistral3, Gemma3 and the rest -- not attempted (no known blocker; each is a
+config + processor from arguments like the builders below).
 
 Tokenizers are byte-level BPE models trained locally with ``tokenizers`` on the 67 breed names
 (``assets/breeds67.txt``), the shared photos' breed folders, and the prompt vocabulary of
@@ -552,12 +560,187 @@ def build_tiny_idefics3(out_dir: str | Path, *, seed: int = 0) -> Path:
     return _save(Path(out_dir), model, processor)
 
 
+LLAVA_ONEVISION_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + ' ' }}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ '\n' + content['text'] }}{% endfor %}{{ '<|im_end|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+"""llava-onevision-qwen2 template (images, then text): ``<|im_start|>user <image>\n<text><|im_end|>
+<|im_start|>assistant\n``."""
+
+
+def build_tiny_llava_onevision(out_dir: str | Path, *, seed: int = 0) -> Path:
+    """Build and save a tiny LLaVA-OneVision into ``out_dir``.
+
+    SigLIP vision (56 px tiles, patch 14 -> 16 tokens a tile, all tokens kept: ``"full"``),
+    anyres grid pinpoints up to 2x2 tiles with ``anyres_max_9`` pooling, Qwen2 text (hidden 64,
+    2 layers), ChatML-style template. ~0.25M params.
+
+    Returns:
+        ``out_dir`` as a :class:`~pathlib.Path`.
+    """
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+        PreTrainedTokenizerFast,
+    )
+
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=train_bpe_tokenizer(special, vocab_size=1024, bos=None),
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
+        chat_template=LLAVA_ONEVISION_CHAT_TEMPLATE,
+        padding_side="left",
+    )
+    tile, patch = 56, 14
+    pinpoints = [[tile, tile], [tile, 2 * tile], [2 * tile, tile], [2 * tile, 2 * tile]]
+    config = LlavaOnevisionConfig(
+        vision_config=dict(
+            model_type="siglip_vision_model",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=tile,
+            patch_size=patch,
+        ),
+        text_config=dict(
+            model_type="qwen2",
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            bos_token_id=None,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        image_grid_pinpoints=pinpoints,
+        vision_aspect_ratio="anyres_max_9",
+    )
+    _mark_build(config, family="llava_onevision", size="demo", seed=seed)
+    _seed_everything(seed)
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    size = {"height": tile, "width": tile}
+    processor = LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(
+            size=size, image_grid_pinpoints=pinpoints, image_mean=[0.5] * 3, image_std=[0.5] * 3
+        ),
+        tokenizer=tokenizer,
+        video_processor=LlavaOnevisionVideoProcessor(size=size),
+        num_image_tokens=(tile // patch) ** 2,
+        vision_feature_select_strategy="full",
+        chat_template=LLAVA_ONEVISION_CHAT_TEMPLATE,
+        vision_aspect_ratio="anyres_max_9",
+    )
+    return _save(Path(out_dir), model, processor)
+
+
+PIXTRAL_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST]' }}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}{{ '[IMG]' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{{ '[/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + eos_token }}{% endfor %}{% endif %}{% endfor %}"
+)
+"""Pixtral-12B's template, user and assistant turns: ``<s>[INST][IMG]<text>[/INST]``."""
+
+
+def build_tiny_pixtral(out_dir: str | Path, *, seed: int = 0) -> Path:
+    """Build and save a tiny Pixtral (``LlavaForConditionalGeneration`` + Pixtral vision).
+
+    Native resolution: the longest side is resized to 128 px and cut into 16 px patches, one image
+    token per patch, an ``[IMG_BREAK]`` after each row and ``[IMG_END]`` last, so the token count
+    follows the photo's aspect ratio as in the real model. Mistral text (hidden 64, 2 layers).
+    ~0.25M params.
+
+    Returns:
+        ``out_dir`` as a :class:`~pathlib.Path`.
+    """
+    from transformers import (
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        PixtralImageProcessor,
+        PixtralProcessor,
+        PreTrainedTokenizerFast,
+    )
+
+    special = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]", "<pad>"]
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=train_bpe_tokenizer(special, vocab_size=1024, bos=None),  # BOS comes from the template
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "[IMG]", "image_break_token": "[IMG_BREAK]", "image_end_token": "[IMG_END]"},
+        chat_template=PIXTRAL_CHAT_TEMPLATE,
+        padding_side="left",
+    )
+    patch, longest = 16, 128
+    config = LlavaConfig(
+        vision_config=dict(
+            model_type="pixtral",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            head_dim=16,
+            image_size=longest,
+            patch_size=patch,
+        ),
+        text_config=dict(
+            model_type="mistral",
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            max_position_embeddings=4096,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        image_token_id=tokenizer.convert_tokens_to_ids("[IMG]"),
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+    )
+    _mark_build(config, family="pixtral", size="demo", seed=seed)
+    _seed_everything(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    processor = PixtralProcessor(
+        image_processor=PixtralImageProcessor(size={"longest_edge": longest}, patch_size={"height": patch, "width": patch}),
+        tokenizer=tokenizer,
+        patch_size=patch,
+        spatial_merge_size=1,
+        chat_template=PIXTRAL_CHAT_TEMPLATE,
+    )
+    return _save(Path(out_dir), model, processor)
+
+
 TINY_BUILDERS = {
     "llava-demo": lambda d, seed=0: build_tiny_llava(d, size="demo", seed=seed),
     "llava-14m": lambda d, seed=0: build_tiny_llava(d, size="14m", seed=seed),
     "llava-next": lambda d, seed=0: build_tiny_llava_next(d, seed=seed),
     "qwen2-vl": lambda d, seed=0: build_tiny_qwen2_vl(d, seed=seed),
     "idefics3": lambda d, seed=0: build_tiny_idefics3(d, seed=seed),
+    "llava-onevision": lambda d, seed=0: build_tiny_llava_onevision(d, seed=seed),
+    "pixtral": lambda d, seed=0: build_tiny_pixtral(d, seed=seed),
 }
 """Name -> ``builder(out_dir, seed=0) -> Path`` for every tiny family."""
 

@@ -1,6 +1,6 @@
 """Stage-2 VLM post-classifier on tiny real-architecture models built offline.
 
-The models (llava-1.5, llava-next, Qwen2-VL, Idefics3; random weights) are built into a temporary folder
+The models (llava-1.5, llava-next, llava-onevision, Pixtral, Qwen2-VL, Idefics3; random weights) are built into a temporary folder
 once per module and loaded through ``AutoProcessor`` / ``AutoModelForImageTextToText`` exactly as
 hub checkpoints are. Photos are real shared cat photos; the model only ever gets pixels.
 No mocks.
@@ -55,6 +55,8 @@ def model_dirs(tmp_path_factory) -> dict[str, Path]:
         "llava-next": tiny_vlms.build_tiny_llava_next(root / "llava-next", seed=0),
         "qwen2-vl": tiny_vlms.build_tiny_qwen2_vl(root / "qwen2-vl", seed=0),
         "idefics3": tiny_vlms.build_tiny_idefics3(root / "idefics3", seed=0),
+        "llava-onevision": tiny_vlms.build_tiny_llava_onevision(root / "llava-onevision", seed=0),
+        "pixtral": tiny_vlms.build_tiny_pixtral(root / "pixtral", seed=0),
     }
 
 
@@ -84,6 +86,8 @@ def test_tiny_models_load_through_auto_classes(model_dirs):
         "llava-next": "LlavaNextForConditionalGeneration",
         "qwen2-vl": "Qwen2VLForConditionalGeneration",
         "idefics3": "Idefics3ForConditionalGeneration",
+        "llava-onevision": "LlavaOnevisionForConditionalGeneration",
+        "pixtral": "LlavaForConditionalGeneration",
     }
     for key, cls in expected.items():
         processor = AutoProcessor.from_pretrained(model_dirs[key])
@@ -210,7 +214,7 @@ def test_stream_reasoning_grows_and_matches_reasoning(model_dirs, photos):
     assert texts[-1].strip() == vlm.reasoning(photos[0], CANDIDATES[0])
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2-vl"])
+@pytest.mark.parametrize("family", ["llava", "qwen2-vl", "llava-onevision", "pixtral"])
 def test_batched_reasoning_equals_one_at_a_time(family, model_dirs, photos):
     # Left padding + attention mask: greedy text of each row equals the unbatched text.
     vlm = make(model_dirs[family], batch_size=4)
@@ -287,7 +291,7 @@ def test_peft_adapter_is_loaded_and_versioned(tmp_path, model_dirs, photos):
     assert max(abs(a - b) for a, b in zip(v.scores, base.scores)) > 1e-3  # the adapter is active
 
 
-@pytest.mark.parametrize("family", ["llava-next", "qwen2-vl", "idefics3"])
+@pytest.mark.parametrize("family", ["llava-next", "qwen2-vl", "idefics3", "llava-onevision", "pixtral"])
 def test_other_families_verdict_and_reasoning(family, model_dirs, photos):
     vlm = make(model_dirs[family], batch_size=2)
     verdicts = vlm.score_candidates(photos, CANDIDATES)
