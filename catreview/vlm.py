@@ -630,21 +630,25 @@ class VLMPostClassifier:
             images: PIL images (any mode; converted to RGB), one per photo.
             candidates: per photo, stage-1 labels (e.g. top-3, ``"Maine_Coon"`` or ``"Maine
                 Coon"``); ``"other"`` is appended here.
+            batch_size: photos per prefill (default ``profile.batch_size``), >= 1.
 
         Returns:
-            One :class:`VLMVerdict` per photo, in order. Photos are processed ``batch_size``
-            (default ``profile.batch_size``) per prefill; results equal one-at-a-time within
+            One :class:`VLMVerdict` per photo, in order. Results equal one-at-a-time within
             float tolerance.
 
         Raises:
             ValueError: lengths differ, or a candidate list is empty / has duplicates.
             TokenBoundaryError: an answer does not start on a token boundary.
-            VLMError: model cannot be loaded, or out of memory (lower ``batch_size``).
+            VLMError: model cannot be loaded; out of memory (lower ``batch_size``); the model's
+                ``attn_implementation`` takes no 4D attention mask (only ``"sdpa"``, transformers'
+                default, and ``"eager"`` do); or the processor ignores right padding.
         """
         labels = _check_inputs(images, candidates)
         self.load()
         out: list[VLMVerdict] = []
-        step = batch_size or self.profile.batch_size
+        step = self.profile.batch_size if batch_size is None else batch_size
+        if step < 1:
+            raise ValueError(f"batch_size must be >= 1, got {step}")
         for i in range(0, len(labels), step):
             scores = self._guard_oom(self._score_batch, self._prepare(images[i : i + step], labels[i : i + step]))
             out += [VLMVerdict.from_scores(ls, s, self.model_version) for ls, s in zip(labels[i : i + step], scores)]

@@ -18,8 +18,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
+import torch  # noqa: E402  (hard requirements: a broken install must fail, not skip)
 
 from catreview import prompts, tiny_vlms  # noqa: E402
 from catreview.config import VLMProfile  # noqa: E402
@@ -29,6 +28,7 @@ from catreview.vlm import (  # noqa: E402
     VLMPostClassifier,
     answer_token_ids,
     candidate_answer,
+    match_candidate,
     pack_candidates,
     packed_attention_mask,
 )
@@ -155,7 +155,18 @@ def test_token_boundary_check(llava):
 def test_packed_candidates_layout_and_mask():
     # photo 0: " Maine Coon"+EOS = [5, 6, 2] and " Bengal"+EOS = [7, 2]; photo 1: [8, 9, 4, 2];
     # photo 2: an EOS-only answer (nothing to feed after the prefill) and [3, 2].
-    packed = pack_candidates([[[5, 6, 2], [7, 2]], [[8, 9, 4, 2]], [[2], [3, 2]]], pad_id=0)
+    answers = [[[5, 6, 2], [7, 2]], [[8, 9, 4, 2]], [[2], [3, 2]]]
+    packed = pack_candidates(answers, pad_id=0)
+    # Semantics: gathering a candidate's columns from its photo's row gives back exactly the
+    # tokens it feeds (a_1..a_{n-1}) and the tokens they predict (a_2..a_n).
+    flat = [a for per_photo in answers for a in per_photo]
+    for n, answer in enumerate(flat):
+        cols = packed.gather[n][packed.gather_mask[n].bool()]
+        row = packed.rows[n]
+        assert packed.input_ids[row, cols].tolist() == answer[:-1]
+        assert packed.targets[row, cols].tolist() == answer[1:]
+        assert packed.offsets[row, cols].tolist() == list(range(len(answer) - 1))
+    # The layout itself:
     assert packed.input_ids.tolist() == [[5, 6, 7], [8, 9, 4], [3, 0, 0]]
     assert packed.targets.tolist() == [[6, 2, 2], [9, 4, 2], [2, 0, 0]]
     assert packed.segments.tolist() == [[0, 0, 1], [0, 0, 0], [1, -1, -1]]
@@ -299,7 +310,10 @@ def test_other_families_verdict_and_reasoning(family, model_dirs, photos):
         assert abs(sum(v.probabilities) - 1.0) < 1e-6
         assert_close(v.scores, vlm.score_candidates_reference(image, cands).scores)
     text = vlm.reasoning(photos[1], CANDIDATES[1])
-    assert isinstance(text, str) and text
+    # the streamed text ends where the cached one does; only new tokens, never the prompt echoed
+    assert text and list(vlm.stream_reasoning(photos[1], CANDIDATES[1]))[-1].strip() == text
+    assert "ASSISTANT" not in text and "[/INST]" not in text and "assistant\n" not in text
     generated = vlm.generate_verdict(photos[1], CANDIDATES[1])
-    assert generated.label in generated.candidates and isinstance(generated.extra["answer"], str)
+    assert generated.candidates == [*CANDIDATES[1], prompts.OTHER_LABEL]
+    assert generated.label == match_candidate(generated.extra["answer"], generated.candidates)
     assert vlm.model_version.startswith(family + "@")
