@@ -24,7 +24,7 @@ from catreview.labels import BreedVocabulary, read_label_file
 from catreview.predict import candidates_key, cached_predictions, run_predictions, store_reasoning
 from catreview.registry import ModelRegistry
 from catreview.results import iter_views, model_snapshot
-from catreview.reviews import record_review, review_counts
+from catreview.reviews import ReviewError, record_review, review_counts
 
 
 @dataclass
@@ -126,8 +126,15 @@ class ReviewApp:
             return review_counts(s)
 
     def view(self, image_id: int) -> dict[str, Any]:
-        """The photo's :func:`catreview.results.image_view` (stage 1, VLM, fused, review)."""
-        return next(iter_views(self.engine, self.registry, image_ids=[image_id]))
+        """The photo's :func:`catreview.results.image_view` (stage 1, VLM, fused, review).
+
+        Raises:
+            catreview.reviews.ReviewError: no photo with ``image_id``.
+        """
+        view = next(iter_views(self.engine, self.registry, image_ids=[image_id]), None)
+        if view is None:
+            raise ReviewError(f"no photo with id {image_id}")
+        return view
 
     def image(self, image_id: int):
         """The photo decoded by :func:`catreview.images.load_rgb` (PIL RGB)."""
@@ -139,7 +146,7 @@ class ReviewApp:
         """Record a review (with the models' outputs at review time); returns the new view.
 
         Raises:
-            catreview.reviews.ReviewError: no annotator, unknown label, failed image.
+            catreview.reviews.ReviewError: no annotator, unknown label, failed image, unknown id.
         """
         snapshot = model_snapshot(self.view(image_id))
         with Session(self.engine) as s:

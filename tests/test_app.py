@@ -75,10 +75,14 @@ def test_review_over_api_survives_restart(settings, photos: Path) -> None:
     # Restart on the same database: the review is there, nothing recomputed.
     with running_app(settings) as (app2, url2):
         assert app2.job.log and "0 computed" in app2.job.log[0] + app2.job.log[1]
-        shown = Client(url2, verbose=False).predict(api_name="/show")
+        client2 = Client(url2, verbose=False)
+        shown = client2.predict(api_name="/show")
         assert "1 / 4 reviewed" in shown[2]
-        if int(shown[0]) == image_id:
-            assert "Sphynx - Hairless Cat" in shown[8] and "alice" in shown[8]
+        assert int(shown[0]) != image_id  # a reload opens on the next photo still to review
+        review = app2.view(image_id)["review"]
+        assert review["label"] == "Sphynx - Hairless Cat" and review["annotator"] == "alice"
+        unknown = client2.predict(10_000, "Birman", "alice", "", api_name="/review")
+        assert "no photo with id 10000" in unknown[-1]
     with Session(app2.engine) as s:
         rows = list(s.exec(select(Review)))
     assert [(r.image_id, r.label, r.annotator, r.note) for r in rows] == [(image_id, "Sphynx - Hairless Cat", "alice", "ears say so")]
