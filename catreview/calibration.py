@@ -51,6 +51,7 @@ __all__ = [
     "calibrate",
     "ece_from_bins",
     "expected_calibration_error",
+    "fit_fused_temperature",
     "fit_fusion_weight",
     "fit_temperature",
     "fusion_weight_curve",
@@ -654,7 +655,8 @@ class StageMetrics:
 
     For stage 1 and the VLM, "after" applies the fitted temperature, which leaves the argmax and
     so the accuracies unchanged (up to exact ties). For the fusion, "before" is the raw
-    probabilities at the current weight, "after" the temperature-scaled ones at the fitted weight.
+    probabilities at the current weight, "after" the temperature-scaled ones at the fitted weight,
+    with the pool's own temperature.
     "after" is in-sample (fitted and measured on the same photos); the ``*_cv`` values are
     cross-validated: each photo is measured with the temperatures and weight fitted on the other
     folds (:func:`calibrate`), ``None`` when cross-validation was not possible.
@@ -686,6 +688,7 @@ class CalibrationReport:
         stage1_temperature, vlm_temperature: fitted ``T`` (``vlm_temperature`` is ``None`` when no
             usable VLM verdict exists; the VLM is then left unscaled).
         current_weight, weight: the fusion weight before and after fitting.
+        fused_temperature: ``T`` of the pooled distribution (:func:`fit_fused_temperature`).
         stage1, vlm, fused: :class:`StageMetrics` (``vlm`` is ``None`` without VLM verdicts).
         per_breed: ``{breed: {stage: (correct, total, accuracy)}}`` for stages "stage1", "vlm"
             (photos the VLM saw) and "fused" (after calibration); accuracy NaN when total is 0.
@@ -703,6 +706,7 @@ class CalibrationReport:
     vlm_temperature: float | None
     current_weight: float
     weight: float
+    fused_temperature: float
     stage1: StageMetrics
     vlm: StageMetrics | None
     fused: StageMetrics
@@ -756,7 +760,8 @@ class CalibrationReport:
             + (f"'CV' is {self.n_folds}-fold cross-validated (stratified by breed): each photo is measured "
                "with the calibration fitted on the other folds."
                if self.n_folds else f"no cross-validation: {self.cv_note}"),
-            f"Temperature: stage 1 T={self.stage1_temperature:.3f}, VLM T={t_vlm}. "
+            f"Temperature: stage 1 T={self.stage1_temperature:.3f}, VLM T={t_vlm}, "
+            f"fused (after the pool) T={self.fused_temperature:.3f}. "
             f"Fusion weight (VLM share): {self.current_weight:.2f} -> {self.weight:.2f}.",
             f"Stage 1 missed the human breed in its top-k on {self.excluded_from_fit['stage1']} of "
             f"{self.n_reviews} photos. The VLM and the fusion answer over the candidates plus 'other', "
@@ -858,12 +863,60 @@ class _Fit:
     weight: float
     excluded1: int
     excluded2: int
+    t_fused: float = 1.0
 
     def stage1(self, topk: TopK) -> dict[str, float]:
         return scale_probabilities(normalise_topk(topk), self.t1)
 
     def vlm(self, probs: Mapping[str, float] | None) -> dict[str, float] | None:
         return None if probs is None else _scaled_vlm(probs, self.t2)
+
+    def pooled(self, topk: TopK, probs: Mapping[str, float] | None) -> dict[str, float]:
+        """The linear pool of the scaled stages, before the fused temperature."""
+        return fuse(self.stage1(topk), self.vlm(probs), self.weight)
+
+    def fused(self, topk: TopK, probs: Mapping[str, float] | None) -> dict[str, float]:
+        return scale_probabilities(self.pooled(topk, probs), self.t_fused)
+
+
+def fit_fused_temperature(fused: Sequence[Mapping[str, float]], human_labels: Sequence[str]) -> float:
+    """Temperature of the pooled (fused) distribution, fitted by NLL like :func:`fit_temperature`.
+
+    A linear pool of calibrated forecasts is under-confident (Hora 2004; Ranjan & Gneiting 2010,
+    "Combining probability forecasts", JRSS-B 72(1)), so the pool gets its own temperature on
+    its log-probabilities (the simplest recalibration of a pool; it keeps the fused argmax). The
+    correct outcome is the human label when it is a key of the distribution, else ``OTHER``;
+    photos whose correct outcome has probability 0 (e.g. ``OTHER`` where the VLM was skipped) are
+    left out of the fit.
+
+    Args:
+        fused: per photo ``{label: probability}`` over its candidates and ``OTHER``.
+        human_labels: the reviewed label per photo.
+
+    Returns:
+        ``T`` in [0.01, 100]; 1.0 when no usable photo has two outcomes of non-zero probability.
+
+    Raises:
+        ValueError: lengths differ; or the temperature is not identifiable (message prefixed
+            "fused temperature").
+    """
+    if len(fused) != len(human_labels):
+        raise ValueError(f"fused and human_labels differ in length: {len(fused)} vs {len(human_labels)}")
+    width = max((len(d) for d in fused), default=0)
+    z = np.full((len(fused), max(width, 1)), -np.inf)
+    y = np.zeros(len(fused), dtype=np.int64)
+    for i, (d, h) in enumerate(zip(fused, human_labels)):
+        keys = list(d)
+        z[i, : len(keys)] = log_probabilities([d[k] for k in keys])
+        target = h if h in d else OTHER
+        y[i] = keys.index(target) if target in d else -1
+    usable = (y >= 0) & np.isfinite(z[np.arange(len(y)), np.maximum(y, 0)])
+    if not (np.isfinite(z[usable]).sum(axis=1) >= 2).any():
+        return 1.0  # no usable photo with two possible outcomes: nothing to scale
+    try:
+        return fit_temperature(z[usable], y[usable])
+    except ValueError as exc:
+        raise ValueError(f"fused temperature: {exc}") from exc
 
 
 def _fit(recs: Sequence[ReviewRecord], current_weight: float, n_weight_steps: int) -> _Fit:
@@ -878,8 +931,10 @@ def _fit(recs: Sequence[ReviewRecord], current_weight: float, n_weight_steps: in
     z1 = log_probabilities(matrices.p1[:, :other_col])
     in_cands = matrices.truth != other_col
     usable1 = in_cands & np.isfinite(z1[np.arange(n), np.where(in_cands, matrices.truth, 0)])
-    # With no photo whose label is a candidate there is nothing to fit: stage 1 stays unscaled.
-    t1 = fit_temperature(z1[usable1], matrices.truth[usable1]) if usable1.any() else 1.0
+    # With no photo whose label is a candidate, or only one candidate per photo (top_k = 1),
+    # there is nothing to fit: stage 1 stays unscaled.
+    identifiable1 = bool((np.isfinite(z1[usable1]).sum(axis=1) >= 2).any())
+    t1 = fit_temperature(z1[usable1], matrices.truth[usable1]) if identifiable1 else 1.0
 
     # (2) VLM temperature over candidates + OTHER, on photos with a verdict.
     z2 = log_probabilities(matrices.p2[has_vlm])
@@ -901,7 +956,10 @@ def _fit(recs: Sequence[ReviewRecord], current_weight: float, n_weight_steps: in
         current_weight=current_weight,
         n_steps=n_weight_steps,
     )
-    return _Fit(t1, t2, weight, partial.excluded1, partial.excluded2)
+    # (3b) temperature of the pool at that weight.
+    pooled = _Fit(t1, t2, weight, partial.excluded1, partial.excluded2)
+    t_fused = fit_fused_temperature([pooled.pooled(r.stage1_topk, r.vlm_probs) for r in recs], human)
+    return _Fit(t1, t2, weight, partial.excluded1, partial.excluded2, t_fused)
 
 
 def stratified_folds(labels: Sequence[Hashable], n_folds: int) -> np.ndarray:
@@ -950,8 +1008,9 @@ def calibrate(
 
     Steps: (1) stage-1 ``T`` by :func:`fit_temperature` on log top-k probabilities over each
     photo's candidates; (2) VLM ``T`` the same way over candidates + OTHER, on photos with a VLM
-    verdict; (3) the weight by :func:`fit_fusion_weight` on the temperature-scaled distributions;
-    (4) ECE, accuracy and balanced accuracy of each stage before and after, and per-breed accuracy.
+    verdict; (3) the weight by :func:`fit_fusion_weight` on the temperature-scaled distributions,
+    then the pool's own temperature by :func:`fit_fused_temperature`; (4) ECE, accuracy and
+    balanced accuracy of each stage before and after, and per-breed accuracy.
 
     Scoring of a human label that is not among the stage-1 candidates: a miss for stage 1 (and
     left out of its temperature fit, which has no such outcome); for the VLM and the fusion the
@@ -1017,10 +1076,9 @@ def calibrate(
                 break
         if cv_note is None:
             for r, g in zip(recs, folds):
-                s1, v = fold_fits[g].stage1(r.stage1_topk), fold_fits[g].vlm(r.vlm_probs)
-                cv1.append(s1)
-                cv_vlm.append(v)
-                cv_fused.append(fuse(s1, v, fold_fits[g].weight))
+                cv1.append(fold_fits[g].stage1(r.stage1_topk))
+                cv_vlm.append(fold_fits[g].vlm(r.vlm_probs))
+                cv_fused.append(fold_fits[g].fused(r.stage1_topk, r.vlm_probs))
     else:
         cv_note = "n_folds=0"
 
@@ -1064,7 +1122,7 @@ def calibrate(
         for b in breeds:
             per_breed.setdefault(b, {})["vlm"] = (0, 0, math.nan)
     fused_before = [fuse(r.stage1_topk, r.vlm_probs, current_weight) for r in recs]
-    fused_after = [fuse(s, v, weight) for s, v in zip(scaled1, scaled_vlm)]
+    fused_after = [fit.fused(r.stage1_topk, r.vlm_probs) for r in recs]
     mf = measure("fused", fused_before, fused_after, cv_fused, human)
 
     return CalibrationReport(
@@ -1075,6 +1133,7 @@ def calibrate(
         vlm_temperature=t2,
         current_weight=float(current_weight),
         weight=weight,
+        fused_temperature=fit.t_fused,
         stage1=m1,
         vlm=mv,
         fused=mf,

@@ -62,6 +62,7 @@ def fit_and_store(settings: Any, registry: Any, *, vlm_name: str | None = None, 
             temperature_stage1=report.stage1_temperature,
             temperature_vlm=report.vlm_temperature or 1.0,
             weight=report.weight,
+            temperature_fused=report.fused_temperature,
             n_reviews=report.n_reviews,
             report_json=json.dumps({"summary": report.summary_rows(), "per_breed": report.per_breed_rows()}, default=str),
         )

@@ -162,7 +162,8 @@ class Preference(SQLModel, table=True):
 
 
 class CalibrationRecord(SQLModel, table=True):
-    """Fitted temperatures (per stage) and fusion weight for one (classifier, VLM) version pair."""
+    """Fitted temperatures (per stage, and of the pooled distribution) and fusion weight for one
+    (classifier, VLM) version pair."""
 
     __tablename__ = "calibrations"
     id: int | None = Field(default=None, primary_key=True)
@@ -172,6 +173,7 @@ class CalibrationRecord(SQLModel, table=True):
     temperature_vlm: float
     weight: float
     n_reviews: int
+    temperature_fused: float = Field(default=1.0, sa_column_kwargs={"server_default": "1.0"})
     report_json: str = Field(default="{}", sa_column=Column(Text))
     created_at: datetime = Field(default_factory=utcnow)
 
@@ -218,9 +220,36 @@ def make_engine(url: str) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
     try:
         SQLModel.metadata.create_all(engine)
+        add_missing_columns(engine)
     except OperationalError as exc:
         raise ValueError(f"cannot open the database {engine.url.render_as_string(hide_password=True)}: {exc.orig}") from None
     return engine
+
+
+ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("calibrations", "temperature_fused", "FLOAT NOT NULL DEFAULT 1.0"),
+)
+"""Columns added to existing tables after their first release: ``(table, column, SQL type and
+default)``. ``create_all`` creates missing tables but never alters existing ones."""
+
+
+def add_missing_columns(engine: Engine) -> list[str]:
+    """Add the :data:`ADDED_COLUMNS` an older database lacks (``ALTER TABLE ... ADD COLUMN``,
+    valid in SQLite and PostgreSQL). Existing rows get the default; nothing else is touched.
+
+    Returns:
+        ``"table.column"`` of each column added (empty when the schema is current).
+    """
+    from sqlalchemy import inspect, text
+
+    added = []
+    inspector = inspect(engine)
+    for table, column, ddl in ADDED_COLUMNS:
+        if column not in {c["name"] for c in inspector.get_columns(table)}:
+            with engine.begin() as conn:
+                conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}"))
+            added.append(f"{table}.{column}")
+    return added
 
 
 def get_image(session: Session, image_id: int) -> ImageRecord:

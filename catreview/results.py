@@ -23,14 +23,16 @@ from catreview.reviews import current_reviews
 
 @dataclass(frozen=True)
 class Blend:
-    """How the two stages are combined: the VLM's ``weight`` in [0, 1] and per-stage
-    temperatures (> 0; 1 = as the model says). ``source`` says where the values came from."""
+    """How the two stages are combined: the VLM's ``weight`` in [0, 1], per-stage temperatures
+    and the temperature of the pooled distribution (all > 0; 1 = unchanged). ``source`` says
+    where the values came from."""
 
     weight: float
     temperature_stage1: float = 1.0
     temperature_vlm: float = 1.0
     routing_threshold: float | None = None
     source: str = "config"
+    temperature_fused: float = 1.0
 
 
 def current_blend(session: Session, settings: Any, stage1_version: str, vlm_version: str) -> Blend:
@@ -43,7 +45,14 @@ def current_blend(session: Session, settings: Any, stage1_version: str, vlm_vers
     thr = settings.fusion.routing_threshold
     if rec is None:
         return Blend(settings.fusion.weight, routing_threshold=thr)
-    return Blend(rec.weight, rec.temperature_stage1, rec.temperature_vlm, thr, source=f"calibration #{rec.id}")
+    return Blend(
+        rec.weight,
+        rec.temperature_stage1,
+        rec.temperature_vlm,
+        thr,
+        source=f"calibration #{rec.id}",
+        temperature_fused=rec.temperature_fused,
+    )
 
 
 def vlm_probs(payload: dict[str, Any]) -> dict[str, float]:
@@ -52,10 +61,12 @@ def vlm_probs(payload: dict[str, Any]) -> dict[str, float]:
 
 
 def fuse_view(topk: list[tuple[str, float]], vlm: dict[str, float] | None, blend: Blend) -> dict[str, float]:
-    """Temperature-scale both stages, then blend (:func:`catreview.fusion.fuse`)."""
+    """Temperature-scale both stages, blend (:func:`catreview.fusion.fuse`), then scale the pool
+    by ``blend.temperature_fused`` (see :func:`catreview.calibration.calibrate`)."""
     s1 = scale_probabilities(dict(topk), blend.temperature_stage1)
     v = scale_probabilities(vlm, blend.temperature_vlm) if vlm is not None else None
-    return fuse(s1, v, blend.weight)
+    fused = fuse(s1, v, blend.weight)
+    return fused if blend.temperature_fused == 1.0 else scale_probabilities(fused, blend.temperature_fused)
 
 
 def image_view(

@@ -314,6 +314,16 @@ def test_calibrate_fits_temperatures_in_the_right_direction(report):
     assert report.excluded_from_fit["stage1"] > 0  # some truths fall outside the top 3
 
 
+def test_pool_gets_its_own_temperature(report):
+    # Both stages are calibrated after scaling, and their linear pool is under-confident
+    # (Ranjan & Gneiting 2010): the fused temperature sharpens it, and the fused ECE falls to the
+    # level of the calibrated stages, in-sample and cross-validated.
+    assert report.fused_temperature < 0.8
+    assert report.fused.ece_after < 0.08 and report.fused.ece_after_cv < 0.08
+    assert report.fused.ece_after < report.fused.ece_before / 2
+    assert "fused (after the pool) T=" in report.to_table()
+
+
 def test_calibrate_weight_is_the_best_on_calibrated_inputs(report):
     records = synthetic_records(1500, seed=5)
     stage1 = [scale_probabilities(dict(r.stage1_topk), report.stage1_temperature) for r in records]
@@ -424,3 +434,13 @@ def test_cross_validation_is_skipped_with_a_reason():
     assert rep.fused.ece_after_cv is None and rep.fused.ece_after is not None
     assert "no cross-validation" in rep.to_table() and "ECE CV" in rep.to_table()
     assert calibrate(records, min_reviews=30, n_folds=0).cv_note == "n_folds=0"
+
+
+def test_top1_only_stage1_keeps_its_temperature():
+    # top_k = 1 (allowed by the config): one logit per photo, nothing to scale in stage 1; the
+    # VLM and the pool (candidate + OTHER) are still fitted.
+    records = [ReviewRecord(r.human_label, r.stage1_topk[:1], r.vlm_probs and {
+        r.stage1_topk[0][0]: r.vlm_probs[r.stage1_topk[0][0]], OTHER: 1.0 - r.vlm_probs[r.stage1_topk[0][0]]})
+        for r in synthetic_records(200, seed=2)]
+    rep = calibrate(records, min_reviews=30)
+    assert rep.stage1_temperature == 1.0 and rep.vlm_temperature is not None and rep.vlm_temperature != 1.0

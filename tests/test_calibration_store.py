@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from catreview.calibration_store import fit_and_store
-from catreview.db import make_engine
+from sqlmodel import Session
+
+from catreview.db import CalibrationRecord, make_engine
 from catreview.importer import import_folder
 from catreview.labels import BreedVocabulary
 from catreview.predict import run_predictions
@@ -40,6 +42,9 @@ def test_fit_store_and_use(settings, cats_dir: Path, tmp_path: Path) -> None:
     assert 0.0 <= report.fused.ece_after_cv <= 1.0 and 0.0 <= report.stage1.balanced_accuracy_after_cv <= 1.0
     assert report.stage1_temperature > 0 and 0.0 <= report.weight <= 1.0
     assert {r["breed"] for r in report.per_breed_rows()} == {"Bengal", "Abyssinian", "Scottish Fold", "Exotic Shorthair"}
+    with Session(engine) as s:
+        stored = s.get(CalibrationRecord, row_id)
+    assert (stored.weight, stored.temperature_fused) == (report.weight, report.fused_temperature)
     after = {v["id"]: v["fused"] for v in iter_views(engine, ModelRegistry(settings))}
     assert all(f["blend"] == f"calibration #{row_id}" for f in after.values())
     for f in after.values():

@@ -15,8 +15,9 @@ def build(app: ReviewApp) -> None:
     """Lay out the Calibration tab."""
     n_min = app.settings.fusion.calibration_min_reviews
     gr.Markdown(
-        f"Fits a temperature per stage (Guo et al. 2017) and the fusion weight that maximises balanced "
-        f"accuracy, on the reviewed photos (at least {n_min}). ECE uses 15 equal-width bins. "
+        f"Fits a temperature per stage (Guo et al. 2017), the fusion weight that maximises balanced "
+        f"accuracy, and a temperature of the blended distribution (a blend of calibrated stages is "
+        f"under-confident), on the reviewed photos (at least {n_min}). ECE uses 15 equal-width bins. "
         "\"after\" is measured on the photos the fit saw; the \"_cv\" columns are cross-validated "
         "(each photo measured with a fit that did not see it), the honest estimate. "
         "The VLM and the fusion answer over the stage-1 candidates **plus \"other\"**: when the human "
