@@ -697,6 +697,8 @@ class CalibrationReport:
             because their label had no probability in that stage (e.g. not a stage-1 candidate).
         n_folds: folds of the cross-validated ``*_cv`` metrics (0: not cross-validated).
         cv_note: why cross-validation was skipped, or ``None``.
+        data_note: what the caller left out of ``records`` and why (e.g. an adapter's training
+            photos), shown in the report; ``None`` when nothing was.
     """
 
     n_reviews: int
@@ -715,6 +717,7 @@ class CalibrationReport:
     excluded_from_fit: dict[str, int]
     n_folds: int = 0
     cv_note: str | None = None
+    data_note: str | None = None
 
     def summary_rows(self) -> list[dict[str, Any]]:
         """One dict per stage (keys: stage, n, ece_before, ece_after, accuracy_before, ...)."""
@@ -767,7 +770,8 @@ class CalibrationReport:
             f"{self.n_reviews} photos. The VLM and the fusion answer over the candidates plus 'other', "
             "so on those photos 'other' counts as correct; a model that says 'other' often scores "
             "well when stage 1 is weak."
-            + (" No label was a candidate, so stage 1's temperature stays 1." if self.excluded_from_fit["stage1"] >= self.n_reviews else ""),
+            + (" No label was a candidate, so stage 1's temperature stays 1." if self.excluded_from_fit["stage1"] >= self.n_reviews else "")
+            + (f" {self.data_note}" if self.data_note else ""),
             "",
         ]
         head = ["stage", "n", "ECE before", "ECE after", "ECE CV", "acc before", "acc after", "acc CV",

@@ -4,54 +4,103 @@ Reads the latest human review of each photo (breeds only; "Not a cat"/"Unsure" a
 the cached predictions of the current model versions, runs :func:`catreview.calibration.calibrate`
 and stores temperatures + weight in ``calibrations`` for this (classifier, VLM) version pair.
 :func:`catreview.results.current_blend` then uses them for every fused prediction.
+
+Photos the VLM's active LoRA adapter may have learned (the ``train`` split of the exports made
+before the adapter was created) are left out: their VLM probabilities are fitted to the very
+labels calibration measures against, so they would make the VLM look better calibrated and more
+accurate than it is on new photos.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-
+from pathlib import Path
 from typing import Any
 
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from catreview.calibration import CalibrationReport, ReviewRecord, calibrate
-from catreview.db import CalibrationRecord, make_engine
-from catreview.labels import is_breed
+from catreview.db import AdapterVersion, CalibrationRecord, SplitAssignment, make_engine
+from catreview.fusion import OTHER
+from catreview.labels import BreedVocabulary, is_breed
 from catreview.results import iter_views
 
 
-def review_records(views: list[dict[str, Any]]) -> list[ReviewRecord]:
+def review_records(views: list[dict[str, Any]], vocabulary: BreedVocabulary | None = None) -> list[ReviewRecord]:
     """:class:`ReviewRecord` for photos whose latest review names a breed and that have stage-1
-    predictions (VLM probabilities ``None`` when routing skipped the VLM or it has not run)."""
+    predictions (VLM probabilities ``None`` when routing skipped the VLM or it has not run).
+
+    Stage-1 labels and the VLM's candidate keys are mapped to ``vocabulary``'s canonical names
+    (:meth:`~catreview.labels.BreedVocabulary.canonical_or_same`), like the reviews are, so a
+    checkpoint labelled ``"Maine_Coon"`` matches the review ``"Maine Coon"``.
+    """
+    canon = vocabulary.canonical_or_same if vocabulary is not None else (lambda label: label)
     out = []
     for v in views:
         review, s1 = v.get("review"), v.get("stage1")
         if not review or not s1 or not is_breed(review["label"]):
             continue
-        vlm = v.get("vlm") or {}
+        vlm = (v.get("vlm") or {}).get("probabilities")
         out.append(ReviewRecord(
-            human_label=review["label"],
-            stage1_topk=[(d["label"], d["probability"]) for d in s1],
-            vlm_probs=vlm.get("probabilities"),
+            human_label=canon(review["label"]),
+            stage1_topk=[(canon(d["label"]), d["probability"]) for d in s1],
+            vlm_probs=None if vlm is None else {k if k == OTHER else canon(k): p for k, p in vlm.items()},
         ))
     return out
+
+
+def adapter_training_hashes(session: Session, adapter: str | Path | None) -> set[str] | None:
+    """sha256 of the photos an adapter may have been trained on, or ``None`` when unknown.
+
+    A photo counts when its sticky split (``split_assignments``) is ``train`` and was assigned
+    no later than the adapter version was created. ``None`` (unknown) for an adapter folder that
+    no adapter version of this database points to; an empty set for no adapter.
+    """
+    if adapter is None:
+        return set()
+    row = session.exec(select(AdapterVersion).where(AdapterVersion.path == str(adapter))).first()
+    if row is None:
+        return None
+    q = select(SplitAssignment.sha256).where(
+        SplitAssignment.split == "train", SplitAssignment.assigned_at <= row.created_at
+    )
+    return set(session.exec(q))
 
 
 def fit_and_store(settings: Any, registry: Any, *, vlm_name: str | None = None, store: bool = True) -> tuple[CalibrationReport, int | None]:
     """Fit on the database of ``settings``; returns the report and the stored row id (or None).
 
+    Photos the active adapter may have learned are left out (see the module docstring); the
+    report's ``data_note`` says how many, or that the adapter's training photos are unknown.
+
     Raises:
-        ValueError: fewer reviewed photos than ``fusion.calibration_min_reviews``.
+        ValueError: fewer reviewed photos than ``fusion.calibration_min_reviews`` (after leaving
+            out the adapter's training photos).
     """
     engine = make_engine(settings.database_url)
     views = list(iter_views(engine, registry, vlm_name=vlm_name))
-    records = review_records(views)
+    adapter = registry.vlm(vlm_name).profile.adapter
+    with Session(engine) as session:
+        trained = adapter_training_hashes(session, adapter)
+    note = None
+    if trained is None:
+        note = (f"The VLM's adapter {adapter} is not a version of this database: photos it was trained on "
+                "cannot be left out, so the VLM numbers may be optimistic.")
+    elif trained:
+        kept = [v for v in views if v["sha256"] not in trained]
+        n_left_out = len(review_records(views)) - len(review_records(kept))
+        views = kept
+        note = (f"Left out {n_left_out} reviewed photos of the train split the active adapter was trained on "
+                "(its verdicts on them are not a fair test).")
+    records = review_records(views, BreedVocabulary.from_labels_file(settings.classifier.labels_file))
     report = calibrate(
         records,
         min_reviews=settings.fusion.calibration_min_reviews,
         current_weight=settings.fusion.weight,
         n_folds=settings.fusion.calibration_folds,
     )
+    report = dataclasses.replace(report, data_note=note)
     if not store:
         return report, None
     clf, vlm = registry.classifier(), registry.vlm(vlm_name)

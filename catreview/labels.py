@@ -107,6 +107,21 @@ class BreedVocabulary:
         """The users' 67 classes from ``assets/breeds67.txt``."""
         return cls(read_label_file(BREEDS67_FILE))
 
+    @classmethod
+    def from_labels_file(cls, path: str | Path | None) -> BreedVocabulary:
+        """The classes of ``path`` (one per line, logit order), or :meth:`default` when ``None``
+        (``classifier.labels_file`` in the settings).
+
+        Raises:
+            ValueError: as :func:`read_label_file`.
+        """
+        return cls(read_label_file(path)) if path else cls.default()
+
+    def canonical_or_same(self, label: str) -> str:
+        """:meth:`canonical` for a label the vocabulary knows, else ``label`` unchanged (stage-1
+        labels of a checkpoint may include classes the vocabulary lacks)."""
+        return self.canonical(label) if label in self else label
+
     def __len__(self) -> int:
         return len(self.names)
 

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import shutil
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
-
-from catreview.calibration_store import fit_and_store
 from sqlmodel import Session
 
-from catreview.db import CalibrationRecord, make_engine
+from catreview.calibration_store import fit_and_store, review_records
+from catreview.config import VLMProfile
+from catreview.db import AdapterVersion, CalibrationRecord, SplitAssignment, make_engine, utcnow
 from catreview.importer import import_folder
 from catreview.labels import BreedVocabulary
 from catreview.predict import run_predictions
@@ -18,7 +19,8 @@ from catreview.registry import ModelRegistry
 from catreview.results import iter_views
 
 
-def test_fit_store_and_use(settings, cats_dir: Path, tmp_path: Path) -> None:
+def labelled_photos(settings, cats_dir: Path, tmp_path: Path):
+    """36 shared photos of 4 breeds imported with folder labels, predictions run."""
     root = tmp_path / "photos"
     for breed in ("Bengal", "Abyssinian", "Scottish_Fold", "Exotic_Shorthair"):
         (root / breed).mkdir(parents=True)
@@ -28,6 +30,11 @@ def test_fit_store_and_use(settings, cats_dir: Path, tmp_path: Path) -> None:
     reg = ModelRegistry(settings)
     import_folder(engine, root, vocabulary=BreedVocabulary.default(), labels_from_folders=True)
     run_predictions(engine, reg)
+    return engine, reg
+
+
+def test_fit_store_and_use(settings, cats_dir: Path, tmp_path: Path) -> None:
+    engine, reg = labelled_photos(settings, cats_dir, tmp_path)
     before = {v["id"]: v["fused"] for v in iter_views(engine, reg)}
     assert all(f["blend"] == "config" for f in before.values())
 
@@ -49,3 +56,49 @@ def test_fit_store_and_use(settings, cats_dir: Path, tmp_path: Path) -> None:
     assert all(f["blend"] == f"calibration #{row_id}" for f in after.values())
     for f in after.values():
         assert sum(f["probabilities"].values()) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_photos_the_active_adapter_learned_are_left_out(settings, cats_dir: Path, tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    settings = settings.model_copy(update={"fusion": settings.fusion.model_copy(update={"calibration_min_reviews": 20})})
+    engine, reg = labelled_photos(settings, cats_dir, tmp_path)
+    base = reg.vlm().profile.model
+    adapter_dir = tmp_path / "adapter"
+    lora = LoraConfig(r=2, target_modules=r".*language_model.*\.(q_proj|v_proj)")
+    get_peft_model(AutoModelForImageTextToText.from_pretrained(base), lora).save_pretrained(adapter_dir)
+    shas = [v["sha256"] for v in iter_views(engine, reg)]
+    created = utcnow()
+    with Session(engine) as s:
+        s.add(AdapterVersion(base_model=base, path=str(adapter_dir), export_hash="x", active=True, created_at=created))
+        early = created - timedelta(minutes=5)
+        s.add_all([SplitAssignment(sha256=h, split="train", assigned_at=early) for h in shas[:10]])
+        s.add_all([SplitAssignment(sha256=h, split="val", assigned_at=early) for h in shas[10:14]])
+        # assigned after the adapter was made: not in its training data
+        s.add_all([SplitAssignment(sha256=h, split="train", assigned_at=created + timedelta(minutes=5)) for h in shas[14:16]])
+        s.commit()
+    fresh = ModelRegistry(settings)
+    assert str(fresh.vlm().profile.adapter) == str(adapter_dir)
+    report, _ = fit_and_store(settings, fresh, store=False)
+    assert report.n_reviews == 26
+    assert "Left out 10 reviewed photos of the train split" in report.to_table()
+
+    # An adapter folder this database does not know: nothing can be left out, and the report says so.
+    shutil.copytree(adapter_dir, tmp_path / "adapter-copy")
+    unknown = settings.model_copy(update={
+        "vlm_profiles": {"tiny": VLMProfile(model=base, adapter=str(tmp_path / "adapter-copy"))}, "active_vlm": "tiny"})
+    report, _ = fit_and_store(unknown, ModelRegistry(unknown), store=False)
+    assert report.n_reviews == 36 and "cannot be left out" in report.to_table()
+
+
+def test_checkpoint_spellings_match_review_labels() -> None:
+    views = [{
+        "review": {"label": "Maine Coon"},
+        "stage1": [{"label": "Maine_Coon", "probability": 0.7}, {"label": "norwegian forest cat", "probability": 0.3}],
+        "vlm": {"probabilities": {"Maine_Coon": 0.5, "norwegian forest cat": 0.3, "other": 0.2}},
+    }]
+    (rec,) = review_records(views, BreedVocabulary.default())
+    assert rec.human_label == "Maine Coon"
+    assert [label for label, _ in rec.stage1_topk] == ["Maine Coon", "Norwegian Forest Cat"]
+    assert rec.vlm_probs == {"Maine Coon": 0.5, "Norwegian Forest Cat": 0.3, "other": 0.2}
