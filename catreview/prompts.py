@@ -123,6 +123,36 @@ def build_chat(processor: Any, text: str) -> str:
     return processor.apply_chat_template(user_messages(text), add_generation_prompt=True, tokenize=False)
 
 
+def end_of_turn_token(processor: Any) -> str | None:
+    """The special token the chat template writes right after an assistant answer.
+
+    ``</s>`` for llava-1.5 and Mistral templates, ``<|im_end|>`` for ChatML (Qwen2-VL,
+    LLaVA-OneVision), ``<end_of_utterance>`` for Idefics3/SmolVLM. It can differ from the
+    tokenizer's ``eos_token`` (Idefics3-8B-Llama3: ``<|end_of_text|>``), and it is the token the
+    model learned to emit after an answer, so answer scoring and training append it.
+
+    Found by rendering a user turn plus an assistant answer and reading the longest special token
+    that starts the text after the answer (whitespace skipped).
+
+    Returns:
+        The token string, or ``None`` when the template writes no special token there.
+
+    Raises:
+        ValueError: the processor has no chat template.
+    """
+    if not getattr(processor, "chat_template", None):
+        raise ValueError(f"{type(processor).__name__} has no chat template")
+    answer = "Maine Coon"
+    messages = [*user_messages("Which breed?"), {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+    rendered = processor.apply_chat_template(messages, tokenize=False)
+    at = rendered.rfind(answer)
+    if at < 0:
+        return None
+    suffix = rendered[at + len(answer) :].lstrip()
+    matches = [t for t in processor.tokenizer.all_special_tokens if t and suffix.startswith(t)]
+    return max(matches, key=len) if matches else None
+
+
 def verdict_prompt(processor: Any, labels: Sequence[str]) -> str:
     """The verdict chat for ``labels`` (including :data:`OTHER_LABEL`)."""
     return build_chat(processor, verdict_text(labels))

@@ -536,6 +536,7 @@ class VLMPostClassifier:
         self.dtype: torch.dtype | None = None
         self._rope_module: Any = None
         self._version: str | None = None
+        self._end_of_turn: str | None = None  # "" once known to be absent
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -553,6 +554,7 @@ class VLMPostClassifier:
         if self.model is None:
             self.processor, self.model, self.device, self.dtype = load_processor_and_model(self.profile)
             self._rope_module = find_rope_deltas_module(self.model)
+            self._end_of_turn = None
         return self
 
     def unload(self) -> None:
@@ -598,8 +600,16 @@ class VLMPostClassifier:
         )
         return inputs.to(self.device, dtype=self.dtype)
 
+    def _eos_token(self) -> str | None:
+        """The token appended to every scored answer: the chat template's end of turn
+        (:func:`catreview.prompts.end_of_turn_token`), else the tokenizer's ``eos_token``."""
+        if self._end_of_turn is None:
+            self._end_of_turn = prompts.end_of_turn_token(self.processor) or self.processor.tokenizer.eos_token or ""
+        return self._end_of_turn or None
+
     def _eos_id(self) -> int | None:
-        return self.processor.tokenizer.eos_token_id
+        token = self._eos_token()
+        return None if token is None else self.processor.tokenizer.convert_tokens_to_ids(token)
 
     def _pad_id(self) -> int:
         tok = self.processor.tokenizer
@@ -728,7 +738,7 @@ class VLMPostClassifier:
         (labels,) = _check_inputs([image], [candidates])
         self.load()
         prompt = prompts.verdict_prompt(self.processor, labels)
-        eos = self.processor.tokenizer.eos_token or ""
+        eos = self._eos_token() or ""
         n_prompt = self._encode([image], [prompt], "right")["input_ids"].shape[1]
         scores = []
         with torch.inference_mode():

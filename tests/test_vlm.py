@@ -317,3 +317,22 @@ def test_other_families_verdict_and_reasoning(family, model_dirs, photos):
     assert generated.candidates == [*CANDIDATES[1], prompts.OTHER_LABEL]
     assert generated.label == match_candidate(generated.extra["answer"], generated.candidates)
     assert vlm.model_version.startswith(family + "@")
+
+
+def test_answers_end_with_the_templates_end_of_turn_not_eos(model_dirs, photos):
+    # Idefics3-8B-Llama3 ends an assistant turn with <end_of_utterance> while its tokenizer's
+    # eos_token is <|end_of_text|>: the model never emits EOS after an answer, so scoring (and
+    # training) must append the end-of-turn token the template writes.
+    expected = {"llava": "</s>", "llava-next": "</s>", "qwen2-vl": "<|im_end|>", "idefics3": "<end_of_utterance>",
+                "llava-onevision": "<|im_end|>", "pixtral": "</s>"}
+    for family, token in expected.items():
+        vlm = make(model_dirs[family]).load()
+        assert prompts.end_of_turn_token(vlm.processor) == token, family
+    vlm = make(model_dirs["idefics3"]).load()
+    vlm.processor.tokenizer.eos_token = "<|endoftext|>"  # as in Idefics3-8B-Llama3
+    vlm._end_of_turn = None
+    tok = vlm.processor.tokenizer
+    batch = vlm._prepare(photos[:1], [prompts.with_other(CANDIDATES[0])])
+    assert {ids[-1] for ids in batch.answers[0]} == {tok.convert_tokens_to_ids("<end_of_utterance>")}
+    fast = vlm.score_candidates(photos[:1], CANDIDATES[:1])[0]
+    assert_close(fast.scores, vlm.score_candidates_reference(photos[0], CANDIDATES[0]).scores)
