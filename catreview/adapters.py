@@ -43,11 +43,10 @@ from sqlmodel import Session, select
 
 from catreview.config import Settings
 from catreview.db import AdapterVersion, TrainingRun, utcnow
+from training.files import RESULT_FILE  # written last by a finished round
 
 ADAPTERS_DIRNAME = "adapters"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-ROUND_RESULT_FILE = "result.json"
-"""Written last by a finished round (:data:`training.lora.RESULT_FILE`)."""
 
 
 class AdapterError(ValueError):
@@ -76,6 +75,17 @@ class GatePolicy:
     def __post_init__(self) -> None:
         if self.min_val_photos < 1 or not 0 <= self.max_breed_drop <= 1:
             raise ValueError(f"invalid gate policy {self}")
+
+    def describe(self, reference: str = "the active one's") -> str:
+        """The rule in words, for people: ``"its validation balanced accuracy is at least
+        <reference> and no breed with at least 5 validation photos drops by more than 10
+        points"`` (numbers from this policy; a point is one percentage point of accuracy)."""
+        points = f"{100 * self.max_breed_drop:.4g}"
+        photos = f"{self.min_val_photos} validation photo{'s' if self.min_val_photos != 1 else ''}"
+        return (
+            f"its validation balanced accuracy is at least {reference} and no breed with at least {photos} "
+            f"drops by more than {points} point{'' if points == '1' else 's'}"
+        )
 
 
 @dataclass(frozen=True)
@@ -416,9 +426,9 @@ def register_round(
         AdapterError: no ``result.json`` (the round did not finish) or no best adapter.
     """
     run_dir = Path(run_dir)
-    result_file = run_dir / ROUND_RESULT_FILE
+    result_file = run_dir / RESULT_FILE
     if not result_file.is_file():
-        raise AdapterError(f"{run_dir} holds no finished round ({ROUND_RESULT_FILE} is missing)")
+        raise AdapterError(f"{run_dir} holds no finished round ({RESULT_FILE} is missing)")
     result = json.loads(result_file.read_text(encoding="utf-8"))
     folder = store_adapter_files(run_dir / result["adapter_dir"], adapters_root(settings))
     with Session(engine) as s:

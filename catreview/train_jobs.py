@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shlex
@@ -48,7 +49,7 @@ import time
 import traceback
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -60,16 +61,13 @@ from catreview.adapters import GatePolicy, active_version, register_round, versi
 from catreview.config import REPO_ROOT, Settings
 from catreview.db import TrainingRun, utcnow
 from training.config import TrainConfig
-from training.lora import read_progress  # the one reader of progress.jsonl (torn last line skipped)
+from training.files import CONFIG_FILE, PROGRESS_FILE, RESULT_FILE, read_progress  # light: no training code
 
 RUNS_DIRNAME = "runs"
 EXPORTS_DIRNAME = "exports"
 LOG_FILE = "train.log"
 RUN_META_FILE = "run.json"
 LOCK_FILE = "train.lock"
-PROGRESS_FILE = "progress.jsonl"  # == training.lora.PROGRESS_FILE
-RESULT_FILE = "result.json"  # == training.lora.RESULT_FILE
-CONFIG_FILE = "train_config.json"
 LOG_TAIL_CHARS = 4000
 #: A round learns to tell breeds apart and is gated per breed: fewer reviewed breeds is refused.
 MIN_BREEDS = 2
@@ -286,6 +284,65 @@ def check_export_for_training(export_dir: str | Path) -> None:
                 c[breed] = c.get(breed, 0) + 1
         counts[split] = c
     check_training_data(counts["train"], counts["validation"], what=f"export {root}")
+
+
+#: Labels of the Train tab's hyper-parameter fields (also used in its error messages).
+FORM_LABELS = {"epochs": "Epochs", "lr": "Learning rate", "rank": "LoRA rank", "batch_size": "Batch size"}
+_WHOLE_FIELDS = ("epochs", "rank", "batch_size")
+
+
+def _form_number(name: str, value: Any) -> float:
+    """``value`` of form field ``name`` as a finite float.
+
+    Raises:
+        ValueError: ``"<label> is empty"`` (``None``: a cleared number box sends it, or ``""``),
+            ``"<label> must be a number"``, ``"<label> must be a finite number"``.
+    """
+    label = FORM_LABELS[name]
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise ValueError(f"{label} is empty")
+    if isinstance(value, bool):
+        raise ValueError(f"{label} must be a number, got {value!r}")
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{label} must be a number, got {value!r}") from None
+    if not math.isfinite(x):
+        raise ValueError(f"{label} must be a finite number, got {value!r}")
+    return x
+
+
+def config_from_form(
+    epochs: Any, lr: Any, rank: Any, batch_size: Any, train_projector: Any = False, base: TrainConfig | None = None
+) -> TrainConfig:
+    """The :class:`TrainConfig` of the Train tab's fields (the others from ``base``, default
+    :class:`TrainConfig` defaults).
+
+    Args:
+        epochs: passes over the training split (whole number >= 1).
+        lr: peak learning rate (> 0).
+        rank: LoRA rank (whole number >= 1).
+        batch_size: photos per micro-batch (whole number >= 1).
+        train_projector: also train the projector (``None`` = no).
+        base: values of the fields the form does not show.
+
+    Values may be ``int``, ``float`` or numeric strings; ``None`` or ``""`` is an empty field.
+
+    Raises:
+        ValueError: with the field's label: ``"Epochs is empty"``, ``"LoRA rank must be a whole
+            number, got 2.5"``, ``"Learning rate must be a finite number, ..."``, or
+            :class:`TrainConfig`'s own range error (e.g. ``"rank must be >= 1, got 0"``).
+    """
+    values = {}
+    for name, value in (("epochs", epochs), ("lr", lr), ("rank", rank), ("batch_size", batch_size)):
+        x = _form_number(name, value)
+        if name in _WHOLE_FIELDS:
+            if not x.is_integer():
+                raise ValueError(f"{FORM_LABELS[name]} must be a whole number, got {value!r}")
+            values[name] = int(x)
+        else:
+            values[name] = x
+    return replace(base or TrainConfig(), **values, train_projector=bool(train_projector))
 
 
 # --------------------------------------------------------------------------------------------
@@ -813,7 +870,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 bar.n = st.step
                 post = {"loss": f"{st.loss:.3f}"} if st.loss is not None else {}
                 if st.val_balanced_accuracy is not None:
-                    post["val_bacc"] = f"{st.val_balanced_accuracy:.3f}"
+                    post["val balanced accuracy"] = f"{st.val_balanced_accuracy:.3f}"
                 bar.set_postfix(post, refresh=False)
                 bar.refresh()
     except KeyboardInterrupt:
@@ -843,9 +900,9 @@ def cmd_adapters(args: argparse.Namespace) -> int:
             raise ValueError("rollback needs a version id or 'none'")
         rollback(engine, base, None if args.target.lower() == "none" else int(args.target))
     rows = version_rows(engine, base)
-    print(f"{'id':>4s} {'active':6s} {'name':28s} {'created':16s} {'val bacc':>8s} {'gate':8s} export")
+    print(f"{'id':>4s} {'active':6s} {'name':28s} {'created':16s} {'val balanced accuracy':>21s} {'gate':8s} export")
     for r in rows:
-        print(f"{r['id']:4d} {'*' if r['active'] else '':6s} {r['name']:28s} {r['created']:16s} {_fmt(r['val_balanced_accuracy']):>8s} {r['gate']:8s} {r['export']}")
+        print(f"{r['id']:4d} {'*' if r['active'] else '':6s} {r['name']:28s} {r['created']:16s} {_fmt(r['val_balanced_accuracy']):>21s} {r['gate']:8s} {r['export']}")
     if not any(r["active"] for r in rows):
         print("no adapter active: the base model predicts alone")
     return 0

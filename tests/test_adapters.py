@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -50,8 +51,8 @@ def demo_llava(tmp_path_factory) -> Path:
     return build_tiny_llava(tmp_path_factory.mktemp("llava-demo"), size="demo")
 
 
-def metrics(bacc: float, per_breed: dict[str, tuple[int, float]]) -> dict:
-    return {"balanced_accuracy": bacc, "per_breed": {b: {"n": n, "accuracy": a} for b, (n, a) in per_breed.items()}}
+def metrics(balanced_accuracy: float, per_breed: dict[str, tuple[int, float]]) -> dict:
+    return {"balanced_accuracy": balanced_accuracy, "per_breed": {b: {"n": n, "accuracy": a} for b, (n, a) in per_breed.items()}}
 
 
 # ------------------------------------------------------------------------------ gating rules
@@ -74,6 +75,15 @@ def test_gate_passes_only_without_regression():
     assert [r["breed"] for r in drop.rows() if r["blocking"]] == ["Bengal"]
     assert gate(metrics(0.70, {"Bengal": (10, 0.6)}), ref, GatePolicy(max_breed_drop=0.25)).passed  # margin configurable
     assert gate(metrics(0.70, {"Bengal": (10, 0.6)}), ref, GatePolicy(min_val_photos=11)).passed  # min photos configurable
+
+
+def test_gate_policy_describes_its_own_thresholds():
+    assert GatePolicy().describe() == (
+        "its validation balanced accuracy is at least the active one's and no breed with at least 5 validation photos "
+        "drops by more than 10 points"
+    )
+    text = GatePolicy(min_val_photos=1, max_breed_drop=0.125).describe("the base model's")
+    assert "at least the base model's" in text and "at least 1 validation photo drops" in text and "more than 12.5 points" in text
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -181,6 +191,15 @@ def _wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def _finished(jobs: TrainJobs, run_id: int, timeout: float) -> str:
+    """The status run ``run_id`` ends with; fails saying it timed out if it is still running after
+    ``timeout`` s (instead of a confusing ``'running' == 'succeeded'``)."""
+    status = jobs.wait(run_id, timeout=timeout)
+    if status == "running":
+        pytest.fail(f"timed out: run #{run_id} still running after {timeout:.0f} s")
+    return status
+
+
 def _checkpoint_step(run_dir: Path) -> int:
     f = run_dir / CHECKPOINT_DIR / STATE_FILE
     try:
@@ -256,11 +275,11 @@ def test_sigkill_mid_round_then_recover_cancel_and_resume_to_the_same_weights(tm
         jobs.start(base, cfg, export_dir=export)
     _wait_for(lambda: _checkpoint_step(run_dir) > killed_at, 180, "the resumed round to checkpoint")
     assert jobs.cancel(second)
-    assert jobs.wait(second, timeout=60) == "cancelled"
+    assert _finished(jobs, second, 60) == "cancelled"
     assert snapshot(engine, settings) == before
 
     third = jobs.start(base, resume_run=second)
-    assert jobs.wait(third, timeout=300) == "succeeded", jobs.status(third).error
+    assert _finished(jobs, third, 300) == "succeeded", jobs.status(third).error
     result = read_result(run_dir)
     assert result["steps"] == 40 and len(result["resumed_from_step"]) == 2 and result["resumed_from_step"][0] == killed_at
 
@@ -312,7 +331,7 @@ def test_retrain_exports_the_reviews_trains_in_a_process_and_registers_the_versi
     import_folder(engine, photos, vocabulary=BreedVocabulary.default(), labels_from_folders=True)
     jobs = TrainJobs(engine, settings)
     run_id = jobs.start(str(demo_llava), TrainConfig(max_steps=2, eval_every=1, batch_size=2))
-    assert jobs.wait(run_id, timeout=300) == "succeeded", jobs.status(run_id).error
+    assert _finished(jobs, run_id, 300) == "succeeded", jobs.status(run_id).error
     st = jobs.status(run_id)
     meta = json.loads((Path(st.run_dir) / "run.json").read_text())
     assert Path(meta["export_dir"]).is_relative_to(settings.data_dir / "exports")
@@ -339,8 +358,11 @@ def test_train_tab_builds_and_refreshes(tmp_path):
 
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'app.db'}", data_dir=tmp_path / "data")
     app = ReviewApp(settings)
+    train_tab._JOBS[app] = TrainJobs(app.engine, settings, policy=GatePolicy(min_val_photos=3, max_breed_drop=0.25))
     with gr.Blocks() as demo:
         train_tab.build(app)
+    texts = [b.value for b in demo.blocks.values() if isinstance(b, gr.Markdown) and isinstance(b.value, str)]
+    assert any("at least 3 validation photos drops by more than 25 points" in t for t in texts)  # the policy in use
     ids = {getattr(b, "elem_id", None) for b in demo.blocks.values()}
     assert {"retrain", "cancel-train", "train-loss-plot", "train-val-plot", "adapters-table", "gate-comparison"} <= ids
     status, loss, val, gate_text, gate_rows, versions, choices = train_tab.refresh(app)
@@ -409,6 +431,50 @@ def test_too_few_reviews_are_refused_before_anything_starts(tmp_path, monkeypatc
         TrainJobs(make_engine(empty.database_url), empty).start("any/model")
 
 
+def test_hyper_parameter_form_is_validated_with_the_fields_names(tmp_path):
+    """A cleared number box sends None: the tab says which field is empty instead of a TypeError."""
+    from catreview.app_core import ReviewApp
+    from catreview.train_jobs import config_from_form
+    from catreview.ui import train_tab
+
+    cfg = config_from_form(2.0, "1e-3", 8, 4.0, True)
+    assert (cfg.epochs, cfg.lr, cfg.rank, cfg.batch_size, cfg.train_projector) == (2, 1e-3, 8, 4, True)
+    assert isinstance(cfg.epochs, int) and cfg.eval_every == TrainConfig().eval_every  # the rest: defaults
+    assert config_from_form(1, 2e-4, 16, 4, None, base=TrainConfig(max_steps=5)).max_steps == 5
+    for args, message in [
+        ((None, 2e-4, 16, 4), "Epochs is empty"),
+        ((3, None, 16, 4), "Learning rate is empty"),
+        ((3, 2e-4, "", 4), "LoRA rank is empty"),
+        ((3, 2e-4, 16, None), "Batch size is empty"),
+        ((2.5, 2e-4, 16, 4), "Epochs must be a whole number, got 2.5"),
+        ((3, float("nan"), 16, 4), "Learning rate must be a finite number"),
+        ((3, "fast", 16, 4), "Learning rate must be a number, got 'fast'"),
+        ((3, 2e-4, 0, 4), "rank must be >= 1, got 0"),  # TrainConfig's own range check
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            config_from_form(*args)
+
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'app.db'}", data_dir=tmp_path / "data")
+    app = ReviewApp(settings)
+    assert train_tab.start(app, epochs=None) == "Not started: Epochs is empty"
+    assert train_tab.start(app, batch_size=None) == "Not started: Batch size is empty"
+    with Session(app.engine) as s:
+        assert s.exec(select(TrainingRun)).first() is None  # nothing was claimed
+
+
+def test_the_app_reads_run_folders_without_importing_the_training_code():
+    """The tab and the CLI share the run folder's file names with the round (training.files), and
+    importing them does not pull in training.lora or torch."""
+    code = (
+        "import sys, catreview.adapters, catreview.train_jobs, training.files as f\n"
+        "assert catreview.train_jobs.PROGRESS_FILE == f.PROGRESS_FILE and catreview.adapters.RESULT_FILE == f.RESULT_FILE\n"
+        "print(sorted(m for m in ('training.lora', 'torch') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
+
+
 def test_log_error_summary_finds_the_reason_a_round_gave(tmp_path):
     from catreview.train_jobs import log_error_summary
 
@@ -438,7 +504,7 @@ def test_a_failed_round_shows_its_reason_in_the_tab_and_the_cli_also_after_a_res
     app = ReviewApp(settings)
     run_id = train_tab.jobs_for(app).start(str(demo_llava), TrainConfig(max_steps=1), export_dir=export)
     message = train_tab.STARTED.format(run_id=run_id)
-    assert train_tab.jobs_for(app).wait(run_id, timeout=300) == "failed"
+    assert _finished(train_tab.jobs_for(app), run_id, 300) == "failed"
     status = train_tab.refresh(app)[0]
     lines = status.splitlines()
     assert lines[0].startswith(f"Run #{run_id}: failed: ") and "does not exist" in lines[0]  # the round's own words

@@ -135,7 +135,31 @@ def test_class_balanced_sampling_weights_and_other_prompts(small_export):
     assert per_breed == pytest.approx({"Abyssinian": 1.0, "Bombay": 1.0})  # each breed drawn equally often
     targets = [ds[i].target for i in range(len(ds))] + [(ds.select_epoch(1), ds[i].target)[1] for i in range(len(ds))]
     assert prompts.OTHER_LABEL in targets and set(targets) - {prompts.OTHER_LABEL} <= set(data.breeds)
-    assert ds[0] == ds[0]  # a pure function of (seed, epoch, index): resumes see the same prompts
+
+
+def test_prompts_are_a_pure_function_of_seed_epoch_and_index(small_export):
+    """A resumed round rebuilds its dataset and must see the prompts the killed one would have:
+    each row's candidates and target depend on (seed, epoch, index) only -- not on which rows
+    were read before, nor in what order -- and another epoch or seed draws other lists."""
+    data = read_export(small_export)
+
+    def rows(seed: int, epoch: int, order=None):
+        ds = TrainDataset(data.train, data.breeds, TrainConfig(other_rate=0.5, candidate_source="sampled", n_candidates=2, seed=seed))
+        ds.select_epoch(epoch)
+        order = list(range(len(ds))) if order is None else order
+        got = {i: ds[i] for i in order}
+        return [(got[i].candidates, got[i].target) for i in range(len(ds))]
+
+    first = rows(seed=0, epoch=1)
+    assert len(first) == 9
+    assert rows(seed=0, epoch=1, order=list(reversed(range(9)))) == first  # fresh dataset, other read order
+    assert rows(seed=0, epoch=2) != first and rows(seed=1, epoch=1) != first
+    ds = TrainDataset(data.train, data.breeds, TrainConfig(other_rate=0.5, candidate_source="sampled", n_candidates=2))
+    ds.select_epoch(1)
+    [ds[i] for i in range(9)]
+    ds.select_epoch(2)
+    ds.select_epoch(1)  # going back to an epoch gives its rows again
+    assert [(ds[i].candidates, ds[i].target) for i in range(9)] == first
 
 
 def test_stage1_candidates_from_the_export_are_used_and_missed_breeds_answer_other(tmp_path):
@@ -254,6 +278,69 @@ def test_rng_state_covers_the_accelerator_devices_own_generator():
     if not torch.backends.mps.is_available():
         with pytest.raises(TrainingError, match="mps device"):
             _set_rng_state({**cpu, "device": {"type": "mps", "state": torch.get_rng_state()}})
+
+
+def test_rng_checkpoint_loads_with_weights_only_and_continues_every_generator(tmp_path):
+    """``rng-<i>.pt`` holds only plain containers and tensors, so ``torch.load(weights_only=True)``
+    (what :func:`training.lora.load_checkpoint` uses) reads it, and the restored Python, NumPy
+    (including its cached Gaussian) and torch generators continue exactly where they were saved."""
+    import random
+
+    import numpy as np
+
+    from training.lora import _rng_state, _set_rng_state
+
+    random.seed(3), np.random.seed(3), torch.manual_seed(3)
+    np.random.standard_normal()  # leaves a cached Gaussian in NumPy's state
+    torch.save(_rng_state(torch.device("cpu")), tmp_path / "rng-0.pt")
+    want = (random.random(), np.random.standard_normal(3).tolist(), np.random.randint(0, 2**31, 3).tolist(), torch.rand(3).tolist())
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    _set_rng_state(torch.load(tmp_path / "rng-0.pt", weights_only=True))
+    got = (random.random(), np.random.standard_normal(3).tolist(), np.random.randint(0, 2**31, 3).tolist(), torch.rand(3).tolist())
+    assert got == want
+
+
+# ------------------------------------------------------------------------------ progress log
+
+
+def test_progress_reader_skips_only_a_torn_last_line(tmp_path):
+    """A kill mid-write (or a read during a write) can cut the last line only: it is not a row yet.
+    A damaged line anywhere else is an error naming the file and line, never silently dropped."""
+    from training.files import ProgressFileError
+
+    path = tmp_path / PROGRESS_FILE
+    rows = [{"kind": "train", "step": 1, "loss": 2.5}, {"kind": "eval", "step": 1, "val_loss": 2.0}]
+    complete = "".join(json.dumps(r) + "\n" for r in rows)
+    assert read_progress(tmp_path / "absent.jsonl") == []
+    path.write_text(complete)
+    assert read_progress(path) == rows
+    path.write_text(complete + '{"kind": "train", "st')  # torn by a kill
+    assert read_progress(path) == rows
+    path.write_text(complete + json.dumps({"kind": "train", "step": 2}))  # complete object, newline not yet written
+    assert read_progress(path) == [*rows, {"kind": "train", "step": 2}]
+
+    path.write_text(json.dumps(rows[0]) + "\n" + '{"kind": "train", "st\n' + json.dumps(rows[1]) + "\n")
+    with pytest.raises(ProgressFileError, match=rf"{PROGRESS_FILE}, line 2: not valid JSON"):
+        read_progress(path)
+    path.write_text(complete + '{"kind": "eval", "step": 3,\n')  # the last line, but its newline was written
+    with pytest.raises(ProgressFileError, match="line 3: not valid JSON"):
+        read_progress(path)
+    path.write_text(complete + "[1, 2]\n")
+    with pytest.raises(ProgressFileError, match="line 3: expected a JSON object"):
+        read_progress(path)
+
+
+def test_resume_drops_a_torn_progress_line(tmp_path):
+    """A resumed round rewrites progress.jsonl without the torn line before appending to it, so the
+    cut row never ends up in the middle of the file."""
+    from training.lora import ProgressLog
+
+    path = tmp_path / PROGRESS_FILE
+    path.write_text("".join(json.dumps({"kind": "train", "step": i}) + "\n" for i in (1, 2, 3)) + '{"kind": "tr')
+    log = ProgressLog(path, enabled=True)
+    log.truncate_after(2)
+    log.write({"kind": "resume", "step": 2})
+    assert read_progress(path) == [{"kind": "train", "step": 1}, {"kind": "train", "step": 2}, {"kind": "resume", "step": 2}]
 
 
 # ------------------------------------------------------------------------------ a real round

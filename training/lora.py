@@ -73,17 +73,20 @@ from catreview.calibration import balanced_accuracy, macro_f1, per_class_accurac
 from catreview.images import load_rgb
 from training.config import PROJECTOR_MODULE, TrainConfig
 from training.data import Collator, EvalItem, ExportData, TrainDataset, eval_items, model_inputs, read_export, subsample
+from training.files import (  # the run folder's file names live in the light training.files
+    BEST_DIR,
+    CHECKPOINT_DIR,
+    COMPLETE_MARKER,
+    CONFIG_FILE,
+    PROGRESS_FILE,
+    RESULT_FILE,
+    STATE_FILE,
+    read_progress,
+)
 
 if TYPE_CHECKING:
     import torch
 
-PROGRESS_FILE = "progress.jsonl"
-RESULT_FILE = "result.json"
-CONFIG_FILE = "train_config.json"
-CHECKPOINT_DIR = "checkpoint-last"
-BEST_DIR = "best"
-STATE_FILE = "trainer_state.json"
-COMPLETE_MARKER = "COMPLETE"
 
 EventCallback = Callable[[dict[str, Any]], None]
 
@@ -171,25 +174,16 @@ class ProgressLog:
             fh.flush()
 
     def truncate_after(self, step: int) -> None:
-        """Drop rows of steps after ``step`` (written after the checkpoint a resume starts from)."""
+        """Drop rows of steps after ``step`` (written after the checkpoint a resume starts from)
+        and a torn last line.
+
+        Raises:
+            training.files.ProgressFileError: a line before the last one is damaged.
+        """
         if not self.enabled or not self.path.is_file():
             return
         keep = [ln for ln in read_progress(self.path) if ln.get("step", 0) <= step]
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
-
-
-def read_progress(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a ``progress.jsonl`` (a torn last line, from a kill mid-write, is skipped)."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # only the last line can be torn by a kill; it is rewritten on resume
-    return rows
 
 
 # --------------------------------------------------------------------------------------------
@@ -458,7 +452,11 @@ def _device_rng_module(device_type: str) -> Any:
 def _rng_state(device: torch.device | None = None) -> dict[str, Any]:
     """Every generator the round draws from: Python, NumPy, torch CPU, all CUDA GPUs and the
     accelerator ``device``'s own generator (dropout on an MPS/XPU/NPU device draws from it, not
-    from the CPU one)."""
+    from the CPU one).
+
+    Only plain containers, ``str``/``int``/``float``/``None`` and tensors (the NumPy key array as
+    a list of ints), so ``torch.load(..., weights_only=True)`` reads the saved file back.
+    """
     import numpy as np
     import torch
 
@@ -584,7 +582,8 @@ def load_checkpoint(
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
     rng_file = ckpt / f"rng-{process_index}.pt"
     if rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=False))  # our own file: Python/NumPy states
+        # Plain containers + tensors only (see _rng_state), so the safe loader reads it.
+        _set_rng_state(torch.load(rng_file, weights_only=True))
     return RoundState(**meta["state"]), best
 
 

@@ -27,10 +27,9 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from catreview.adapters import AdapterError, activate, deactivate, version_rows
+from catreview.adapters import AdapterError, GatePolicy, activate, deactivate, version_rows
 from catreview.app_core import ReviewApp
-from catreview.train_jobs import TrainingBusy, TrainJobError, TrainJobs
-from training.config import TrainConfig
+from catreview.train_jobs import FORM_LABELS, TrainingBusy, TrainJobError, TrainJobs, config_from_form
 
 _JOBS: weakref.WeakKeyDictionary[ReviewApp, TrainJobs] = weakref.WeakKeyDictionary()
 REFRESH_SECONDS = 2.0
@@ -57,14 +56,20 @@ def base_model(app: ReviewApp) -> str:
 STARTED = "Run #{run_id} started: exporting the reviews, then training in a separate process."
 
 
-def start(app: ReviewApp, epochs: float = 3, lr: float = 2e-4, rank: float = 16, batch_size: float = 4, train_projector: bool = False) -> str:
-    """Start a round with these hyper-parameters (the rest: :class:`TrainConfig` defaults).
+def start(
+    app: ReviewApp, epochs: float | None = 3, lr: float | None = 2e-4, rank: float | None = 16,
+    batch_size: float | None = 4, train_projector: bool = False,
+) -> str:
+    """Start a round with these hyper-parameters (the rest: ``TrainConfig`` defaults); returns
+    the message shown under the buttons.
 
-    Too few reviewed photos or breeds are refused here, with what is missing
-    (:func:`catreview.train_jobs.check_reviews_for_training`), before any process starts.
+    Refused here, before any process starts, with ``"Not started: <why>"``: a cleared or
+    invalid field, named by its label ("Epochs is empty";
+    :func:`catreview.train_jobs.config_from_form`), and too few reviewed photos or breeds, with
+    what is missing (:func:`catreview.train_jobs.check_reviews_for_training`).
     """
     try:
-        cfg = TrainConfig(epochs=int(epochs), lr=float(lr), rank=int(rank), batch_size=int(batch_size), train_projector=bool(train_projector))
+        cfg = config_from_form(epochs, lr, rank, batch_size, train_projector)
         run_id = jobs_for(app).start(base_model(app), cfg)
     except (TrainingBusy, TrainJobError, ValueError) as exc:
         return f"Not started: {exc}"
@@ -145,20 +150,23 @@ def refresh(app: ReviewApp) -> tuple[str, pd.DataFrame, pd.DataFrame, str, pd.Da
     )
 
 
+def intro_text(policy: GatePolicy) -> str:
+    """The tab's explanation, with the gate rule of ``policy`` (the one new rounds are gated by)."""
+    return (
+        "Fine-tunes the VLM's LoRA adapter on the reviewed photos (verdict prompt, answer = the reviewed "
+        f"breed). The new version is activated only if {policy.describe()}; otherwise it is kept for manual promotion."
+    )
+
+
 def build(app: ReviewApp) -> None:
     """Lay out the Train tab (creating the app's :class:`TrainJobs` recovers crashed rounds)."""
-    jobs_for(app)
-    gr.Markdown(
-        "Fine-tunes the VLM's LoRA adapter on the reviewed photos (verdict prompt, answer = the reviewed "
-        "breed). The new version is activated only if its validation balanced accuracy is at least the "
-        "active one's and no breed drops by more than 10 points; otherwise it is kept for manual promotion."
-    )
+    gr.Markdown(intro_text(jobs_for(app).policy))
     with gr.Accordion("Hyper-parameters", open=False):
         with gr.Row():
-            epochs = gr.Number(3, label="Epochs", precision=0, elem_id="train-epochs")
-            lr = gr.Number(2e-4, label="Learning rate", elem_id="train-lr")
-            rank = gr.Number(16, label="LoRA rank", precision=0, elem_id="train-rank")
-            batch = gr.Number(4, label="Batch size", precision=0, elem_id="train-batch")
+            epochs = gr.Number(3, label=FORM_LABELS["epochs"], precision=0, elem_id="train-epochs")
+            lr = gr.Number(2e-4, label=FORM_LABELS["lr"], elem_id="train-lr")
+            rank = gr.Number(16, label=FORM_LABELS["rank"], precision=0, elem_id="train-rank")
+            batch = gr.Number(4, label=FORM_LABELS["batch_size"], precision=0, elem_id="train-batch")
             projector = gr.Checkbox(False, label="Also train the projector", elem_id="train-projector")
     with gr.Row():
         retrain = gr.Button("Retrain adapter", variant="primary", elem_id="retrain")
