@@ -2,15 +2,21 @@
 
 Loading goes through timm only (``timm.create_model`` with ``checkpoint_path``, which reads
 safetensors and ``.pth``/``.pth.tar`` state dicts, timm train checkpoints with EMA weights,
-``module.``/``_orig_mod.`` prefixes, always with ``weights_only=True``). Preprocessing comes from
+``module.``/``_orig_mod.`` prefixes, always with ``weights_only=True``). The only Python object
+allowed in a pickled checkpoint besides tensors and plain containers is ``argparse.Namespace``
+(the ``args`` that timm's train script stores); anything else is refused with a
+:class:`ClassifierError` suggesting safetensors. Preprocessing comes from
 the model's own pretrained config (``timm.data.resolve_data_config`` +
 ``timm.data.create_transform``), never from hand-written mean/std.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
+import pickle
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +24,7 @@ from pathlib import Path
 import timm
 import torch
 from PIL import Image
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from catreview.config import ClassifierConfig
 from catreview.labels import read_label_file
@@ -46,20 +52,100 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+#: Python classes allowed when unpickling a ``.pth`` checkpoint (``weights_only=True``):
+#: timm's train script stores its ``argparse.Namespace`` under ``"args"``.
+SAFE_CHECKPOINT_GLOBALS = [argparse.Namespace]
+
+
+def _unsafe_globals(path: Path) -> list[str] | None:
+    """Names of the classes a zip-format ``torch.save`` file needs beyond the allowed ones, or
+    ``None`` when the file is not in that format (legacy pickle, or not a checkpoint)."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except (ValueError, OSError, RuntimeError):
+        return None
+    allowed = {f"{c.__module__}.{c.__qualname__}" for c in SAFE_CHECKPOINT_GLOBALS}
+    return [n for n in names if n not in allowed]
+
+
+def unsafe_checkpoint_error(path: Path) -> ClassifierError:
+    """The :class:`ClassifierError` for a ``.pth`` file that ``weights_only=True`` refused."""
+    names = _unsafe_globals(path)
+    fix = ("re-save its weights as safetensors (safetensors.torch.save_file(model.state_dict(), "
+           "'model.safetensors')) or as a plain dict of tensors")
+    if names:
+        return ClassifierError(
+            f"checkpoint {path} contains Python objects that are not loaded, for safety "
+            f"(weights_only=True): {', '.join(names)}; {fix}"
+        )
+    return ClassifierError(
+        f"checkpoint {path} is not a PyTorch checkpoint that can be read safely (weights_only=True): "
+        f"not a torch.save file, or an old-format one holding Python objects; {fix}"
+    )
+
+
+#: ``torch.serialization.MAGIC_NUMBER`` as pickled at the start of a legacy (non-zip) file.
+_LEGACY_MAGIC = b"\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"
+
+
+def is_torch_save_file(path: Path) -> bool:
+    """Whether ``path`` looks like a ``torch.save`` file: the zip format (torch >= 1.6) or the
+    legacy pickle format (its magic number within the first bytes)."""
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as f:
+        return _LEGACY_MAGIC in f.read(64)
+
+
+def load_pth(path: Path) -> object:
+    """``torch.load(path, weights_only=True)`` on CPU, also accepting timm train checkpoints
+    (``argparse.Namespace`` under ``"args"``).
+
+    Raises:
+        ClassifierError: the file holds other Python objects, is not a checkpoint, or cannot be
+            read (truncated, unreadable).
+    """
+    try:
+        if not is_torch_save_file(path):
+            raise ClassifierError(
+                f"checkpoint {path} is not a PyTorch checkpoint (neither a torch.save file nor "
+                "safetensors); give a .safetensors, .pth or .pth.tar file"
+            )
+        with torch.serialization.safe_globals(SAFE_CHECKPOINT_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise unsafe_checkpoint_error(path) from exc
+    except (OSError, RuntimeError, EOFError) as exc:  # truncated zip, unreadable file
+        raise ClassifierError(f"cannot read checkpoint {path}: {exc}") from exc
+
+
 def labels_from_checkpoint(path: Path) -> list[str] | None:
     """Class names stored in a checkpoint, or ``None``.
 
-    safetensors: a metadata entry (``label_names``...) holding a JSON list. ``.pth``: a top-level
-    dict key holding a list of str (loaded with ``weights_only=True``).
+    safetensors: a metadata entry (``label_names``...) holding a JSON list of str. ``.pth``: a
+    top-level dict key holding a list of str (loaded with :func:`load_pth`).
+
+    Raises:
+        ClassifierError: unreadable or unsafe checkpoint, or label metadata that is not a JSON
+            list of str.
     """
     if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+        except SafetensorError as exc:
+            raise ClassifierError(f"checkpoint {path} is not a readable safetensors file: {exc}") from exc
         for key in LABEL_KEYS:
             if key in meta:
-                return list(json.loads(meta[key]))
+                try:
+                    names = json.loads(meta[key])
+                except json.JSONDecodeError as exc:
+                    raise ClassifierError(f"checkpoint {path}: metadata {key!r} is not JSON: {exc}") from exc
+                if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                    raise ClassifierError(f"checkpoint {path}: metadata {key!r} is not a JSON list of class names")
+                return names
         return None
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = load_pth(path)
     if isinstance(obj, dict):
         for key in LABEL_KEYS:
             names = obj.get(key)
@@ -114,17 +200,18 @@ class Stage1Classifier:
         ``hf-hub:`` id and no checkpoint, the hub weights and their label names are used.
 
         Raises:
-            ClassifierError: unknown architecture, missing/unreadable checkpoint, no class
-                names, or a checkpoint whose head does not match the number of class names.
+            ClassifierError: unknown architecture, missing/unreadable checkpoint, a pickled
+                checkpoint holding Python objects other than tensors, plain containers and
+                ``argparse.Namespace`` (convert it to safetensors), no class names, or a
+                checkpoint whose head does not match the number of class names.
         """
         ckpt = Path(checkpoint) if checkpoint else None
         if ckpt is not None and not ckpt.is_file():
             raise ClassifierError(f"classifier checkpoint not found: {ckpt}")
-        labels: list[str] | None = None
-        if labels_file:
-            labels = read_label_file(labels_file)
-        elif ckpt is not None:
-            labels = labels_from_checkpoint(ckpt)
+        # Reads the checkpoint once ourselves, so an unsafe or unreadable file gets a clear
+        # error before timm (whose message would suggest weights_only=False).
+        ckpt_labels = labels_from_checkpoint(ckpt) if ckpt is not None else None
+        labels: list[str] | None = read_label_file(labels_file) if labels_file else ckpt_labels
         is_hub = model_name.startswith("hf-hub:")
         if labels is None and not is_hub:
             raise ClassifierError(
@@ -137,13 +224,18 @@ class Stage1Classifier:
         if labels is not None:
             kwargs["num_classes"] = len(labels)
         try:
+            with torch.serialization.safe_globals(SAFE_CHECKPOINT_GLOBALS):
+                if ckpt is not None:
+                    model = timm.create_model(model_name, pretrained=False, checkpoint_path=str(ckpt), **kwargs)
+                else:
+                    model = timm.create_model(model_name, pretrained=is_hub, **kwargs)
+        except pickle.UnpicklingError as exc:  # timm versions that do not translate it
             if ckpt is not None:
-                model = timm.create_model(model_name, pretrained=False, checkpoint_path=str(ckpt), **kwargs)
-            else:
-                model = timm.create_model(model_name, pretrained=is_hub, **kwargs)
+                raise unsafe_checkpoint_error(ckpt) from exc
+            raise ClassifierError(f"the hub weights of {model_name!r} hold Python objects that are not loaded, for safety") from exc
         except RuntimeError as exc:  # size mismatch of the head, missing keys
             raise ClassifierError(f"checkpoint {ckpt} does not fit {model_name} with {kwargs.get('num_classes')} classes: {exc}") from exc
-        except OSError as exc:  # hub unreachable offline, unreadable file
+        except (OSError, SafetensorError) as exc:  # hub unreachable offline, unreadable file
             raise ClassifierError(f"cannot load classifier {model_name!r}: {exc}") from exc
         if labels is None:
             labels = list(getattr(model, "pretrained_cfg", {}).get("label_names") or [])

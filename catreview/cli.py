@@ -107,7 +107,6 @@ def _progress_bar() -> tuple[Callable[..., None], Callable[[], None]]:
 def cmd_import(args: argparse.Namespace) -> int:
     from catreview.db import make_engine
     from catreview.importer import import_folder
-    from catreview.labels import BreedVocabulary
 
     settings = _settings(args)
     engine = make_engine(settings.database_url)
@@ -195,8 +194,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     engine = make_engine(settings.database_url)
     processor = None
     if not args.no_check:
-        registry = _registry(settings)
-        processor = registry.profiles()[args.vlm or registry.active_vlm_name].model
+        processor = _registry(settings).base_model(args.vlm)
     bar = tqdm(desc="export", unit="photo", file=sys.stderr, disable=None)
 
     def progress(done: int, total: int) -> None:
@@ -219,15 +217,24 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_vlm_option(args: argparse.Namespace) -> None:
+    """Fail with a one-line :class:`ConfigError` when ``--vlm`` names no configured profile
+    (``--base`` overrides ``--vlm``, so it is then not looked up)."""
+    if getattr(args, "vlm", None) and not getattr(args, "base", None):
+        _registry(_settings(args)).base_model(args.vlm)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from catreview.train_jobs import cmd_train
 
+    _check_vlm_option(args)
     return cmd_train(args)
 
 
 def _cmd_adapters(args: argparse.Namespace) -> int:
     from catreview.train_jobs import cmd_adapters
 
+    _check_vlm_option(args)
     return cmd_adapters(args)
 
 
@@ -257,20 +264,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if not isinstance(exc, _user_errors()):
             raise  # a bug: keep the traceback
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"error: {msg}", file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
         return 2
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors a user can fix: reported as one line, exit status 2."""
+    """Errors a user can fix: reported as one line, exit status 2.
+
+    ``ValueError`` is included because the domain code reports bad input with it (with a message
+    saying what to change, e.g. too few reviews to calibrate, an image size below 16 px);
+    ``ConfigError`` (unknown profile, bad settings) is one. ``KeyError`` is not: outside the
+    explicit lookups that raise ``ConfigError``, a ``KeyError`` is a bug and keeps its traceback.
+    """
     from catreview.classifier import ClassifierError
     from catreview.compare import CompareError
     from catreview.exports import ExportError
     from catreview.train_jobs import TrainingBusy, TrainJobError
     from catreview.vlm import VLMError
 
-    return (CLIError, ConfigError, ValueError, KeyError, FileNotFoundError, NotADirectoryError,
+    return (CLIError, ConfigError, ValueError, FileNotFoundError, NotADirectoryError,
             ExportError, ClassifierError, VLMError, CompareError, TrainingBusy, TrainJobError)
 
 

@@ -19,7 +19,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -101,6 +101,8 @@ class Settings(BaseSettings):
     database_url: str = f"sqlite:///{DEFAULT_DB_PATH}"
     classifier: ClassifierConfig = ClassifierConfig()
     vlm_profiles: dict[str, VLMProfile] = Field(default_factory=dict)
+    #: Name of the VLM profile used by default: a key of ``vlm_profiles``, or ``"demo"`` (the
+    #: built-in tiny LLaVA), which is allowed only while no profiles are configured.
     active_vlm: str = DEMO_PROFILE
     compare_profiles: tuple[str, str] = ("7B", "13B")
     fusion: FusionConfig = FusionConfig()
@@ -118,6 +120,26 @@ class Settings(BaseSettings):
             )
         return v
 
+    @model_validator(mode="after")
+    def _check_active_vlm(self) -> Settings:
+        """``active_vlm`` must name a configured profile; ``"demo"`` only when none is configured.
+
+        A typo must not silently switch to the random-weight demo VLM.
+        """
+        if self.active_vlm in self.vlm_profiles:
+            return self
+        if not self.vlm_profiles:
+            if self.active_vlm == DEMO_PROFILE:
+                return self
+            raise ValueError(
+                f"active_vlm {self.active_vlm!r} names no VLM profile: no vlm_profiles are configured "
+                f"(add a [vlm_profiles.{self.active_vlm}] section, or use {DEMO_PROFILE!r} for the built-in demo model)"
+            )
+        configured = ", ".join(repr(n) for n in self.vlm_profiles)
+        hint = (" (the default; set active_vlm to one of them)" if self.active_vlm == DEMO_PROFILE
+                else "; set active_vlm to one of them")
+        raise ValueError(f"active_vlm {self.active_vlm!r} is not a configured VLM profile; configured: {configured}{hint}")
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -134,7 +156,8 @@ class Settings(BaseSettings):
 
     @property
     def uses_demo_models(self) -> bool:
-        """True when stage 1 or the active VLM is a built-in demo model."""
+        """True when stage 1 or the active VLM is a built-in demo model (no classifier model, or
+        no VLM profiles configured)."""
         return self.classifier.model is None or self.active_vlm not in self.vlm_profiles
 
 

@@ -1,21 +1,33 @@
 """Which models the settings select, loaded lazily and at most once per process.
 
-With no classifier configured, stage 1 is the demo ``convnext_atto``; with no VLM profiles (or
-an unknown ``active_vlm``), the profile ``"demo"`` points at the tiny demo LLaVA. Both are built
-by :func:`catreview.demo_models.ensure_demo_models` and loaded through the same code as real
-checkpoints.
+With no classifier configured, stage 1 is the demo ``convnext_atto``; with no VLM profiles
+configured, the profile ``"demo"`` points at the tiny demo LLaVA. A profile name that is not
+configured (``active_vlm``, ``--vlm``) is a :class:`~catreview.config.ConfigError`, never a silent
+switch to the demo. The demo models are built by :func:`catreview.demo_models.ensure_demo_models`
+and loaded through the same code as real checkpoints.
 """
 
 from __future__ import annotations
 
 import threading
 
-from catreview.classifier import Stage1Classifier
 from sqlalchemy.engine import Engine
 
-from catreview.config import DEMO_PROFILE, Settings, VLMProfile
+from catreview.classifier import Stage1Classifier
+from catreview.config import DEMO_PROFILE, ConfigError, Settings, VLMProfile
 from catreview.db import make_engine
 from catreview.demo_models import DemoModels, ensure_demo_models
+
+
+class UnknownProfileError(ConfigError, KeyError):
+    """A VLM profile name that is not configured; the message lists the configured ones.
+
+    A :class:`ConfigError` (reported as one line by the CLI and UI) and, for callers that look
+    profiles up like a mapping, a :class:`KeyError`.
+    """
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
 
 
 class ModelRegistry:
@@ -42,16 +54,52 @@ class ModelRegistry:
             return self._demo
 
     def profiles(self) -> dict[str, VLMProfile]:
-        """Configured VLM profiles, plus ``"demo"`` (the tiny demo LLaVA) when it is selected."""
+        """Configured VLM profiles by name, in configuration order; with none configured, the
+        single profile ``"demo"`` (the tiny demo LLaVA, built on first use)."""
         profiles = dict(self.settings.vlm_profiles)
-        if DEMO_PROFILE not in profiles and (not profiles or self.settings.active_vlm not in profiles):
+        if not profiles:
             profiles[DEMO_PROFILE] = VLMProfile(model=str(self.demo.vlm_dir))
         return profiles
 
     @property
     def active_vlm_name(self) -> str:
+        """Name of the profile used when none is given: ``settings.active_vlm``, which is
+        ``"demo"`` exactly when no profiles are configured.
+
+        Raises:
+            UnknownProfileError: ``active_vlm`` names no configured profile (settings built
+                without validation, e.g. with ``model_copy``; :class:`Settings` refuses it).
+        """
         name = self.settings.active_vlm
-        return name if name in self.settings.vlm_profiles else DEMO_PROFILE
+        configured = self.settings.vlm_profiles
+        if name in configured or (not configured and name == DEMO_PROFILE):
+            return name
+        raise UnknownProfileError(self._unknown_message(name, " (active_vlm)"))
+
+    def _unknown_message(self, name: str, source: str = "") -> str:
+        configured = list(self.settings.vlm_profiles) or [DEMO_PROFILE]
+        return f"no VLM profile named {name!r}{source}; configured: {', '.join(map(repr, configured))}"
+
+    def profile(self, name: str | None = None) -> VLMProfile:
+        """The configured profile ``name`` (default: the active one), without its active adapter.
+
+        Raises:
+            UnknownProfileError: no such profile (the message lists the configured ones).
+        """
+        name = name or self.active_vlm_name
+        profiles = self.profiles()
+        if name not in profiles:
+            raise UnknownProfileError(self._unknown_message(name))
+        return profiles[name]
+
+    def base_model(self, name: str | None = None) -> str:
+        """Model id or local folder of profile ``name`` (default: the active one): the base model
+        that LoRA adapters are trained for and whose processor checks exports.
+
+        Raises:
+            UnknownProfileError: no such profile (the message lists the configured ones).
+        """
+        return self.profile(name).model
 
     def classifier(self) -> Stage1Classifier:
         """The stage-1 classifier (loaded on first call)."""
@@ -75,16 +123,13 @@ class ModelRegistry:
         load on first use and can be freed with ``unload()``.
 
         Raises:
-            KeyError: no such profile.
+            UnknownProfileError: no such profile (also a ``KeyError``).
         """
         from catreview.vlm import VLMPostClassifier
 
         name = name or self.active_vlm_name
         with self._lock:
-            profiles = self.profiles()
-            if name not in profiles:
-                raise KeyError(f"no VLM profile named {name!r}; configured: {sorted(profiles)}")
-            profile = self._with_active_adapter(profiles[name])
+            profile = self._with_active_adapter(self.profile(name))
             current = self._vlms.get(name)
             # A new active adapter (or a rollback) gives a new profile, hence a
             # new VLM object and model_version; the old object is dropped, not unloaded, so a

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -97,3 +98,70 @@ def test_preprocessing_comes_from_the_model_config(tmp_path: Path, reference) ->
     cfg = timm.data.resolve_data_config({}, model=clf.model)
     norm = [t for t in clf.transform.transforms if type(t).__name__ == "Normalize"][0]
     assert tuple(norm.mean.tolist() if hasattr(norm.mean, "tolist") else norm.mean) == pytest.approx(cfg["mean"])
+
+
+def _train_checkpoint(reference: torch.nn.Module, **extra) -> dict:
+    """What timm's train script (CheckpointSaver) writes: EMA weights preferred on load, and the
+    run's ``argparse.Namespace`` under ``"args"``."""
+    sd = reference.state_dict()
+    noise = {k: v + 1.0 if v.is_floating_point() else v for k, v in sd.items()}
+    args = argparse.Namespace(model="convnext_atto", lr=4e-3, epochs=30, model_ema=True, num_classes=len(LABELS))
+    return {"arch": "convnext_atto", "epoch": 29, "state_dict": noise, "state_dict_ema": sd, "args": args, **extra}
+
+
+def test_timm_train_checkpoint_with_namespace_args(tmp_path: Path, reference, photos) -> None:
+    ckpt = tmp_path / "model_best.pth.tar"
+    torch.save(_train_checkpoint(reference), ckpt)
+    expected = _expected_logits(reference, photos)
+    clf = Stage1Classifier.load("convnext_atto", checkpoint=ckpt, labels_file=_write_labels(tmp_path / "labels.txt"))
+    torch.testing.assert_close(clf.logits(photos), expected, atol=1e-5, rtol=1e-5)
+    # Without a labels file the checkpoint is read for class names: a clear error, not pickle's.
+    with pytest.raises(ClassifierError, match="no class names"):
+        Stage1Classifier.load("convnext_atto", checkpoint=ckpt)
+    # ... and with them stored beside the weights it loads on its own.
+    torch.save(_train_checkpoint(reference, label_names=LABELS), tmp_path / "named.pth.tar")
+    clf = Stage1Classifier.load("convnext_atto", checkpoint=tmp_path / "named.pth.tar")
+    assert clf.labels == LABELS
+    torch.testing.assert_close(clf.logits(photos), expected, atol=1e-5, rtol=1e-5)
+
+
+class _Unsafe:
+    """A class weights_only=True must refuse to unpickle."""
+
+
+@pytest.mark.parametrize("with_labels_file", [True, False])
+def test_checkpoint_with_arbitrary_objects_is_refused(tmp_path: Path, reference, with_labels_file: bool) -> None:
+    ckpt = tmp_path / "evil.pth"
+    torch.save(_train_checkpoint(reference, extra=_Unsafe()), ckpt)
+    labels = _write_labels(tmp_path / "labels.txt") if with_labels_file else None
+    with pytest.raises(ClassifierError, match=r"_Unsafe.*safetensors") as info:
+        Stage1Classifier.load("convnext_atto", checkpoint=ckpt, labels_file=labels)
+    assert "weights_only=False" not in str(info.value)
+
+
+def test_unreadable_checkpoints_give_classifier_errors(tmp_path: Path, reference) -> None:
+    labels = _write_labels(tmp_path / "labels.txt")
+    (tmp_path / "text.pth").write_text("this is not a checkpoint\n" * 20)
+    with pytest.raises(ClassifierError, match="not a PyTorch checkpoint"):
+        Stage1Classifier.load("convnext_atto", checkpoint=tmp_path / "text.pth", labels_file=labels)
+    torch.save(reference.state_dict(), tmp_path / "full.pth")
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "full.pth").read_bytes()[:5000])
+    with pytest.raises(ClassifierError, match="cannot read checkpoint"):
+        Stage1Classifier.load("convnext_atto", checkpoint=tmp_path / "cut.pth", labels_file=labels)
+    (tmp_path / "bad.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(ClassifierError, match="not a readable safetensors file"):
+        Stage1Classifier.load("convnext_atto", checkpoint=tmp_path / "bad.safetensors", labels_file=labels)
+
+
+def test_cli_reports_an_unsafe_checkpoint_in_one_line(tmp_path: Path, reference, capsys) -> None:
+    from catreview import cli
+
+    ckpt = tmp_path / "evil.pth"
+    torch.save(_train_checkpoint(reference, extra=_Unsafe()), ckpt)
+    labels = _write_labels(tmp_path / "labels.txt")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'demo_dir = "{tmp_path / "demo"}"\n[classifier]\nmodel = "convnext_atto"\ncheckpoint = "{ckpt}"\nlabels_file = "{labels}"\n')
+    assert cli.main(["predict", "--config", str(cfg), "--db", f"sqlite:///{tmp_path / 'c.db'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: checkpoint {ckpt} contains Python objects") and err.count("\n") == 1, err
+    assert "safetensors" in err and "weights_only=False" not in err

@@ -120,3 +120,33 @@ def test_cli_import_predict_list_json(settings, photos: Path) -> None:
     assert {row["review"]["label"] for row in rows} == {"Sphynx - Hairless Cat", "Maine Coon", "Bombay"}
     bad = _cli("import", str(photos / "nope"), *db, env=env)
     assert bad.returncode == 2 and "not a folder" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_export_tab_refuses_bad_sizes_and_writes_nothing(settings, photos: Path) -> None:
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    from catreview.app_core import ReviewApp
+    from catreview.ui import build_ui
+
+    app = ReviewApp(settings)
+    import_folder(app.engine, photos, vocabulary=BreedVocabulary.default(), labels_from_folders=True)
+    demo = build_ui(app)
+    demo.queue()
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(url, verbose=False)
+        for size in (0, -336):
+            summary, zip_file = client.predict(0, size, None, False, False, api_name="/export")
+            assert summary == ("Export failed, nothing written: image size must be a positive whole number "
+                               f"of pixels (e.g. 336), got {size}"), summary
+            assert zip_file is None
+        with pytest.raises(AppError, match="less than minimum value 0"):  # the cap field's own bound
+            client.predict(0, 336, -2, False, False, api_name="/export")
+        summary, _ = client.predict(0, 8, None, False, False, api_name="/export")  # the export's own floor
+        assert summary == "Export failed, nothing written: image_size must be at least 16 px, got 8", summary
+        assert not (settings.data_dir / "exports").exists() or not any((settings.data_dir / "exports").iterdir())
+        summary, zip_file = client.predict(0, 64, 0, False, False, api_name="/export")  # 0 = no cap
+        assert "9 photos" in summary and zip_file.endswith(".zip"), summary
+    finally:
+        demo.close()

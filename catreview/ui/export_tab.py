@@ -29,18 +29,27 @@ def build(app: ReviewApp) -> None:
     summary = gr.Textbox(label="Summary", lines=8, interactive=False, elem_id="export-summary")
     download = gr.File(label="Download (zip)", elem_id="export-download")
 
-    def run(seed_v: float, size_v: float, cap_v: float | None, over: bool, re: bool, progress=gr.Progress()):
+    def run(seed_v: float | None, size_v: float | None, cap_v: float | None, over: bool, re: bool, progress=gr.Progress()):
+        """Export with the tab's options; returns ``(summary text, zip path or None)``.
+
+        ``size_v`` is the shortest side in px (a positive whole number; the export itself needs
+        at least 16), ``cap_v`` the most photos per breed (0 or empty: no cap; Gradio refuses a
+        negative one before this runs). Bad options and
+        failed exports come back as a one-line message and nothing is written.
+        """
+        if size_v is None or size_v <= 0 or size_v != int(size_v):
+            return f"Export failed, nothing written: image size must be a positive whole number of pixels (e.g. 336), got {size_v}", None
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
         out = app.settings.data_dir / "exports" / f"export-{stamp}"
-        processor = app.registry.profiles()[app.registry.active_vlm_name].model
         try:
+            processor = app.registry.base_model()
             result = export_dataset(
-                app.engine, out, seed=int(seed_v or 0), image_size=int(size_v or 336),
+                app.engine, out, seed=int(seed_v or 0), image_size=int(size_v),
                 cap_per_breed=int(cap_v) if cap_v else None, oversample_train=over, resplit=re,
                 processor=processor, vocabulary=app.vocabulary,
                 progress=lambda d, t: progress((d, t), desc="exporting"),
             )
-        except (ExportError, ValueError, OSError) as exc:
+        except (ExportError, ValueError, OSError) as exc:  # ConfigError (unknown profile) is a ValueError
             return f"Export failed, nothing written: {exc}", None
         return "\n".join(result.lines()), str(zip_export(result.out_dir))
 
