@@ -173,7 +173,8 @@ class Stage1Classifier:
         transform: timm eval transform, PIL RGB image -> (3, H, W) float32 tensor.
         device: where the model runs.
         model_id: architecture name (or ``hf-hub:`` id).
-        model_version: checkpoint digest (or ``"pretrained"``); a new file is a new version.
+        model_version: ``"<checkpoint digest or 'pretrained'>-labels<8 hex>"``: a new file, or
+            new class names (order included), is a new version.
     """
 
     model: torch.nn.Module
@@ -245,8 +246,10 @@ class Stage1Classifier:
         model.eval().to(dev)
         data_cfg = timm.data.resolve_data_config({}, model=model)
         transform = timm.data.create_transform(**data_cfg)
-        version = file_digest(ckpt) if ckpt is not None else "pretrained"
-        return cls(model, labels, transform, dev, model_name, version, batch_size)
+        weights = file_digest(ckpt) if ckpt is not None else "pretrained"
+        # The class names are part of the output: a corrected labels file is a new version.
+        names = hashlib.sha256("\n".join(labels).encode("utf-8")).hexdigest()[:8]
+        return cls(model, labels, transform, dev, model_name, f"{weights}-labels{names}", batch_size)
 
     @classmethod
     def from_config(cls, cfg: ClassifierConfig, *, model_name: str | None = None) -> Stage1Classifier:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
 from catreview.classifier import Stage1Classifier
@@ -76,8 +77,42 @@ def cached_predictions(
 
 
 def _store(session: Session, rows: list[Prediction]) -> None:
+    """Insert prediction rows. A row whose key (``uq_prediction_key``) another process stored
+    meanwhile (the app and a CLI ``predict`` on one database) is skipped: both computed the same
+    model output, and the first stays. Any other integrity error is raised.
+    """
     session.add_all(rows)
+    try:
+        session.commit()
+        return
+    except IntegrityError:
+        session.rollback()
+    for row in rows:  # one by one, to keep the rows that are not duplicates
+        session.add(row)
+        try:
+            session.commit()
+        except IntegrityError:
+            session.rollback()
+            kind, model_id, version, key = row.kind, row.model_id, row.model_version, row.input_key
+            if (row.image_id, key) not in cached_predictions(session, kind, model_id, version, [row.image_id]):
+                raise
+
+
+def _replace(session: Session, rows: list[Prediction]) -> None:
+    """Overwrite the payload of stored rows with the same key; insert the rest with :func:`_store`."""
+    new = []
+    for row in rows:
+        old = session.exec(select(Prediction).where(
+            Prediction.image_id == row.image_id, Prediction.kind == row.kind, Prediction.model_id == row.model_id,
+            Prediction.model_version == row.model_version, Prediction.input_key == row.input_key,
+        )).first()
+        if old is None:
+            new.append(row)
+        else:
+            old.payload_json, old.seconds, old.created_at = row.payload_json, row.seconds, row.created_at
+            session.add(old)
     session.commit()
+    _store(session, new)
 
 
 def _load_batch(images: Sequence[ImageRecord], summary: PredictSummary) -> list[tuple[ImageRecord, Any]]:
@@ -117,9 +152,14 @@ def run_stage1(
     progress: Progress | None = None,
     stop: threading.Event | None = None,
 ) -> dict[int, list[tuple[str, float]]]:
-    """Stage-1 top-k for ``images`` (cached rows reused, missing ones computed in batches)."""
+    """Stage-1 top-k for ``images`` (cached rows reused, missing ones computed in batches).
+
+    A cached row with another number of entries than ``top_k`` (capped at the number of
+    classes; the setting changed) is recomputed and overwritten.
+    """
     cache = cached_predictions(session, "stage1", clf.model_id, clf.model_version, [i.id for i in images])
-    out = {img_id: stage1_topk(p) for (img_id, _), p in cache.items()}
+    k = min(top_k, len(clf.labels))
+    out = {img_id: stage1_topk(p) for (img_id, _), p in cache.items() if len(p.payload["topk"]) == k}
     summary.stage1_cached += len(out)
     todo = [i for i in images if i.id not in out]
     for done, loaded in _batches(todo, clf.batch_size, summary, stop):
@@ -135,7 +175,7 @@ def run_stage1(
                     payload_json=json.dumps({"topk": topk}), seconds=dt / max(len(loaded), 1),
                 )
             )
-        _store(session, rows)
+        _replace(session, rows)
         summary.stage1_computed += len(rows)
         summary.stage1_seconds += dt
         if progress:
@@ -209,7 +249,7 @@ def verdict_payload(v: Any) -> dict[str, Any]:
 
 
 def store_reasoning(session: Session, vlm: Any, image_id: int, candidates: Sequence[str], text: str, seconds: float) -> None:
-    """Cache a reasoning text (ignored if the same key was stored meanwhile)."""
+    """Cache a reasoning text (skipped if the same key was stored meanwhile, see :func:`_store`)."""
     key = candidates_key(candidates)
     if cached_predictions(session, "reasoning", vlm.model_id, vlm.model_version, [image_id]).get((image_id, key)):
         return

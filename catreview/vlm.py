@@ -906,15 +906,19 @@ def event_stopping_criteria(events: Sequence[threading.Event]) -> Any:
 
 
 def match_candidate(answer: str, labels: Sequence[str]) -> str:
-    """The candidate named in ``answer`` (case-insensitive, earliest mention, longest name on a
-    tie), or :data:`~catreview.prompts.OTHER_LABEL`."""
+    """The candidate named in ``answer`` as whole words (case-insensitive, earliest mention,
+    longest name on a tie), or :data:`~catreview.prompts.OTHER_LABEL`.
+
+    Whole words: "Another look: a Bengal" names Bengal, not "other"."""
+    import re
+
     text = " ".join(answer.lower().replace("_", " ").split())
     best: tuple[int, int, str] | None = None
     for label in labels:
         name = prompts.answer_text(label).strip().lower()
-        pos = text.find(name)
-        if pos >= 0 and (best is None or (pos, -len(name)) < (best[0], best[1])):
-            best = (pos, -len(name), label)
+        found = re.search(rf"(?<!\w){re.escape(name)}(?!\w)", text) if name else None
+        if found and (best is None or (found.start(), -len(name)) < (best[0], best[1])):
+            best = (found.start(), -len(name), label)
     return best[2] if best is not None else prompts.OTHER_LABEL
 
 

@@ -13,7 +13,7 @@ import pytest
 from sqlmodel import Session, select
 
 from catreview.config import load_settings
-from catreview.db import Prediction, Review, make_engine
+from catreview.db import ImageRecord, Prediction, Review, make_engine
 from catreview.demo_models import build_demo_classifier
 from catreview.importer import import_folder
 from catreview.labels import BreedVocabulary, read_label_file, BREEDS67_FILE
@@ -61,6 +61,40 @@ def test_predictions_are_cached_per_model_version(settings, photos: Path, tmp_pa
     assert third.stage1_computed == 9 and third.stage1_cached == 0
     with Session(engine) as s:
         assert len(list(s.exec(select(Prediction).where(Prediction.kind == "stage1")))) == 18
+
+    # top_k changed: stage 1 recomputed and overwritten in place (same version), views follow.
+    s3 = s2.model_copy(update={"classifier": s2.classifier.model_copy(update={"top_k": 2})})
+    fourth = run_predictions(engine, ModelRegistry(s3))
+    assert fourth.stage1_computed == 9 and fourth.stage1_cached == 0
+    assert all(len(v["stage1"]) == 2 for v in iter_views(engine, ModelRegistry(s3)))
+    with Session(engine) as s:
+        assert len(list(s.exec(select(Prediction).where(Prediction.kind == "stage1")))) == 18
+
+    # The same checkpoint with its class names in another order is another version.
+    names = read_label_file(BREEDS67_FILE)
+    (tmp_path / "reordered.txt").write_text("\n".join(names[::-1]) + "\n")
+    s4 = s2.model_copy(update={"classifier": s2.classifier.model_copy(update={"labels_file": tmp_path / "reordered.txt"})})
+    assert ModelRegistry(s4).classifier().model_version != ModelRegistry(s2).classifier().model_version
+
+
+def test_a_prediction_stored_meanwhile_is_kept_and_other_errors_raise(settings, photos: Path) -> None:
+    from sqlalchemy.exc import IntegrityError
+
+    from catreview.predict import _store
+
+    engine = make_engine(settings.database_url)
+    import_folder(engine, photos, vocabulary=BreedVocabulary.default())
+    with Session(engine) as s:
+        ids = [i.id for i in s.exec(select(ImageRecord))]
+        row = lambda img, text: Prediction(image_id=img, kind="reasoning", model_id="m", model_version="v",  # noqa: E731
+                                           input_key="k", payload_json=f'{{"text": "{text}"}}')
+        _store(s, [row(ids[0], "first")])
+        # another process stored photo 0 meanwhile: skipped, photo 1 still stored
+        _store(s, [row(ids[0], "second"), row(ids[1], "new")])
+        texts = {p.image_id: p.payload["text"] for p in s.exec(select(Prediction).where(Prediction.kind == "reasoning"))}
+        assert texts == {ids[0]: "first", ids[1]: "new"}
+        with pytest.raises(IntegrityError):  # not a duplicate: a photo that does not exist
+            _store(s, [row(10_000, "orphan")])
 
 
 def test_routing_threshold_skips_the_vlm(settings, photos: Path) -> None:

@@ -336,3 +336,12 @@ def test_answers_end_with_the_templates_end_of_turn_not_eos(model_dirs, photos):
     assert {ids[-1] for ids in batch.answers[0]} == {tok.convert_tokens_to_ids("<end_of_utterance>")}
     fast = vlm.score_candidates(photos[:1], CANDIDATES[:1])[0]
     assert_close(fast.scores, vlm.score_candidates_reference(photos[0], CANDIDATES[0]).scores)
+
+
+def test_generated_answers_match_whole_words_only():
+    labels = ["Bengal", "Persian", "Maine_Coon", prompts.OTHER_LABEL]
+    assert match_candidate("Another look: this is a Bengal.", labels) == "Bengal"
+    assert match_candidate("Its mother was a Persian; this is a Bengal", labels) == "Persian"
+    assert match_candidate("A maine coon, clearly", labels) == "Maine_Coon"
+    assert match_candidate("Bengals are spotted", labels) == prompts.OTHER_LABEL
+    assert match_candidate("none of these: other", labels) == prompts.OTHER_LABEL
