@@ -40,6 +40,8 @@ class ImportSummary:
     missing_files: list[str] = field(default_factory=list)  # label rows whose file is absent
     duplicate_label_rows: list[str] = field(default_factory=list)
     image_ids: list[int] = field(default_factory=list)
+    recovered: list[str] = field(default_factory=list)  # failed before, decode now (e.g. pillow-heif installed)
+    moved: list[str] = field(default_factory=list)  # known content whose stored path no longer exists
 
     def lines(self) -> list[str]:
         """The summary as lines for a terminal or the UI."""
@@ -47,6 +49,10 @@ class ImportSummary:
             f"scanned {self.scanned} files: {self.added} new, {self.already_present} already in the database, "
             f"{len(self.failed)} failed, {len(self.duplicates)} duplicate content"
         ]
+        if self.recovered:
+            out.append(f"  {len(self.recovered)} photos that failed before are readable now: {', '.join(self.recovered[:5])}")
+        if self.moved:
+            out.append(f"  {len(self.moved)} known photos found at a new path (old path gone), path updated")
         out += [f"  failed: {p}: {r}" for p, r in self.failed]
         out += [f"  duplicate: {p} has the same content as {q}" for p, q in self.duplicates]
         if self.labels_recorded or self.labels_unchanged or self.labels_kept_human or self.unknown_labels or self.missing_files or self.duplicate_label_rows:
@@ -124,6 +130,11 @@ def import_folder(
                 summary.added += 1
             else:
                 summary.already_present += 1
+                change = refresh_image_row(session, row, path)
+                if change == "recovered":
+                    summary.recovered.append(rel)
+                elif change == "moved":
+                    summary.moved.append(rel)
             if row.error is not None:
                 summary.failed.append((rel, row.error))
             elif row.id not in summary.image_ids:
@@ -149,6 +160,35 @@ def get_or_create_image(session: Session, path: Path, sha: str) -> tuple[ImageRe
     session.commit()
     session.refresh(row)
     return row, True
+
+
+def refresh_image_row(session: Session, row: ImageRecord, path: Path) -> str | None:
+    """Bring a known photo's row up to date with the same content found at ``path``.
+
+    * A row whose decode failed is decoded again (the bytes are the same, but the decoder may
+      have changed, e.g. pillow-heif installed since): on success its error is cleared, its size
+      set and its path updated -> ``"recovered"``.
+    * A row whose stored path no longer exists points to ``path`` from now on -> ``"moved"``.
+
+    Reviews and predictions are keyed by the row id and content hash, so they are kept.
+
+    Returns:
+        ``"recovered"``, ``"moved"`` or ``None`` (nothing changed); changes are committed.
+    """
+    if row.error is not None:
+        fresh = new_image_row(path, row.sha256)
+        if fresh.error is None:
+            row.path, row.width, row.height, row.error = str(path), fresh.width, fresh.height, None
+            session.add(row)
+            session.commit()
+            return "recovered"
+        return None
+    if row.path != str(path) and not Path(row.path).exists():
+        row.path = str(path)
+        session.add(row)
+        session.commit()
+        return "moved"
+    return None
 
 
 def new_image_row(path: Path, sha: str) -> ImageRecord:

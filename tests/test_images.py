@@ -135,3 +135,30 @@ def test_import_records_failures_and_is_idempotent(tmp_path: Path, cats_dir: Pat
     assert len(rows) == 8
     assert sum(r.error is not None for r in rows) == 5
     assert all(r.width and r.height for r in rows if r.error is None)
+
+
+def test_reimport_recovers_failed_photos_and_follows_moved_ones(tmp_path: Path, cats_dir: Path, monkeypatch) -> None:
+    import catreview.images as images
+
+    root = tmp_path / "photos"
+    (root / "Persian").mkdir(parents=True)
+    shutil.copy(sorted((cats_dir / "Persian").glob("*.jpg"))[0], root / "Persian" / "p.jpg")
+    Image.new("1", (9000, 9000)).save(root / "Persian" / "big.png")  # 81 MP: refused by default
+    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    vocab = BreedVocabulary.default()
+    first = import_folder(engine, root, vocabulary=vocab, labels_from_folders=True)
+    assert [Path(p).name for p, _ in first.failed] == ["big.png"]
+
+    # The decoder's limit is raised (as installing a plugin would fix HEIC): same bytes, now readable.
+    monkeypatch.setattr(images, "MAX_PIXELS", 100_000_000)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200_000_000)
+    moved = tmp_path / "moved"
+    shutil.move(root, moved)  # and the folder moved
+    again = import_folder(engine, moved, vocabulary=vocab, labels_from_folders=True)
+    assert again.recovered == ["Persian/big.png"] and again.moved == ["Persian/p.jpg"] and not again.failed
+    assert again.labels_recorded == 1 and again.labels_unchanged == 1  # big.png gets its folder label now
+    with Session(engine) as s:
+        rows = {Path(r.path).name: r for r in s.exec(select(ImageRecord))}
+    assert rows["big.png"].error is None and (rows["big.png"].width, rows["big.png"].height) == (9000, 9000)
+    assert all(Path(r.path).parent.parent == moved for r in rows.values())
+    assert "readable now" in "\n".join(again.lines()) and "new path" in "\n".join(again.lines())
