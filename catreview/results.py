@@ -80,7 +80,7 @@ def image_view(
     """One photo as a JSON-ready dict (the ``predictions --json`` line format).
 
     Keys: ``id, path, sha256, error`` (str or null), ``stage1`` (list of ``{label,
-    probability}``, top-k, or null), ``vlm`` (``{label, confidence, probabilities: {candidate:
+    probability}``, top-k, or null), ``stage1_model_version`` (str or null), ``vlm`` (``{label, confidence, probabilities: {candidate:
     p}, reasoning, model_version}``, ``{"skipped": true, ...}`` when routing skipped it, or
     null when not computed yet), ``fused`` (``{label, probability, probabilities}`` or null),
     ``review`` (latest: ``{label, annotator, time, previous_label, note}`` or null).
@@ -88,6 +88,7 @@ def image_view(
     out: dict[str, Any] = {"id": image.id, "path": image.path, "sha256": image.sha256, "error": image.error}
     topk = stage1_topk(stage1) if stage1 is not None else None
     out["stage1"] = [{"label": lab, "probability": p} for lab, p in topk] if topk else None
+    out["stage1_model_version"] = stage1.model_version if stage1 is not None else None
     vlm_p = None
     if topk and not should_route_to_vlm(topk[0][1], blend.routing_threshold):
         out["vlm"] = {"skipped": True, "reason": f"stage-1 top-1 probability {topk[0][1]:.3f} > routing threshold {blend.routing_threshold}"}
@@ -157,7 +158,7 @@ def model_snapshot(view: dict[str, Any]) -> dict[str, Any]:
         "stage1": [[d["label"], d["probability"]] for d in (view.get("stage1") or [])],
         "vlm": vlm.get("probabilities"),
         "fused": {k: view["fused"][k] for k in ("label", "probability")} if view.get("fused") else None,
-        "model_versions": {"vlm": vlm.get("model_version")},
+        "model_versions": {"stage1": view.get("stage1_model_version"), "vlm": vlm.get("model_version")},
     }
 
 
