@@ -24,7 +24,7 @@ from catreview.calibration import CalibrationReport, ReviewRecord, calibrate
 from catreview.db import AdapterVersion, CalibrationRecord, SplitAssignment, make_engine
 from catreview.fusion import OTHER
 from catreview.labels import BreedVocabulary, is_breed
-from catreview.results import iter_views
+from catreview.results import current_blend, iter_views
 
 
 def review_records(views: list[dict[str, Any]], vocabulary: BreedVocabulary | None = None) -> list[ReviewRecord]:
@@ -73,6 +73,8 @@ def fit_and_store(settings: Any, registry: Any, *, vlm_name: str | None = None, 
 
     Photos the active adapter may have learned are left out (see the module docstring); the
     report's ``data_note`` says how many, or that the adapter's training photos are unknown.
+    "Before" and the weight search's tie-break use the weight in force (the last stored fit for
+    these model versions, else ``fusion.weight``).
 
     Raises:
         ValueError: fewer reviewed photos than ``fusion.calibration_min_reviews`` (after leaving
@@ -94,16 +96,18 @@ def fit_and_store(settings: Any, registry: Any, *, vlm_name: str | None = None, 
         note = (f"Left out {n_left_out} reviewed photos of the train split the active adapter was trained on "
                 "(its verdicts on them are not a fair test).")
     records = review_records(views, BreedVocabulary.from_labels_file(settings.classifier.labels_file))
+    clf, vlm = registry.classifier(), registry.vlm(vlm_name)
+    with Session(engine) as session:  # the weight in force: the last fit's, else the configured one
+        in_force = current_blend(session, settings, clf.model_version, vlm.model_version).weight
     report = calibrate(
         records,
         min_reviews=settings.fusion.calibration_min_reviews,
-        current_weight=settings.fusion.weight,
+        current_weight=in_force,
         n_folds=settings.fusion.calibration_folds,
     )
     report = dataclasses.replace(report, data_note=note)
     if not store:
         return report, None
-    clf, vlm = registry.classifier(), registry.vlm(vlm_name)
     with Session(engine) as session:
         row = CalibrationRecord(
             stage1_version=clf.model_version,

@@ -52,6 +52,8 @@ def test_fit_store_and_use(settings, cats_dir: Path, tmp_path: Path) -> None:
     with Session(engine) as s:
         stored = s.get(CalibrationRecord, row_id)
     assert (stored.weight, stored.temperature_fused) == (report.weight, report.fused_temperature)
+    refit, _ = fit_and_store(settings, reg, store=False)
+    assert refit.current_weight == report.weight  # "before" is the weight in force now, not the config's
     after = {v["id"]: v["fused"] for v in iter_views(engine, ModelRegistry(settings))}
     assert all(f["blend"] == f"calibration #{row_id}" for f in after.values())
     for f in after.values():
