@@ -585,6 +585,11 @@ class VLMPostClassifier:
 
     @property
     def tokenizer(self) -> Any:
+        """The processor's tokenizer. Loads the model first if needed (it comes with the processor).
+
+        Raises:
+            VLMError: as :meth:`load`.
+        """
         return self.load().processor.tokenizer
 
     # ---- inputs ----------------------------------------------------------------------------
