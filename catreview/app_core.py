@@ -1,7 +1,10 @@
 """The review app's core, free of Gradio: what the UI shows and does, tested directly.
 
-:class:`ReviewApp` owns the engine, the models (lazily) and a background worker that imports
-folders and runs predictions with visible progress, so the page is usable at once.
+:class:`ReviewApp` owns the engine, the models (lazily), a background worker that imports
+folders and runs predictions with visible progress, so the page is usable at once, and the
+app's LoRA training rounds (:attr:`ReviewApp.train_jobs`). The UI (:mod:`catreview.ui`) sits on
+top of it; core modules never import it (:class:`~catreview.jobs.JobState` lives in
+:mod:`catreview.jobs` and is re-exported here).
 """
 
 from __future__ import annotations
@@ -10,9 +13,8 @@ import threading
 import time
 import traceback
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlmodel import Session, select
 
@@ -20,36 +22,22 @@ from catreview.config import Settings
 from catreview.db import ImageRecord, get_image, make_engine
 from catreview.images import load_rgb
 from catreview.importer import import_folder
-from catreview.labels import BreedVocabulary, read_label_file
+from catreview.jobs import JobState
+from catreview.labels import BreedVocabulary
 from catreview.predict import candidates_key, cached_predictions, run_predictions, store_reasoning
 from catreview.registry import ModelRegistry
 from catreview.results import iter_views, model_snapshot
-from catreview.reviews import ReviewError, record_review, review_counts
+from catreview.reviews import ReviewError, current_reviews, record_review, review_counts
 
+if TYPE_CHECKING:
+    from catreview.train_jobs import TrainJobs
 
-@dataclass
-class JobState:
-    """Progress of the background worker, read by the UI's timer."""
-
-    running: bool = False
-    stage: str = "idle"
-    done: int = 0
-    total: int = 0
-    message: str = ""
-    error: str | None = None
-    log: list[str] = field(default_factory=list)
-
-    def text(self) -> str:
-        if self.error:
-            return f"Background job failed: {self.error}"
-        if self.running:
-            pct = f" {self.done}/{self.total}" if self.total else ""
-            return f"Working: {self.stage}{pct}"
-        return self.message or "Idle"
+__all__ = ["JobState", "ReviewApp"]
 
 
 class ReviewApp:
-    """State of one running app: settings, database, models, background predictions.
+    """State of one running app: settings, database, models, background predictions, training
+    rounds (:attr:`train_jobs`).
 
     Args:
         settings: the loaded :class:`Settings`.
@@ -59,12 +47,32 @@ class ReviewApp:
         self.settings = settings
         self.engine = make_engine(settings.database_url)
         self.registry = ModelRegistry(settings, engine=self.engine)
-        labels_file = settings.classifier.labels_file
-        self.vocabulary = BreedVocabulary(read_label_file(labels_file)) if labels_file else BreedVocabulary.default()
+        self.vocabulary = BreedVocabulary.from_labels_file(settings.classifier.labels_file)
         self.job = JobState()
         self._job_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._train_jobs: TrainJobs | None = None
+        self._train_jobs_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ training rounds
+    @property
+    def train_jobs(self) -> TrainJobs:
+        """The app's :class:`catreview.train_jobs.TrainJobs` (LoRA rounds in a separate process),
+        created on first use with the default gate policy; creating it recovers crashed runs
+        (:meth:`~catreview.train_jobs.TrainJobs.reconcile`). Assign to use another one (e.g. a
+        stricter :class:`~catreview.adapters.GatePolicy`)."""
+        with self._train_jobs_lock:
+            if self._train_jobs is None:
+                from catreview.train_jobs import TrainJobs
+
+                self._train_jobs = TrainJobs(self.engine, self.settings)
+            return self._train_jobs
+
+    @train_jobs.setter
+    def train_jobs(self, jobs: TrainJobs) -> None:
+        with self._train_jobs_lock:
+            self._train_jobs = jobs
 
     # ------------------------------------------------------------------ background work
     def start_background(self, folders: list[Path] | None = None) -> bool:
@@ -119,6 +127,20 @@ class ReviewApp:
         """(path, reason) of photos that could not be decoded."""
         with Session(self.engine) as s:
             return [(r.path, r.error or "") for r in s.exec(select(ImageRecord).where(ImageRecord.error.is_not(None)))]  # type: ignore[union-attr]
+
+    def next_unreviewed(self, position: int) -> int | None:
+        """Position (in :meth:`image_ids`) of the first photo without any review after
+        ``position``, wrapping around to the start; ``None`` when every photo is reviewed.
+
+        ``position`` -1 (or less) searches from the first photo; a position at or past the last
+        photo searches from the first photo too.
+        """
+        ids = self.image_ids()
+        with Session(self.engine) as s:
+            done = set(current_reviews(s))
+        start = min(max(position + 1, 0), len(ids))
+        order = list(range(start, len(ids))) + list(range(0, start))
+        return next((i for i in order if ids[i] not in done), None)
 
     def counts(self) -> tuple[int, int]:
         """(reviewed, total) photos."""

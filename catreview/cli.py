@@ -8,6 +8,10 @@ the reviewed photos).
 
 Errors a user can fix (bad paths, bad config, unknown labels) print one line on stderr and exit
 with status 2; nothing stored is changed by a failed command.
+
+Helpers that sub-commands defined in core modules share (``--db``/``--config``, settings from the
+arguments, progress bars) live in :mod:`catreview.cli_common`; nothing imports this module but
+the entry points.
 """
 
 from __future__ import annotations
@@ -20,17 +24,12 @@ from typing import Any
 
 from tqdm import tqdm
 
-from catreview.config import ConfigError, Settings, load_settings
+from catreview.cli_common import add_common_options, progress_bar, settings_from_args
+from catreview.config import ConfigError, Settings
 
 
 class CLIError(Exception):
     """An error reported to the user as one line, exit status 2."""
-
-
-def add_common_options(p: argparse.ArgumentParser) -> None:
-    """``--db URL`` and ``--config FILE``, which every sub-command takes."""
-    p.add_argument("--db", metavar="URL", help="database URL (default: sqlite file under db/)")
-    p.add_argument("--config", metavar="FILE", help="TOML settings file (see assets/example_config.toml)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,32 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _settings(args: argparse.Namespace) -> Settings:
-    return load_settings(args.config, database_url=args.db)
-
-
-def _progress_bar() -> tuple[Callable[..., None], Callable[[], None]]:
-    bars: dict[str, tqdm] = {}
-
-    def update(stage: str, done: int, total: int) -> None:
-        bar = bars.get(stage)
-        if bar is None:
-            bar = bars[stage] = tqdm(total=total, desc=stage, unit="photo", file=sys.stderr, disable=None)
-        bar.n = done
-        bar.refresh()
-
-    def close() -> None:
-        for bar in bars.values():
-            bar.close()
-
-    return update, close
-
-
 def cmd_import(args: argparse.Namespace) -> int:
     from catreview.db import make_engine
     from catreview.importer import import_folder
+    from catreview.labels import BreedVocabulary
 
-    settings = _settings(args)
+    settings = settings_from_args(args)
     engine = make_engine(settings.database_url)
     bar = tqdm(desc="import", unit="photo", file=sys.stderr, disable=None)
 
@@ -119,8 +98,8 @@ def cmd_import(args: argparse.Namespace) -> int:
 
     try:
         summary = import_folder(
-            engine, args.folder, vocabulary=_vocabulary(settings), labels_csv=args.labels,
-            labels_from_folders=args.labels_from_folders, progress=progress,
+            engine, args.folder, vocabulary=BreedVocabulary.from_labels_file(settings.classifier.labels_file),
+            labels_csv=args.labels, labels_from_folders=args.labels_from_folders, progress=progress,
         )
     except (NotADirectoryError, FileNotFoundError) as exc:
         raise CLIError(str(exc)) from exc
@@ -128,14 +107,6 @@ def cmd_import(args: argparse.Namespace) -> int:
         bar.close()
     print("\n".join(summary.lines()))
     return 0
-
-
-def _vocabulary(settings: Settings):  # -> BreedVocabulary
-    from catreview.labels import BreedVocabulary, read_label_file
-
-    if settings.classifier.labels_file:
-        return BreedVocabulary(read_label_file(settings.classifier.labels_file))
-    return BreedVocabulary.default()
 
 
 def _registry(settings: Settings):
@@ -148,9 +119,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from catreview.db import make_engine
     from catreview.predict import run_predictions
 
-    settings = _settings(args)
+    settings = settings_from_args(args)
     engine = make_engine(settings.database_url)
-    update, close = _progress_bar()
+    update, close = progress_bar()
     try:
         summary = run_predictions(engine, _registry(settings), vlm_name=args.vlm, reasoning=not args.no_reasoning, progress=update)
     finally:
@@ -163,7 +134,7 @@ def cmd_predictions(args: argparse.Namespace) -> int:
     from catreview.db import make_engine
     from catreview.results import iter_views
 
-    settings = _settings(args)
+    settings = settings_from_args(args)
     engine = make_engine(settings.database_url)
     for view in iter_views(engine, _registry(settings), vlm_name=args.vlm):
         if args.json:
@@ -179,7 +150,7 @@ def cmd_predictions(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from catreview.calibration_store import fit_and_store
 
-    settings = _settings(args)
+    settings = settings_from_args(args)
     report, stored = fit_and_store(settings, _registry(settings), vlm_name=args.vlm, store=not args.dry_run)
     print(report.to_table())
     print(f"stored as calibration #{stored}" if stored else "not stored (--dry-run)")
@@ -189,8 +160,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from catreview.db import make_engine
     from catreview.exports import export_dataset, zip_export
+    from catreview.labels import BreedVocabulary
 
-    settings = _settings(args)
+    settings = settings_from_args(args)
     engine = make_engine(settings.database_url)
     processor = None
     if not args.no_check:
@@ -205,7 +177,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         summary = export_dataset(
             engine, args.out, seed=args.seed, image_size=args.image_size, cap_per_breed=args.cap_per_breed,
             oversample_train=args.oversample, resplit=args.resplit, processor=processor,
-            vocabulary=_vocabulary(settings), progress=progress, overwrite=args.overwrite,
+            vocabulary=BreedVocabulary.from_labels_file(settings.classifier.labels_file), progress=progress,
+            overwrite=args.overwrite,
         )
     except FileExistsError as exc:
         raise CLIError(str(exc).replace("pass overwrite=True", "pass --overwrite")) from exc
@@ -221,7 +194,7 @@ def _check_vlm_option(args: argparse.Namespace) -> None:
     """Fail with a one-line :class:`ConfigError` when ``--vlm`` names no configured profile
     (``--base`` overrides ``--vlm``, so it is then not looked up)."""
     if getattr(args, "vlm", None) and not getattr(args, "base", None):
-        _registry(_settings(args)).base_model(args.vlm)
+        _registry(settings_from_args(args)).base_model(args.vlm)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

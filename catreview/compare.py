@@ -1,7 +1,10 @@
 """Two VLM profiles side by side: per photo, in aggregate over the reviewed photos, and blind.
 
 No Gradio here: :mod:`catreview.ui.compare_tab` and ``python -m catreview compare`` are thin
-layers over this module.
+layers over this module. Which photo a request means (:meth:`CompareSession.pick_photo`), the
+refusal while the app's background predictions hold the models (``busy``, :class:`ModelsBusy`)
+and the messages after a blind choice (:meth:`CompareSession.try_record_preference`) are decided
+here, so the tab only lays out and wires.
 
 What is compared (two *profiles* of :attr:`Settings.vlm_profiles`, or two adapter versions of
 one profile built by :func:`adapter_variant`):
@@ -63,9 +66,9 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from catreview import prompts
-from catreview.app_core import JobState
 from catreview.config import DEMO_PROFILE, Settings, VLMProfile
 from catreview.db import AdapterVersion, ImageRecord, Preference, get_image
+from catreview.jobs import JobState
 from catreview.labels import BreedVocabulary, is_breed
 from catreview.predict import (
     PredictSummary,
@@ -116,6 +119,25 @@ def per_breed_columns(name_a: str, name_b: str) -> list[str]:
 class CompareError(ValueError):
     """A comparison that cannot run as asked (unknown profile, bad adapter folder, no reviewed
     photos, unknown blind trial); the message says what to change."""
+
+
+class ModelsBusy(CompareError):
+    """Another job (the app's background predictions) is using the models; the message says to
+    try again when it finishes. Shown as a plain notice, not a warning (:func:`error_notice`)."""
+
+
+BUSY_PHOTO = "Background predictions are still running; compare when they finish."
+"""Message of :class:`ModelsBusy` from :meth:`CompareSession.compare_photo`."""
+BUSY_AGGREGATE = "Background predictions are still running; start the comparison when they finish."
+"""What :meth:`AggregateJob.try_start` says while the background predictions run."""
+ALREADY_RUNNING = "A comparison is already running."
+"""What :meth:`AggregateJob.try_start` says while another aggregate run is going on."""
+
+
+def error_notice(exc: CompareError) -> str:
+    """How a refused comparison is shown: ``"⚠️ <message>"``, or the plain message for
+    :class:`ModelsBusy` (waiting is not an error)."""
+    return str(exc) if isinstance(exc, ModelsBusy) else f"⚠️ {exc}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -513,6 +535,50 @@ def preference_refusal(shown: Sequence[tuple[str, str]]) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class PreferenceResult:
+    """Outcome of :meth:`CompareSession.try_record_preference`: the stored row, or why not.
+
+    Exactly one of ``preference`` and ``error`` is set.
+    """
+
+    preference: Preference | None = None
+    error: str | None = None
+
+    @property
+    def saved(self) -> bool:
+        """Whether a preference was stored."""
+        return self.preference is not None
+
+    def text(self) -> str:
+        """The tab's message: ``"Saved preference #7: Model 2 (photo 3, by alice)."`` (``a tie``
+        for a tie), or ``"⚠️ <why not>"``."""
+        pref = self.preference
+        if pref is None:
+            return f"⚠️ {self.error}"
+        said = {"a": "Model 1", "b": "Model 2", "tie": "a tie"}[pref.choice]
+        return f"Saved preference #{pref.id}: {said} (photo {pref.image_id}, by {pref.annotator})."
+
+    def api_text(self) -> str:
+        """The API's answer: ``"saved preference #7"`` or ``"error: <why not>"``."""
+        return f"saved preference #{self.preference.id}" if self.preference is not None else f"error: {self.error}"
+
+
+@dataclass(frozen=True)
+class PhotoPick:
+    """A photo chosen for comparison (:meth:`CompareSession.pick_photo`).
+
+    Attributes:
+        position: its index in :meth:`CompareSession.photo_ids` (0-based).
+        image_id: its database id.
+        total: how many decodable photos there are (>= 1).
+    """
+
+    position: int
+    image_id: int
+    total: int
+
+
 # --------------------------------------------------------------------------------------------
 # Aggregate over reviewed photos
 # --------------------------------------------------------------------------------------------
@@ -846,6 +912,9 @@ class CompareSession:
         engine: database engine.
         vocabulary: canonicalises verdict labels before they are compared with human labels.
         blind_seed: seed of :func:`blind_swapped`.
+        busy: called before a run; ``True`` while another job (the app's background predictions)
+            uses the models, and runs are then refused (:class:`ModelsBusy`,
+            :meth:`AggregateJob.try_start`). ``None``: never busy (the CLI).
     """
 
     def __init__(
@@ -856,12 +925,14 @@ class CompareSession:
         vocabulary: BreedVocabulary | None = None,
         *,
         blind_seed: int = 0,
+        busy: Callable[[], bool] | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
         self.engine = engine
         self.vocabulary = vocabulary or BreedVocabulary.default()
         self.blind_seed = blind_seed
+        self.busy: Callable[[], bool] = busy or (lambda: False)
         self.run_lock = threading.Lock()
         self._extra: dict[str, VLMProfile] = {}
         self._own: dict[str, VLMPostClassifier] = {}
@@ -943,12 +1014,76 @@ class CompareSession:
         with Session(self.engine) as s:
             return self._human_labels(s)
 
+    @staticmethod
+    def _photo_ids(session: Session) -> list[int]:
+        q = select(ImageRecord.id).where(ImageRecord.error.is_(None)).order_by(ImageRecord.id)  # type: ignore[union-attr, arg-type]
+        return list(session.exec(q))
+
+    def photo_ids(self) -> list[int]:
+        """Ids of the decodable photos, in import order (the positions the tab steps through;
+        the same list as :meth:`catreview.app_core.ReviewApp.image_ids`)."""
+        with Session(self.engine) as s:
+            return self._photo_ids(s)
+
     def reviewed_image_ids(self) -> list[int]:
         """Decodable photos whose latest review is a breed, by id."""
         with Session(self.engine) as s:
             human = self._human_labels(s)
-            q = select(ImageRecord.id).where(ImageRecord.error.is_(None)).order_by(ImageRecord.id)  # type: ignore[union-attr, arg-type]
-            return [i for i in s.exec(q) if i in human]
+            return [i for i in self._photo_ids(s) if i in human]
+
+    def pick_photo(self, image_id: float | None, position: int | None = 0) -> PhotoPick:
+        """The photo a request means: ``image_id`` when given (not ``None`` or 0), else the photo
+        at ``position`` (clamped to the photo list; ``None`` counts as 0).
+
+        Raises:
+            CompareError: no photos yet (``"No photos yet."``), or no decodable photo with
+                ``image_id`` (``"No photo with id 7."``).
+        """
+        ids = self.photo_ids()
+        if not image_id:
+            if not ids:
+                raise CompareError("No photos yet.")
+            pos = max(0, min(int(position or 0), len(ids) - 1))
+            return PhotoPick(pos, ids[pos], len(ids))
+        if int(image_id) not in ids:
+            raise CompareError(f"No photo with id {int(image_id)}.")
+        return PhotoPick(ids.index(int(image_id)), int(image_id), len(ids))
+
+    def typed_photo(self, image_id: float | None) -> PhotoPick:
+        """The photo whose id was typed (no fallback to a position).
+
+        Raises:
+            CompareError: no id (``"Type a photo id first (ids run from 1 to 9)."``) or an
+                unknown one (``"No photo with id 99 (ids run from 1 to 9)."``; "no photos are
+                imported yet" instead of the range when there are none).
+        """
+        ids = self.photo_ids()
+        span = f"ids run from {ids[0]} to {ids[-1]}" if ids else "no photos are imported yet"
+        if image_id is None:
+            raise CompareError(f"Type a photo id first ({span}).")
+        if int(image_id) not in ids:
+            raise CompareError(f"No photo with id {int(image_id)} ({span}).")
+        return PhotoPick(ids.index(int(image_id)), int(image_id), len(ids))
+
+    def first_reviewed_position(self) -> int:
+        """Position (in :meth:`photo_ids`) of the first photo whose latest review is a breed;
+        0 when none is."""
+        with Session(self.engine) as s:
+            human = self._human_labels(s)
+            ids = self._photo_ids(s)
+        return next((p for p, i in enumerate(ids) if i in human), 0)
+
+    def photo_notice(self, pick: PhotoPick) -> str:
+        """Markdown under a photo before it is compared: where it is, its human label, what to do.
+
+        E.g. ``"Photo 3 of 4 (id 7; 1 reviewed photo in all) · human label: **Sphynx**. Press
+        **Compare this photo** to run both models on it."``
+        """
+        human = self.human_labels()
+        label = human.get(pick.image_id)
+        return (f"Photo {pick.position + 1} of {pick.total} (id {pick.image_id}; {plural(len(human), 'reviewed photo')} in all) · "
+                + (f"human label: **{label}**" if label else "not reviewed yet")
+                + ". Press **Compare this photo** to run both models on it.")
 
     def canonical(self, label: str) -> str:
         """``label`` as a canonical class name when the vocabulary knows it, else unchanged."""
@@ -982,8 +1117,11 @@ class CompareSession:
         ``stop`` ends the running generation; a stopped reasoning is not stored.
 
         Raises:
+            ModelsBusy: ``busy()`` is true (nothing is run; raised on the first ``next``).
             CompareError: unknown profile or photo, or stage 1 failed on the photo.
         """
+        if self.busy():
+            raise ModelsBusy(BUSY_PHOTO)
         stop = stop or threading.Event()
         with Session(self.engine) as s:
             try:
@@ -1130,6 +1268,15 @@ class CompareSession:
             s.refresh(pref)
         return pref
 
+    def try_record_preference(self, trial_id: str, choice: str, annotator: str) -> PreferenceResult:
+        """:meth:`record_preference`, with a refusal returned instead of raised (what the tab's
+        buttons and the ``compare_prefer`` API show: :meth:`PreferenceResult.text`,
+        :meth:`PreferenceResult.api_text`)."""
+        try:
+            return PreferenceResult(preference=self.record_preference(trial_id, choice, annotator))
+        except CompareError as exc:
+            return PreferenceResult(error=str(exc))
+
     # ---- aggregate -------------------------------------------------------------------------
 
     def _missing_verdicts(self, session: Session, vlm: VLMPostClassifier, images: Sequence[ImageRecord],
@@ -1200,7 +1347,7 @@ class CompareSession:
 class AggregateJob:
     """:meth:`CompareSession.run_aggregate` in a daemon thread with progress for a UI timer.
 
-    ``state`` is a :class:`catreview.app_core.JobState`; ``result`` the last finished aggregate
+    ``state`` is a :class:`catreview.jobs.JobState`; ``result`` the last finished aggregate
     and ``version`` counts finished runs (the UI redraws when it changes).
     """
 
@@ -1224,6 +1371,16 @@ class AggregateJob:
                                             name="catreview-compare", daemon=True)
             self._thread.start()
             return True
+
+    def try_start(self, name_a: str, name_b: str, *, one_at_a_time: bool = False) -> str:
+        """Start a run unless the models are busy (the session's ``busy``) or a run is going on;
+        returns what to show: :data:`BUSY_AGGREGATE`, :data:`ALREADY_RUNNING`, or the progress
+        line of the started run."""
+        if self.session.busy():
+            return BUSY_AGGREGATE
+        if not self.start(name_a, name_b, one_at_a_time=one_at_a_time):
+            return ALREADY_RUNNING
+        return self.state.text()
 
     def _progress(self, stage: str, done: int, total: int) -> None:
         self.state.stage, self.state.done, self.state.total = stage, done, total
@@ -1265,7 +1422,7 @@ class AggregateJob:
 
 def add_compare_parser(sub: Any) -> argparse.ArgumentParser:
     """Add the ``compare`` sub-command to ``sub`` (the CLI's ``add_subparsers()`` object)."""
-    from catreview.cli import add_common_options
+    from catreview.cli_common import add_common_options
 
     p = sub.add_parser("compare", help="compare two VLM profiles on the reviewed photos (cached)")
     add_common_options(p)
@@ -1287,15 +1444,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
         CompareError / ConfigError (both ``ValueError``): bad profiles, adapters or config, or a
             model that cannot be loaded.
     """
-    from catreview.cli import _progress_bar, _vocabulary
-    from catreview.config import load_settings
+    from catreview.cli_common import progress_bar, settings_from_args
     from catreview.db import make_engine
     from catreview.registry import ModelRegistry
     from catreview.vlm import VLMError
 
-    settings = load_settings(args.config, database_url=args.db)
+    settings = settings_from_args(args)
     engine = make_engine(settings.database_url)
-    session = CompareSession(settings, ModelRegistry(settings), engine, _vocabulary(settings))
+    vocabulary = BreedVocabulary.from_labels_file(settings.classifier.labels_file)
+    session = CompareSession(settings, ModelRegistry(settings), engine, vocabulary)
     if args.base:
         if args.a or args.b:
             raise CompareError("give either --a/--b or --base with --adapter-a/--adapter-b, not both")
@@ -1305,7 +1462,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         name_a, name_b = args.a or pair.a, args.b or pair.b
         if pair.note and not (args.a and args.b):
             print(f"note: {pair.note}")
-    update, close = _progress_bar()
+    update, close = progress_bar()
     try:
         result = session.run_aggregate(name_a, name_b, one_at_a_time=args.one_at_a_time, progress=update)
     except VLMError as exc:  # model folder missing, out of memory...: one line, exit status 2
@@ -1321,10 +1478,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 __all__ = [
+    "ALREADY_RUNNING", "BUSY_AGGREGATE", "BUSY_PHOTO",
     "AggregateJob", "AggregateMetrics", "BlindTrial", "CompareAggregate", "CompareError", "CompareSession",
-    "MemoryMeter", "MemoryReading", "PairChoice", "PhotoComparison", "PhotoOutcome", "PreferenceExport", "SideRun",
+    "MemoryMeter", "MemoryReading", "ModelsBusy", "PairChoice", "PhotoComparison", "PhotoOutcome", "PhotoPick",
+    "PreferenceExport", "PreferenceResult", "SideRun",
     "SideState", "adapter_variant", "add_compare_parser", "aggregate_metrics", "blind_swapped", "cmd_compare",
-    "default_pair", "display_sides", "export_preference_pairs", "known_adapters", "latest_preferences",
+    "default_pair", "display_sides", "error_notice", "export_preference_pairs", "known_adapters", "latest_preferences",
     "model_bytes", "model_label", "per_breed_columns", "photo_outcomes", "plural", "preference_pair",
     "preference_refusal", "probabilities_label", "side_display", "split_model_label",
 ]

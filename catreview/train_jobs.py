@@ -768,7 +768,7 @@ def _terminate_group(pid: int) -> None:
 
 def add_train_parser(sub: Any) -> argparse.ArgumentParser:
     """Add ``train`` to an ``add_subparsers()`` object; returns the sub-parser."""
-    from catreview.cli import add_common_options
+    from catreview.cli_common import add_common_options
     from training.config import add_config_arguments
 
     p = sub.add_parser("train", help="LoRA round on the reviewed photos: export, train, register, gate, maybe activate")
@@ -787,7 +787,7 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
 
 def add_adapters_parser(sub: Any) -> argparse.ArgumentParser:
     """Add ``adapters`` (list / promote ID / rollback ID|none) to an ``add_subparsers()`` object."""
-    from catreview.cli import add_common_options
+    from catreview.cli_common import add_common_options
 
     p = sub.add_parser("adapters", help="list adapter versions, promote one, or roll back (to a version or 'none')")
     add_common_options(p)
@@ -799,24 +799,25 @@ def add_adapters_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def _settings_and_engine(args: argparse.Namespace) -> tuple[Settings, Engine]:
-    from catreview.config import load_settings
+    from catreview.cli_common import settings_from_args
     from catreview.db import make_engine
 
-    settings = load_settings(args.config, database_url=args.db)
+    settings = settings_from_args(args)
     return settings, make_engine(settings.database_url)
 
 
 def _base_model(args: argparse.Namespace, settings: Settings) -> str:
+    """``--base``, else the base model of profile ``--vlm`` (default: the active one).
+
+    Raises:
+        catreview.registry.UnknownProfileError: ``--vlm`` (or ``active_vlm``) names no configured
+            profile (a ``ConfigError``, and a ``KeyError`` for :func:`main`).
+    """
     if args.base:
         return args.base
     from catreview.registry import ModelRegistry
 
-    reg = ModelRegistry(settings)
-    name = args.vlm or reg.active_vlm_name
-    profiles = reg.profiles()
-    if name not in profiles:
-        raise KeyError(f"no VLM profile named {name!r}; configured: {sorted(profiles)}")
-    return profiles[name].model
+    return ModelRegistry(settings).base_model(args.vlm)
 
 
 def _fmt(x: Any) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -86,4 +88,45 @@ def test_review_over_api_survives_restart(settings, photos: Path) -> None:
     with Session(app2.engine) as s:
         rows = list(s.exec(select(Review)))
     assert [(r.image_id, r.label, r.annotator, r.note) for r in rows] == [(image_id, "Sphynx - Hairless Cat", "alice", "ears say so")]
-    assert rows[0].model_snapshot_json and "stage1" in rows[0].model_snapshot_json
+    snapshot = json.loads(rows[0].model_snapshot_json)
+    assert len(snapshot["stage1"]) == 3 and snapshot["fused"]["label"]
+    clf, vlm = app2.registry.classifier(), app2.registry.vlm()
+    assert snapshot["model_versions"] == {"stage1": clf.model_version, "vlm": vlm.model_version}
+
+
+def test_next_unreviewed_wraps_and_skips_reviewed_photos(settings, photos: Path) -> None:
+    """The core behind "Next unreviewed" and the first page load (no predictions needed)."""
+    from catreview.importer import import_folder
+    from catreview.reviews import record_review
+
+    app = ReviewApp(settings)
+    assert app.next_unreviewed(-1) is None  # no photos at all
+    import_folder(app.engine, photos, vocabulary=app.vocabulary)
+    ids = app.image_ids()
+    assert len(ids) == 4  # the broken file has no position
+    assert [app.next_unreviewed(p) for p in (-1, 0, 1, 2, 3)] == [0, 1, 2, 3, 0]
+    with Session(app.engine) as s:
+        for i in (ids[0], ids[2]):
+            record_review(s, i, "Birman", "alice", vocabulary=app.vocabulary)
+    assert [app.next_unreviewed(p) for p in (-1, 0, 1, 2, 3)] == [1, 1, 3, 3, 1]
+    assert app.next_unreviewed(10) == 1 and app.next_unreviewed(-5) == 1  # out of range: from the start
+    with Session(app.engine) as s:
+        for i in (ids[1], ids[3]):
+            record_review(s, i, "Not a cat", "alice", vocabulary=app.vocabulary)  # any review counts
+    assert app.next_unreviewed(-1) is None and app.next_unreviewed(2) is None
+
+
+def test_train_jobs_belong_to_the_app(settings) -> None:
+    """One TrainJobs per app, created lazily; the Train tab's jobs_for/_JOBS are views of it."""
+    from catreview.train_jobs import TrainJobs
+    from catreview.ui import train_tab
+
+    app, other = ReviewApp(settings), ReviewApp(settings)
+    jobs = app.train_jobs
+    assert isinstance(jobs, TrainJobs) and jobs.engine is app.engine
+    assert app.train_jobs is jobs and train_tab.jobs_for(app) is jobs and train_tab._JOBS[app] is jobs
+    assert other.train_jobs is not jobs
+    replacement = TrainJobs(app.engine, settings, reconcile=False)
+    train_tab._JOBS[app] = replacement
+    assert app.train_jobs is replacement and train_tab.jobs_for(app) is replacement
+    assert train_tab.base_model(app) == app.registry.base_model()

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import expect
 from sqlmodel import Session, select
 
 from catreview.db import Review
@@ -49,7 +50,7 @@ def test_confirm_label_with_a_click(settings, cats_dir: Path, tmp_path: Path, br
         candidate = button.inner_text().strip()
         name_box = page.locator("#annotator textarea, #annotator input").first
         name_box.fill("browser-bob")
-        page.wait_for_timeout(300)
+        expect(name_box).to_have_value("browser-bob")  # the box holds the name the click will send
         button.click()
         page.locator("#review-message").get_by_text("Saved").wait_for(timeout=30000)
         page.locator("#counter").get_by_text("1 / 2 reviewed").wait_for(timeout=10000)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from playwright.sync_api import expect
 from sqlmodel import Session, select
 
 from catreview.compare import blind_swapped, split_model_label
@@ -32,7 +33,9 @@ def test_blind_preference_with_a_click(demo_dir: Path, tiny_models, cats_dir: Pa
         assert name_box.input_value() == settings.annotator  # the configured default, not the Review tab's box
         page.locator("#compare-blind input[type=checkbox]").check()
         name_box.fill("browser-carol")
-        page.wait_for_timeout(300)
+        # Blind mode has renamed the panels (its change event is done) and the name is in the box.
+        expect(page.locator("#compare-left-probs")).to_contain_text("Model 1: probabilities over the candidates", timeout=10000)
+        expect(name_box).to_have_value("browser-carol")
         page.locator("#compare-run").click()
         prefer_2 = page.locator("#compare-prefer-2")
         page.wait_for_function("() => { const b = document.querySelector('#compare-prefer-2'); return b && !b.disabled; }", timeout=60000)
@@ -114,8 +117,7 @@ def test_demo_alone_opens_on_a_reviewed_photo_and_refuses_a_preference(settings,
 
         # Blind: the same model on both sides cannot give a training pair; the UI says so.
         page.locator("#compare-blind input[type=checkbox]").check()
-        page.wait_for_timeout(300)
-        assert "Model 1: probabilities over the candidates" in page.locator("#compare-left-probs").inner_text()
+        expect(page.locator("#compare-left-probs")).to_contain_text("Model 1: probabilities over the candidates", timeout=10000)
         page.locator("#compare-run").click()
         message = page.locator("#compare-pref-message")
         message.get_by_text("No preference can be recorded").wait_for(timeout=60000)

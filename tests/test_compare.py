@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from catreview import compare as cmp
 from catreview.config import load_settings
 from catreview.db import AdapterVersion, Prediction, Preference, make_engine
 from catreview.importer import import_folder
+from catreview.jobs import JobState
 from catreview.labels import BreedVocabulary
 from catreview.registry import ModelRegistry
 
@@ -362,6 +364,113 @@ def test_no_preference_between_one_model_and_itself(demo_dir: Path, tiny_models,
     assert list(job.result.per_breed_frame().columns) == cmp.per_breed_columns(SMALL, twin)
     assert cmp.per_breed_columns(SMALL, SMALL)[2:] == [f"accuracy A: {SMALL}", f"accuracy B: {SMALL}"]
     assert [cmp.plural(n, "pair") for n in (0, 1, 2)] == ["0 pairs", "1 pair", "2 pairs"]
+
+
+# --------------------------------------------------------------------------- what the tab asks the core
+
+
+def test_picking_photos_by_id_or_position(session: cmp.CompareSession, settings) -> None:
+    """Which photo a request means, and the messages when there is none (the tab shows them)."""
+    ids = session.photo_ids()
+    assert len(ids) == 6 and ids == sorted(ids) and ids == session.reviewed_image_ids()
+    assert session.pick_photo(None, 2) == cmp.PhotoPick(2, ids[2], 6)
+    assert session.pick_photo(0, 99) == cmp.PhotoPick(5, ids[5], 6)  # empty id: position, clamped
+    assert session.pick_photo(None, -3) == session.pick_photo(None, None) == cmp.PhotoPick(0, ids[0], 6)
+    assert session.pick_photo(ids[4], 0) == cmp.PhotoPick(4, ids[4], 6)  # an id wins over the position
+    assert session.pick_photo(float(ids[1])) == cmp.PhotoPick(1, ids[1], 6)  # gr.Number may send a float
+    with pytest.raises(cmp.CompareError, match=r"^No photo with id 99999\.$"):
+        session.pick_photo(99999, 0)
+    span = f"ids run from {ids[0]} to {ids[-1]}"
+    assert session.typed_photo(ids[3]) == cmp.PhotoPick(3, ids[3], 6)
+    with pytest.raises(cmp.CompareError, match=re.escape(f"Type a photo id first ({span}).")):
+        session.typed_photo(None)
+    with pytest.raises(cmp.CompareError, match=re.escape(f"No photo with id 99999 ({span}).")):
+        session.typed_photo(99999)
+    assert session.first_reviewed_position() == 0
+    pick = session.pick_photo(None, 2)
+    label = session.human_labels()[pick.image_id]
+    assert session.photo_notice(pick) == (
+        f"Photo 3 of 6 (id {ids[2]}; 6 reviewed photos in all) · human label: **{label}**. "
+        "Press **Compare this photo** to run both models on it.")
+
+    empty = cmp.CompareSession(settings, ModelRegistry(settings), make_engine(settings.database_url))
+    assert empty.photo_ids() == [] and empty.first_reviewed_position() == 0
+    with pytest.raises(cmp.CompareError, match=r"^No photos yet\.$"):
+        empty.pick_photo(None, 0)
+    with pytest.raises(cmp.CompareError, match=r"^No photo with id 3\.$"):
+        empty.pick_photo(3, 0)
+    with pytest.raises(cmp.CompareError, match=re.escape("Type a photo id first (no photos are imported yet).")):
+        empty.typed_photo(None)
+
+
+def test_first_reviewed_position_skips_unreviewed_and_non_breed_photos(fresh: cmp.CompareSession) -> None:
+    from catreview.reviews import record_review
+
+    ids = fresh.photo_ids()
+    with Session(fresh.engine) as s:  # newer reviews: the first two photos are no breed (any more)
+        for i, label in ((ids[0], "Not a cat"), (ids[1], "Unsure")):
+            record_review(s, i, label, "bob", vocabulary=fresh.vocabulary)
+    assert fresh.first_reviewed_position() == 2
+    pick = fresh.pick_photo(None, 0)
+    assert "Photo 1 of 6" in fresh.photo_notice(pick) and "not reviewed yet" in fresh.photo_notice(pick)
+    assert "4 reviewed photos in all" in fresh.photo_notice(pick)
+
+
+def test_runs_are_refused_while_the_models_are_busy(session: cmp.CompareSession) -> None:
+    """The guard the tab relies on while the app's background predictions run."""
+    busy = [True]
+    guarded = cmp.CompareSession(session.settings, session.registry, session.engine, busy=lambda: busy[0])
+    image_id = guarded.photo_ids()[0]
+    runs = guarded.compare_photo(image_id, SMALL, LARGE)
+    with pytest.raises(cmp.ModelsBusy, match=re.escape(cmp.BUSY_PHOTO)):
+        next(runs)
+    assert isinstance(cmp.ModelsBusy("x"), cmp.CompareError)
+    assert cmp.error_notice(cmp.ModelsBusy(cmp.BUSY_PHOTO)) == cmp.BUSY_PHOTO  # a notice, not a warning
+    assert cmp.error_notice(cmp.CompareError("no VLM profile named 'x'")) == "⚠️ no VLM profile named 'x'"
+
+    job = cmp.AggregateJob(guarded)
+    assert job.try_start(SMALL, LARGE) == cmp.BUSY_AGGREGATE
+    assert not job.state.running and job._thread is None and job.result is None  # nothing started
+    busy[0] = False
+    job.state = JobState(running=True, stage="another run")  # as if a run were going on
+    assert job.try_start(SMALL, LARGE) == cmp.ALREADY_RUNNING and job._thread is None
+    job.state = JobState()
+    message = job.try_start(SMALL, LARGE)
+    assert message not in (cmp.BUSY_AGGREGATE, cmp.ALREADY_RUNNING) and message.startswith(("Working", "Compared"))
+    job.wait(timeout=300)
+    assert job.state.error is None, job.state.log
+    assert job.result is not None and job.result.metrics.n == 6
+    *_, comp = list(guarded.compare_photo(image_id, SMALL, SMALL))  # not busy any more: runs
+    assert comp.finished
+
+
+def test_preference_messages_for_the_tab_and_the_api(fresh: cmp.CompareSession) -> None:
+    image_id = fresh.photo_ids()[0]
+    label_1, label_2 = cmp.model_label(SMALL, "v1@aaa"), cmp.model_label(LARGE, "v2@bbb")
+    fresh._trials.update({
+        "real": cmp.BlindTrial(image_id, "p", ((label_1, "a tabby"), (label_2, "a calico"))),
+        "same-text": cmp.BlindTrial(image_id, "p", ((label_1, "a tabby"), (label_2, "a tabby "))),
+    })
+    saved = fresh.try_record_preference("real", "2", "carol")
+    assert saved.saved and saved.error is None and saved.preference.choice == "b"
+    pid = saved.preference.id
+    assert saved.text() == f"Saved preference #{pid}: Model 2 (photo {image_id}, by carol)."
+    assert saved.api_text() == f"saved preference #{pid}"
+    tie = fresh.try_record_preference("real", "tie", "dave")
+    assert tie.text() == f"Saved preference #{tie.preference.id}: a tie (photo {image_id}, by dave)."
+
+    for trial, choice, who, why in (
+        ("same-text", "1", "carol", "no preference recorded: both outputs are the same text"),
+        ("real", "1", "  ", "enter your annotator name before choosing"),
+        ("real", "a", "carol", "choice must be one of"),
+        ("", "1", "carol", "no finished blind comparison to judge"),
+    ):
+        refused = fresh.try_record_preference(trial, choice, who)
+        assert not refused.saved and refused.preference is None
+        assert refused.text().startswith(f"⚠️ {why}") and refused.api_text().startswith(f"error: {why}")
+    with Session(fresh.engine) as s:
+        assert [(r.annotator, r.choice) for r in s.exec(select(Preference).order_by(Preference.id))] == [
+            ("carol", "b"), ("dave", "tie")]
 
 
 # --------------------------------------------------------------------------- adapter versions

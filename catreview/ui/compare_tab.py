@@ -1,7 +1,10 @@
 """Compare tab: two VLM profiles (or two adapter versions of one) side by side, per photo and in
 aggregate over the reviewed photos, with a blind mode that records preferences.
 
-Thin over :mod:`catreview.compare` (tested there); this module only lays out and wires.
+Thin over :mod:`catreview.compare` (tested there); this module only lays out and wires: which
+photo a request means, the refusal while background predictions run, and the messages after a
+blind choice come from :class:`~catreview.compare.CompareSession` and
+:class:`~catreview.compare.AggregateJob`.
 """
 
 from __future__ import annotations
@@ -22,10 +25,10 @@ from catreview.compare import (
     CompareError,
     CompareSession,
     display_sides,
+    error_notice,
     export_preference_pairs,
     known_adapters,
     per_breed_columns,
-    plural,
     probabilities_label,
 )
 
@@ -78,7 +81,7 @@ def _aggregate_values(result: CompareAggregate) -> list[Any]:
 
 def build(app: ReviewApp) -> None:
     """Lay out the Compare tab and wire its events."""
-    session = CompareSession(app.settings, app.registry, app.engine, app.vocabulary)
+    session = CompareSession(app.settings, app.registry, app.engine, app.vocabulary, busy=lambda: app.job.running)
     job = AggregateJob(session)
     pair = session.default_pair()
     names = list(session.profiles())
@@ -160,37 +163,22 @@ def build(app: ReviewApp) -> None:
     export_msg = gr.Markdown(elem_id="compare-export-message")
 
     # ------------------------------------------------------------------ handlers
-    def describe(p: int, ids: list[int]) -> str:
-        """Where photo ``p`` is, its human label, and what to do next."""
-        human = session.human_labels()
-        label = human.get(ids[p])
-        return (f"Photo {p + 1} of {len(ids)} (id {ids[p]}; {plural(len(human), 'reviewed photo')} in all) · "
-                + (f"human label: **{label}**" if label else "not reviewed yet")
-                + ". Press **Compare this photo** to run both models on it.")
-
     def show(p: int) -> list[Any]:
-        ids = app.image_ids()
-        if not ids:
+        try:
+            pick = session.pick_photo(None, p)
+        except CompareError:  # no photos
             return [0, None, None, "No photos yet: import some first (`python app.py --images DIR`).",
                     *_panel_values(None), "", *[gr.update(interactive=False)] * 3]
-        p = max(0, min(int(p or 0), len(ids) - 1))
-        return [p, ids[p], app.image(ids[p]), describe(p, ids), *_panel_values(None), "",
-                *[gr.update(interactive=False)] * 3]
-
-    def start_position() -> int:
-        """Position of the first reviewed photo (the first photo when none is reviewed)."""
-        ids, reviewed = app.image_ids(), session.reviewed_image_ids()
-        return ids.index(reviewed[0]) if reviewed and reviewed[0] in ids else 0
+        return [pick.position, pick.image_id, app.image(pick.image_id), session.photo_notice(pick),
+                *_panel_values(None), "", *[gr.update(interactive=False)] * 3]
 
     def jump(img_id: float | None) -> list[Any]:
         """Show the photo whose id was typed (an error toast, and no comparison, for an unknown id)."""
-        ids = app.image_ids()
-        span = f"ids run from {ids[0]} to {ids[-1]}" if ids else "no photos are imported yet"
-        if img_id is None:
-            raise gr.Error(f"Type a photo id first ({span}).")
-        if int(img_id) not in ids:
-            raise gr.Error(f"No photo with id {int(img_id)} ({span}).")
-        return show(ids.index(int(img_id)))
+        try:
+            pick = session.typed_photo(img_id)
+        except CompareError as exc:
+            raise gr.Error(str(exc)) from exc
+        return show(pick.position)
 
     def reset_sides(a: str, b: str, is_blind: bool) -> list[Any]:
         """Profiles or blind mode changed: clear the panels and name them for the new setting."""
@@ -202,40 +190,31 @@ def build(app: ReviewApp) -> None:
 
     def compare(img_id: float | None, p: int, a: str, b: str, is_blind: bool, one_at_a_time: bool):
         """Stream the comparison of photo ``img_id`` (empty or 0: the photo at position ``p``)."""
-        ids = app.image_ids()
-        if not img_id and ids:
-            img_id = ids[max(0, min(int(p or 0), len(ids) - 1))]
-        if not img_id or int(img_id) not in ids:
-            yield [gr.skip(), gr.skip(), gr.skip(), f"No photo with id {img_id}." if img_id else "No photos yet.",
-                   *_panel_values(None), "", *idle]
+        try:
+            pick = session.pick_photo(img_id, p)
+        except CompareError as exc:  # no such photo: the shown photo stays
+            yield [gr.skip(), gr.skip(), gr.skip(), str(exc), *_panel_values(None), "", *idle]
             return
-        head = [ids.index(int(img_id)), int(img_id), app.image(int(img_id))]
-        if app.job.running:
-            yield [*head, "Background predictions are still running; compare when they finish.", *_panel_values(None), "", *idle]
-            return
+        head = [pick.position, pick.image_id, app.image(pick.image_id)]
         stop = threading.Event()
         try:
-            runs = session.compare_photo(int(img_id), a, b, blind=bool(is_blind), one_at_a_time=bool(one_at_a_time), stop=stop)
+            runs = session.compare_photo(pick.image_id, a, b, blind=bool(is_blind), one_at_a_time=bool(one_at_a_time), stop=stop)
             with closing(runs):  # a cancelled request closes the core generator (and its lock) at once
                 for comp in runs:
                     payload = display_sides(comp)
                     yield [*head, payload["notice"], *_panel_values(payload), payload["trial_id"],
                            *[gr.update(interactive=payload["can_prefer"])] * 3, payload["preference_note"]]
                     head = [gr.skip()] * 3  # send the photo once
-        except CompareError as exc:
-            yield [*head, f"⚠️ {exc}", *_panel_values(None), "", *idle]
+        except CompareError as exc:  # refused (ModelsBusy while background predictions run) or failed
+            yield [*head, error_notice(exc), *_panel_values(None), "", *idle]
         finally:
             stop.set()  # the page moved on or "Stop" was pressed: end generation
 
     def record(choice: str):
         def fn(trial_id: str, who: str) -> list[Any]:
-            try:
-                pref = session.record_preference(trial_id, choice, who)
-            except CompareError as exc:
-                return [f"⚠️ {exc}", *[gr.skip()] * 3]
-            said = {"a": "Model 1", "b": "Model 2", "tie": "a tie"}[pref.choice]
-            return [f"Saved preference #{pref.id}: {said} (photo {pref.image_id}, by {pref.annotator}).",
-                    *[gr.update(interactive=False)] * 3]
+            result = session.try_record_preference(trial_id, choice, who)
+            buttons = [gr.update(interactive=False)] * 3 if result.saved else [gr.skip()] * 3
+            return [result.text(), *buttons]
         return fn
 
     def use_adapter_pair(base_name: str, path_a: str | None, path_b: str | None) -> list[Any]:
@@ -248,11 +227,7 @@ def build(app: ReviewApp) -> None:
                 gr.update(choices=choices, value=na), gr.update(choices=choices, value=nb)]
 
     def start_aggregate(a: str, b: str, one_at_a_time: bool) -> str:
-        if app.job.running:
-            return "Background predictions are still running; start the comparison when they finish."
-        if not job.start(a, b, one_at_a_time=bool(one_at_a_time)):
-            return "A comparison is already running."
-        return job.state.text()
+        return job.try_start(a, b, one_at_a_time=bool(one_at_a_time))
 
     def tick(version: int) -> list[Any]:
         text = job.state.text()
@@ -267,7 +242,7 @@ def build(app: ReviewApp) -> None:
 
     # ------------------------------------------------------------------ wiring
     # On page load: the first reviewed photo (photos may have been imported since the UI was built).
-    gr.on(None, lambda: show(start_position()), outputs=view_out, api_visibility="private")
+    gr.on(None, lambda: show(session.first_reviewed_position()), outputs=view_out, api_visibility="private")
     nav = [
         prev_btn.click(lambda p: show(p - 1), inputs=[pos], outputs=view_out, api_visibility="private"),
         next_btn.click(lambda p: show(p + 1), inputs=[pos], outputs=view_out, api_visibility="private"),
@@ -285,11 +260,7 @@ def build(app: ReviewApp) -> None:
 
     def prefer_api(trial_id: str, choice: str, who: str) -> str:
         """Record a blind choice: ``choice`` is "1", "2" or "tie"; returns a message."""
-        try:
-            pref = session.record_preference(trial_id, choice, who)
-        except CompareError as exc:
-            return f"error: {exc}"
-        return f"saved preference #{pref.id}"
+        return session.try_record_preference(trial_id, choice, who).api_text()
 
     gr.api(prefer_api, api_name="compare_prefer")
     use_adapters.click(use_adapter_pair, inputs=[base, ad_a, ad_b], outputs=[adapter_msg, prof_a, prof_b], api_visibility="private")

@@ -6,11 +6,10 @@ import threading
 from typing import Any
 
 import gradio as gr
-from sqlmodel import Session
 
 from catreview.app_core import ReviewApp
 from catreview.labels import NOT_A_CAT, UNSURE
-from catreview.reviews import ReviewError, current_reviews
+from catreview.reviews import ReviewError
 
 N_CANDIDATES = 3
 
@@ -134,22 +133,14 @@ def build(app: ReviewApp, demo: gr.Blocks) -> None:
             return [*render(app, p), f"⚠️ {exc}"]
         return [*render(app, p + 1), f"Saved **{label}** for photo {int(img_id)}."]
 
-    def unreviewed_after(p: int) -> int | None:
-        """Position of the next photo without a review after ``p`` (wrapping), or None."""
-        ids = app.image_ids()
-        with Session(app.engine) as s:
-            done = set(current_reviews(s))
-        order = list(range(p + 1, len(ids))) + list(range(0, max(p + 1, 0)))
-        return next((i for i in order if ids[i] not in done), None)
-
     def show_next_unreviewed(p: int) -> list[Any]:
-        nxt = unreviewed_after(p)
+        nxt = app.next_unreviewed(int(p or 0))
         if nxt is None:
             return [*show(p), "Every photo is reviewed. 🎉"]
         return [*show(nxt), ""]
 
     def first_view(p: int) -> list[Any]:
-        nxt = unreviewed_after(-1)
+        nxt = app.next_unreviewed(-1)
         return show(p if nxt is None else nxt)
 
     ev = demo.load(first_view, inputs=[pos], outputs=view_out, api_name="show")

@@ -15,13 +15,13 @@ started" message is cleared; the box shows the latest run's status from the firs
 also after an app restart.
 
 The handlers are plain functions of the :class:`ReviewApp` (``start``, ``cancel``, ``refresh``,
-``promote``, ``no_adapter``, ``status_text``) so they can be tested without a browser.
+``promote``, ``no_adapter``, ``status_text``) so they can be tested without a browser. The app's
+:class:`TrainJobs` is :attr:`ReviewApp.train_jobs` (core); :func:`jobs_for` returns it.
 """
 
 from __future__ import annotations
 
 import re
-import weakref
 from typing import Any
 
 import gradio as gr
@@ -31,7 +31,6 @@ from catreview.adapters import AdapterError, GatePolicy, activate, deactivate, v
 from catreview.app_core import ReviewApp
 from catreview.train_jobs import FORM_LABELS, TrainingBusy, TrainJobError, TrainJobs, config_from_form
 
-_JOBS: weakref.WeakKeyDictionary[ReviewApp, TrainJobs] = weakref.WeakKeyDictionary()
 REFRESH_SECONDS = 2.0
 LOSS_COLUMNS = ["step", "loss"]
 VAL_COLUMNS = ["step", "val_balanced_accuracy"]
@@ -40,17 +39,34 @@ VERSION_COLUMNS = ["id", "active", "name", "created", "val_balanced_accuracy", "
                    "gate", "export", "rank", "lr", "epochs"]
 
 
+class _AppJobs:
+    """``_JOBS[app]``: a view of :attr:`ReviewApp.train_jobs`, kept for callers that set an app's
+    :class:`TrainJobs` by item assignment (``_JOBS[app] = TrainJobs(...)`` assigns
+    ``app.train_jobs``). Holds no state of its own; prefer the attribute."""
+
+    def __getitem__(self, app: ReviewApp) -> TrainJobs:
+        return app.train_jobs
+
+    def __setitem__(self, app: ReviewApp, jobs: TrainJobs) -> None:
+        app.train_jobs = jobs
+
+
+_JOBS = _AppJobs()
+
+
 def jobs_for(app: ReviewApp) -> TrainJobs:
-    """The app's :class:`TrainJobs` (created once per app; creating it recovers crashed runs)."""
-    jobs = _JOBS.get(app)
-    if jobs is None:
-        jobs = _JOBS[app] = TrainJobs(app.engine, app.settings)
-    return jobs
+    """The app's :class:`TrainJobs`: :attr:`ReviewApp.train_jobs` (created once per app;
+    creating it recovers crashed runs)."""
+    return app.train_jobs
 
 
 def base_model(app: ReviewApp) -> str:
-    """The active VLM profile's base model (what an adapter is trained for)."""
-    return app.registry.profiles()[app.registry.active_vlm_name].model
+    """The active VLM profile's base model (what an adapter is trained for).
+
+    Raises:
+        catreview.registry.UnknownProfileError: ``active_vlm`` names no configured profile.
+    """
+    return app.registry.base_model()
 
 
 STARTED = "Run #{run_id} started: exporting the reviews, then training in a separate process."
