@@ -48,7 +48,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from catreview import prompts
 
@@ -478,6 +478,20 @@ def build_tiny_qwen2_vl(out_dir: str | Path, *, seed: int = 0) -> Path:
     return _save(Path(out_dir), model, processor)
 
 
+def _tiny_vision(image_size: int, patch_size: int, **extra: Any) -> dict[str, Any]:
+    """Vision-config kwargs shared by the tiny non-CLIP towers (hidden 32, 2 layers, 2 heads)."""
+    return dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                image_size=image_size, patch_size=patch_size, **extra)
+
+
+def _tiny_text(model_type: str, tokenizer: Any, **extra: Any) -> dict[str, Any]:
+    """Text-config kwargs shared by the tiny language models (hidden 64, 2 layers, 4 heads), with
+    the tokenizer's vocabulary size and special-token ids."""
+    return dict(model_type=model_type, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                num_hidden_layers=2, num_attention_heads=4, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **extra)
+
+
 IDEFICS3_CHAT_TEMPLATE = (
     "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
     "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
@@ -520,27 +534,8 @@ def build_tiny_idefics3(out_dir: str | Path, *, seed: int = 0) -> Path:
     )
     tile, patch, scale = 64, 8, 2
     config = Idefics3Config(
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=tile,
-            patch_size=patch,
-        ),
-        text_config=dict(
-            model_type="llama",
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            initializer_range=0.1,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ),
+        vision_config=_tiny_vision(tile, patch),
+        text_config=_tiny_text("llama", tokenizer, num_key_value_heads=4, initializer_range=0.1),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         scale_factor=scale,
         pad_token_id=tokenizer.pad_token_id,
@@ -602,28 +597,8 @@ def build_tiny_llava_onevision(out_dir: str | Path, *, seed: int = 0) -> Path:
     tile, patch = 56, 14
     pinpoints = [[tile, tile], [tile, 2 * tile], [2 * tile, tile], [2 * tile, 2 * tile]]
     config = LlavaOnevisionConfig(
-        vision_config=dict(
-            model_type="siglip_vision_model",
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=tile,
-            patch_size=patch,
-        ),
-        text_config=dict(
-            model_type="qwen2",
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=4096,
-            bos_token_id=None,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ),
+        vision_config=_tiny_vision(tile, patch, model_type="siglip_vision_model"),
+        text_config=_tiny_text("qwen2", tokenizer, num_key_value_heads=2, max_position_embeddings=4096),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
         vision_feature_select_strategy="full",
@@ -692,30 +667,8 @@ def build_tiny_pixtral(out_dir: str | Path, *, seed: int = 0) -> Path:
     )
     patch, longest = 16, 128
     config = LlavaConfig(
-        vision_config=dict(
-            model_type="pixtral",
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            head_dim=16,
-            image_size=longest,
-            patch_size=patch,
-        ),
-        text_config=dict(
-            model_type="mistral",
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            max_position_embeddings=4096,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ),
+        vision_config=_tiny_vision(longest, patch, model_type="pixtral", head_dim=16),
+        text_config=_tiny_text("mistral", tokenizer, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096),
         image_token_id=tokenizer.convert_tokens_to_ids("[IMG]"),
         vision_feature_select_strategy="full",
         vision_feature_layer=-1,
