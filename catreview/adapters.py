@@ -4,8 +4,9 @@ Every finished training round becomes a **version**: its ``best/`` adapter is co
 ``settings.data_dir / "adapters" / <name>`` (``<UTC time>-<8 hex of the files' sha256>``) and an
 :class:`~catreview.db.AdapterVersion` row records the base model, the export's content hash, the
 hyper-parameters (``hyperparams_json`` = :class:`training.config.TrainConfig`) and the metrics
-(``metrics_json``: validation balanced accuracy, accuracy, macro-F1, loss, per-breed accuracy, the
-step-0 / baseline numbers and the gate decision).
+(``metrics_json``: validation balanced accuracy, accuracy, macro-F1, loss, per-breed accuracy of
+the selected checkpoint; the step-0 / baseline validation numbers; ``test`` and
+``reference_test``, the held-out test metrics the gate used; the gate decision).
 
 Rules:
 
@@ -18,13 +19,20 @@ Rules:
   asks :func:`active_adapter` and the VLM's ``model_version`` (the cache key) includes the
   adapter's file hash, so old and new predictions never mix and a rollback reuses the cached
   predictions of the version it returns to.
-* **Gating** (:func:`gate`): a new version is activated automatically only if, on the *same*
-  validation items, its balanced accuracy is ``>=`` the reference's and no breed with at least
-  ``min_val_photos`` validation photos loses more than ``max_breed_drop`` accuracy. The reference
-  is the active version (evaluated by the round itself, ``result["baseline"]``) or, with no active
-  version, the base model (the round's step-0 evaluation: an untrained LoRA adapter is the
-  identity). Otherwise the version stays inactive, the per-breed comparison is stored and returned,
-  and a person may still promote it (:func:`activate`).
+* **Gating** (:func:`gate`) uses the export's **test** split, never the validation split: the
+  round picks its best checkpoint (and stops early) on validation, and the best of several
+  validation evaluations is optimistically biased against a reference evaluated once. So the
+  round scores the selected adapter and the reference once each on the test photos, with the
+  app's scorer, and a new version is activated automatically only if its test balanced accuracy
+  is strictly higher than the reference's, also in at least ``min_p_better`` of the paired
+  bootstrap resamples of the test photos (ties never pass), and no breed with at least
+  ``min_breed_photos`` test photos loses more than ``max_breed_drop`` accuracy. The reference is
+  the active version (scored by the round itself, ``result["baseline"]["test_metrics"]``) or, with
+  no active version, the base model (``result["initial_test_metrics"]``, scored at step 0: an
+  untrained LoRA adapter is the identity). With fewer than ``min_test_photos`` test photos there
+  is no decision: "not enough test photos to gate; promote by hand". Whenever the gate does not
+  pass, the version stays inactive, the per-breed comparison is stored and returned, and a person
+  may still promote it (:func:`activate`).
 """
 
 from __future__ import annotations
@@ -32,7 +40,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import InitVar, asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -57,40 +66,78 @@ class AdapterError(ValueError):
 # Gating
 # --------------------------------------------------------------------------------------------
 
+#: Keys of a metrics dict that hold one entry per scored photo (in the same order): what the
+#: paired bootstrap resamples. Stripped from the metrics stored with a version (only the round's
+#: ``result.json`` keeps them).
+PER_PHOTO_KEYS = ("photos", "truth", "predicted")
+
 
 @dataclass(frozen=True)
 class GatePolicy:
     """When a new adapter may replace the reference automatically.
 
+    The gate decides on the round's **test** split, which model selection (best checkpoint, early
+    stopping: validation) never saw; candidate and reference are each scored once on the same test
+    photos (see :func:`gate`).
+
     Attributes:
-        min_val_photos: breeds with fewer validation photos than this are not checked for drops
+        min_breed_photos: breeds with fewer test photos than this are not checked for drops
             (their accuracy moves in steps of ``1 / n``; default 5).
-        max_breed_drop: largest allowed fall of a checked breed's accuracy, absolute (default
-            0.10 = 10 points).
+        max_breed_drop: largest allowed fall of a checked breed's test accuracy, absolute
+            (default 0.10 = 10 points).
+        min_test_photos: fewest test photos the gate decides on (default 20); with fewer the
+            version is not gated, not activated, and left for promotion by hand.
+        min_p_better: share of paired bootstrap resamples of the test photos in which the
+            candidate's balanced accuracy must be strictly higher than the reference's
+            (default 0.9).
+        n_bootstrap: bootstrap resamples (default 1000).
+        seed: seed of the resampling (default 0: the same photos give the same decision).
+        min_val_photos: former name of ``min_breed_photos`` (accepted, not stored; ``None`` =
+            not given), from when the gate compared validation numbers.
+
+    Why 0.9: simulated on 10 breeds x 20 test photos with per-photo outcomes drawn independently
+    (or half shared), an equally good candidate passes 12-13% of the time (0.8: 21-25%, the old
+    rule ">=" on best-of-N validation: 87%), a worse one (57% vs 60%) 1-3%, a better one (+5
+    points) 39-57% and (+10 points) 83-93%. A blocked version can still be promoted by hand.
     """
 
-    min_val_photos: int = 5
+    min_breed_photos: int = 5
     max_breed_drop: float = 0.10
+    min_test_photos: int = 20
+    min_p_better: float = 0.9
+    n_bootstrap: int = 1000
+    seed: int = 0
+    min_val_photos: InitVar[int | None] = None
 
-    def __post_init__(self) -> None:
-        if self.min_val_photos < 1 or not 0 <= self.max_breed_drop <= 1:
+    def __post_init__(self, min_val_photos: int | None) -> None:
+        if min_val_photos is not None:
+            object.__setattr__(self, "min_breed_photos", min_val_photos)
+        if (
+            self.min_breed_photos < 1
+            or not 0 <= self.max_breed_drop <= 1
+            or self.min_test_photos < 1
+            or not 0 < self.min_p_better <= 1
+            or self.n_bootstrap < 1
+        ):
             raise ValueError(f"invalid gate policy {self}")
 
     def describe(self, reference: str = "the active one's") -> str:
-        """The rule in words, for people: ``"its validation balanced accuracy is at least
-        <reference> and no breed with at least 5 validation photos drops by more than 10
+        """The rule in words, for people: ``"on at least 20 held-out test photos its balanced
+        accuracy is higher than <reference> in at least 90% of 1000 paired bootstrap resamples
+        (a tie is not higher) and no breed with at least 5 test photos drops by more than 10
         points"`` (numbers from this policy; a point is one percentage point of accuracy)."""
         points = f"{100 * self.max_breed_drop:.4g}"
-        photos = f"{self.min_val_photos} validation photo{'s' if self.min_val_photos != 1 else ''}"
+        photos = f"{self.min_breed_photos} test photo{'s' if self.min_breed_photos != 1 else ''}"
         return (
-            f"its validation balanced accuracy is at least {reference} and no breed with at least {photos} "
-            f"drops by more than {points} point{'' if points == '1' else 's'}"
+            f"on at least {self.min_test_photos} held-out test photos its balanced accuracy is higher than {reference} "
+            f"in at least {100 * self.min_p_better:.4g}% of {self.n_bootstrap} paired bootstrap resamples (a tie is not "
+            f"higher) and no breed with at least {photos} drops by more than {points} point{'' if points == '1' else 's'}"
         )
 
 
 @dataclass(frozen=True)
 class BreedComparison:
-    """One breed's validation accuracy, reference vs candidate (``None`` = breed absent)."""
+    """One breed's test accuracy, reference vs candidate (``None`` = breed absent)."""
 
     breed: str
     n: int
@@ -114,9 +161,16 @@ class GateDecision:
         passed: may be activated automatically.
         reasons: why not (empty when passed).
         reference: what was compared against (``"adapter #3"``, ``"no adapter (base model)"``).
-        reference_balanced_accuracy, candidate_balanced_accuracy: the two scores (``None`` when
-            there was nothing to compare).
+        reference_balanced_accuracy, candidate_balanced_accuracy: the two scores on ``split``
+            (``None`` when there was nothing to compare).
         breeds: per-breed comparison, sorted by breed.
+        split: the photos the scores come from (``"test"``; decisions stored before the gate
+            moved to the test split read ``"validation"``).
+        n: photos both were scored on.
+        p_better: share of paired bootstrap resamples in which the candidate's balanced
+            accuracy is strictly higher (``None``: not computed).
+        gated: ``False`` when no decision could be made (too few test photos, no common test
+            photos, no evaluated reference): the version is kept inactive for promotion by hand.
     """
 
     passed: bool
@@ -125,6 +179,10 @@ class GateDecision:
     reference_balanced_accuracy: float | None
     candidate_balanced_accuracy: float | None
     breeds: list[BreedComparison] = field(default_factory=list)
+    split: str = "validation"
+    n: int | None = None
+    p_better: float | None = None
+    gated: bool = True
 
     def rows(self) -> list[dict[str, Any]]:
         """Table rows for the UI / CLI: breed, n, reference, candidate, delta, checked, blocking."""
@@ -140,47 +198,173 @@ class GateDecision:
         breeds = [BreedComparison(**{k: v for k, v in b.items() if k != "delta"}) for b in d.get("breeds", [])]
         return cls(**{**d, "breeds": breeds})
 
+    @property
+    def outcome(self) -> str:
+        """``"passed"``, ``"blocked"`` or ``"not gated"``."""
+        return "passed" if self.passed else ("blocked" if self.gated else "not gated")
+
     def summary(self) -> str:
         """One line for people."""
-        head = f"candidate {_pct(self.candidate_balanced_accuracy)} vs {self.reference} {_pct(self.reference_balanced_accuracy)}"
-        return f"gate passed ({head})" if self.passed else f"gate blocked ({head}): " + "; ".join(self.reasons)
+        head = (f"{self.split} balanced accuracy: candidate {_pct(self.candidate_balanced_accuracy)} vs {self.reference} "
+                f"{_pct(self.reference_balanced_accuracy)}")
+        if self.n is not None:
+            head += f", {self.n} photos"
+        if self.p_better is not None:
+            head += f", higher in {_pct(self.p_better)} of bootstrap resamples"
+        if self.passed:
+            return f"gate passed ({head})"
+        return f"gate {'blocked' if self.gated else 'not applied'} ({head}): " + "; ".join(self.reasons)
 
 
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
-def gate(candidate: dict[str, Any], reference: dict[str, Any], policy: GatePolicy = GatePolicy(), *, reference_name: str = "reference") -> GateDecision:
-    """Compare two metric dicts measured on the same validation items.
+def strip_per_photo(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``metrics`` without the per-photo lists (:data:`PER_PHOTO_KEYS`), for storing and showing."""
+    if metrics is None:
+        return None
+    return {k: v for k, v in metrics.items() if k not in PER_PHOTO_KEYS}
+
+
+def paired_bootstrap_p_better(
+    truth: Sequence[str], candidate: Sequence[str], reference: Sequence[str], *, n_resamples: int = 1000, seed: int = 0
+) -> float:
+    """Share of paired bootstrap resamples in which the candidate's balanced accuracy is strictly
+    higher than the reference's.
+
+    Each resample draws ``len(truth)`` photos with replacement; the **same** photos are used for
+    both models (paired), so what the two share (easy and hard photos) cancels. Balanced accuracy
+    is the mean per-class recall over the classes present in the resample, as in
+    :func:`catreview.calibration.balanced_accuracy`. Ties count as not higher, so two models with
+    identical predictions give 0.
+
+    This is the paired bootstrap comparison of two systems on one test set (Efron & Tibshirani
+    1993, *An Introduction to the Bootstrap*, ch. 16: a bootstrap estimate of
+    ``P(theta_candidate > theta_reference)``; Koehn 2004, "Statistical Significance Tests for
+    Machine Translation Evaluation", uses the same resample-and-count procedure).
 
     Args:
-        candidate, reference: ``{"balanced_accuracy": float, "per_breed": {breed: {"n", "accuracy",
-            ...}}}`` as written by :func:`training.lora.classification_metrics`.
+        truth: each photo's correct answer.
+        candidate, reference: each model's prediction for the same photos, same order.
+        n_resamples: bootstrap resamples.
+        seed: resampling seed (``numpy.random.default_rng``).
+
+    Raises:
+        ValueError: empty or unequal-length inputs.
+    """
+    import numpy as np
+
+    n = len(truth)
+    if n == 0 or len(candidate) != n or len(reference) != n:
+        raise ValueError(f"need equal, non-empty lists (truth {n}, candidate {len(candidate)}, reference {len(reference)})")
+    classes = {c: i for i, c in enumerate(sorted(set(truth)))}
+    cls = np.array([classes[t] for t in truth], dtype=np.int64)
+    k = len(classes)
+    right_c = np.array([c == t for c, t in zip(candidate, truth)], dtype=np.float64)
+    right_r = np.array([r == t for r, t in zip(reference, truth)], dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    wins = 0
+    for _ in range(n_resamples):
+        idx = rng.integers(0, n, n)
+        c = cls[idx]
+        count = np.bincount(c, minlength=k)
+        present = count > 0
+        ba_c = (np.bincount(c, weights=right_c[idx], minlength=k)[present] / count[present]).mean()
+        ba_r = (np.bincount(c, weights=right_r[idx], minlength=k)[present] / count[present]).mean()
+        wins += bool(ba_c > ba_r)
+    return wins / n_resamples
+
+
+def _not_enough(n: int, policy: GatePolicy) -> str:
+    return f"not enough test photos to gate; promote by hand ({n} test photos, at least {policy.min_test_photos} needed)"
+
+
+def gate(
+    candidate: dict[str, Any] | None,
+    reference: dict[str, Any] | None,
+    policy: GatePolicy = GatePolicy(),
+    *,
+    reference_name: str = "reference",
+) -> GateDecision:
+    """Compare two metric dicts measured **once each on the same held-out test photos**.
+
+    Model selection (best checkpoint, early stopping) uses the validation split; the best of
+    several validation evaluations is optimistically biased, so it is never compared with a
+    reference evaluated once. The round therefore scores its selected adapter and the reference
+    once each on the test split (:func:`training.lora.train_round`), and only those numbers are
+    gated here.
+
+    Args:
+        candidate, reference: test metrics as written by :func:`training.lora.evaluate` with
+            ``per_photo=True``: ``{"n", "balanced_accuracy", "per_breed": {breed: {"n",
+            "accuracy", ...}}, "photos", "truth", "predicted"}``; ``None`` or ``{}`` when there
+            were no test photos.
         policy: thresholds.
         reference_name: how the reference is named in messages.
 
     Returns:
-        :class:`GateDecision`; ``passed`` iff ``candidate >= reference`` in balanced accuracy and
-        no checked breed (``n >= min_val_photos`` in the candidate's validation) drops by more
-        than ``max_breed_drop``.
+        :class:`GateDecision` with ``split="test"``. ``passed`` iff all of:
+
+        * at least ``min_test_photos`` test photos, both scored on the same photos (else
+          ``gated=False``: "not enough test photos to gate; promote by hand");
+        * the candidate's test balanced accuracy is **strictly** higher than the reference's (a
+          tie does not pass);
+        * in at least ``min_p_better`` of ``n_bootstrap`` paired bootstrap resamples of the test
+          photos it is strictly higher (:func:`paired_bootstrap_p_better`);
+        * no breed with at least ``min_breed_photos`` test photos loses more than
+          ``max_breed_drop`` accuracy.
     """
-    reasons = []
-    cand_ba, ref_ba = float(candidate["balanced_accuracy"]), float(reference["balanced_accuracy"])
-    if cand_ba < ref_ba:
-        reasons.append(f"balanced accuracy fell from {_pct(ref_ba)} to {_pct(cand_ba)}")
+    candidate, reference = candidate or {}, reference or {}
+    cand_ba = None if candidate.get("balanced_accuracy") is None else float(candidate["balanced_accuracy"])
+    ref_ba = None if reference.get("balanced_accuracy") is None else float(reference["balanced_accuracy"])
+    n = int(candidate.get("n") or 0)
     c_breeds, r_breeds = candidate.get("per_breed", {}), reference.get("per_breed", {})
-    rows = []
-    for breed in sorted(set(c_breeds) | set(r_breeds)):
-        c, r = c_breeds.get(breed), r_breeds.get(breed)
-        n = int((c or r)["n"])
-        c_acc = None if c is None else float(c["accuracy"])
-        r_acc = None if r is None else float(r["accuracy"])
-        checked = c is not None and r is not None and n >= policy.min_val_photos
-        blocking = checked and c_acc < r_acc - policy.max_breed_drop - 1e-12
-        if blocking:
-            reasons.append(f"{breed} ({n} photos) fell from {_pct(r_acc)} to {_pct(c_acc)}")
-        rows.append(BreedComparison(breed, n, r_acc, c_acc, checked, blocking))
-    return GateDecision(not reasons, reasons, reference_name, ref_ba, cand_ba, rows)
+
+    def breed_rows(check: bool) -> tuple[list[BreedComparison], list[str]]:
+        rows, why = [], []
+        for breed in sorted(set(c_breeds) | set(r_breeds)):
+            c, r = c_breeds.get(breed), r_breeds.get(breed)
+            n_breed = int((c or r)["n"])
+            c_acc = None if c is None else float(c["accuracy"])
+            r_acc = None if r is None else float(r["accuracy"])
+            checked = check and c is not None and r is not None and n_breed >= policy.min_breed_photos
+            blocking = checked and c_acc < r_acc - policy.max_breed_drop - 1e-12
+            if blocking:
+                why.append(f"{breed} ({n_breed} test photos) fell from {_pct(r_acc)} to {_pct(c_acc)}")
+            rows.append(BreedComparison(breed, n_breed, r_acc, c_acc, checked, blocking))
+        return rows, why
+
+    def not_gated(reason: str) -> GateDecision:
+        rows, _ = breed_rows(check=False)
+        return GateDecision(False, [reason], reference_name, ref_ba, cand_ba, rows, split="test", n=n, gated=False)
+
+    if cand_ba is None or n < policy.min_test_photos:
+        return not_gated(_not_enough(n if cand_ba is not None else 0, policy))
+    if ref_ba is None:
+        return not_gated(f"{reference_name} was not scored on the test photos; promote by hand")
+    photos = [candidate.get(k) for k in PER_PHOTO_KEYS]
+    if any(p is None for p in photos) or reference.get("photos") != candidate["photos"] or reference.get("truth") != candidate["truth"]:
+        return not_gated(f"{reference_name} and the candidate were not scored on the same test photos; promote by hand")
+    if reference.get("predicted") is None or not len(candidate["photos"]) == len(candidate["predicted"]) == len(reference["predicted"]) == n:
+        return not_gated(f"the test metrics lack per-photo predictions for {n} photos; promote by hand")
+
+    reasons = []
+    p_better = paired_bootstrap_p_better(
+        candidate["truth"], candidate["predicted"], reference["predicted"], n_resamples=policy.n_bootstrap, seed=policy.seed
+    )
+    if cand_ba < ref_ba:
+        reasons.append(f"test balanced accuracy fell from {_pct(ref_ba)} to {_pct(cand_ba)}")
+    elif cand_ba == ref_ba:
+        reasons.append(f"test balanced accuracy did not improve ({_pct(ref_ba)} both; a tie does not pass)")
+    elif p_better < policy.min_p_better:
+        reasons.append(
+            f"test balanced accuracy rose from {_pct(ref_ba)} to {_pct(cand_ba)} but was higher in only {_pct(p_better)} "
+            f"of {policy.n_bootstrap} bootstrap resamples of the {n} test photos ({_pct(policy.min_p_better)} needed)"
+        )
+    rows, drops = breed_rows(check=True)
+    reasons += drops
+    return GateDecision(not reasons, reasons, reference_name, ref_ba, cand_ba, rows, split="test", n=n, p_better=p_better)
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,7 +525,8 @@ def list_versions(engine: Engine, base_model: str | None = None) -> list[Adapter
 
 def version_rows(engine: Engine, base_model: str | None = None) -> list[dict[str, Any]]:
     """Flat rows for tables: id, active, name, created, val balanced accuracy / accuracy / loss,
-    gate outcome, export hash (12 hex), rank/lr/epochs."""
+    test balanced accuracy of the version and of the reference it was gated against, gate outcome
+    (``passed`` / ``blocked`` / ``not gated`` / ``-``), export hash (12 hex), rank/lr/epochs."""
     rows = []
     for v in list_versions(engine, base_model):
         m = json.loads(v.metrics_json or "{}")
@@ -355,13 +540,23 @@ def version_rows(engine: Engine, base_model: str | None = None) -> list[dict[str
             "val_balanced_accuracy": m.get("balanced_accuracy"),
             "val_accuracy": m.get("accuracy"),
             "val_loss": m.get("val_loss"),
-            "gate": "passed" if g.get("passed") else ("blocked" if g else "-"),
+            "test_balanced_accuracy": (m.get("test") or {}).get("balanced_accuracy"),
+            "reference_test_balanced_accuracy": (m.get("reference_test") or {}).get("balanced_accuracy"),
+            "gate": _gate_outcome(g),
             "export": v.export_hash[:12],
             "rank": hp.get("rank"),
             "lr": hp.get("lr"),
             "epochs": hp.get("epochs"),
         })
     return rows
+
+
+def _gate_outcome(g: dict[str, Any]) -> str:
+    if not g:
+        return "-"
+    if g.get("passed"):
+        return "passed"
+    return "blocked" if g.get("gated", True) else "not gated"
 
 
 def version_metrics(engine: Engine, adapter_id: int) -> dict[str, Any]:
@@ -393,16 +588,18 @@ class RoundOutcome:
     folder: Path
 
 
-def _reference(session: Session, result: dict[str, Any]) -> tuple[dict[str, Any] | None, str, str | None]:
-    """``(metrics, name, reason-if-none)`` of what a round's adapter is gated against."""
+def _reference(session: Session, result: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any] | None, str, str | None]:
+    """``(validation metrics, test metrics, name, reason-if-none)`` of what a round's adapter is
+    gated against: the active version when the round evaluated that very adapter (its baseline),
+    else -- no version active -- the base model (the round's step-0 evaluations)."""
     current = active_version(session, result["base_model"])
     if current is None:
-        return result.get("initial_metrics"), "no adapter (base model)", None
+        return result.get("initial_metrics"), result.get("initial_test_metrics"), "no adapter (base model)", None
     baseline = result.get("baseline") or {}
     if baseline.get("adapter") and Path(baseline["adapter"]).resolve() == Path(current.path).resolve():
-        return baseline["metrics"], f"adapter #{current.id}", None
-    return None, f"adapter #{current.id}", (
-        f"the active adapter #{current.id} was not evaluated on this round's validation photos "
+        return baseline.get("metrics"), baseline.get("test_metrics"), f"adapter #{current.id}", None
+    return None, None, f"adapter #{current.id}", (
+        f"the active adapter #{current.id} was not evaluated on this round's test photos "
         "(it was activated while the round ran); compare and promote by hand"
     )
 
@@ -420,7 +617,18 @@ def register_round(
 
     The adapter files are stored first (:func:`store_adapter_files`); then one transaction inserts
     the version, marks TrainingRun ``run_id`` succeeded and pointing at it, and -- when the gate
-    passes and ``auto_activate`` -- flips the active flags.
+    passes and ``auto_activate`` -- flips the active flags. A version the gate could not decide on
+    (too few test photos, reference not scored by the round) is never activated automatically.
+
+    The version's ``metrics_json``: the selected checkpoint's validation metrics at the top level
+    (``balanced_accuracy``, ``accuracy``, ``macro_f1``, ``val_loss``, ``per_breed``, ``n``), then
+    ``best_step``, ``initial`` / ``baseline`` (validation metrics of the base model / the active
+    adapter), ``test`` (the selected checkpoint on the test split: ``n``, ``balanced_accuracy``,
+    ``accuracy``, ``macro_f1``, ``loss``, ``per_breed``), ``reference_test`` (the reference gated
+    against, same keys; ``None`` without one), ``n_test``, ``gate``
+    (:meth:`GateDecision.to_dict`: ``passed``, ``gated``, ``reasons``, ``reference``,
+    ``candidate_balanced_accuracy`` / ``reference_balanced_accuracy`` (test), ``p_better``,
+    ``n``, ``split``, ``breeds``), ``gate_policy``, ``run_dir``, ``steps``, ``samples_per_second``.
 
     Raises:
         AdapterError: no ``result.json`` (the round did not finish) or no best adapter.
@@ -432,17 +640,21 @@ def register_round(
     result = json.loads(result_file.read_text(encoding="utf-8"))
     folder = store_adapter_files(run_dir / result["adapter_dir"], adapters_root(settings))
     with Session(engine) as s:
-        reference, ref_name, why_not = _reference(s, result)
-        if reference is None or result.get("metrics") is None:
-            decision = GateDecision(False, [why_not or "no validation metrics to compare"], ref_name, None,
-                                    (result.get("metrics") or {}).get("balanced_accuracy"))
+        _, reference_test, ref_name, why_not = _reference(s, result)
+        candidate_test = result.get("test_metrics")
+        if why_not is not None:
+            decision = GateDecision(False, [why_not], ref_name, None, (candidate_test or {}).get("balanced_accuracy"),
+                                    split="test", n=(candidate_test or {}).get("n"), gated=False)
         else:
-            decision = gate(result["metrics"], reference, policy, reference_name=ref_name)
+            decision = gate(candidate_test, reference_test, policy, reference_name=ref_name)
         metrics = {
-            **result["metrics"],
+            **(result.get("metrics") or {}),
             "best_step": result.get("best_step"),
             "initial": result.get("initial_metrics"),
             "baseline": (result.get("baseline") or {}).get("metrics"),
+            "test": strip_per_photo(candidate_test),
+            "reference_test": strip_per_photo(reference_test),
+            "n_test": result.get("n_test"),
             "gate": decision.to_dict(),
             "gate_policy": asdict(policy),
             "run_dir": str(run_dir.resolve()),

@@ -23,15 +23,20 @@ from sqlmodel import Session, select
 from catreview.adapters import (
     AdapterError,
     BreedComparison,
+    GateDecision,
     GatePolicy,
     activate,
     active_adapter,
     active_version,
     folder_digest,
     gate,
+    paired_bootstrap_p_better,
+    register_round,
     register_version,
     rollback,
     store_adapter_files,
+    version_metrics,
+    version_rows,
 )
 from catreview.config import REPO_ROOT, Settings
 from catreview.db import AdapterVersion, TrainingRun, make_engine
@@ -51,39 +56,121 @@ def demo_llava(tmp_path_factory) -> Path:
     return build_tiny_llava(tmp_path_factory.mktemp("llava-demo"), size="demo")
 
 
-def metrics(balanced_accuracy: float, per_breed: dict[str, tuple[int, float]]) -> dict:
-    return {"balanced_accuracy": balanced_accuracy, "per_breed": {b: {"n": n, "accuracy": a} for b, (n, a) in per_breed.items()}}
+def held_out(outcomes: dict[str, str], prefix: str = "") -> dict:
+    """Test-split metrics as :func:`training.lora.evaluate_test` writes them, for a model whose
+    prediction for photo ``i`` of a breed is right iff ``outcomes[breed][i] == "1"`` (wrong
+    answers say ``"other"``). Photo names are ``<prefix><breed>-<i>.jpg``."""
+    from training.lora import classification_metrics
+
+    photos, truth, predicted = [], [], []
+    for breed, marks in outcomes.items():
+        for i, mark in enumerate(marks):
+            photos.append(f"{prefix}{breed}-{i}.jpg")
+            truth.append(breed)
+            predicted.append(breed if mark == "1" else "other")
+    return {**classification_metrics(truth, predicted), "loss": 1.0, "photos": photos, "truth": truth, "predicted": predicted}
 
 
 # ------------------------------------------------------------------------------ gating rules
 
 
-def test_gate_passes_only_without_regression():
-    ref = metrics(0.60, {"Bengal": (10, 0.8), "Siamese": (10, 0.6), "Korat": (2, 1.0)})
-    better = metrics(0.65, {"Bengal": (10, 0.75), "Siamese": (10, 0.8), "Korat": (2, 0.0)})
-    d = gate(better, ref, GatePolicy(min_val_photos=5, max_breed_drop=0.10))
-    assert d.passed and d.reasons == []
+REF = {"Bengal": "1111110000", "Siamese": "1111110000", "Bombay": "1111110000", "Korat": "1111110000"}  # 60%, 40 photos
+
+
+def test_gate_blocks_ties_and_worse_candidates_and_passes_a_truly_better_one():
+    """Candidate and reference scored once each on the same 40 test photos (never the best of
+    several validation evaluations). A tie does not pass, in either form; nor does a worse
+    candidate, nor one that is higher by a photo (the bootstrap is not convinced); a clearly
+    better one passes."""
+    policy = GatePolicy()
+    ref = held_out(REF)
+    same = gate(held_out(REF), ref, policy)
+    assert not same.passed and same.gated and same.p_better == 0.0 and same.split == "test" and same.n == 40
+    assert same.reasons == ["test balanced accuracy did not improve (60.0% both; a tie does not pass)"]
+    # equal balanced accuracy, other photos right: still a tie
+    shuffled = gate(held_out({b: "0000111111" for b in REF}), ref, policy)
+    assert not shuffled.passed and "a tie does not pass" in shuffled.reasons[0]
+    assert shuffled.candidate_balanced_accuracy == shuffled.reference_balanced_accuracy == 0.6
+
+    worse = gate(held_out({**REF, "Bengal": "1111100000"}), ref, policy)
+    assert not worse.passed and worse.reasons == ["test balanced accuracy fell from 60.0% to 57.5%"]
+
+    # one more photo right: strictly higher (62.5%), but only in resamples that draw that photo
+    # (1 - (39/40)^40 = 64% of them), short of 90%
+    barely = gate(held_out({**REF, "Bengal": "1111111000"}), ref, policy)
+    assert barely.candidate_balanced_accuracy > barely.reference_balanced_accuracy
+    assert not barely.passed and 0.55 < barely.p_better < 0.75, barely.p_better
+    assert barely.reasons == [
+        f"test balanced accuracy rose from 60.0% to 62.5% but was higher in only {100 * barely.p_better:.1f}% of 1000 "
+        "bootstrap resamples of the 40 test photos (90.0% needed)"
+    ]
+    assert gate(held_out({**REF, "Bengal": "1111111000"}), ref, GatePolicy(min_p_better=0.6)).passed  # threshold configurable
+
+    better = gate(held_out({b: "1111111110" for b in REF}), ref, policy)  # 90%: the same photos right, and more
+    assert better.passed and better.reasons == [] and better.p_better == 1.0
+    assert better.summary().startswith("gate passed (test balanced accuracy: candidate 90.0% vs reference 60.0%, 40 photos")
+    assert gate(held_out({b: "1111111110" for b in REF}), ref, policy) == better  # seeded: the same decision
+
+
+def test_gate_per_breed_drop_is_checked_on_test_photos():
+    ref = held_out({**REF, "Korat": "10", "Persian": "0000000000"})  # Korat: 2 test photos, too few to judge
+    cand = held_out({"Bengal": "1111111111", "Siamese": "1111111111", "Bombay": "1111000000", "Korat": "00", "Persian": "1111111111"})
+    d = gate(cand, ref, GatePolicy(min_breed_photos=5, max_breed_drop=0.10))
+    assert not d.passed and d.p_better > 0.9 and d.reasons == ["Bombay (10 test photos) fell from 60.0% to 40.0%"]
+    assert [r["breed"] for r in d.rows() if r["blocking"]] == ["Bombay"]
     korat = next(b for b in d.breeds if b.breed == "Korat")
-    assert korat == BreedComparison("Korat", 2, 1.0, 0.0, checked=False, blocking=False)  # too few photos to judge
+    assert korat == BreedComparison("Korat", 2, 0.5, 0.0, checked=False, blocking=False)
+    assert gate(cand, ref, GatePolicy(max_breed_drop=0.25)).passed  # margin configurable
+    assert gate(cand, ref, GatePolicy(min_breed_photos=11)).passed  # min photos configurable
+    assert GatePolicy(min_val_photos=11) == GatePolicy(min_breed_photos=11)  # the former name still works
 
-    assert gate(metrics(0.60, {"Bengal": (10, 0.8)}), metrics(0.60, {"Bengal": (10, 0.8)})).passed  # equal is enough
-    lower = gate(metrics(0.59, {}), metrics(0.60, {}))
-    assert not lower.passed and "balanced accuracy fell" in lower.reasons[0]
 
-    drop = gate(metrics(0.70, {"Bengal": (10, 0.6), "Siamese": (10, 1.0)}), ref, GatePolicy(min_val_photos=5, max_breed_drop=0.10))
-    assert not drop.passed and drop.reasons == ["Bengal (10 photos) fell from 80.0% to 60.0%"]
-    assert [r["breed"] for r in drop.rows() if r["blocking"]] == ["Bengal"]
-    assert gate(metrics(0.70, {"Bengal": (10, 0.6)}), ref, GatePolicy(max_breed_drop=0.25)).passed  # margin configurable
-    assert gate(metrics(0.70, {"Bengal": (10, 0.6)}), ref, GatePolicy(min_val_photos=11)).passed  # min photos configurable
+def test_gate_does_not_decide_without_enough_common_test_photos():
+    """Too few test photos (or none, or not the same ones, or no reference scored on them): no
+    decision, never a silent pass -- the version is left for promotion by hand."""
+    small_ref = held_out({"Bengal": "11000", "Siamese": "11000"})
+    small = gate(held_out({"Bengal": "11111", "Siamese": "11111"}), small_ref)  # 10 photos, 20 needed
+    assert not small.passed and not small.gated and small.outcome == "not gated" and small.p_better is None
+    assert small.reasons == ["not enough test photos to gate; promote by hand (10 test photos, at least 20 needed)"]
+    assert small.summary().startswith("gate not applied (test balanced accuracy: candidate 100.0% vs reference 40.0%")
+    assert [b.checked for b in small.breeds] == [False, False]
+    assert gate(held_out({"Bengal": "11111", "Siamese": "11111"}), small_ref, GatePolicy(min_test_photos=10)).passed
+
+    none = gate(None, None, reference_name="adapter #2")
+    assert not none.passed and not none.gated and none.n == 0 and none.reference == "adapter #2"
+    assert "not enough test photos to gate; promote by hand (0 test photos" in none.reasons[0]
+    other_photos = gate(held_out({b: "1111111110" for b in REF}), held_out(REF, prefix="x"))
+    assert not other_photos.passed and not other_photos.gated and "not scored on the same test photos" in other_photos.reasons[0]
+    no_ref = gate(held_out(REF), None)
+    assert not no_ref.passed and not no_ref.gated and "reference was not scored on the test photos" in no_ref.reasons[0]
+
+
+def test_paired_bootstrap_resamples_the_same_photos_for_both():
+    truth = ["a"] * 10 + ["b"] * 10
+    cand = ["a"] * 10 + ["b"] * 5 + ["x"] * 5
+    assert paired_bootstrap_p_better(truth, cand, cand) == 0.0  # identical predictions: never strictly higher
+    ref = ["a"] * 10 + ["b"] * 4 + ["x"] * 6  # one photo fewer right
+    p = paired_bootstrap_p_better(truth, cand, ref, n_resamples=2000, seed=3)
+    assert p == paired_bootstrap_p_better(truth, cand, ref, n_resamples=2000, seed=3)  # seeded
+    assert abs(p - (1 - (19 / 20) ** 20)) < 0.04  # higher exactly when the one differing photo is drawn
+    assert paired_bootstrap_p_better(truth, ref, cand) == 0.0
+    with pytest.raises(ValueError):
+        paired_bootstrap_p_better(truth, cand[:-1], ref)
 
 
 def test_gate_policy_describes_its_own_thresholds():
     assert GatePolicy().describe() == (
-        "its validation balanced accuracy is at least the active one's and no breed with at least 5 validation photos "
-        "drops by more than 10 points"
+        "on at least 20 held-out test photos its balanced accuracy is higher than the active one's in at least 90% of "
+        "1000 paired bootstrap resamples (a tie is not higher) and no breed with at least 5 test photos drops by more "
+        "than 10 points"
     )
-    text = GatePolicy(min_val_photos=1, max_breed_drop=0.125).describe("the base model's")
-    assert "at least the base model's" in text and "at least 1 validation photo drops" in text and "more than 12.5 points" in text
+    text = GatePolicy(min_breed_photos=1, max_breed_drop=0.125, min_test_photos=50, min_p_better=0.95).describe("the base model's")
+    assert "higher than the base model's" in text and "at least 1 test photo drops" in text and "more than 12.5 points" in text
+    assert "at least 50 held-out test photos" in text and "at least 95% of 1000" in text
+    with pytest.raises(ValueError):
+        GatePolicy(min_p_better=0.0)
+    with pytest.raises(ValueError):
+        GatePolicy(min_test_photos=0)
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -176,6 +263,65 @@ def test_incomplete_adapters_are_never_registered_or_activated(tmp_path, demo_ll
     assert active_version(engine, str(demo_llava)).id == a  # unchanged
     with pytest.raises(AdapterError):
         rollback(engine, "another/model", a)
+
+
+def _fake_round(run_dir: Path, base: Path, seed: int, *, test: dict | None, initial_test: dict | None, baseline=None) -> Path:
+    """A finished round's folder: a real adapter in ``best/`` and a ``result.json`` with the given
+    test-split metrics (validation numbers that would pass any best-of-N comparison)."""
+    random_adapter(base, run_dir / "best", seed=seed)
+    val = {"n": 12, "balanced_accuracy": 0.99, "accuracy": 0.99, "macro_f1": 0.99, "val_loss": 0.1, "per_breed": {}}
+    result = {
+        "status": "succeeded", "base_model": str(base), "export_hash": f"h{seed}", "config": TrainConfig().to_dict(),
+        "adapter_dir": "best", "metrics": val, "best_step": 5, "initial_metrics": {**val, "balanced_accuracy": 0.3},
+        "test_metrics": test, "initial_test_metrics": initial_test, "baseline": baseline,
+        "n_test": test["n"] if test else 0, "steps": 5, "samples_per_second": 1.0,
+    }
+    (run_dir / "result.json").write_text(json.dumps(result))
+    return run_dir
+
+
+def test_register_round_gates_on_test_metrics_and_never_activates_without_a_decision(tmp_path, demo_llava):
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'db.sqlite'}", data_dir=tmp_path / "data")
+    engine = make_engine(settings.database_url)
+    base = str(demo_llava)
+    ref = held_out(REF)
+
+    few = held_out({"Bengal": "11111", "Siamese": "11111"})
+    outcome = register_round(engine, settings, _fake_round(tmp_path / "few", demo_llava, 1, test=few, initial_test=held_out({"Bengal": "10000", "Siamese": "10000"})))
+    assert not outcome.activated and active_version(engine, base) is None  # best-of-N validation 99% does not count
+    assert outcome.decision.reasons[0].startswith("not enough test photos to gate; promote by hand")
+    none = register_round(engine, settings, _fake_round(tmp_path / "none", demo_llava, 2, test=None, initial_test=None))
+    assert not none.activated and not none.decision.gated and active_version(engine, base) is None
+
+    tie = register_round(engine, settings, _fake_round(tmp_path / "tie", demo_llava, 3, test=held_out(REF), initial_test=ref))
+    assert not tie.activated and tie.decision.gated and "a tie does not pass" in tie.decision.reasons[0]
+
+    good_test = held_out({b: "1111111110" for b in REF})
+    good = register_round(engine, settings, _fake_round(tmp_path / "good", demo_llava, 4, test=good_test, initial_test=ref))
+    assert good.activated and good.decision.passed and good.decision.reference == "no adapter (base model)"
+    assert active_version(engine, base).id == good.adapter_id
+    stored = version_metrics(engine, good.adapter_id)
+    assert stored["balanced_accuracy"] == 0.99  # validation numbers stay at the top level
+    assert stored["test"] == {k: v for k, v in good_test.items() if k not in ("photos", "truth", "predicted")}
+    assert stored["reference_test"]["balanced_accuracy"] == 0.6 and stored["n_test"] == 40
+    assert stored["gate"]["split"] == "test" and stored["gate"]["p_better"] == 1.0 and stored["gate"]["gated"] is True
+    assert GateDecision.from_dict(stored["gate"]) == good.decision
+    rows = {r["id"]: r for r in version_rows(engine, base)}
+    assert rows[good.adapter_id]["test_balanced_accuracy"] == 0.9 and rows[good.adapter_id]["gate"] == "passed"
+    assert rows[good.adapter_id]["reference_test_balanced_accuracy"] == 0.6
+    assert rows[outcome.adapter_id]["gate"] == "not gated" and rows[tie.adapter_id]["gate"] == "blocked"
+
+    # against the active adapter: the round must have scored that very adapter on its test photos
+    with Session(engine) as s:
+        good_path = s.get(AdapterVersion, good.adapter_id).path
+    same = register_round(engine, settings, _fake_round(
+        tmp_path / "same", demo_llava, 5, test=good_test, initial_test=ref,
+        baseline={"adapter": good_path, "metrics": {}, "test_metrics": good_test},
+    ))
+    assert not same.activated and same.decision.reference == f"adapter #{good.adapter_id}" and same.decision.p_better == 0.0
+    other = register_round(engine, settings, _fake_round(tmp_path / "other", demo_llava, 6, test=good_test, initial_test=ref))
+    assert not other.activated and not other.decision.gated and "was not evaluated on this round's test photos" in other.decision.reasons[0]
+    assert active_version(engine, base).id == good.adapter_id
 
 
 # ------------------------------------------------------------------------------ crash safety and resume
@@ -306,9 +452,11 @@ def test_sigkill_mid_round_then_recover_cancel_and_resume_to_the_same_weights(tm
 
     st = jobs.status(third)
     assert st.adapter_id is not None and st.gate["reference"] == f"adapter #{a}"  # gated against the active one
+    # the export has no test split: no decision, and the version is not activated (promote by hand)
+    assert st.gate["gated"] is False and st.gate["reasons"][0].startswith("not enough test photos to gate; promote by hand")
+    assert not st.activated and active_version(engine, base).id == a
     after = snapshot(engine, settings)
-    unchanged = lambda rows: [(i, path, m, hp) for i, path, _active, m, hp in rows]  # noqa: E731  (activation may move)
-    assert unchanged(after["rows"][: len(before["rows"])]) == unchanged(before["rows"]) and len(after["rows"]) == 3
+    assert after["rows"][: len(before["rows"])] == before["rows"] and len(after["rows"]) == 3
     assert {k: v for k, v in after["folders"].items() if k in before["folders"]} == before["folders"]
 
 
@@ -342,6 +490,10 @@ def test_retrain_exports_the_reviews_trains_in_a_process_and_registers_the_versi
         assert json.loads(version.hyperparams_json)["max_steps"] == 2
         assert set(json.loads(version.metrics_json)["per_breed"]) == {"Bombay", "Siamese"}
     assert st.gate["reference"] == "no adapter (base model)" and st.activated == st.gate["passed"]
+    # 10 photos a breed split 8/1/1: 2 test photos are too few to gate, so it is not activated
+    assert st.gate["gated"] is False and not st.activated and st.gate["n"] == 2
+    assert st.gate["reasons"] == ["not enough test photos to gate; promote by hand (2 test photos, at least 20 needed)"]
+    assert json.loads(version.metrics_json)["test"]["n"] == 2
     assert (Path(version.path) / "adapter_model.safetensors").is_file()
     table = metrics_table(st, engine)
     assert "Bombay" in table and "Siamese" in table and f"adapter #{st.adapter_id}" in table
@@ -358,11 +510,11 @@ def test_train_tab_builds_and_refreshes(tmp_path):
 
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'app.db'}", data_dir=tmp_path / "data")
     app = ReviewApp(settings)
-    train_tab._JOBS[app] = TrainJobs(app.engine, settings, policy=GatePolicy(min_val_photos=3, max_breed_drop=0.25))
+    train_tab._JOBS[app] = TrainJobs(app.engine, settings, policy=GatePolicy(min_breed_photos=3, max_breed_drop=0.25))
     with gr.Blocks() as demo:
         train_tab.build(app)
     texts = [b.value for b in demo.blocks.values() if isinstance(b, gr.Markdown) and isinstance(b.value, str)]
-    assert any("at least 3 validation photos drops by more than 25 points" in t for t in texts)  # the policy in use
+    assert any("held-out test photos" in t and "at least 3 test photos drops by more than 25 points" in t for t in texts)  # the policy in use
     ids = {getattr(b, "elem_id", None) for b in demo.blocks.values()}
     assert {"retrain", "cancel-train", "train-loss-plot", "train-val-plot", "adapters-table", "gate-comparison"} <= ids
     status, loss, val, gate_text, gate_rows, versions, choices = train_tab.refresh(app)

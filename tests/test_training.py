@@ -1,5 +1,6 @@
 """LoRA rounds (training/): configuration, label masking, the loss the scorer reads, and a real
-round on the shared photos that must measurably learn -- then gating against it.
+round on the shared photos that must measurably learn -- then gating against it on the held-out
+test split.
 
 Models are the tiny LLaVAs of :mod:`catreview.tiny_vlms`, built offline: ``"demo"`` (0.6M
 parameters, 224 px) for the mechanics, ``"14m"`` (14M parameters, 336 px, 576 image tokens,
@@ -19,7 +20,7 @@ import torch
 from catreview import prompts
 from tests.conftest import shared_photos_dir
 from training.config import DEFAULT_TARGET_MODULES, TrainConfig, add_config_arguments, config_from_args
-from training.data import Collator, TrainDataset, eval_items, read_export, write_export
+from training.data import Collator, TrainDataset, answer_end_token, eval_items, read_export, write_export
 from training.lora import (
     BEST_DIR,
     CHECKPOINT_DIR,
@@ -38,21 +39,29 @@ from training.lora import (
 )
 
 # Three breeds that differ in coat colour (black / ruddy / silver tabby), so that even a randomly
-# initialised vision tower carries a usable signal; 4 validation photos each.
+# initialised vision tower carries a usable signal; 4 validation photos each. The held-out test
+# split (the gate's data) takes 10 further photos of the two breeds that have them (Bombay's 10
+# photos are all used): 20 photos, the default GatePolicy.min_test_photos.
 LEARN_BREEDS = {"Bombay": 6, "Abyssinian": 10, "American_Shorthair": 10}
 VAL_PER_BREED = 4
+LEARN_TEST = {"Abyssinian": 10, "American_Shorthair": 10}
 
 
-def export_rows(breeds: dict[str, int], val_per_breed: int) -> list[tuple[Path, str, str]]:
+def export_rows(
+    breeds: dict[str, int], val_per_breed: int, test: dict[str, int] | None = None
+) -> list[tuple[Path, str, str]]:
     """(photo, canonical breed, split): the first ``n`` photos (sorted) train, the last
-    ``val_per_breed`` validation."""
+    ``val_per_breed`` validation, and ``test[folder]`` photos after the training ones test."""
     root = shared_photos_dir()
+    test = test or {}
     rows = []
     for folder, n_train in breeds.items():
         files = sorted((root / folder).glob("*.jpg"))
-        assert len(files) >= n_train + val_per_breed, f"{folder}: {len(files)} photos"
+        n_test = test.get(folder, 0)
+        assert len(files) >= n_train + n_test + val_per_breed, f"{folder}: {len(files)} photos"
         breed = prompts.display_name(folder)
         rows += [(f, breed, "train") for f in files[:n_train]]
+        rows += [(f, breed, "test") for f in files[n_train : n_train + n_test]]
         rows += [(f, breed, "validation") for f in files[-val_per_breed:]]
     return rows
 
@@ -113,17 +122,48 @@ def test_labels_mask_prompt_and_image_tokens_and_end_with_eos(demo_llava, small_
     batch = Collator(processor)(samples)
     tok = processor.tokenizer
     image_id = tok.convert_tokens_to_ids("<image>")
+    end_id = tok.convert_tokens_to_ids(answer_end_token(processor))
+    assert answer_end_token(processor) == prompts.end_of_turn_token(processor) == "</s>" == tok.eos_token  # llava-1.5
     for i, s in enumerate(samples):
         prompt = prompts.verdict_prompt(processor, list(s.candidates))
-        expected = answer_token_ids(tok, prompt, candidate_answer(prompt, s.target), eos_id=tok.eos_token_id)
+        expected = answer_token_ids(tok, prompt, candidate_answer(prompt, s.target), eos_id=end_id)
         labels, ids = batch["labels"][i], batch["input_ids"][i]
         learned = labels[labels != -100].tolist()
-        assert learned == expected and learned[-1] == tok.eos_token_id  # answer + EOS, nothing else
+        assert learned == expected and learned[-1] == end_id  # answer + end of turn, nothing else
         start = int(batch["answer_start"][i])
         assert (labels[:start] == -100).all()
         assert (ids[:start] == image_id).sum().item() == 256  # 224 px / 14 = 16x16 image tokens, all masked
         assert ids[start : start + len(expected)].tolist() == expected
     assert s.target == s.breed and s.target in s.candidates and s.candidates[-1] == prompts.OTHER_LABEL
+
+
+def test_answers_learn_the_templates_end_of_turn_like_the_scorer(small_export, tmp_path):
+    """Idefics3-8B-Llama3 ends an assistant turn with <end_of_utterance> while its tokenizer's
+    eos_token is <|end_of_text|>: training must append the token the chat template writes -- the
+    one the app's scorer appends to every candidate answer -- not eos_token."""
+    from catreview.config import VLMProfile
+    from catreview.images import load_rgb
+    from catreview.tiny_vlms import build_tiny_idefics3
+    from catreview.vlm import VLMPostClassifier
+
+    scorer = VLMPostClassifier(VLMProfile(model=str(build_tiny_idefics3(tmp_path / "idefics3"))), name="t").load()
+    processor, tok = scorer.processor, scorer.processor.tokenizer
+    tok.eos_token = "<|endoftext|>"  # as in Idefics3-8B-Llama3: not the end of an assistant turn
+    scorer._end_of_turn = None
+    end_id = tok.convert_tokens_to_ids("<end_of_utterance>")
+    assert answer_end_token(processor) == "<end_of_utterance>" and tok.eos_token_id != end_id
+    data = read_export(small_export)
+    sample = TrainDataset(data.train, data.breeds, TrainConfig(other_rate=0.0, candidate_source="sampled"))[0]
+    collator = Collator(processor)
+    assert collator.eos_id == end_id == scorer._eos_id()
+    batch = collator([sample])
+    learned = batch["labels"][0][batch["labels"][0] != -100].tolist()
+    scored = scorer._prepare([load_rgb(sample.image)], [list(sample.candidates)])
+    assert learned == scored.answers[0][list(sample.candidates).index(sample.target)]  # exactly what is scored
+    assert learned[-1] == end_id
+    processor.chat_template = processor.chat_template.replace("<end_of_utterance>", "")  # no special token after answers
+    assert prompts.end_of_turn_token(processor) is None and answer_end_token(processor) == "<|endoftext|>"  # eos_token
+    assert Collator(processor).eos_id == tok.convert_tokens_to_ids("<|endoftext|>")
 
 
 def test_class_balanced_sampling_weights_and_other_prompts(small_export):
@@ -348,9 +388,10 @@ def test_resume_drops_a_torn_progress_line(tmp_path):
 
 @pytest.fixture(scope="module")
 def learned_round(llava_14m, tmp_path_factory):
-    """One round on 26 real training photos of 3 breeds (14M LLaVA, 336 px, 30 steps of 4)."""
+    """One round on 26 real training photos of 3 breeds (14M LLaVA, 336 px, 30 steps of 4); 12
+    validation photos select the checkpoint, 20 held-out test photos are scored for the gate."""
     tmp = tmp_path_factory.mktemp("learn")
-    export = write_export(export_rows(LEARN_BREEDS, VAL_PER_BREED), tmp / "export")
+    export = write_export(export_rows(LEARN_BREEDS, VAL_PER_BREED, LEARN_TEST), tmp / "export")
     cfg = TrainConfig(
         max_steps=30, epochs=100, batch_size=4, lr=2e-3, warmup_ratio=0.1, train_projector=True,
         eval_every=15, early_stopping_patience=0, other_rate=0.0, candidate_source="sampled", seed=0,
@@ -392,39 +433,65 @@ def test_round_learns_on_real_photos(learned_round):
     assert trained["accuracy"] >= untrained["accuracy"] + 3 / n, (untrained, trained)
     assert trained["accuracy"] > 1 / 3, trained
 
+    # The gate's held-out numbers: the selected checkpoint and the base model, each scored once on
+    # the 20 test photos (never in progress.jsonl), equal to what the app's loading path gives.
+    test, base_test = r["test_metrics"], r["initial_test_metrics"]
+    assert r["n_test"] == test["n"] == base_test["n"] == 20 and test["photos"] == base_test["photos"]
+    assert len(test["predicted"]) == len(test["truth"]) == 20 and set(test["truth"]) == {"Abyssinian", "American Shorthair"}
+    for adapter, got in ((None, base_test), (run / BEST_DIR, test)):
+        app = evaluate_adapter(base, adapter, export, cfg, split="test")
+        assert app["predicted"] == got["predicted"] and app["balanced_accuracy"] == pytest.approx(got["balanced_accuracy"])
+        assert app["loss"] == pytest.approx(got["loss"], rel=1e-4)
+    assert test["balanced_accuracy"] > base_test["balanced_accuracy"], (base_test, test)
+
 
 def test_gate_blocks_a_worse_adapter_and_keeps_the_active_one(learned_round):
-    """The learned adapter beats the base model, so it is activated; a deliberately worse round
-    (one step at a negligible learning rate: the base model's behaviour) is evaluated by its round
-    against the active adapter on the same photos, blocked, and left inactive."""
+    """The learned adapter beats the base model on the held-out test photos, so it is activated; a
+    deliberately worse round (one step at a negligible learning rate: the base model's behaviour)
+    scores the active adapter once on the same validation and test photos, is gated on the test
+    numbers, blocked, and left inactive. The gate never uses the best-of-N validation number."""
     from sqlmodel import Session
 
-    from catreview.adapters import GatePolicy, active_version, register_round
+    from catreview.adapters import GatePolicy, active_version, paired_bootstrap_p_better, register_round
     from catreview.config import Settings
     from catreview.db import AdapterVersion, make_engine
 
-    tmp = learned_round["tmp"]
+    tmp, learned = learned_round["tmp"], learned_round["result"]
     settings = Settings(database_url=f"sqlite:///{tmp / 'gate.db'}", data_dir=tmp / "data")
     engine = make_engine(settings.database_url)
-    good = register_round(engine, settings, learned_round["run"])
-    assert good.activated and good.decision.passed and good.decision.reference == "no adapter (base model)"
+    good = register_round(engine, settings, learned_round["run"])  # default policy: 20 test photos suffice
+    d = good.decision
+    assert good.activated and d.passed and d.gated and d.reference == "no adapter (base model)", d.summary()
+    assert (d.split, d.n) == ("test", 20)
+    assert d.candidate_balanced_accuracy == learned["test_metrics"]["balanced_accuracy"]
+    assert d.reference_balanced_accuracy == learned["initial_test_metrics"]["balanced_accuracy"]
+    assert d.p_better >= GatePolicy().min_p_better and d.p_better == paired_bootstrap_p_better(
+        learned["test_metrics"]["truth"], learned["test_metrics"]["predicted"], learned["initial_test_metrics"]["predicted"]
+    )
     active = active_version(engine, str(learned_round["base"]))
     assert active is not None and active.id == good.adapter_id
 
     worse_cfg = learned_round["cfg"].replace(max_steps=1, lr=1e-9, eval_every=1)
     worse_run = tmp / "worse"
     r = train_round(learned_round["export"], learned_round["base"], worse_run, worse_cfg, baseline_adapter=active.path)
-    assert r["baseline"]["metrics"]["balanced_accuracy"] == pytest.approx(learned_round["result"]["metrics"]["balanced_accuracy"])
+    assert r["baseline"]["metrics"]["balanced_accuracy"] == pytest.approx(learned["metrics"]["balanced_accuracy"])
     assert r["metrics"]["balanced_accuracy"] < r["baseline"]["metrics"]["balanced_accuracy"]
+    # the stored active adapter, scored once on the test photos, is the learned round's selected checkpoint
+    assert r["baseline"]["test_metrics"]["predicted"] == learned["test_metrics"]["predicted"]
+    assert r["test_metrics"]["balanced_accuracy"] < r["baseline"]["test_metrics"]["balanced_accuracy"]
 
-    outcome = register_round(engine, settings, worse_run, policy=GatePolicy(min_val_photos=4, max_breed_drop=0.1))
-    assert not outcome.activated and not outcome.decision.passed
+    outcome = register_round(engine, settings, worse_run, policy=GatePolicy(min_breed_photos=4, max_breed_drop=0.1))
+    assert not outcome.activated and not outcome.decision.passed and outcome.decision.gated
     assert outcome.decision.reference == f"adapter #{good.adapter_id}"
-    assert any("balanced accuracy fell" in reason for reason in outcome.decision.reasons)
+    assert any("test balanced accuracy fell" in reason for reason in outcome.decision.reasons)
     rows = outcome.decision.rows()
-    assert {row["breed"] for row in rows} == {"Abyssinian", "American Shorthair", "Bombay"}
+    assert {row["breed"] for row in rows} == {"Abyssinian", "American Shorthair"}  # the test photos' breeds
+    assert all(row["n"] == 10 for row in rows)
     assert any(row["blocking"] for row in rows) == any(row["delta"] < -0.1 for row in rows)
     with Session(engine) as s:
         assert s.get(AdapterVersion, good.adapter_id).active and not s.get(AdapterVersion, outcome.adapter_id).active
         stored = json.loads(s.get(AdapterVersion, outcome.adapter_id).metrics_json)
     assert stored["gate"]["passed"] is False and stored["per_breed"] and stored["baseline"] is not None
+    assert stored["test"]["balanced_accuracy"] == r["test_metrics"]["balanced_accuracy"]
+    assert stored["reference_test"]["balanced_accuracy"] == r["baseline"]["test_metrics"]["balanced_accuracy"]
+    assert "predicted" not in stored["test"] and stored["n_test"] == 20  # per-photo lists stay in result.json

@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", required=True, help="base VLM: hub id or local folder")
     p.add_argument("--out", required=True, type=Path, help="run folder (progress, checkpoints, best/, result.json)")
     p.add_argument("--config-json", type=Path, help="TrainConfig as JSON (flags override it)")
-    p.add_argument("--baseline-adapter", type=Path, help="the active adapter, evaluated on the same validation items")
+    p.add_argument("--baseline-adapter", type=Path, help="the active adapter, evaluated on the same validation and test items")
     p.add_argument("--no-resume", action="store_true", help="ignore OUT/checkpoint-last and start over")
     add_config_arguments(p)
     return p
@@ -65,6 +65,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         m = result["metrics"] or {}
         summary = {k: result[k] for k in ("steps", "best_step", "stopped_early", "samples_per_second")}
         summary.update(val_balanced_accuracy=m.get("balanced_accuracy"), val_loss=m.get("val_loss"))
+        test, base_test = result.get("test_metrics") or {}, result.get("initial_test_metrics") or {}
+        summary.update(n_test=result.get("n_test"), test_balanced_accuracy=test.get("balanced_accuracy"),
+                       base_model_test_balanced_accuracy=base_test.get("balanced_accuracy"))
         print(json.dumps(summary))
     return 0
 

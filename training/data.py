@@ -16,11 +16,11 @@ candidate answer after the verdict prompt of :mod:`catreview.prompts` (stage-1 t
 ``"other"``) and softmaxes the length-normalised log-likelihoods (:mod:`catreview.vlm`). A round
 therefore trains on exactly that (``target="verdict"``, the default; "train on what you
 evaluate"): the prompt is ``prompts.verdict_prompt(processor, candidates + ["other"])`` and the
-answer is ``vlm.candidate_answer(prompt, breed)`` + EOS -- the very token ids the scorer measures
-(:func:`catreview.vlm.answer_token_ids`, which also checks the token boundary). Candidates are
-the photo's stage-1 top-k at review time when the export recorded it
-(``metadata.predictions_at_review.stage1``, ``candidate_source="stage1"``): the exact lists the
-app scores, answered ``"other"`` when stage 1 missed the breed. Otherwise lists imitate stage 1's
+answer is ``vlm.candidate_answer(prompt, breed)`` + the end-of-turn token -- the very token ids
+the scorer measures (:func:`catreview.vlm.answer_token_ids`, which also checks the token
+boundary; :func:`answer_end_token`). Candidates are the photo's stage-1 top-k at review time
+when the export recorded it (``metadata.predictions_at_review.stage1``,
+``candidate_source="stage1"``): the exact lists the app scores, answered ``"other"`` when stage 1 missed the breed. Otherwise lists imitate stage 1's
 top-k: the true breed plus ``n_candidates - 1`` distractors drawn from the export's breeds,
 shuffled; with probability ``other_rate`` the true breed is left out and the answer is
 ``"other"``, so the escape answer keeps its meaning. ``target="conversation"`` trains on
@@ -30,8 +30,18 @@ scored verdict.
 
 **Labels.** ``-100`` on every prompt position, including the expanded image tokens (the prompt
 length is counted on the processor's output, after image expansion); the answer tokens and the
-appended EOS are the targets. The chat templates emit no EOS after an assistant turn, so without
-it the model never learns to stop -- and the scorer counts EOS as part of every answer.
+appended end-of-turn token are the targets. That token is the one the chat template writes right
+after an assistant answer (:func:`catreview.prompts.end_of_turn_token`: ``</s>`` for llava-1.5,
+``<|im_end|>`` for ChatML, ``<end_of_utterance>`` for Idefics3), else the tokenizer's
+``eos_token`` -- the same rule as the scorer (``VLMPostClassifier._eos_token``), which counts it
+as part of every answer. It can differ from ``eos_token`` (Idefics3-8B-Llama3 ends turns with
+``<end_of_utterance>``, its ``eos_token`` is ``<|end_of_text|>``); without it the model never
+learns to stop where the scorer measures.
+
+**Splits.** ``train`` is learned, ``validation`` evaluates during the round (best checkpoint,
+early stopping), ``test`` is scored once per model -- the base model and the active adapter
+before training, the selected checkpoint after it -- only for the gate
+(:func:`catreview.adapters.gate`).
 
 All randomness (distractors, "other" prompts) is a pure function of ``(seed, epoch, index)``, so
 a resumed round sees exactly the prompts an uninterrupted one would.
@@ -110,6 +120,11 @@ class ExportData:
     @property
     def validation(self) -> list[Example]:
         return self.splits["validation"]
+
+    @property
+    def test(self) -> list[Example]:
+        """Held out from training *and* model selection: only the gate scores it (once per model)."""
+        return self.splits["test"]
 
     @property
     def breeds(self) -> list[str]:
@@ -320,8 +335,9 @@ class TrainDataset:
 
 @dataclass(frozen=True)
 class EvalItem:
-    """One validation photo with its fixed candidate list (``"other"`` not included) and the
-    correct answer among them (the breed's candidate, or ``"other"`` when it is not offered)."""
+    """One evaluation photo (validation or test) with its fixed candidate list (``"other"`` not
+    included) and the correct answer among them (the breed's candidate, or ``"other"`` when it is
+    not offered)."""
 
     image: Path
     breed: str
@@ -334,8 +350,8 @@ class EvalItem:
 
 
 def eval_items(examples: Sequence[Example], pool: Sequence[str], cfg: TrainConfig) -> list[EvalItem]:
-    """Validation photos with the candidate lists they are scored over -- fixed for the whole
-    round (and the baseline), so every evaluation compares like with like.
+    """Validation (or test) photos with the candidate lists they are scored over -- fixed for the
+    whole round (and the baseline), so every evaluation compares like with like.
 
     Per photo, in order of preference:
 
@@ -379,11 +395,24 @@ def render(processor: Any, sample: Sample) -> tuple[str, str]:
     return prompt, answer_prefix(prompt) + sample.target
 
 
+def answer_end_token(processor: Any) -> str | None:
+    """The token appended to every answer: the chat template's end of turn
+    (:func:`catreview.prompts.end_of_turn_token`), else the tokenizer's ``eos_token``; ``None``
+    when there is neither. The scorer's rule (``catreview.vlm.VLMPostClassifier._eos_token``), so
+    training teaches exactly the tokens scoring measures.
+
+    Raises:
+        ValueError: the processor has no chat template.
+    """
+    return prompts.end_of_turn_token(processor) or processor.tokenizer.eos_token or None
+
+
 class Collator:
     """Batches :class:`Sample` rows into model inputs with masked labels.
 
     Output (``dict`` of tensors): ``input_ids`` (B, L) int64, ``attention_mask`` (B, L) int64
-    (right padded), ``labels`` (B, L) int64 (``-100`` except answer + EOS), ``weights`` (B,)
+    (right padded), ``labels`` (B, L) int64 (``-100`` except answer + end-of-turn token,
+    :func:`answer_end_token`), ``weights`` (B,)
     float32, ``answer_start`` (B,) int64 (index of each row's first answer token), plus every
     other processor output (``pixel_values`` (B, 3, H, W) float32, ``image_sizes`` ...). Per-row
     (B, L_prompt) extras such as ``mm_token_type_ids`` are extended with zeros over the answer.
@@ -395,7 +424,9 @@ class Collator:
     def __init__(self, processor: Any) -> None:
         self.processor = processor
         tok = processor.tokenizer
-        self.eos_id: int | None = tok.eos_token_id
+        end = answer_end_token(processor)
+        #: id of the token appended to every answer (the scorer's ``_eos_id()``), ``None``: nothing.
+        self.eos_id: int | None = None if end is None else tok.convert_tokens_to_ids(end)
         self.pad_id: int = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
     def __call__(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:

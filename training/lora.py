@@ -35,6 +35,15 @@ training loss on the validation rows, with no extra forward pass. Every process 
 whole validation split (identical numbers), so early-stopping decisions agree without
 communication; only the main process writes files.
 
+Gating data (:func:`catreview.adapters.gate`). The best checkpoint is the best of several
+validation evaluations, an optimistically biased number, so it is never what a new version is
+gated on. The export's **test** split, which neither training nor model selection sees, is scored
+with the same scorer exactly once per model: the base model (the untrained adapter at step 0,
+``initial_test_metrics``), the active adapter when one is given (``baseline["test_metrics"]``)
+and, after the last step, the selected best checkpoint (``test_metrics``). These metrics carry
+the per-photo lists ``photos``/``truth``/``predicted`` for the gate's paired bootstrap, and
+``loss`` (mean per-token NLL of the correct answer). They are not written to ``progress.jsonl``.
+
 Files in ``run_dir`` (written by the main process):
 
 * ``progress.jsonl``: one JSON object per line -- ``{"kind": "train", "step", "total_steps",
@@ -51,7 +60,10 @@ Files in ``run_dir`` (written by the main process):
   kernels without a deterministic version can still leave a resumed round slightly apart.
 * ``best/``: the best adapter (highest validation balanced accuracy, ties -> lower val loss),
   loadable with ``PeftModel.from_pretrained`` / ``VLMProfile(adapter=...)``.
-* ``result.json``: written last (atomically); its presence means the round finished.
+* ``result.json``: written last (atomically); its presence means the round finished. Besides the
+  validation numbers (``metrics``: the best checkpoint, ``initial_metrics``: step 0) it holds the
+  test-split numbers above (``test_metrics``, ``initial_test_metrics``, ``baseline.test_metrics``)
+  and ``n_test``.
 """
 
 from __future__ import annotations
@@ -341,8 +353,13 @@ def classification_metrics(truth: Sequence[str], predicted: Sequence[str]) -> di
     }
 
 
-def evaluate(scorer: Any, items: Sequence[EvalItem], cfg: TrainConfig) -> dict[str, Any]:
+def evaluate(scorer: Any, items: Sequence[EvalItem], cfg: TrainConfig, *, per_photo: bool = False) -> dict[str, Any]:
     """Score ``items`` with ``scorer`` (its model is put in eval mode and left there).
+
+    Args:
+        per_photo: also return, in item order, ``photos`` (file names), ``truth`` (each photo's
+            correct answer) and ``predicted`` (the scorer's label): what the gate's paired
+            bootstrap resamples.
 
     Returns:
         :func:`classification_metrics` plus ``val_loss`` (mean per-token NLL of the correct
@@ -369,7 +386,19 @@ def evaluate(scorer: Any, items: Sequence[EvalItem], cfg: TrainConfig) -> dict[s
     metrics = classification_metrics(truth, predicted)
     metrics["val_loss"] = float(sum(losses) / len(losses))
     metrics["eval_seconds"] = time.perf_counter() - t0
+    if per_photo:
+        metrics.update(photos=[it.image.name for it in items], truth=truth, predicted=predicted)
     return metrics
+
+
+def evaluate_test(scorer: Any, items: Sequence[EvalItem], cfg: TrainConfig) -> dict[str, Any] | None:
+    """One model's gating metrics on the test ``items`` (:func:`evaluate` with ``per_photo``,
+    ``val_loss`` renamed ``loss``); ``None`` when there are no test photos."""
+    if not items:
+        return None
+    m = evaluate(scorer, items, cfg, per_photo=True)
+    m["loss"] = m.pop("val_loss")
+    return m
 
 
 def evaluate_adapter(
@@ -379,9 +408,12 @@ def evaluate_adapter(
     cfg: TrainConfig | None = None,
     *,
     device: str = "auto",
+    split: str = "validation",
 ) -> dict[str, Any]:
-    """Validation metrics of ``base_model`` + ``adapter_dir`` (``None`` = no adapter) on an export,
-    with the candidate lists a round with ``cfg`` uses (:func:`evaluate`).
+    """Metrics of ``base_model`` + ``adapter_dir`` (``None`` = no adapter) on an export's
+    ``split``, with the candidate lists a round with ``cfg`` uses: ``"validation"``
+    (:func:`evaluate`, the round's selection numbers) or ``"test"`` (:func:`evaluate_test`, the
+    gate's numbers, with per-photo lists).
 
     Loads the model through the app's path (:class:`catreview.vlm.VLMPostClassifier` with
     ``VLMProfile(adapter=...)``), so the numbers are what the app would predict.
@@ -391,16 +423,21 @@ def evaluate_adapter(
 
     cfg = cfg or TrainConfig()
     data = read_export(export_dir)
-    items = eval_items(subsample(data.validation, cfg.max_val_examples, cfg.seed), data.breeds, cfg)
+    if split == "validation":
+        items = eval_items(subsample(data.validation, cfg.max_val_examples, cfg.seed), data.breeds, cfg)
+    elif split == "test":
+        items = eval_items(data.test, data.breeds, cfg)
+    else:
+        raise ValueError(f"split must be 'validation' or 'test', got {split!r}")
     if not items:
-        raise TrainingError(f"export {export_dir} has no validation photos")
+        raise TrainingError(f"export {export_dir} has no {split} photos")
     profile = VLMProfile(
         model=str(base_model), adapter=Path(adapter_dir) if adapter_dir else None, device=device,
         batch_size=cfg.eval_batch_size, score_normalisation=cfg.score_normalisation,
     )
     scorer = VLMPostClassifier(profile, name="evaluate").load()
     try:
-        return evaluate(scorer, items, cfg)
+        return evaluate(scorer, items, cfg) if split == "validation" else evaluate_test(scorer, items, cfg)  # type: ignore[return-value]
     finally:
         scorer.unload()
 
@@ -429,6 +466,7 @@ class RoundState:
     last_metrics: dict[str, Any] | None = None
     evals_since_best: int = 0
     initial_metrics: dict[str, Any] | None = None
+    initial_test_metrics: dict[str, Any] | None = None
     baseline: dict[str, Any] | None = None
     stopped_early: bool = False
     resumed_from_step: list[int] = field(default_factory=list)
@@ -634,14 +672,18 @@ def train_round(
         run_dir: output folder (created); holds progress, checkpoints, ``best/``, ``result.json``.
         cfg: hyper-parameters (default :class:`TrainConfig`).
         baseline_adapter: the currently active adapter, evaluated once on the same validation
-            items so gating compares like with like (``result["baseline"]``).
+            items and once on the test items, so gating compares like with like
+            (``result["baseline"]``: ``adapter``, ``metrics``, ``test_metrics``).
         resume: continue from ``run_dir/checkpoint-last`` when present.
         on_event: called with every progress row (main process), e.g. for a progress bar.
 
     Returns:
         The ``result.json`` content: ``metrics`` (best validation metrics), ``initial_metrics``
-        (step 0 = base model), ``baseline``, ``best_step``, ``steps``, ``samples_per_second``
-        (training only), ``config``, ``export_hash``, ``adapter_dir`` ...
+        (step 0 = base model), ``test_metrics`` (the best checkpoint on the test split, scored
+        once after training), ``initial_test_metrics`` (the base model on the test split),
+        ``baseline``, ``n_test``, ``best_step``, ``steps``, ``samples_per_second`` (training
+        only), ``config``, ``export_hash``, ``adapter_dir`` ... Test metrics are ``None`` when
+        the export has no test photos (the gate then refuses to decide).
 
     Raises:
         TrainingError, training.data.ExportFormatError: unusable inputs.
@@ -693,7 +735,9 @@ def _train_round(
     train_examples = subsample(data.train, cfg.max_train_examples, cfg.seed)
     items = eval_items(subsample(data.validation, cfg.max_val_examples, cfg.seed), data.breeds, cfg)
     if not items:
-        raise TrainingError(f"export {export_dir} has no validation photos: a round needs them to evaluate and gate")
+        raise TrainingError(f"export {export_dir} has no validation photos: a round needs them to select its best checkpoint")
+    # Scored once per model, never for selection: the gate's held-out numbers.
+    test_items = eval_items(data.test, data.breeds, cfg)
     if is_main:
         cfg.save(run_dir / CONFIG_FILE)
 
@@ -704,7 +748,7 @@ def _train_round(
     torch.set_num_threads(threads)
     baseline = _saved_baseline(ckpt, baseline_adapter)
     if baseline_adapter is not None and baseline is None:
-        baseline = _evaluate_baseline(Path(baseline_adapter), items, cfg, base_model, accelerator.device, dtype)
+        baseline = _evaluate_baseline(Path(baseline_adapter), items, test_items, cfg, base_model, accelerator.device, dtype)
     set_seed(cfg.seed)
     processor, model = load_base_model(base_model, dtype, accelerator.device)
     model = add_lora(model, cfg)
@@ -740,6 +784,7 @@ def _train_round(
         if is_main and (run_dir / PROGRESS_FILE).exists():
             (run_dir / PROGRESS_FILE).unlink()
         state.initial_metrics = evaluate(scorer, items, cfg)
+        state.initial_test_metrics = evaluate_test(scorer, test_items, cfg)  # the base model (B = 0)
         emit(_eval_row(0, state.initial_metrics, time.perf_counter() - t_start))
 
     def checkpoint() -> None:
@@ -813,7 +858,11 @@ def _train_round(
     if state.last_metrics is None or state.last_metrics.get("step") != state.step:
         run_eval()  # a resumed round that had already finished its steps
         checkpoint()
-    result = _finish(run_dir, raw, best_weights, state, cfg, data, base_model, baseline_adapter, accelerator, mixed, dtype, t_start)
+    test_metrics = _evaluate_selected_on_test(scorer, raw, best_weights, state, test_items, cfg)
+    result = _finish(
+        run_dir, raw, best_weights, state, cfg, data, base_model, baseline_adapter, accelerator, mixed, dtype, t_start,
+        test_metrics=test_metrics, n_test=len(test_items),
+    )
     accelerator.wait_for_everyone()
     return result
 
@@ -824,7 +873,8 @@ def _saved_baseline(ckpt: Path | None, adapter: str | Path | None) -> dict[str, 
     if ckpt is None or adapter is None:
         return None
     saved = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))["state"].get("baseline")
-    if saved and Path(saved["adapter"]).resolve() == Path(adapter).resolve():
+    # A checkpoint written before test-split gating has no "test_metrics": evaluate it again.
+    if saved and "test_metrics" in saved and Path(saved["adapter"]).resolve() == Path(adapter).resolve():
         return saved
     return None
 
@@ -874,11 +924,13 @@ def pinned_numerics(deterministic: bool = True) -> Iterator[None]:
 
 
 def _evaluate_baseline(
-    adapter: Path, items: Sequence[EvalItem], cfg: TrainConfig, base_model: str | Path, device: torch.device, dtype: torch.dtype,
+    adapter: Path, items: Sequence[EvalItem], test_items: Sequence[EvalItem], cfg: TrainConfig, base_model: str | Path,
+    device: torch.device, dtype: torch.dtype,
 ) -> dict[str, Any]:
-    """Metrics of the active adapter on this round's validation items, on a model of its own that
-    is freed afterwards. (Not on the training model: ``unload()`` after
-    ``PeftModel.from_pretrained`` keeps a ``modules_to_save`` projector copy in the base model.)"""
+    """Metrics of the active adapter on this round's validation items and (once, for the gate)
+    its test items, on a model of its own that is freed afterwards. (Not on the training model:
+    ``unload()`` after ``PeftModel.from_pretrained`` keeps a ``modules_to_save`` projector copy in
+    the base model.)"""
     import gc
 
     import torch
@@ -888,18 +940,42 @@ def _evaluate_baseline(
         raise TrainingError(f"baseline adapter {adapter} has no adapter_config.json")
     processor, model = load_base_model(base_model, dtype, device)
     wrapped = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
-    metrics = evaluate(make_scorer(wrapped, processor, base_model, cfg, device, dtype), items, cfg)
-    del wrapped, model
+    scorer = make_scorer(wrapped, processor, base_model, cfg, device, dtype)
+    metrics = evaluate(scorer, items, cfg)
+    test_metrics = evaluate_test(scorer, test_items, cfg)
+    del wrapped, model, scorer
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {"adapter": str(adapter), "metrics": metrics}
+    return {"adapter": str(adapter), "metrics": metrics, "test_metrics": test_metrics}
+
+
+def _evaluate_selected_on_test(
+    scorer: Any, raw: Any, best_weights: dict[str, torch.Tensor] | None, state: RoundState,
+    test_items: Sequence[EvalItem], cfg: TrainConfig,
+) -> dict[str, Any] | None:
+    """The gate's held-out numbers, scored after the last step: the selected (best) checkpoint on
+    the test items, once. Its weights are loaded into the training model (which is not trained
+    any further; ``checkpoint-last`` already holds the last weights). Also scores the base model
+    when a checkpoint from before test-split gating left ``state.initial_test_metrics`` unset
+    (adapter disabled: ``B = 0`` is the identity).
+    """
+    from peft import set_peft_model_state_dict
+
+    if not test_items:
+        return None
+    if state.initial_test_metrics is None:
+        with raw.disable_adapter():
+            state.initial_test_metrics = evaluate_test(scorer, test_items, cfg)
+    if best_weights is not None:
+        set_peft_model_state_dict(raw, best_weights)
+    return evaluate_test(scorer, test_items, cfg)
 
 
 def _finish(
     run_dir: Path, raw: Any, best_weights: dict[str, torch.Tensor] | None, state: RoundState, cfg: TrainConfig,
     data: ExportData, base_model: str | Path, baseline_adapter: str | Path | None, accelerator: Any,
-    mixed: str, dtype: torch.dtype, t_start: float,
+    mixed: str, dtype: torch.dtype, t_start: float, *, test_metrics: dict[str, Any] | None, n_test: int,
 ) -> dict[str, Any]:
     """Write ``best/`` and then ``result.json`` (main process); return the result."""
     result = {
@@ -913,6 +989,8 @@ def _finish(
         "best_step": state.best_step,
         "initial_metrics": state.initial_metrics,
         "final_metrics": state.last_metrics,
+        "test_metrics": test_metrics,
+        "initial_test_metrics": state.initial_test_metrics,
         "baseline": state.baseline,
         "baseline_adapter": str(baseline_adapter) if baseline_adapter else None,
         "steps": state.step,
@@ -926,6 +1004,7 @@ def _finish(
         "wall_seconds": time.perf_counter() - t_start,
         "n_train": len(data.train),
         "n_val": state.best_metrics["n"] if state.best_metrics else 0,
+        "n_test": n_test,
         "breeds": data.breeds,
         "mixed_precision": mixed,
         "dtype": str(dtype).removeprefix("torch."),
