@@ -41,7 +41,7 @@ import hashlib
 import json
 import shutil
 from collections.abc import Sequence
-from dataclasses import InitVar, asdict, dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -92,8 +92,6 @@ class GatePolicy:
             (default 0.9).
         n_bootstrap: bootstrap resamples (default 1000).
         seed: seed of the resampling (default 0: the same photos give the same decision).
-        min_val_photos: former name of ``min_breed_photos`` (accepted, not stored; ``None`` =
-            not given), from when the gate compared validation numbers.
 
     Why 0.9: simulated on 10 breeds x 20 test photos with per-photo outcomes drawn independently
     (or half shared), an equally good candidate passes 12-13% of the time (0.8: 21-25%, the old
@@ -107,11 +105,8 @@ class GatePolicy:
     min_p_better: float = 0.9
     n_bootstrap: int = 1000
     seed: int = 0
-    min_val_photos: InitVar[int | None] = None
 
-    def __post_init__(self, min_val_photos: int | None) -> None:
-        if min_val_photos is not None:
-            object.__setattr__(self, "min_breed_photos", min_val_photos)
+    def __post_init__(self) -> None:
         if (
             self.min_breed_photos < 1
             or not 0 <= self.max_breed_drop <= 1

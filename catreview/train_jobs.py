@@ -57,7 +57,7 @@ from typing import Any
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
-from catreview.adapters import GatePolicy, active_version, register_round, version_metrics
+from catreview.adapters import GateDecision, GatePolicy, active_version, register_round, version_metrics
 from catreview.config import REPO_ROOT, Settings
 from catreview.db import TrainingRun, utcnow
 from training.config import TrainConfig
@@ -225,7 +225,8 @@ def check_training_data(train: dict[str, int], validation: dict[str, int], *, wh
 
     Raises:
         TrainJobError: no training photos, fewer than :data:`MIN_BREEDS` breeds, or no
-            validation photos (a round evaluates and gates on them).
+            validation photos (a round picks its best checkpoint on them; the gate needs test photos,
+            without enough of them a new version is left for promotion by hand).
     """
     total = {b: train.get(b, 0) + validation.get(b, 0) for b in {*train, *validation}}
     if not train:
@@ -239,7 +240,7 @@ def check_training_data(train: dict[str, int], validation: dict[str, int], *, wh
     if not validation:
         raise TrainJobError(
             f"Not enough reviewed photos to train: {what} give {sum(train.values())} training photos but no validation "
-            "photo, and a round needs validation photos to evaluate and gate the new adapter. Photos are split "
+            "photo, and a round needs validation photos to pick its best checkpoint. Photos are split "
             "80/10/10 per breed, so a breed's first validation photo comes with its 4th reviewed photo; reviewed so "
             f"far: {_breed_list(total)}. Review more photos."
         )
@@ -778,8 +779,10 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--export", metavar="DIR", type=Path, help="train on this export folder instead of exporting the reviews")
     p.add_argument("--resume-run", metavar="ID", type=int, help="resume a failed/cancelled run from its last checkpoint")
     p.add_argument("--no-activate", action="store_true", help="register the adapter but never activate it automatically")
-    p.add_argument("--min-val-photos", type=int, default=GatePolicy.min_val_photos, help="gate: breeds with fewer val photos are not checked")
-    p.add_argument("--max-breed-drop", type=float, default=GatePolicy.max_breed_drop, help="gate: largest allowed per-breed accuracy drop")
+    p.add_argument("--min-breed-photos", type=int, default=GatePolicy.min_breed_photos, help="gate: breeds with fewer test photos are not checked for drops")
+    p.add_argument("--max-breed-drop", type=float, default=GatePolicy.max_breed_drop, help="gate: largest allowed per-breed test accuracy drop")
+    p.add_argument("--min-test-photos", type=int, default=GatePolicy.min_test_photos, help="gate: fewest test photos it decides on (else: not gated, promote by hand)")
+    p.add_argument("--min-p-better", type=float, default=GatePolicy.min_p_better, help="gate: share of paired bootstrap resamples in which the new adapter must be better")
     p.add_argument("--launcher", metavar="CMD", help='command that runs a module, default this Python; e.g. "accelerate launch --num_processes 4"')
     add_config_arguments(p)
     return p
@@ -827,17 +830,19 @@ def _fmt(x: Any) -> str:
 
 
 def metrics_table(status: RunStatus, engine: Engine) -> str:
-    """Final CLI table: gate summary and per-breed validation accuracy (reference vs new)."""
+    """Final CLI table: validation metrics, the gate decision and per-breed accuracy on the split it
+    decided on (test; reference vs new)."""
     if status.adapter_id is None:
         return status.text()
     m = version_metrics(engine, status.adapter_id)
     lines = [status.text(), f"val balanced accuracy {_fmt(m.get('balanced_accuracy'))}, accuracy {_fmt(m.get('accuracy'))}, "
              f"macro-F1 {_fmt(m.get('macro_f1'))}, val loss {m.get('val_loss', float('nan')):.3f}, best step {m.get('best_step')}"]
-    gate = status.gate or {}
-    if gate:
-        lines.append(f"gate vs {gate['reference']}: {'passed' if gate['passed'] else 'blocked: ' + '; '.join(gate['reasons'])}")
+    if status.gate:
+        decision = GateDecision.from_dict(status.gate)
+        lines.append(f"vs {decision.reference}: {decision.summary()}")
+        lines.append(f"per-breed {decision.split} accuracy:")
         lines.append(f"{'breed':28s} {'n':>4s} {'before':>8s} {'after':>8s} {'delta':>8s}")
-        for b in gate.get("breeds", []):
+        for b in decision.rows():
             delta = "-" if b["delta"] is None else f"{100 * b['delta']:+.1f}"
             flag = "  BLOCKS" if b["blocking"] else ""
             lines.append(f"{b['breed'][:28]:28s} {b['n']:4d} {_fmt(b['reference']):>8s} {_fmt(b['candidate']):>8s} {delta:>8s}{flag}")
@@ -855,7 +860,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from training.config import config_from_args
 
     settings, engine = _settings_and_engine(args)
-    policy = GatePolicy(min_val_photos=args.min_val_photos, max_breed_drop=args.max_breed_drop)
+    policy = GatePolicy(min_breed_photos=args.min_breed_photos, max_breed_drop=args.max_breed_drop,
+                        min_test_photos=args.min_test_photos, min_p_better=args.min_p_better)
     jobs = TrainJobs(engine, settings, policy=policy, auto_activate=not args.no_activate,
                      launcher=shlex.split(args.launcher) if args.launcher else None)
     cfg = config_from_args(args)

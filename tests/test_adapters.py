@@ -122,7 +122,6 @@ def test_gate_per_breed_drop_is_checked_on_test_photos():
     assert korat == BreedComparison("Korat", 2, 0.5, 0.0, checked=False, blocking=False)
     assert gate(cand, ref, GatePolicy(max_breed_drop=0.25)).passed  # margin configurable
     assert gate(cand, ref, GatePolicy(min_breed_photos=11)).passed  # min photos configurable
-    assert GatePolicy(min_val_photos=11) == GatePolicy(min_breed_photos=11)  # the former name still works
 
 
 def test_gate_does_not_decide_without_enough_common_test_photos():

@@ -27,7 +27,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from catreview.adapters import AdapterError, GatePolicy, activate, deactivate, version_rows
+from catreview.adapters import AdapterError, GateDecision, GatePolicy, activate, deactivate, version_rows
 from catreview.app_core import ReviewApp
 from catreview.train_jobs import FORM_LABELS, TrainingBusy, TrainJobError, TrainJobs, config_from_form
 
@@ -148,11 +148,10 @@ def refresh(app: ReviewApp) -> tuple[str, pd.DataFrame, pd.DataFrame, str, pd.Da
     loss, val = _frames(rows)
     gate_text, gate_rows = "", []
     if st is not None and st.gate:
-        g = st.gate
+        g = GateDecision.from_dict(st.gate)
         verdict = "activated" if st.activated else "kept inactive"
-        why = "" if g["passed"] else " Blocked: " + "; ".join(g["reasons"]) + "."
-        gate_text = f"**Gate vs {g['reference']}: {'passed' if g['passed'] else 'blocked'}** (adapter #{st.adapter_id} {verdict}).{why}"
-        gate_rows = g["breeds"]
+        gate_text = f"**Gate vs {g.reference}: {g.outcome}** (adapter #{st.adapter_id} {verdict}). {g.summary()}"
+        gate_rows = g.rows()
     versions = version_rows(app.engine, base_model(app))
     choices = [(f"#{v['id']} {v['name']}{' (active)' if v['active'] else ''}", str(v["id"])) for v in versions]
     return (
@@ -197,7 +196,7 @@ def build(app: ReviewApp) -> None:
             title="Validation balanced accuracy", elem_id="train-val-plot",
         )
     gate_md = gr.Markdown(elem_id="gate-summary")
-    gate_table = gr.Dataframe(headers=GATE_COLUMNS, label="Per-breed validation accuracy (reference vs new)", interactive=False, elem_id="gate-comparison")
+    gate_table = gr.Dataframe(headers=GATE_COLUMNS, label="Per-breed test accuracy (reference vs new)", interactive=False, elem_id="gate-comparison")
     versions = gr.Dataframe(headers=VERSION_COLUMNS, label="Adapter versions", interactive=False, elem_id="adapters-table")
     with gr.Row():
         choice = gr.Dropdown([], label="Version", elem_id="adapter-choice")
