@@ -61,7 +61,8 @@ def test_pth_checkpoint_shapes(tmp_path: Path, reference, photos, shape: str) ->
     torch.save(obj, tmp_path / name)
     clf = Stage1Classifier.load("convnext_atto", checkpoint=tmp_path / name, labels_file=_write_labels(tmp_path / "labels.txt"))
     torch.testing.assert_close(clf.logits(photos), _expected_logits(reference, photos), atol=1e-5, rtol=1e-5)
-    assert len(clf.model_version) == 12
+    weights, names = clf.model_version.split("-labels")
+    assert len(weights) == 12 and len(names) == 8  # checkpoint digest + class-name digest
 
 
 def test_topk_probabilities_and_batching(tmp_path: Path, reference, photos) -> None:
