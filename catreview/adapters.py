@@ -51,7 +51,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from catreview.config import Settings
-from catreview.db import AdapterVersion, TrainingRun, utcnow
+from catreview.db import AdapterVersion, SplitAssignment, TrainingRun, utcnow
 from training.files import RESULT_FILE  # written last by a finished round
 
 ADAPTERS_DIRNAME = "adapters"
@@ -492,6 +492,26 @@ def rollback(engine: Engine, base_model: str, to: int | None) -> AdapterVersion 
         if row is None or row.base_model != base_model:
             raise AdapterError(f"adapter version #{to} does not exist for base model {base_model!r}")
     return activate(engine, to)
+
+
+def training_photo_hashes(session: Session, adapter: str | Path | None) -> set[str] | None:
+    """sha256 of the photos an adapter may have been trained on, or ``None`` when unknown.
+
+    A photo counts when its sticky split (``split_assignments``) is ``train`` and was assigned
+    no later than the adapter version was created: every export before then put it in train.
+    ``None`` (unknown) for an adapter folder that no version of this database points to; an empty
+    set for no adapter. Evaluations of an adapter (calibration, comparisons) leave these photos
+    out: its outputs on them were fitted to the very labels they would be measured against.
+    """
+    if adapter is None:
+        return set()
+    row = session.exec(select(AdapterVersion).where(AdapterVersion.path == str(adapter))).first()
+    if row is None:
+        return None
+    q = select(SplitAssignment.sha256).where(
+        SplitAssignment.split == "train", SplitAssignment.assigned_at <= row.created_at
+    )
+    return set(session.exec(q))
 
 
 def active_version(engine_or_session: Engine | Session, base_model: str) -> AdapterVersion | None:

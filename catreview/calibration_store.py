@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 from typing import Any
 
-from sqlmodel import Session, select
+from sqlmodel import Session
 
 from catreview.calibration import CalibrationReport, ReviewRecord, calibrate
-from catreview.db import AdapterVersion, CalibrationRecord, SplitAssignment, make_engine
+from catreview.adapters import training_photo_hashes
+from catreview.db import CalibrationRecord, make_engine
 from catreview.fusion import OTHER
 from catreview.labels import BreedVocabulary, is_breed
 from catreview.results import current_blend, iter_views
@@ -50,24 +50,6 @@ def review_records(views: list[dict[str, Any]], vocabulary: BreedVocabulary | No
     return out
 
 
-def adapter_training_hashes(session: Session, adapter: str | Path | None) -> set[str] | None:
-    """sha256 of the photos an adapter may have been trained on, or ``None`` when unknown.
-
-    A photo counts when its sticky split (``split_assignments``) is ``train`` and was assigned
-    no later than the adapter version was created. ``None`` (unknown) for an adapter folder that
-    no adapter version of this database points to; an empty set for no adapter.
-    """
-    if adapter is None:
-        return set()
-    row = session.exec(select(AdapterVersion).where(AdapterVersion.path == str(adapter))).first()
-    if row is None:
-        return None
-    q = select(SplitAssignment.sha256).where(
-        SplitAssignment.split == "train", SplitAssignment.assigned_at <= row.created_at
-    )
-    return set(session.exec(q))
-
-
 def fit_and_store(settings: Any, registry: Any, *, vlm_name: str | None = None, store: bool = True) -> tuple[CalibrationReport, int | None]:
     """Fit on the database of ``settings``; returns the report and the stored row id (or None).
 
@@ -84,7 +66,7 @@ def fit_and_store(settings: Any, registry: Any, *, vlm_name: str | None = None, 
     views = list(iter_views(engine, registry, vlm_name=vlm_name))
     adapter = registry.vlm(vlm_name).profile.adapter
     with Session(engine) as session:
-        trained = adapter_training_hashes(session, adapter)
+        trained = training_photo_hashes(session, adapter)
     note = None
     if trained is None:
         note = (f"The VLM's adapter {adapter} is not a version of this database: photos it was trained on "

@@ -686,6 +686,7 @@ class CompareAggregate:
     metrics: AggregateMetrics
     skipped: list[tuple[int, str]] = field(default_factory=list)  # (image id, reason)
     cancelled: bool = False
+    notes: list[str] = field(default_factory=list)  # photos left out on purpose, and why
 
     def summary_frame(self) -> pd.DataFrame:
         """One row per side: profile, version, photos, accuracy, balanced accuracy, agreement,
@@ -765,6 +766,7 @@ class CompareAggregate:
         """The aggregate as plain-text tables (the CLI output)."""
         lines = [f"A = {self.a.name} ({self.a.model_version}), B = {self.b.name} ({self.b.model_version})",
                  f"{plural(self.metrics.n, 'reviewed photo')}; agreement A vs B: {self.metrics.agreement:.1%}"]
+        lines += self.notes
         if self.skipped:
             lines.append(f"{plural(len(self.skipped), 'reviewed photo')} skipped (no verdict): "
                          + ", ".join(f"#{i} {r}" for i, r in self.skipped[:5]))
@@ -1326,8 +1328,10 @@ class CompareSession:
             human = self._human_labels(s)
             q = select(ImageRecord).where(ImageRecord.error.is_(None)).order_by(ImageRecord.id)  # type: ignore[union-attr, arg-type]
             images = [r for r in s.exec(q) if r.id in human]
+            images, notes = self._leave_out_trained(s, images, (name_a, name_b))
             if not images:
-                raise CompareError("no reviewed photos with a breed label yet: review some photos (or import labels) first")
+                raise CompareError("no reviewed photos with a breed label yet: review some photos (or import labels) first"
+                                   + (f" ({' '.join(notes)})" if notes else ""))
             summary = PredictSummary()
             topk = run_stage1(s, self.registry.classifier(), images, summary, top_k=self.settings.classifier.top_k,
                               progress=progress, stop=stop)
@@ -1336,7 +1340,30 @@ class CompareSession:
             run_b, preds_b, cancel_b = self._aggregate_side(s, name_b, images, topk, one_at_a_time, side_progress(f"B ({name_b})"), stop)
             outcomes, skipped = photo_outcomes(images, human, topk, preds_a, preds_b, self.canonical)
         cancelled = summary.cancelled or cancel_a or cancel_b
-        return CompareAggregate(run_a, run_b, outcomes, aggregate_metrics(outcomes), skipped, cancelled)
+        return CompareAggregate(run_a, run_b, outcomes, aggregate_metrics(outcomes), skipped, cancelled, notes)
+
+    def _leave_out_trained(
+        self, session: Session, images: list[ImageRecord], names: Sequence[str]
+    ) -> tuple[list[ImageRecord], list[str]]:
+        """``images`` without the photos either side's adapter was trained on
+        (:func:`catreview.adapters.training_photo_hashes`), and notes saying what was left out."""
+        from catreview.adapters import training_photo_hashes
+
+        trained: set[str] = set()
+        notes = []
+        for name in names:
+            adapter = self.vlm(name).profile.adapter
+            hashes = training_photo_hashes(session, adapter)
+            if hashes is None:
+                notes.append(f"{name}: adapter {adapter} is not a version of this database; the photos it was "
+                             "trained on cannot be left out, so its numbers may be optimistic.")
+            else:
+                trained |= hashes
+        kept = [r for r in images if r.sha256 not in trained]
+        if len(kept) < len(images):
+            notes.insert(0, f"Left out {plural(len(images) - len(kept), 'reviewed photo')} of the train split an adapter "
+                            "was trained on (not a fair test of it).")
+        return kept, notes
 
 
 # --------------------------------------------------------------------------------------------
@@ -1396,6 +1423,7 @@ class AggregateJob:
                 f"{plural(result.a.computed + result.b.computed, 'verdict')} computed, "
                 f"{result.a.cached + result.b.cached} from the cache"
                 + (" (cancelled: partial)" if result.cancelled else "") + "."
+                + "".join(f" {note}" for note in result.notes)
             )
         except CompareError as exc:
             self.state.message = f"Cannot compare: {exc}"

@@ -10,6 +10,7 @@ import json
 import math
 import re
 import shutil
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from sqlmodel import Session, select
 
 from catreview import compare as cmp
 from catreview.config import load_settings
-from catreview.db import AdapterVersion, Prediction, Preference, make_engine
+from catreview.db import AdapterVersion, ImageRecord, Prediction, Preference, SplitAssignment, make_engine
 from catreview.importer import import_folder
 from catreview.jobs import JobState
 from catreview.labels import BreedVocabulary
@@ -512,6 +513,18 @@ def test_adapter_versions_of_one_model(session: cmp.CompareSession, tiny_models,
     assert result.metrics.n == 6 and (result.a.computed, result.b.computed) == (6, 6)
     probs = [(o.label_a, o.confidence_a) for o in result.photos], [(o.label_b, o.confidence_b) for o in result.photos]
     assert probs[0] != probs[1]  # different adapters, different verdicts
+    assert any(f"adapter {ad1.resolve()} is not a version of this database" in n for n in result.notes)
     # The base model without an adapter against one version is a pair too.
     none_name, v1_name = session.add_adapter_pair(SMALL, "", ad1)
     assert none_name == f"{SMALL} (no adapter)" and v1_name == name_a
+
+    # Photos in the train split that ad2's round was trained on are not a fair test of it: left out.
+    with Session(session.engine) as s:
+        version = s.exec(select(AdapterVersion).where(AdapterVersion.path == str(ad2))).one()
+        shas = [o.sha256 for o in s.exec(select(ImageRecord).order_by(ImageRecord.id))][:2]
+        s.add_all([SplitAssignment(sha256=h, split="train", assigned_at=version.created_at - timedelta(minutes=1)) for h in shas])
+        s.commit()
+    again = session.run_aggregate(name_a, name_b, one_at_a_time=True)
+    assert again.metrics.n == 4 and (again.a.computed, again.b.computed) == (0, 0)
+    assert again.notes[0] == "Left out 2 reviewed photos of the train split an adapter was trained on (not a fair test of it)."
+    assert again.notes[0] in again.to_text()
