@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    """``import DIR``: add photos (and labels from a CSV or folder names) to the database; prints the summary. Returns 0."""
     from catreview.db import make_engine
     from catreview.importer import import_folder
     from catreview.labels import BreedVocabulary
@@ -116,6 +117,7 @@ def _registry(settings: Settings):
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    """``predict``: stage 1, VLM verdicts (and reasoning unless ``--no-reasoning``) for every photo not cached yet. Returns 0."""
     from catreview.db import make_engine
     from catreview.predict import run_predictions
 
@@ -131,6 +133,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_predictions(args: argparse.Namespace) -> int:
+    """``predictions``: every photo's stage 1, VLM, fused and review (``--json``: one object a line). Returns 0."""
     from catreview.db import make_engine
     from catreview.results import iter_views
 
@@ -148,6 +151,7 @@ def cmd_predictions(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    """``calibrate``: fit temperatures and the fusion weight on reviewed photos, store them, print the report. Returns 0."""
     from catreview.calibration_store import fit_and_store
 
     settings = settings_from_args(args)
@@ -158,6 +162,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    """``export OUT``: write a curated dataset version (LLaVA JSONL, messages, images, manifest; ``--zip``). Returns 0."""
     from catreview.db import make_engine
     from catreview.exports import export_dataset, zip_export
     from catreview.labels import BreedVocabulary

@@ -184,10 +184,13 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 
 def read_json(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``, or ``{}`` when the file does not exist (yet)."""
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` atomically (temporary sibling + ``os.replace``): readers see the old or the
+    new file, never half of one."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
     os.replace(tmp, path)
