@@ -198,10 +198,12 @@ class Stage1Classifier:
         """Create ``model_name`` through timm and load ``checkpoint`` (if given).
 
         Class names come from ``labels_file`` (one per line) or else the checkpoint. With an
-        ``hf-hub:`` id and no checkpoint, the hub weights and their label names are used.
+        ``hf-hub:`` id and no checkpoint, the hub weights and their label names are used; a
+        plain timm name needs a checkpoint (it would have random weights).
 
         Raises:
-            ClassifierError: unknown architecture, missing/unreadable checkpoint, a pickled
+            ClassifierError: unknown architecture, no checkpoint for a plain timm name,
+                missing/unreadable checkpoint, a pickled
                 checkpoint holding Python objects other than tensors, plain containers and
                 ``argparse.Namespace`` (convert it to safetensors), no class names, or a
                 checkpoint whose head does not match the number of class names.
@@ -221,6 +223,11 @@ class Stage1Classifier:
             )
         if not is_hub and not timm.is_model(model_name):
             raise ClassifierError(f"timm has no architecture named {model_name!r}")
+        if ckpt is None and not is_hub:
+            raise ClassifierError(
+                f"classifier {model_name!r} has no checkpoint: a timm architecture name alone gives random "
+                "weights; set classifier.checkpoint (your trained .safetensors/.pth) or use an hf-hub: id"
+            )
         kwargs: dict[str, object] = {}
         if labels is not None:
             kwargs["num_classes"] = len(labels)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -239,6 +240,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
+    except BrokenPipeError:
+        # The reader went away (``predictions --json | head``): not an error. Point stdout at
+        # devnull so the interpreter's final flush does not raise again (Python docs, "Note on
+        # SIGPIPE" in the signal module).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as exc:
         if not isinstance(exc, _user_errors()):
             raise  # a bug: keep the traceback

@@ -19,7 +19,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -45,12 +45,24 @@ class ClassifierConfig(BaseModel):
     checkpoint (``label_names`` metadata / key) and failing that an error is raised.
     """
 
+    model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not ignored
+
     model: str | None = None
     checkpoint: Path | None = None
     labels_file: Path | None = None
     batch_size: int = Field(32, ge=1, le=4096)
     device: str = "auto"
     top_k: int = Field(3, ge=1, le=10)
+
+    @model_validator(mode="after")
+    def _checkpoint_needs_model(self) -> ClassifierConfig:
+        if self.model is None and (self.checkpoint is not None or self.labels_file is not None):
+            raise ValueError(
+                "classifier.checkpoint/labels_file are set but classifier.model is not: name the timm "
+                "architecture of the checkpoint (e.g. model = \"convnext_tiny\"); without a model the "
+                "built-in demo classifier would be used"
+            )
+        return self
 
 
 class VLMProfile(BaseModel):
@@ -62,6 +74,8 @@ class VLMProfile(BaseModel):
     ``score_normalisation`` chooses how candidate answers of several tokens are compared:
     ``"mean"`` (length-normalised log-probability, the default) or ``"sum"`` (total).
     """
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not ignored
 
     model: str
     dtype: Dtype = "auto"
@@ -84,6 +98,8 @@ class FusionConfig(BaseModel):
     photos needed before temperatures and the weight are fitted. ``calibration_folds``: folds of
     the cross-validated ECE/accuracy in the calibration report (0 = in-sample numbers only).
     """
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not ignored
 
     weight: float = Field(0.5, ge=0.0, le=1.0)
     routing_threshold: float | None = Field(None, ge=0.0, le=1.0)
@@ -136,9 +152,15 @@ class Settings(BaseSettings):
                 f"(add a [vlm_profiles.{self.active_vlm}] section, or use {DEMO_PROFILE!r} for the built-in demo model)"
             )
         configured = ", ".join(repr(n) for n in self.vlm_profiles)
-        hint = (" (the default; set active_vlm to one of them)" if self.active_vlm == DEMO_PROFILE
-                else "; set active_vlm to one of them")
-        raise ValueError(f"active_vlm {self.active_vlm!r} is not a configured VLM profile; configured: {configured}{hint}")
+        if self.active_vlm == DEMO_PROFILE:
+            raise ValueError(
+                f"active_vlm is not set but VLM profiles are configured ({configured}): set active_vlm to the "
+                "one to use (it defaults to the built-in demo model only when no profile is configured)"
+            )
+        raise ValueError(
+            f"active_vlm {self.active_vlm!r} is not a configured VLM profile; configured: {configured}; "
+            "set active_vlm to one of them"
+        )
 
     @classmethod
     def settings_customise_sources(

@@ -22,7 +22,7 @@ from typing import Any
 
 from sqlalchemy import Column, Text, UniqueConstraint, event
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import NoSuchModuleError, OperationalError
+from sqlalchemy.exc import DatabaseError, NoSuchModuleError
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
 
@@ -221,7 +221,7 @@ def make_engine(url: str) -> Engine:
     try:
         SQLModel.metadata.create_all(engine)
         add_missing_columns(engine)
-    except OperationalError as exc:
+    except DatabaseError as exc:  # cannot open (OperationalError), or not a database file
         raise ValueError(f"cannot open the database {engine.url.render_as_string(hide_password=True)}: {exc.orig}") from None
     return engine
 

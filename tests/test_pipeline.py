@@ -155,6 +155,19 @@ def test_cli_import_predict_list_json(settings, photos: Path) -> None:
     bad = _cli("import", str(photos / "nope"), *db, env=env)
     assert bad.returncode == 2 and "not a folder" in bad.stderr and "Traceback" not in bad.stderr
 
+    # `predictions --json | head -0`: the reader is gone before the first line; no BrokenPipeError
+    # traceback (the pipe is closed at once, so the first write fails whatever the buffer size).
+    proc = subprocess.Popen([sys.executable, "-m", "catreview", "predictions", "--json", *db], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO_ROOT)
+    proc.stdout.close()
+    assert proc.wait(timeout=120) == 0 and "Traceback" not in proc.stderr.read().decode()
+
+    # A file that is not a database: one line, not a traceback.
+    not_db = photos.parent / "notes.db"
+    not_db.write_text("these are my notes, not a database\n")
+    r = _cli("predictions", "--db", f"sqlite:///{not_db}", env=env)
+    assert r.returncode == 2 and "cannot open the database" in r.stderr and "Traceback" not in r.stderr
+
 
 def test_export_tab_refuses_bad_sizes_and_writes_nothing(settings, photos: Path) -> None:
     from gradio_client import Client

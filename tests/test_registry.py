@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from catreview import cli
+from catreview.classifier import ClassifierError
 from catreview.config import ConfigError, load_settings
 from catreview.demo_models import DEMO_RECIPE_VERSION, ensure_demo_models
 from catreview.registry import ModelRegistry, UnknownProfileError
@@ -24,8 +25,8 @@ def _settings(tmp_path: Path, demo_dir: Path, **kw):
 def test_unknown_active_vlm_fails_at_load_naming_the_profiles(tmp_path: Path, demo_dir: Path) -> None:
     with pytest.raises(ConfigError, match=r"active_vlm '7b' is not a configured VLM profile; configured: '7B', '13B'"):
         _settings(tmp_path, demo_dir, vlm_profiles=PROFILES, active_vlm="7b")
-    # Left at its default ("demo") while profiles are configured: also refused, not the demo model.
-    with pytest.raises(ConfigError, match=r"active_vlm 'demo' .*configured: '7B', '13B' \(the default"):
+    # Left unset while profiles are configured: also refused, not the demo model.
+    with pytest.raises(ConfigError, match=r"active_vlm is not set but VLM profiles are configured \('7B', '13B'\)"):
         _settings(tmp_path, demo_dir, vlm_profiles=PROFILES)
     # A profile named but none configured at all.
     with pytest.raises(ConfigError, match=r"active_vlm '7B' names no VLM profile: no vlm_profiles are configured"):
@@ -135,3 +136,20 @@ def test_concurrent_builds_share_one_complete_build(tmp_path: Path) -> None:
     assert len(results) == 3 and len(set(results)) == 1
     assert json.loads((target / "READY.json").read_text()) == {"recipe": DEMO_RECIPE_VERSION}
     assert [p.name for p in tmp_path.iterdir() if p.is_dir() and p.name != "demo"] == []
+
+
+def test_misspelt_or_incomplete_model_settings_are_errors(tmp_path: Path, demo_dir: Path) -> None:
+    # A misspelt key in a section is refused (it used to be ignored, keeping the default).
+    cfg = tmp_path / "typo.toml"
+    cfg.write_text("[fusion]\nwieght = 0.7\n")
+    with pytest.raises(ConfigError, match="wieght"):
+        load_settings(cfg)
+    with pytest.raises(ConfigError, match="batchsize"):
+        _settings(tmp_path, demo_dir, vlm_profiles={"7B": {"model": "a", "batchsize": 4}}, active_vlm="7B")
+    # A checkpoint without the architecture would silently run the demo classifier.
+    with pytest.raises(ConfigError, match="classifier.model is not"):
+        _settings(tmp_path, demo_dir, classifier={"checkpoint": str(tmp_path / "m.safetensors")})
+    # An architecture without a checkpoint would run random weights.
+    settings = _settings(tmp_path, demo_dir, classifier={"model": "convnext_atto", "labels_file": "assets/breeds67.txt"})
+    with pytest.raises(ClassifierError, match="has no checkpoint: a timm architecture name alone gives random weights"):
+        ModelRegistry(settings).classifier()
