@@ -41,9 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"error: not a folder: {', '.join(missing)}", file=sys.stderr)
         return 2
+    from catreview.classifier import ClassifierError
+    from catreview.vlm import VLMError
+
     try:
         app = ReviewApp(settings)
-    except ValueError as exc:  # bad database URL, missing driver, unreadable file
+        app.check_models()
+    except (ValueError, ClassifierError, VLMError) as exc:  # database URL/driver/file; model paths
         print(f"error: {exc}", file=sys.stderr)
         return 2
     demo = build_ui(app)

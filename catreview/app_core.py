@@ -55,6 +55,18 @@ class ReviewApp:
         self._train_jobs: TrainJobs | None = None
         self._train_jobs_lock = threading.Lock()
 
+    def check_models(self) -> None:
+        """Load the stage-1 classifier and resolve the active VLM's version (its config, without
+        the weights), so a wrong path or an uncached hub id fails at start with one clear
+        message instead of on every photo later.
+
+        Raises:
+            catreview.classifier.ClassifierError: the classifier cannot be loaded.
+            catreview.vlm.VLMError: the VLM's config is not found (missing folder, offline hub id).
+        """
+        self.registry.classifier()
+        _ = self.registry.vlm().model_version
+
     # ------------------------------------------------------------------ training rounds
     @property
     def train_jobs(self) -> TrainJobs:

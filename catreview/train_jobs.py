@@ -896,19 +896,28 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_adapters(args: argparse.Namespace) -> int:
-    """``adapters list|promote ID|rollback ID|none``."""
+    """``adapters list | promote ID | rollback ID|none``.
+
+    Raises:
+        ValueError: a missing, extra or malformed version id (the message says what to give).
+    """
     from catreview.adapters import activate, rollback, version_rows
 
+    target = args.target.strip() if args.target else None
+    if args.action == "list" and target:
+        raise ValueError(f"'adapters list' takes no argument (got {target!r})")
+    if args.action == "promote" and not (target and target.isdigit()):
+        raise ValueError(f"promote needs a version id (a number from 'adapters list'), got {target!r}" if target
+                         else "promote needs a version id (a number from 'adapters list')")
+    if args.action == "rollback" and not (target and (target.isdigit() or target.lower() == "none")):
+        raise ValueError(f"rollback needs a version id or 'none', got {target!r}" if target
+                         else "rollback needs a version id (a number from 'adapters list') or 'none'")
     settings, engine = _settings_and_engine(args)
     base = _base_model(args, settings)
     if args.action == "promote":
-        if not args.target or not args.target.isdigit():
-            raise ValueError("promote needs a version id")
-        activate(engine, int(args.target))
+        activate(engine, int(target))
     elif args.action == "rollback":
-        if not args.target:
-            raise ValueError("rollback needs a version id or 'none'")
-        rollback(engine, base, None if args.target.lower() == "none" else int(args.target))
+        rollback(engine, base, None if target.lower() == "none" else int(target))
     rows = version_rows(engine, base)
     print(f"{'id':>4s} {'active':6s} {'name':28s} {'created':16s} {'val balanced accuracy':>21s} {'gate':8s} export")
     for r in rows:

@@ -130,3 +130,13 @@ def test_train_jobs_belong_to_the_app(settings) -> None:
     train_tab._JOBS[app] = replacement
     assert app.train_jobs is replacement and train_tab.jobs_for(app) is replacement
     assert train_tab.base_model(app) == app.registry.base_model()
+
+
+def test_app_refuses_to_start_with_a_model_it_cannot_load(tmp_path: Path, demo_dir: Path, capsys) -> None:
+    import app as app_main
+
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(f'demo_dir = "{demo_dir}"\nactive_vlm = "x"\n[vlm_profiles.x]\nmodel = "{tmp_path / "no-such-model"}"\n')
+    assert app_main.main(["--config", str(cfg), "--db", f"sqlite:///{tmp_path / 'a.db'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no-such-model" in err and "Traceback" not in err

@@ -153,3 +153,12 @@ def test_misspelt_or_incomplete_model_settings_are_errors(tmp_path: Path, demo_d
     settings = _settings(tmp_path, demo_dir, classifier={"model": "convnext_atto", "labels_file": "assets/breeds67.txt"})
     with pytest.raises(ClassifierError, match="has no checkpoint: a timm architecture name alone gives random weights"):
         ModelRegistry(settings).classifier()
+
+
+def test_adapters_cli_says_what_id_it_needs(tmp_path: Path, demo_dir: Path, capsys) -> None:
+    db = ["--db", f"sqlite:///{tmp_path / 'r.db'}"]
+    for argv, words in ((["adapters", "promote", "xyz"], "promote needs a version id (a number from 'adapters list'), got 'xyz'"),
+                        (["adapters", "rollback", "xyz"], "rollback needs a version id or 'none', got 'xyz'"),
+                        (["adapters", "list", "extra"], "'adapters list' takes no argument (got 'extra')")):
+        assert cli.main([*argv, *db]) == 2
+        assert capsys.readouterr().err.strip() == f"error: {words}"
