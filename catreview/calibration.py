@@ -767,7 +767,8 @@ class CalibrationReport:
             f"fused (after the pool) T={self.fused_temperature:.3f}. "
             f"Fusion weight (VLM share): {self.current_weight:.2f} -> {self.weight:.2f}.",
             f"Stage 1 missed the human breed in its top-k on {self.excluded_from_fit['stage1']} of "
-            f"{self.n_reviews} photos. The VLM and the fusion answer over the candidates plus 'other', "
+            f"{self.n_reviews} photos, so its temperature is fitted on the other "
+            f"{self.n_reviews - self.excluded_from_fit['stage1']} (few photos make it unreliable). The VLM and the fusion answer over the candidates plus 'other', "
             "so on those photos 'other' counts as correct; a model that says 'other' often scores "
             "well when stage 1 is weak."
             + (" No label was a candidate, so stage 1's temperature stays 1." if self.excluded_from_fit["stage1"] >= self.n_reviews else "")

@@ -676,6 +676,11 @@ def aggregate_metrics(photos: Sequence[PhotoOutcome]) -> AggregateMetrics:
     )
 
 
+ACCURACY_NOTE = ("Accuracy here: a verdict is right only when it names the reviewed breed; 'other' never counts "
+                 "(calibrate counts 'other' as right when the breed is not a stage-1 candidate, so its VLM "
+                 "accuracy is higher on the same photos).")
+
+
 @dataclass(frozen=True)
 class CompareAggregate:
     """Result of an aggregate run: both sides, per-photo outcomes, metrics, what was skipped."""
@@ -765,7 +770,8 @@ class CompareAggregate:
     def to_text(self) -> str:
         """The aggregate as plain-text tables (the CLI output)."""
         lines = [f"A = {self.a.name} ({self.a.model_version}), B = {self.b.name} ({self.b.model_version})",
-                 f"{plural(self.metrics.n, 'reviewed photo')}; agreement A vs B: {self.metrics.agreement:.1%}"]
+                 f"{plural(self.metrics.n, 'reviewed photo')}; agreement A vs B: {self.metrics.agreement:.1%}",
+                 ACCURACY_NOTE]
         lines += self.notes
         if self.skipped:
             lines.append(f"{plural(len(self.skipped), 'reviewed photo')} skipped (no verdict): "

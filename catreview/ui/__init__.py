@@ -10,11 +10,13 @@ import gradio as gr
 
 from catreview.app_core import ReviewApp
 
-DEMO_BANNER = (
-    "**Demo models in use.** No classifier or VLM is configured, so the built-in tiny models "
-    "(random weights) are running: their predictions are meaningless. Configure real models with "
-    "`--config FILE` (see `assets/example_config.toml`)."
-)
+def demo_banner(demo_classifier: bool, demo_vlm: bool) -> str:
+    """The warning shown while a built-in tiny model (random weights) stands in for a real one."""
+    which = {(True, True): "No classifier and no VLM are configured, so the built-in tiny models are",
+             (True, False): "No classifier is configured, so the built-in tiny stage-1 model is",
+             (False, True): "No VLM is configured, so the built-in tiny VLM is"}[(demo_classifier, demo_vlm)]
+    return (f"**Demo models in use.** {which} running (random weights): their predictions are meaningless. "
+            "Configure real models with `--config FILE` (see `assets/example_config.toml`).")
 
 
 def build_ui(app: ReviewApp) -> gr.Blocks:
@@ -24,8 +26,9 @@ def build_ui(app: ReviewApp) -> gr.Blocks:
 
     with gr.Blocks(title="catreview") as demo:
         gr.Markdown("# catreview — cat-breed review with a VLM in the loop")
-        if app.settings.uses_demo_models:
-            gr.Markdown(DEMO_BANNER, elem_id="demo-banner")
+        demo_classifier, demo_vlm = app.settings.classifier.model is None, not app.settings.vlm_profiles
+        if demo_classifier or demo_vlm:
+            gr.Markdown(demo_banner(demo_classifier, demo_vlm), elem_id="demo-banner")
         with gr.Tab("Review", id="review-tab"):
             review_tab.build(app, demo)
         with gr.Tab("Calibration", id="calibration-tab"):
