@@ -29,8 +29,9 @@ class ImportSummary:
     """What an import did. Lists hold human-readable entries (paths relative to the root)."""
 
     scanned: int = 0
-    added: int = 0
-    already_present: int = 0
+    added: int = 0  # new photo rows, unreadable ones included
+    added_unreadable: int = 0
+    already_present: int = 0  # content already in the database before this import
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     duplicates: list[tuple[str, str]] = field(default_factory=list)  # (path, same content as)
     labels_recorded: int = 0
@@ -45,9 +46,10 @@ class ImportSummary:
 
     def lines(self) -> list[str]:
         """The summary as lines for a terminal or the UI."""
+        unreadable = f" ({self.added_unreadable} of them unreadable)" if self.added_unreadable else ""
         out = [
-            f"scanned {self.scanned} files: {self.added} new, {self.already_present} already in the database, "
-            f"{len(self.failed)} failed, {len(self.duplicates)} duplicate content"
+            f"scanned {self.scanned} files: {self.added} new{unreadable}, {self.already_present} already in the "
+            f"database, {len(self.duplicates)} copies of another file here; {len(self.failed)} unreadable in all"
         ]
         if self.recovered:
             out.append(f"  {len(self.recovered)} photos that failed before are readable now: {', '.join(self.recovered[:5])}")
@@ -70,11 +72,14 @@ def read_labels_csv(path: str | Path) -> tuple[dict[str, str], list[str]]:
     """Read ``path,label`` rows (a ``breed`` column is accepted for ``label``).
 
     Returns ``({relative path: label}, duplicate_rows)``; a path listed twice keeps its first
-    label and is reported.
+    label and is reported (with both labels when they differ).
 
     Raises:
+        FileNotFoundError: no such file.
         ValueError: the file lacks a ``path`` or ``label``/``breed`` column.
     """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"labels file not found: {path}")
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         cols = set(reader.fieldnames or [])
@@ -86,7 +91,8 @@ def read_labels_csv(path: str | Path) -> tuple[dict[str, str], list[str]]:
         for row in reader:
             rel = Path(row["path"].strip()).as_posix()
             if rel in labels:
-                dupes.append(rel)
+                other = row[label_col].strip()
+                dupes.append(rel if other == labels[rel] else f"{rel} (labels {labels[rel]!r} and {other!r}; the first is kept)")
                 continue
             labels[rel] = row[label_col].strip()
     return labels, dupes
@@ -122,13 +128,16 @@ def import_folder(
         for i, path in enumerate(files):
             rel = path.relative_to(root).as_posix()
             sha = sha256_file(path)
-            if sha in seen:
-                summary.duplicates.append((rel, seen[sha]))
+            twin = seen.get(sha)
+            if twin is not None:
+                summary.duplicates.append((rel, twin))
             seen.setdefault(sha, rel)
             row, created = get_or_create_image(session, path, sha)
             if created:
                 summary.added += 1
-            else:
+                if row.error is not None:
+                    summary.added_unreadable += 1
+            elif twin is None:  # a copy of a file met earlier in this folder is counted as a duplicate only
                 summary.already_present += 1
                 change = refresh_image_row(session, row, path)
                 if change == "recovered":

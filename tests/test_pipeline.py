@@ -116,6 +116,7 @@ def test_labels_csv_reports_problems(settings, photos: Path, tmp_path: Path) -> 
         "Sphynx/" + sorted(os.listdir(photos / "Sphynx"))[0] + ",sphynx\n"
         "Maine_Coon/" + sorted(os.listdir(photos / "Maine_Coon"))[0] + ",Maine_Coon\n"
         "Maine_Coon/" + sorted(os.listdir(photos / "Maine_Coon"))[0] + ",Maine_Coon\n"
+        "Sphynx/" + sorted(os.listdir(photos / "Sphynx"))[0] + ",Siamese\n"
         "Bombay/" + sorted(os.listdir(photos / "Bombay"))[0] + ",Tabby Tiger Lion\n"
         "Bombay/gone.jpg,Bombay\n"
     )
@@ -123,7 +124,13 @@ def test_labels_csv_reports_problems(settings, photos: Path, tmp_path: Path) -> 
     assert summary.labels_recorded == 2
     assert [lab for _, lab in summary.unknown_labels] == ["Tabby Tiger Lion"]
     assert summary.missing_files == ["Bombay/gone.jpg"]
-    assert len(summary.duplicate_label_rows) == 1
+    first_sphynx = sorted(os.listdir(photos / "Sphynx"))[0]
+    assert summary.duplicate_label_rows == [
+        "Maine_Coon/" + sorted(os.listdir(photos / "Maine_Coon"))[0],
+        f"Sphynx/{first_sphynx} (labels 'sphynx' and 'Siamese'; the first is kept)",
+    ]
+    with pytest.raises(FileNotFoundError, match="labels file not found: .*nope.csv"):
+        import_folder(engine, photos, vocabulary=BreedVocabulary.default(), labels_csv=tmp_path / "nope.csv")
     with Session(engine) as s:
         labels = sorted(r.label for r in s.exec(select(Review)))
     assert labels == ["Maine Coon", "Sphynx - Hairless Cat"]
