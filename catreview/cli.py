@@ -135,12 +135,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_predictions(args: argparse.Namespace) -> int:
     """``predictions``: every photo's stage 1, VLM, fused and review (``--json``: one object a line). Returns 0."""
-    from catreview.db import make_engine
+    from catreview.db import make_engine, redact_url
     from catreview.results import iter_views
 
     settings = settings_from_args(args)
     engine = make_engine(settings.database_url)
-    for view in iter_views(engine, _registry(settings), vlm_name=args.vlm):
+    n = 0
+    for n, view in enumerate(iter_views(engine, _registry(settings), vlm_name=args.vlm), start=1):
         if args.json:
             print(json.dumps(view, ensure_ascii=False))
         else:
@@ -148,6 +149,9 @@ def cmd_predictions(args: argparse.Namespace) -> int:
             fused = view["fused"]["label"] if view["fused"] else "-"
             rev = view["review"]["label"] if view["review"] else "-"
             print(f"{view['path']}\t{view['error'] or ''}\tstage1={s1}\tfused={fused}\treview={rev}")
+    if n == 0:  # stderr: keeps --json output clean
+        print(f"no photos in {redact_url(settings.database_url)}: run 'python -m catreview import DIR' first "
+              "(or check --db)", file=sys.stderr)
     return 0
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Column, Text, UniqueConstraint, event
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import DatabaseError, NoSuchModuleError
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
@@ -250,6 +250,14 @@ def add_missing_columns(engine: Engine) -> list[str]:
                 conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}"))
             added.append(f"{table}.{column}")
     return added
+
+
+def redact_url(url: str | URL) -> str:
+    """A database URL without its password (and without ``password``/``token`` query keys)."""
+    u = make_url(str(url)) if not isinstance(url, URL) else url
+    query = {k: v for k, v in u.query.items() if not any(s in k.lower() for s in ("password", "secret", "token"))}
+    # URL.set(password=None) would keep the password ("None" means unchanged there)
+    return u._replace(password=None).set(query=query).render_as_string(hide_password=False)
 
 
 def get_image(session: Session, image_id: int) -> ImageRecord:

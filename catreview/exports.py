@@ -68,8 +68,8 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
-from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy import func
+from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from catreview.conversations import (
@@ -87,7 +87,7 @@ from catreview.conversations import (
     snapshot_from_predictions,
     to_messages,
 )
-from catreview.db import ExportRecord, ImageRecord, Review, SplitAssignment, image_by_sha, utcnow
+from catreview.db import ExportRecord, ImageRecord, Review, SplitAssignment, image_by_sha, redact_url, utcnow
 from catreview.images import ImageDecodeError, load_rgb, sha256_file
 from catreview.labels import SPECIAL_LABELS, BreedVocabulary, is_breed
 from catreview.reviews import ReviewError, latest_review, record_review
@@ -774,14 +774,6 @@ class ExportSummary:
             out.append("skipped: " + ", ".join(f"{k} {v}" for k, v in sorted(self.skipped.items())))
         out += [f"  failed: {who}: {why}" for who, why in self.failed]
         return out
-
-
-def redact_url(url: str | URL) -> str:
-    """A database URL without its password (and without ``password``/``token`` query keys)."""
-    u = make_url(str(url)) if not isinstance(url, URL) else url
-    query = {k: v for k, v in u.query.items() if not any(s in k.lower() for s in ("password", "secret", "token"))}
-    # URL.set(password=None) would keep the password ("None" means unchanged there)
-    return u._replace(password=None).set(query=query).render_as_string(hide_password=False)
 
 
 def _prepare_out_dir(out: Path, overwrite: bool) -> None:
