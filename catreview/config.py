@@ -134,6 +134,12 @@ class Settings(BaseSettings):
                 f"database URL {v!r} is not a URL; use e.g. sqlite:///db/catreview.db "
                 "or postgresql+psycopg://user@host/dbname"
             )
+        scheme, _, rest = v.partition("://")
+        if scheme.startswith("sqlite") and rest.lstrip("/") in ("", ":memory:"):
+            raise ValueError(
+                f"database URL {v!r} names no file (an in-memory database, lost on exit); "
+                "use e.g. sqlite:///db/catreview.db"
+            )
         return v
 
     @model_validator(mode="after")

@@ -162,3 +162,9 @@ def test_adapters_cli_says_what_id_it_needs(tmp_path: Path, demo_dir: Path, caps
                         (["adapters", "list", "extra"], "'adapters list' takes no argument (got 'extra')")):
         assert cli.main([*argv, *db]) == 2
         assert capsys.readouterr().err.strip() == f"error: {words}"
+
+
+def test_in_memory_database_url_is_refused(tmp_path: Path, demo_dir: Path) -> None:
+    for url in ("sqlite:///", "sqlite://", "sqlite:///:memory:"):
+        with pytest.raises(ConfigError, match="names no file"):
+            load_settings(database_url=url, demo_dir=demo_dir)
