@@ -248,18 +248,25 @@ class ReviewedRow:
     source: str = "ui"
     note: str | None = None
     snapshot: dict[str, Any] | None = None
+    snapshot_unreadable: bool = False  # the stored snapshot was not a JSON object (exported without it)
 
 
 def parse_snapshot(snapshot_json: str | None) -> dict[str, Any] | None:
-    """Decode a review's ``model_snapshot_json``; ``None`` for missing or unreadable JSON
-    (an unreadable snapshot is treated as "no prediction recorded", never an error)."""
+    """Decode a review's ``model_snapshot_json``; ``None`` when none was stored.
+
+    Raises:
+        ValueError: the stored text is not a JSON object (callers export the review without
+            predictions and count it, see :func:`catreview.exports.collect_reviewed_rows`).
+    """
     if not snapshot_json:
         return None
     try:
         value = json.loads(snapshot_json)
-    except json.JSONDecodeError:
-        return None
-    return value if isinstance(value, dict) else None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"unreadable model snapshot: {exc}") from exc
+    if not isinstance(value, dict):
+        raise ValueError(f"model snapshot is a {type(value).__name__}, not a JSON object")
+    return value
 
 
 def _same_label(a: str, b: str, vocabulary: BreedVocabulary | None) -> bool:

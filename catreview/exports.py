@@ -214,6 +214,10 @@ def collect_reviewed_rows(
         elif vocabulary is not None and label not in vocabulary:
             skipped["unknown label"] += 1
         else:
+            try:
+                snapshot, unreadable = parse_snapshot(snapshot_json), False
+            except ValueError:  # exported without predictions; counted in the summary
+                snapshot, unreadable = None, True
             rows.append(
                 ReviewedRow(
                     image_id=image_id,
@@ -223,7 +227,8 @@ def collect_reviewed_rows(
                     annotator=annotator,
                     source=source,
                     note=note,
-                    snapshot=parse_snapshot(snapshot_json),
+                    snapshot=snapshot,
+                    snapshot_unreadable=unreadable,
                 )
             )
     rows.sort(key=lambda r: r.sha256)
@@ -759,6 +764,7 @@ class ExportSummary:
     kept_assignments: int
     oversampled_rows: int
     created_at: str
+    unreadable_snapshots: int = 0
 
     def lines(self) -> list[str]:
         """The summary as lines for a terminal or the UI."""
@@ -773,6 +779,9 @@ class ExportSummary:
         if self.skipped:
             out.append("skipped: " + ", ".join(f"{k} {v}" for k, v in sorted(self.skipped.items())))
         out += [f"  failed: {who}: {why}" for who, why in self.failed]
+        if self.unreadable_snapshots:
+            out.append(f"{self.unreadable_snapshots} reviews have an unreadable stored model snapshot: exported "
+                       "without the predictions at review time (status 'labelled')")
         return out
 
 
@@ -1063,6 +1072,7 @@ def export_dataset(
         kept_assignments=len(built.records) - len(new) - len(changed),
         oversampled_rows=sum(rows_per_split.values()) - len(built.records),
         created_at=info["created_at"],
+        unreadable_snapshots=sum(r.snapshot_unreadable for r in plan.rows),
     )
 
 

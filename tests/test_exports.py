@@ -496,10 +496,19 @@ def test_failures_are_reported_and_never_corrupt(base: dict, tmp_path: Path):
         victims[0].path = str(tmp_path / "gone.jpg")  # missing file
         victims[1].path = str(moved)  # other content than its sha256
         s.add_all(victims)
+        torn = next(r for i, r in reviewed.items() if r.label not in (NOT_A_CAT, UNSURE) and i not in {v.id for v in victims}
+                    and r.model_snapshot_json)
+        torn.model_snapshot_json = torn.model_snapshot_json[:20]  # a damaged stored snapshot
+        s.add(torn)
         s.commit()
+        torn_sha, torn_source = s.get(ImageRecord, torn.image_id).sha256, torn.source
     summary = export_dataset(engine, tmp_path / "out", vocabulary=VOCAB)
     reasons = dict(summary.failed)
     assert summary.n_photos == 254 and len(reasons) == 2
+    # The damaged snapshot's photo is exported without predictions, and the summary says so.
+    assert summary.unreadable_snapshots == 1 and "1 reviews have an unreadable stored model snapshot" in "\n".join(summary.lines())
+    torn_record = next(r for s_ in SPLITS for r in _split_records(tmp_path / "out").get(s_, []) if r["id"] == record_id(torn_sha))
+    assert torn_source == "ui" and torn_record["metadata"]["review"] == "labelled"  # not confirmed/corrected
     assert "cannot read" in reasons[gone_sha[:12]] and "changed since import" in reasons[changed_sha[:12]]
     files = {p.stem for s in SPLITS for p in (tmp_path / "out" / s).glob("*.jpg")}
     assert len(files) == 254 and record_id(gone_sha) not in files and record_id(changed_sha) not in files
