@@ -98,14 +98,12 @@ def _store(session: Session, rows: list[Prediction]) -> None:
                 raise
 
 
-def _replace(session: Session, rows: list[Prediction]) -> None:
-    """Overwrite the payload of stored rows with the same key; insert the rest with :func:`_store`."""
+def _replace(session: Session, rows: list[Prediction], stale: dict[int, Prediction]) -> None:
+    """Store freshly computed ``rows``: overwrite the payload of the ``stale`` row of the same
+    photo (already loaded, same key), insert the others with :func:`_store`."""
     new = []
     for row in rows:
-        old = session.exec(select(Prediction).where(
-            Prediction.image_id == row.image_id, Prediction.kind == row.kind, Prediction.model_id == row.model_id,
-            Prediction.model_version == row.model_version, Prediction.input_key == row.input_key,
-        )).first()
+        old = stale.get(row.image_id)
         if old is None:
             new.append(row)
         else:
@@ -160,6 +158,7 @@ def run_stage1(
     cache = cached_predictions(session, "stage1", clf.model_id, clf.model_version, [i.id for i in images])
     k = min(top_k, len(clf.labels))
     out = {img_id: stage1_topk(p) for (img_id, _), p in cache.items() if len(p.payload["topk"]) == k}
+    stale = {img_id: p for (img_id, _), p in cache.items() if img_id not in out}
     summary.stage1_cached += len(out)
     todo = [i for i in images if i.id not in out]
     for done, loaded in _batches(todo, clf.batch_size, summary, stop):
@@ -175,7 +174,7 @@ def run_stage1(
                     payload_json=json.dumps({"topk": topk}), seconds=dt / max(len(loaded), 1),
                 )
             )
-        _replace(session, rows)
+        _replace(session, rows, stale)
         summary.stage1_computed += len(rows)
         summary.stage1_seconds += dt
         if progress:
