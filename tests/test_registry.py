@@ -15,6 +15,7 @@ from catreview.config import ConfigError, load_settings
 from catreview.demo_models import DEMO_RECIPE_VERSION, ensure_demo_models
 from catreview.registry import ModelRegistry, UnknownProfileError
 
+# Hub ids as configuration strings only: these tests never load them (no hub here).
 PROFILES = {"7B": {"model": "llava-hf/llava-1.5-7b-hf"}, "13B": {"model": "llava-hf/llava-1.5-13b-hf"}}
 
 
