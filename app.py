@@ -27,9 +27,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from catreview.app_core import ReviewApp
+    from catreview.app.core import ReviewApp
     from catreview.config import ConfigError, load_settings
-    from catreview.ui import build_ui
+    from catreview.app.ui import build_ui
 
     try:
         settings = load_settings(args.config, database_url=args.db, annotator=args.annotator)
@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"error: not a folder: {', '.join(missing)}", file=sys.stderr)
         return 2
-    from catreview.classifier import ClassifierError
-    from catreview.vlm import VLMError
+    from catreview.models.classifier import ClassifierError
+    from catreview.models.vlm.postclassifier import VLMError
 
     try:
         app = ReviewApp(settings)

@@ -1,7 +1,7 @@
 """Training throughput and peak memory: our LoRA round vs a bare peft + torch loop.
 
 Both sides train the same LoRA (:func:`training.lora.lora_config`: r=16, alpha=32, q/v of the
-language model) on the same model (a tiny LLaVA from :mod:`catreview.tiny_vlms`, default the 14M
+language model) on the same model (a tiny LLaVA from :mod:`catreview.models.tiny_vlms`, default the 14M
 one at 336 px = llava-1.5's 576 image tokens) and the same photos with the same verdict prompts,
 batch size and number of steps:
 
@@ -49,8 +49,8 @@ VAL_PER_BREED = 2
 
 def make_inputs(work: Path, size: str) -> tuple[Path, Path]:
     """Build (once) the tiny LLaVA and an export of real photos under ``work``."""
-    from catreview import prompts
-    from catreview.tiny_vlms import build_tiny_llava
+    from catreview.models.vlm import prompts
+    from catreview.models.tiny_vlms import build_tiny_llava
     from training.data import write_export
 
     base = work / f"llava-{size}"
@@ -80,7 +80,7 @@ def peak_memory() -> dict[str, float]:
 
 
 def bench_config(steps: int, batch_size: int):
-    from training.config import TrainConfig
+    from catreview.adapters.train_config import TrainConfig
 
     return TrainConfig(
         max_steps=steps, epochs=1000, batch_size=batch_size, eval_every=10**6, save_every=10**6,
@@ -109,9 +109,9 @@ def run_bare(base: Path, export: Path, steps: int, batch_size: int) -> dict[str,
     from peft import get_peft_model
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from catreview import prompts
-    from catreview.images import load_rgb
-    from catreview.vlm import candidate_answer
+    from catreview.models.vlm import prompts
+    from catreview.data.images import load_rgb
+    from catreview.models.vlm.postclassifier import candidate_answer
     from training.data import read_export, sample_candidates
     from training.lora import lora_config
 

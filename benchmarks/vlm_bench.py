@@ -19,7 +19,7 @@ shared-prefill scoring of one photo per call); ``ms above prefill`` (best time m
 floor). The fast path's scores are also checked against the reference (max |score difference|).
 
 Models: ``tiny:demo`` and ``tiny:14m`` (built offline into a temporary folder, see
-:mod:`catreview.tiny_vlms`), ``tiny:llava-next``, ``tiny:qwen2-vl``, ``tiny:idefics3``,
+:mod:`catreview.models.tiny_vlms`), ``tiny:llava-next``, ``tiny:qwen2-vl``, ``tiny:idefics3``,
 ``tiny:llava-onevision``, ``tiny:pixtral``, or any local folder / cached hub id (e.g.
 ``llava-hf/llava-1.5-7b-hf`` on a GPU machine).
 
@@ -40,9 +40,11 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without install
 
-from catreview import prompts, tiny_vlms  # noqa: E402
+from catreview.models.vlm import prompts  # noqa: E402
+
+from catreview.models import tiny_vlms
 from catreview.config import VLMProfile  # noqa: E402
-from catreview.vlm import VLMPostClassifier, answer_token_ids, candidate_answer  # noqa: E402
+from catreview.models.vlm.postclassifier import VLMPostClassifier, answer_token_ids, candidate_answer  # noqa: E402
 
 PHOTO_BREEDS = ["Bengal", "Maine_Coon", "Persian", "Siamese", "Ragdoll", "Sphynx", "Bombay", "Birman"]
 TINY = {

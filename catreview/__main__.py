@@ -1,5 +1,5 @@
-"""``python -m catreview``: see :mod:`catreview.cli`."""
+"""``python -m catreview``: see :mod:`catreview.cli.main`."""
 
-from catreview.cli import run
+from catreview.cli.main import run
 
 run()

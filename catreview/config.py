@@ -10,7 +10,7 @@ Precedence (highest first), as in pydantic-settings' documentation
 4. the defaults below, which select the built-in demo models.
 
 No profile or classifier configured means: use the tiny demo models that
-:mod:`catreview.demo_models` builds offline (their predictions are meaningless).
+:mod:`catreview.models.demo` builds offline (their predictions are meaningless).
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+from catreview.errors import CatreviewError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ASSETS_DIR = REPO_ROOT / "assets"
@@ -91,7 +93,7 @@ class VLMProfile(BaseModel):
 
 
 class FusionConfig(BaseModel):
-    """Blend of stage-1 and VLM probabilities (see :mod:`catreview.fusion`).
+    """Blend of stage-1 and VLM probabilities (see :mod:`catreview.predict.fusion`).
 
     ``weight`` is the VLM's share in [0, 1]. ``routing_threshold``: when set, photos whose
     stage-1 top-1 probability is above it skip the VLM. ``calibration_min_reviews``: reviewed
@@ -189,7 +191,7 @@ class Settings(BaseSettings):
         return self.classifier.model is None or self.active_vlm not in self.vlm_profiles
 
 
-class ConfigError(ValueError):
+class ConfigError(CatreviewError, ValueError):
     """A configuration file or value that cannot be used; the message says which and why."""
 
 

@@ -1,12 +1,17 @@
-"""Progress of a background job, shared by the core's workers and read by the UI's timers.
+"""Background jobs: one daemon thread at a time, with progress shared with the UI's timers.
 
-A leaf module (standard library only), so core modules (:mod:`catreview.compare`) and the app
-core (:mod:`catreview.app_core`) can both use :class:`JobState` without importing each other.
+A leaf module (standard library and :mod:`catreview.errors` only), so core modules
+(:mod:`catreview.compare`) and the app core (:mod:`catreview.app.core`) can both use it.
 """
 
 from __future__ import annotations
 
+import threading
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from catreview.errors import CatreviewError
 
 
 @dataclass
@@ -41,5 +46,73 @@ class JobState:
             return f"Working: {self.stage}{pct}"
         return self.message or "Idle"
 
+    def progress(self, stage: str, done: int, total: int) -> None:
+        """Progress callback ``(stage, done, total)`` for the core's batch loops."""
+        self.stage, self.done, self.total = stage, done, total
 
-__all__ = ["JobState"]
+
+#: The work of a job: gets the job's state (to report progress) and its stop event (set by
+#: :meth:`BackgroundJob.stop`; check it between batches); returns the finished job's message.
+Work = Callable[[JobState, threading.Event], str]
+
+
+class BackgroundJob:
+    """Runs one :data:`Work` at a time in a daemon thread; ``state`` is its :class:`JobState`.
+
+    A :class:`~catreview.errors.CatreviewError` raised by the work becomes the job's message
+    (``failure_prefix`` + the error), as an expected outcome; any other exception is a bug and is
+    kept as ``state.error`` with its traceback in ``state.log``, so the thread never dies silently.
+    ``version`` counts finished runs (a UI redraws when it changes).
+    """
+
+    def __init__(self, name: str, *, failure_prefix: str = "") -> None:
+        self.name = name
+        self.failure_prefix = failure_prefix
+        self.state = JobState()
+        self.version = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def running(self) -> bool:
+        """True while a run is going on."""
+        return self.state.running
+
+    def start(self, work: Work, *, stage: str = "starting") -> bool:
+        """Start ``work`` in a new thread; ``False`` (nothing started) when a run is going on."""
+        with self._lock:
+            if self.state.running:
+                return False
+            self.state = JobState(running=True, stage=stage)
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, args=(work, self.state), name=self.name, daemon=True)
+            self._thread.start()
+            return True
+
+    def _run(self, work: Work, state: JobState) -> None:
+        try:
+            state.message = work(state, self._stop)
+            self.version += 1
+        except CatreviewError as exc:
+            state.message = f"{self.failure_prefix}{exc}"
+        except Exception as exc:  # surfaced in the UI; the thread must not die silently
+            state.error = f"{type(exc).__name__}: {exc}"
+            state.log.append(traceback.format_exc())
+        finally:
+            state.running = False
+
+    def stop(self) -> None:
+        """Ask the run to stop (the work checks the stop event between batches)."""
+        self._stop.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the run ends or ``timeout`` seconds pass; ``True`` when no run is going on."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+            return not thread.is_alive()
+        return True
+
+
+__all__ = ["BackgroundJob", "JobState", "Work"]

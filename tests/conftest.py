@@ -50,7 +50,7 @@ def photo_paths(breeds: list[str], per_breed: int = 1) -> list[Path]:
 
 def load_photos(breeds: list[str], per_breed: int = 1):
     """PIL RGB images (fully loaded, files closed) for :func:`photo_paths`."""
-    from catreview.images import load_rgb
+    from catreview.data.images import load_rgb
 
     return [load_rgb(path) for path in photo_paths(breeds, per_breed)]
 
@@ -66,8 +66,8 @@ def cats_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Demo models built once per session through :func:`catreview.demo_models.ensure_demo_models`."""
-    from catreview.demo_models import ensure_demo_models
+    """Demo models built once per session through :func:`catreview.models.demo.ensure_demo_models`."""
+    from catreview.models.demo import ensure_demo_models
 
     d = tmp_path_factory.mktemp("demo") / "models"
     ensure_demo_models(d)

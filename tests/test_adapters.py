@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 from sqlmodel import Session, select
 
-from catreview.adapters import (
+from catreview.adapters.versions import (
     AdapterError,
     BreedComparison,
     GateDecision,
@@ -39,11 +39,11 @@ from catreview.adapters import (
     version_rows,
 )
 from catreview.config import REPO_ROOT, Settings
-from catreview.db import AdapterVersion, TrainingRun, make_engine
-from catreview.train_jobs import LOG_FILE, TrainingBusy, TrainJobs, process_alive, read_progress
+from catreview.data.db import AdapterVersion, TrainingRun, make_engine
+from catreview.adapters.jobs import LOG_FILE, TrainingBusy, TrainJobs, process_alive, read_progress
 from tests.conftest import load_photos, shared_photos_dir
 from tests.test_training import export_rows
-from training.config import DEFAULT_TARGET_MODULES, TrainConfig
+from catreview.adapters.train_config import DEFAULT_TARGET_MODULES, TrainConfig
 from training.data import write_export
 from training.lora import CHECKPOINT_DIR, PROGRESS_FILE, STATE_FILE, read_result
 
@@ -51,7 +51,7 @@ from training.lora import CHECKPOINT_DIR, PROGRESS_FILE, STATE_FILE, read_result
 @pytest.fixture(scope="module")
 def demo_llava(tmp_path_factory) -> Path:
     """The tiny demo LLaVA (0.6M parameters, 224 px), built offline."""
-    from catreview.tiny_vlms import build_tiny_llava
+    from catreview.models.tiny_vlms import build_tiny_llava
 
     return build_tiny_llava(tmp_path_factory.mktemp("llava-demo"), size="demo")
 
@@ -188,7 +188,7 @@ def random_adapter(base: str | Path, out: Path, seed: int) -> Path:
 
 
 def add_version(engine, settings: Settings, base: str, adapter_dir: Path) -> int:
-    from catreview.adapters import adapters_root
+    from catreview.adapters.versions import adapters_root
 
     folder = store_adapter_files(adapter_dir, adapters_root(settings))
     with Session(engine) as s:
@@ -209,7 +209,7 @@ def snapshot(engine, settings: Settings) -> dict:
 
 
 def test_activation_rollback_and_no_adapter_restore_identical_predictions(tmp_path):
-    from catreview.app_core import ReviewApp
+    from catreview.app.core import ReviewApp
 
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'app.db'}", data_dir=tmp_path / "data")
     app = ReviewApp(settings)
@@ -381,7 +381,7 @@ def test_sigkill_mid_round_then_recover_cancel_and_resume_to_the_same_weights(tm
              "--num-threads", "2"]
     env = {**os.environ, "CATREVIEW_DATA_DIR": str(settings.data_dir), "HF_HUB_OFFLINE": "1", **cpu_only}
     driver = subprocess.Popen(
-        [sys.executable, "-m", "catreview.train_jobs", "train", "--db", settings.database_url, "--base", base, "--export", str(export), *flags],
+        [sys.executable, "-m", "catreview.adapters.jobs", "train", "--db", settings.database_url, "--base", base, "--export", str(export), *flags],
         cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
@@ -460,13 +460,13 @@ def test_sigkill_mid_round_then_recover_cancel_and_resume_to_the_same_weights(tm
 
 
 def test_retrain_exports_the_reviews_trains_in_a_process_and_registers_the_version(tmp_path, demo_llava):
-    """The "Retrain adapter" path: current reviews -> catreview.exports -> python -m training ->
+    """The "Retrain adapter" path: current reviews -> catreview.export.dataset -> python -m training ->
     a gated, activated version whose folder is complete before its row exists."""
     import shutil
 
-    from catreview.importer import import_folder
-    from catreview.labels import BreedVocabulary
-    from catreview.train_jobs import metrics_table
+    from catreview.data.importer import import_folder
+    from catreview.data.labels import BreedVocabulary
+    from catreview.adapters.jobs import metrics_table
 
     photos = tmp_path / "photos"
     for folder in ("Bombay", "Siamese"):
@@ -504,8 +504,8 @@ def test_retrain_exports_the_reviews_trains_in_a_process_and_registers_the_versi
 def test_train_tab_builds_and_refreshes(tmp_path):
     import gradio as gr
 
-    from catreview.app_core import ReviewApp
-    from catreview.ui import train_tab
+    from catreview.app.core import ReviewApp
+    from catreview.app.ui import train_tab
 
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'app.db'}", data_dir=tmp_path / "data")
     app = ReviewApp(settings)
@@ -538,8 +538,8 @@ def _reviewed(tmp_path: Path, per_breed: dict[str, int]):
     labelled by folder."""
     import shutil
 
-    from catreview.importer import import_folder
-    from catreview.labels import BreedVocabulary
+    from catreview.data.importer import import_folder
+    from catreview.data.labels import BreedVocabulary
 
     photos = tmp_path / "photos"
     for folder, n in per_breed.items():
@@ -555,9 +555,9 @@ def _reviewed(tmp_path: Path, per_breed: dict[str, int]):
 def test_too_few_reviews_are_refused_before_anything_starts(tmp_path, monkeypatch, capsys):
     """"Retrain adapter" with too few reviewed photos says what is missing -- in the tab and the
     CLI -- instead of starting a process that exits with "status 2" (its reason only in the log)."""
-    from catreview import train_jobs
-    from catreview.app_core import ReviewApp
-    from catreview.ui import train_tab
+    from catreview.adapters import jobs as train_jobs
+    from catreview.app.core import ReviewApp
+    from catreview.app.ui import train_tab
 
     settings, engine = _reviewed(tmp_path / "one", {"Bombay": 6})
     with pytest.raises(train_jobs.TrainJobError, match=r"only 1 breed\(s\) \(Bombay 6 photos\).*at least 2 breeds"):
@@ -584,9 +584,9 @@ def test_too_few_reviews_are_refused_before_anything_starts(tmp_path, monkeypatc
 
 def test_hyper_parameter_form_is_validated_with_the_fields_names(tmp_path):
     """A cleared number box sends None: the tab says which field is empty instead of a TypeError."""
-    from catreview.app_core import ReviewApp
-    from catreview.train_jobs import config_from_form
-    from catreview.ui import train_tab
+    from catreview.app.core import ReviewApp
+    from catreview.adapters.jobs import config_from_form
+    from catreview.app.ui import train_tab
 
     cfg = config_from_form(2.0, "1e-3", 8, 4.0, True)
     assert (cfg.epochs, cfg.lr, cfg.rank, cfg.batch_size, cfg.train_projector) == (2, 1e-3, 8, 4, True)
@@ -614,11 +614,11 @@ def test_hyper_parameter_form_is_validated_with_the_fields_names(tmp_path):
 
 
 def test_the_app_reads_run_folders_without_importing_the_training_code():
-    """The tab and the CLI share the run folder's file names with the round (training.files), and
+    """The tab and the CLI share the run folder's file names with the round (catreview.adapters.runfolder), and
     importing them does not pull in training.lora or torch."""
     code = (
-        "import sys, catreview.adapters, catreview.train_jobs, training.files as f\n"
-        "assert catreview.train_jobs.PROGRESS_FILE == f.PROGRESS_FILE and catreview.adapters.RESULT_FILE == f.RESULT_FILE\n"
+        "import sys, catreview.adapters.versions, catreview.adapters.jobs, catreview.adapters.runfolder as f\n"
+        "assert catreview.adapters.jobs.PROGRESS_FILE == f.PROGRESS_FILE and catreview.adapters.versions.RESULT_FILE == f.RESULT_FILE\n"
         "print(sorted(m for m in ('training.lora', 'torch') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
@@ -627,7 +627,7 @@ def test_the_app_reads_run_folders_without_importing_the_training_code():
 
 
 def test_log_error_summary_finds_the_reason_a_round_gave(tmp_path):
-    from catreview.train_jobs import log_error_summary
+    from catreview.adapters.jobs import log_error_summary
 
     log = tmp_path / "train.log"
     log.write_text("$ python -m training ...\nLoading weights: 100%\nerror: export /x has no validation photos: a round needs them\n")
@@ -645,9 +645,9 @@ def test_log_error_summary_finds_the_reason_a_round_gave(tmp_path):
 def test_a_failed_round_shows_its_reason_in_the_tab_and_the_cli_also_after_a_restart(tmp_path, demo_llava, monkeypatch, capsys):
     import gradio as gr
 
-    from catreview import train_jobs
-    from catreview.app_core import ReviewApp
-    from catreview.ui import train_tab
+    from catreview.adapters import jobs as train_jobs
+    from catreview.app.core import ReviewApp
+    from catreview.app.ui import train_tab
 
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'app.db'}", data_dir=tmp_path / "data")
     export = write_export(export_rows({"Bombay": 2, "Siamese": 2}, 1), tmp_path / "export")

@@ -14,9 +14,9 @@ import pytest
 from gradio_client import Client
 from sqlmodel import Session, select
 
-from catreview.app_core import ReviewApp
-from catreview.db import Review
-from catreview.ui import build_ui
+from catreview.app.core import ReviewApp
+from catreview.data.db import Review
+from catreview.app.ui import build_ui
 
 
 @contextmanager
@@ -96,8 +96,8 @@ def test_review_over_api_survives_restart(settings, photos: Path) -> None:
 
 def test_next_unreviewed_wraps_and_skips_reviewed_photos(settings, photos: Path) -> None:
     """The core behind "Next unreviewed" and the first page load (no predictions needed)."""
-    from catreview.importer import import_folder
-    from catreview.reviews import record_review
+    from catreview.data.importer import import_folder
+    from catreview.data.reviews import record_review
 
     app = ReviewApp(settings)
     assert app.next_unreviewed(-1) is None  # no photos at all
@@ -118,8 +118,8 @@ def test_next_unreviewed_wraps_and_skips_reviewed_photos(settings, photos: Path)
 
 def test_train_jobs_belong_to_the_app(settings) -> None:
     """One TrainJobs per app, created lazily; the Train tab's jobs_for/_JOBS are views of it."""
-    from catreview.train_jobs import TrainJobs
-    from catreview.ui import train_tab
+    from catreview.adapters.jobs import TrainJobs
+    from catreview.app.ui import train_tab
 
     app, other = ReviewApp(settings), ReviewApp(settings)
     jobs = app.train_jobs

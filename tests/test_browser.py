@@ -10,7 +10,7 @@ import pytest
 from playwright.sync_api import expect
 from sqlmodel import Session, select
 
-from catreview.db import Review
+from catreview.data.db import Review
 from tests.conftest import ARTIFACTS_DIR
 from tests.test_app import running_app
 

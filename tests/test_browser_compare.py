@@ -11,8 +11,8 @@ from pathlib import Path
 from playwright.sync_api import expect
 from sqlmodel import Session, select
 
-from catreview.compare import blind_swapped, split_model_label
-from catreview.db import Preference
+from catreview.compare.session import blind_swapped, split_model_label
+from catreview.data.db import Preference
 from tests.conftest import ARTIFACTS_DIR
 from tests.test_app import running_app
 from tests.test_browser import browser  # noqa: F401  (the Chromium fixture)

@@ -1,4 +1,4 @@
-"""Tests for catreview.calibration on hand-worked and seeded synthetic fixtures."""
+"""Tests for catreview.evaluate.calibration on hand-worked and seeded synthetic fixtures."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
-from catreview.calibration import (
+from catreview.evaluate.calibration import (
     CalibrationReport,
     ReviewRecord,
     apply_temperature,
@@ -26,7 +26,7 @@ from catreview.calibration import (
     stratified_folds,
     temperature_nll,
 )
-from catreview.fusion import OTHER
+from catreview.predict.fusion import OTHER
 
 
 def softmax(z: np.ndarray) -> np.ndarray:

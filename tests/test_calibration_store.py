@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 from sqlmodel import Session
 
-from catreview.calibration_store import fit_and_store, review_records
+from catreview.evaluate.store import fit_and_store, review_records
 from catreview.config import VLMProfile
-from catreview.db import AdapterVersion, CalibrationRecord, SplitAssignment, make_engine, utcnow
-from catreview.importer import import_folder
-from catreview.labels import BreedVocabulary
-from catreview.predict import run_predictions
-from catreview.registry import ModelRegistry
-from catreview.results import iter_views
+from catreview.data.db import AdapterVersion, CalibrationRecord, SplitAssignment, make_engine, utcnow
+from catreview.data.importer import import_folder
+from catreview.data.labels import BreedVocabulary
+from catreview.predict.runner import run_predictions
+from catreview.models.registry import ModelRegistry
+from catreview.query.photos import iter_views
 
 
 def labelled_photos(settings, cats_dir: Path, tmp_path: Path):

@@ -11,8 +11,8 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from catreview.classifier import ClassifierError, Stage1Classifier
-from catreview.images import load_rgb
+from catreview.models.classifier import ClassifierError, Stage1Classifier
+from catreview.data.images import load_rgb
 
 LABELS = ["Bengal", "Persian", "Siamese", "Sphynx - Hairless Cat", "Maine Coon"]
 
@@ -155,7 +155,7 @@ def test_unreadable_checkpoints_give_classifier_errors(tmp_path: Path, reference
 
 
 def test_cli_reports_an_unsafe_checkpoint_in_one_line(tmp_path: Path, reference, capsys) -> None:
-    from catreview import cli
+    from catreview.cli import main as cli
 
     ckpt = tmp_path / "evil.pth"
     torch.save(_train_checkpoint(reference, extra=_Unsafe()), ckpt)

@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 from sqlmodel import Session, select
 
-from catreview import compare as cmp
+from catreview.compare import session as cmp
 from catreview.config import load_settings
-from catreview.db import AdapterVersion, ImageRecord, Prediction, Preference, SplitAssignment, make_engine
-from catreview.importer import import_folder
+from catreview.data.db import AdapterVersion, ImageRecord, Prediction, Preference, SplitAssignment, make_engine
+from catreview.data.importer import import_folder
 from catreview.jobs import JobState
-from catreview.labels import BreedVocabulary
-from catreview.registry import ModelRegistry
+from catreview.data.labels import BreedVocabulary
+from catreview.models.registry import ModelRegistry
 
 BREEDS = ["Bengal", "Persian", "Siamese"]
 SMALL, LARGE = "small-llava", "large-llava"
@@ -31,7 +31,7 @@ SMALL, LARGE = "small-llava", "large-llava"
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory, demo_dir: Path) -> dict[str, Path]:
     """The demo LLaVA (0.6M params) and a 14M-param LLaVA (336 px, 576 image tokens)."""
-    from catreview.tiny_vlms import build_tiny_llava
+    from catreview.models.tiny_vlms import build_tiny_llava
 
     return {SMALL: demo_dir / "llava-tiny", LARGE: build_tiny_llava(tmp_path_factory.mktemp("vlm14m") / "llava-14m", size="14m")}
 
@@ -141,7 +141,7 @@ def test_aggregate_matches_direct_computation_and_second_run_is_cached(fresh: cm
     # Recompute every metric from the stored predictions, straight from the database.
     human = {}
     with Session(session.engine) as s:
-        from catreview.reviews import current_reviews
+        from catreview.data.reviews import current_reviews
 
         human = {i: r.label for i, r in current_reviews(s).items()}
         stored = {(p.model_version, p.image_id): p for p in s.exec(select(Prediction).where(Prediction.kind == "vlm"))}
@@ -405,7 +405,7 @@ def test_picking_photos_by_id_or_position(session: cmp.CompareSession, settings)
 
 
 def test_first_reviewed_position_skips_unreviewed_and_non_breed_photos(fresh: cmp.CompareSession) -> None:
-    from catreview.reviews import record_review
+    from catreview.data.reviews import record_review
 
     ids = fresh.photo_ids()
     with Session(fresh.engine) as s:  # newer reviews: the first two photos are no breed (any more)

@@ -9,8 +9,8 @@ from sqlalchemy import inspect
 from sqlmodel import Session
 
 from catreview.config import Settings
-from catreview.db import CalibrationRecord, add_missing_columns, make_engine
-from catreview.results import current_blend
+from catreview.data.db import CalibrationRecord, add_missing_columns, make_engine
+from catreview.query.photos import current_blend
 
 # The calibrations table as the first release created it (no temperature_fused).
 OLD_CALIBRATIONS = """

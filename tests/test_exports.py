@@ -1,4 +1,4 @@
-"""Tests for catreview.conversations and catreview.exports on the shared cat photos.
+"""Tests for catreview.export.conversations and catreview.export.dataset on the shared cat photos.
 
 The database is built here from db.py tables (images decoded with load_rgb) and reviews.py;
 about a fifth of the photos stay unreviewed at first so the sticky-split test can add them later.
@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 from sqlmodel import Session, select
 
-from catreview.conversations import (
+from catreview.export.conversations import (
     IMAGE_TOKEN,
     KINDS,
     METADATA_COLUMNS,
@@ -33,8 +33,8 @@ from catreview.conversations import (
     record_id,
     to_messages,
 )
-from catreview.db import ExportRecord, ImageRecord, SplitAssignment, make_engine
-from catreview.exports import (
+from catreview.data.db import ExportRecord, ImageRecord, SplitAssignment, make_engine
+from catreview.export.dataset import (
     DB_SPLIT,
     SPLITS,
     ExportError,
@@ -56,10 +56,11 @@ from catreview.exports import (
     write_llava_jsonl,
     zip_export,
 )
-from catreview.images import load_rgb, sha256_file
-from catreview.importer import import_folder
-from catreview.labels import NOT_A_CAT, UNSURE, BreedVocabulary
-from catreview.reviews import current_reviews, record_review
+from catreview.data.images import load_rgb
+from catreview.files import sha256_file
+from catreview.data.importer import import_folder
+from catreview.data.labels import NOT_A_CAT, UNSURE, BreedVocabulary
+from catreview.data.reviews import current_reviews, record_review
 
 VOCAB = BreedVocabulary.default()
 TRAITS = load_breed_traits()
@@ -541,7 +542,7 @@ def test_failures_are_reported_and_never_corrupt(base: dict, tmp_path: Path):
 def tiny_llava(tmp_path_factory: pytest.TempPathFactory):
     from transformers import AutoConfig, AutoProcessor
 
-    from catreview.tiny_vlms import build_tiny_llava
+    from catreview.models.tiny_vlms import build_tiny_llava
 
     folder = build_tiny_llava(tmp_path_factory.mktemp("llava") / "tiny", size="demo")
     return folder, AutoProcessor.from_pretrained(folder), AutoConfig.from_pretrained(folder)

@@ -1,4 +1,4 @@
-"""Tests for catreview.fusion: the linear opinion pool and VLM routing."""
+"""Tests for catreview.predict.fusion: the linear opinion pool and VLM routing."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from catreview.fusion import OTHER, fuse, normalise_topk, should_route_to_vlm, top_label
+from catreview.predict.fusion import OTHER, fuse, normalise_topk, should_route_to_vlm, top_label
 
 TOPK = [("Bengal", 0.6), ("Ocicat", 0.2), ("Egyptian Mau", 0.1)]  # sums to 0.9
 VLM = {"Bengal": 0.2, "Ocicat": 0.5, "Egyptian Mau": 0.1, OTHER: 0.2}

@@ -10,11 +10,11 @@ import pytest
 from PIL import Image
 from sqlmodel import Session, select
 
-from catreview.db import ImageRecord, make_engine
-from catreview.images import ImageDecodeError, load_rgb
-from catreview.importer import import_folder
-from catreview.labels import BreedVocabulary
-from catreview.reviews import record_review
+from catreview.data.db import ImageRecord, make_engine
+from catreview.data.images import ImageDecodeError, load_rgb
+from catreview.data.importer import import_folder
+from catreview.data.labels import BreedVocabulary
+from catreview.data.reviews import record_review
 
 
 def _jpeg_bytes(path: Path) -> bytes:
@@ -142,7 +142,7 @@ def test_import_records_failures_and_is_idempotent(tmp_path: Path, cats_dir: Pat
 
 
 def test_reimport_recovers_failed_photos_and_follows_moved_ones(tmp_path: Path, cats_dir: Path, monkeypatch) -> None:
-    import catreview.images as images
+    import catreview.data.images as images
 
     root = tmp_path / "photos"
     (root / "Persian").mkdir(parents=True)

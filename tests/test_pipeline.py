@@ -13,13 +13,13 @@ import pytest
 from sqlmodel import Session, select
 
 from catreview.config import load_settings
-from catreview.db import ImageRecord, Prediction, Review, make_engine
-from catreview.demo_models import build_demo_classifier
-from catreview.importer import import_folder
-from catreview.labels import BreedVocabulary, read_label_file, BREEDS67_FILE
-from catreview.predict import run_predictions
-from catreview.registry import ModelRegistry
-from catreview.results import iter_views
+from catreview.data.db import ImageRecord, Prediction, Review, make_engine
+from catreview.models.demo import build_demo_classifier
+from catreview.data.importer import import_folder
+from catreview.data.labels import BreedVocabulary, read_label_file, BREEDS67_FILE
+from catreview.predict.runner import run_predictions
+from catreview.models.registry import ModelRegistry
+from catreview.query.photos import iter_views
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BREEDS = ["Sphynx", "Maine_Coon", "Bombay"]
@@ -80,7 +80,7 @@ def test_predictions_are_cached_per_model_version(settings, photos: Path, tmp_pa
 def test_a_prediction_stored_meanwhile_is_kept_and_other_errors_raise(settings, photos: Path) -> None:
     from sqlalchemy.exc import IntegrityError
 
-    from catreview.predict import _store
+    from catreview.predict.runner import _store
 
     engine = make_engine(settings.database_url)
     import_folder(engine, photos, vocabulary=BreedVocabulary.default())
@@ -180,8 +180,8 @@ def test_export_tab_refuses_bad_sizes_and_writes_nothing(settings, photos: Path)
     from gradio_client import Client
     from gradio_client.exceptions import AppError
 
-    from catreview.app_core import ReviewApp
-    from catreview.ui import build_ui
+    from catreview.app.core import ReviewApp
+    from catreview.app.ui import build_ui
 
     app = ReviewApp(settings)
     import_folder(app.engine, photos, vocabulary=BreedVocabulary.default(), labels_from_folders=True)

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from catreview import cli
-from catreview.classifier import ClassifierError
+from catreview.cli import main as cli
+from catreview.models.classifier import ClassifierError
 from catreview.config import ConfigError, load_settings
-from catreview.demo_models import DEMO_RECIPE_VERSION, ensure_demo_models
-from catreview.registry import ModelRegistry, UnknownProfileError
+from catreview.models.demo import DEMO_RECIPE_VERSION, ensure_demo_models
+from catreview.models.registry import ModelRegistry, UnknownProfileError
 
 # Hub ids as configuration strings only: these tests never load them (no hub here).
 PROFILES = {"7B": {"model": "llava-hf/llava-1.5-7b-hf"}, "13B": {"model": "llava-hf/llava-1.5-13b-hf"}}

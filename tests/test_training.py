@@ -2,7 +2,7 @@
 round on the shared photos that must measurably learn -- then gating against it on the held-out
 test split.
 
-Models are the tiny LLaVAs of :mod:`catreview.tiny_vlms`, built offline: ``"demo"`` (0.6M
+Models are the tiny LLaVAs of :mod:`catreview.models.tiny_vlms`, built offline: ``"demo"`` (0.6M
 parameters, 224 px) for the mechanics, ``"14m"`` (14M parameters, 336 px, 576 image tokens,
 llava-1.5 geometry) for the learning test. Nothing is mocked: the rounds run peft + accelerate
 on real photos, and accuracies are measured with the app's own scorer.
@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from catreview import prompts
+from catreview.models.vlm import prompts
 from tests.conftest import shared_photos_dir
-from training.config import DEFAULT_TARGET_MODULES, TrainConfig, add_config_arguments, config_from_args
+from catreview.adapters.train_config import DEFAULT_TARGET_MODULES, TrainConfig, add_config_arguments, config_from_args
 from training.data import Collator, TrainDataset, answer_end_token, eval_items, read_export, write_export
 from training.lora import (
     BEST_DIR,
@@ -68,14 +68,14 @@ def export_rows(
 
 @pytest.fixture(scope="session")
 def demo_llava(tmp_path_factory) -> Path:
-    from catreview.tiny_vlms import build_tiny_llava
+    from catreview.models.tiny_vlms import build_tiny_llava
 
     return build_tiny_llava(tmp_path_factory.mktemp("llava-demo"), size="demo")
 
 
 @pytest.fixture(scope="session")
 def llava_14m(tmp_path_factory) -> Path:
-    from catreview.tiny_vlms import build_tiny_llava
+    from catreview.models.tiny_vlms import build_tiny_llava
 
     return build_tiny_llava(tmp_path_factory.mktemp("llava-14m"), size="14m")
 
@@ -113,7 +113,7 @@ def test_config_defaults_flags_and_json_roundtrip(tmp_path):
 def test_labels_mask_prompt_and_image_tokens_and_end_with_eos(demo_llava, small_export):
     from transformers import AutoProcessor
 
-    from catreview.vlm import answer_token_ids, candidate_answer
+    from catreview.models.vlm.postclassifier import answer_token_ids, candidate_answer
 
     processor = AutoProcessor.from_pretrained(demo_llava)
     data = read_export(small_export)
@@ -142,9 +142,9 @@ def test_answers_learn_the_templates_end_of_turn_like_the_scorer(small_export, t
     eos_token is <|end_of_text|>: training must append the token the chat template writes -- the
     one the app's scorer appends to every candidate answer -- not eos_token."""
     from catreview.config import VLMProfile
-    from catreview.images import load_rgb
-    from catreview.tiny_vlms import build_tiny_idefics3
-    from catreview.vlm import VLMPostClassifier
+    from catreview.data.images import load_rgb
+    from catreview.models.tiny_vlms import build_tiny_idefics3
+    from catreview.models.vlm.postclassifier import VLMPostClassifier
 
     scorer = VLMPostClassifier(VLMProfile(model=str(build_tiny_idefics3(tmp_path / "idefics3"))), name="t").load()
     processor, tok = scorer.processor, scorer.processor.tokenizer
@@ -346,7 +346,7 @@ def test_rng_checkpoint_loads_with_weights_only_and_continues_every_generator(tm
 def test_progress_reader_skips_only_a_torn_last_line(tmp_path):
     """A kill mid-write (or a read during a write) can cut the last line only: it is not a row yet.
     A damaged line anywhere else is an error naming the file and line, never silently dropped."""
-    from training.files import ProgressFileError
+    from catreview.adapters.runfolder import ProgressFileError
 
     path = tmp_path / PROGRESS_FILE
     rows = [{"kind": "train", "step": 1, "loss": 2.5}, {"kind": "eval", "step": 1, "val_loss": 2.0}]
@@ -452,9 +452,9 @@ def test_gate_blocks_a_worse_adapter_and_keeps_the_active_one(learned_round):
     numbers, blocked, and left inactive. The gate never uses the best-of-N validation number."""
     from sqlmodel import Session
 
-    from catreview.adapters import GatePolicy, active_version, paired_bootstrap_p_better, register_round
+    from catreview.adapters.versions import GatePolicy, active_version, paired_bootstrap_p_better, register_round
     from catreview.config import Settings
-    from catreview.db import AdapterVersion, make_engine
+    from catreview.data.db import AdapterVersion, make_engine
 
     tmp, learned = learned_round["tmp"], learned_round["result"]
     settings = Settings(database_url=f"sqlite:///{tmp / 'gate.db'}", data_dir=tmp / "data")

@@ -20,9 +20,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402  (hard requirements: a broken install must fail, not skip)
 
-from catreview import prompts, tiny_vlms  # noqa: E402
+from catreview.models.vlm import prompts  # noqa: E402
+
+from catreview.models import tiny_vlms
 from catreview.config import VLMProfile  # noqa: E402
-from catreview.vlm import (  # noqa: E402
+from catreview.models.vlm.postclassifier import (  # noqa: E402
     TokenBoundaryError,
     VLMError,
     VLMPostClassifier,

@@ -8,11 +8,11 @@ Usage::
     accelerate launch --num_processes 4 -m training --export ... --base ... --out ... \\
         --mixed-precision bf16
 
-Every :class:`training.config.TrainConfig` field is a flag (``--grad-accum``, ``--rank`` ...);
+Every :class:`catreview.adapters.train_config.TrainConfig` field is a flag (``--grad-accum``, ``--rank`` ...);
 flags override ``--config-json``. The round writes ``OUT/progress.jsonl``, checkpoints,
 ``OUT/best/`` and finally ``OUT/result.json`` (see :mod:`training.lora`); running the same command
 again after a crash resumes from ``OUT/checkpoint-last``. Registering the adapter as a version
-(and gating/activating it) is the app's job (:mod:`catreview.train_jobs`,
+(and gating/activating it) is the app's job (:mod:`catreview.adapters.jobs`,
 ``python -m catreview train``), not this command's.
 
 Exit status: 0 done, 2 unusable inputs (message on stderr), 1 unexpected error (traceback).
@@ -32,7 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def build_parser() -> argparse.ArgumentParser:
     """Argument parser of ``python -m training``."""
-    from training.config import add_config_arguments
+    from catreview.adapters.train_config import add_config_arguments
 
     p = argparse.ArgumentParser(prog="python -m training", description="One LoRA round of the catreview VLM.")
     p.add_argument("--export", required=True, type=Path, help="curated export folder (llava/*.jsonl)")
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status."""
-    from training.config import TrainConfig, config_from_args
+    from catreview.adapters.train_config import TrainConfig, config_from_args
     from training.data import ExportFormatError
     from training.lora import TrainingError, train_round
 

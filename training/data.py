@@ -1,6 +1,6 @@
 """Training data for a LoRA round: the curated export folder -> token batches with masked labels.
 
-Input: an export folder as written by :func:`catreview.exports.export_dataset` (read from the
+Input: an export folder as written by :func:`catreview.export.dataset.export_dataset` (read from the
 files, not through the exporter's code)::
 
     OUT/export.json                      {"content_hash": ..., ...}
@@ -12,12 +12,12 @@ files, not through the exporter's code)::
          "metadata": {"breed": <canonical breed>, ...}}
 
 **What is learned (the training target).** The app never generates verdicts: it *scores* each
-candidate answer after the verdict prompt of :mod:`catreview.prompts` (stage-1 top-k plus
-``"other"``) and softmaxes the length-normalised log-likelihoods (:mod:`catreview.vlm`). A round
+candidate answer after the verdict prompt of :mod:`catreview.models.vlm.prompts` (stage-1 top-k plus
+``"other"``) and softmaxes the length-normalised log-likelihoods (:mod:`catreview.models.vlm.postclassifier`). A round
 therefore trains on exactly that (``target="verdict"``, the default; "train on what you
 evaluate"): the prompt is ``prompts.verdict_prompt(processor, candidates + ["other"])`` and the
 answer is ``vlm.candidate_answer(prompt, breed)`` + the end-of-turn token -- the very token ids
-the scorer measures (:func:`catreview.vlm.answer_token_ids`, which also checks the token
+the scorer measures (:func:`catreview.models.vlm.postclassifier.answer_token_ids`, which also checks the token
 boundary; :func:`answer_end_token`). Candidates are the photo's stage-1 top-k at review time
 when the export recorded it (``metadata.predictions_at_review.stage1``,
 ``candidate_source="stage1"``): the exact lists the app scores, answered ``"other"`` when stage 1 missed the breed. Otherwise lists imitate stage 1's
@@ -31,7 +31,7 @@ scored verdict.
 **Labels.** ``-100`` on every prompt position, including the expanded image tokens (the prompt
 length is counted on the processor's output, after image expansion); the answer tokens and the
 appended end-of-turn token are the targets. That token is the one the chat template writes right
-after an assistant answer (:func:`catreview.prompts.end_of_turn_token`: ``</s>`` for llava-1.5,
+after an assistant answer (:func:`catreview.models.vlm.prompts.end_of_turn_token`: ``</s>`` for llava-1.5,
 ``<|im_end|>`` for ChatML, ``<end_of_utterance>`` for Idefics3), else the tokenizer's
 ``eos_token`` -- the same rule as the scorer (``VLMPostClassifier._eos_token``), which counts it
 as part of every answer. It can differ from ``eos_token`` (Idefics3-8B-Llama3 ends turns with
@@ -41,7 +41,7 @@ learns to stop where the scorer measures.
 **Splits.** ``train`` is learned, ``validation`` evaluates during the round (best checkpoint,
 early stopping), ``test`` is scored once per model -- the base model and the active adapter
 before training, the selected checkpoint after it -- only for the gate
-(:func:`catreview.adapters.gate`).
+(:func:`catreview.adapters.versions.gate`).
 
 All randomness (distractors, "other" prompts) is a pure function of ``(seed, epoch, index)``, so
 a resumed round sees exactly the prompts an uninterrupted one would.
@@ -60,9 +60,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from catreview import prompts
-from catreview.images import load_rgb
-from training.config import TrainConfig
+from catreview.adapters.train_config import TrainConfig
+from catreview.data.images import load_rgb
+from catreview.errors import CatreviewError
+from catreview.models.vlm import prompts
 
 if TYPE_CHECKING:
     import torch
@@ -71,7 +72,7 @@ SPLITS = ("train", "validation", "test")
 IMAGE_PLACEHOLDER = "<image>"
 
 
-class ExportFormatError(ValueError):
+class ExportFormatError(CatreviewError, ValueError):
     """The export folder does not have the documented layout; the message names file and line."""
 
 
@@ -170,7 +171,7 @@ def same_label(a: str, b: str) -> bool:
 
 def answer_for(breed: str, candidates: Sequence[str]) -> str:
     """What the app should answer for a photo of ``breed`` offered ``candidates``: the matching
-    candidate, or :data:`catreview.prompts.OTHER_LABEL` when none matches."""
+    candidate, or :data:`catreview.models.vlm.prompts.OTHER_LABEL` when none matches."""
     return next((c for c in candidates if same_label(c, breed)), prompts.OTHER_LABEL)
 
 
@@ -238,7 +239,7 @@ class Sample:
     """One row before tokenisation.
 
     Attributes:
-        image: photo path (decoded with :func:`catreview.images.load_rgb`).
+        image: photo path (decoded with :func:`catreview.data.images.load_rgb`).
         breed: the photo's breed (for weights and metrics).
         kind: ``"verdict"`` or ``"conversation"``.
         candidates: verdict labels in prompt order, ``"other"`` last (``()`` for conversations).
@@ -386,7 +387,7 @@ def render(processor: Any, sample: Sample) -> tuple[str, str]:
 
     The answer carries its separating space (never the prompt), exactly as the scorer builds it.
     """
-    from catreview.vlm import answer_prefix, candidate_answer
+    from catreview.models.vlm.postclassifier import answer_prefix, candidate_answer
 
     if sample.kind == "verdict":
         prompt = prompts.verdict_prompt(processor, list(sample.candidates))
@@ -397,8 +398,8 @@ def render(processor: Any, sample: Sample) -> tuple[str, str]:
 
 def answer_end_token(processor: Any) -> str | None:
     """The token appended to every answer: the chat template's end of turn
-    (:func:`catreview.prompts.end_of_turn_token`), else the tokenizer's ``eos_token``; ``None``
-    when there is neither. The scorer's rule (``catreview.vlm.VLMPostClassifier._eos_token``), so
+    (:func:`catreview.models.vlm.prompts.end_of_turn_token`), else the tokenizer's ``eos_token``; ``None``
+    when there is neither. The scorer's rule (``catreview.models.vlm.postclassifier.VLMPostClassifier._eos_token``), so
     training teaches exactly the tokens scoring measures.
 
     Raises:
@@ -432,7 +433,7 @@ class Collator:
     def __call__(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
         import torch
 
-        from catreview.vlm import answer_token_ids, pad_right
+        from catreview.models.vlm.postclassifier import answer_token_ids, pad_right
 
         texts, answers = [], []
         for s in samples:
@@ -482,7 +483,7 @@ def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
 def write_export(rows: Sequence[tuple[str | Path, str, str]], out_dir: str | Path, *, content_hash: str | None = None) -> Path:
     """Write ``rows`` = ``(photo path, canonical breed, split)`` as an export folder in the layout
     of the module docstring (photos are copied as they are; the real exporter
-    :func:`catreview.exports.export_dataset` also resizes and records more metadata).
+    :func:`catreview.export.dataset.export_dataset` also resizes and records more metadata).
 
     ``content_hash`` defaults to the sha256 of the photos' bytes, breeds and splits.
 

@@ -14,7 +14,7 @@ placement, DDP wrapping, gradient accumulation and autocast all come from
 
 What is trained (Hu et al. 2021, LoRA; peft ``LoraConfig``/``get_peft_model``): rank-``r``
 updates ``W + (alpha / r) B A`` on the language model's ``q_proj``/``v_proj`` (regex
-:data:`training.config.DEFAULT_TARGET_MODULES`; the vision tower matches nothing and stays
+:data:`catreview.adapters.train_config.DEFAULT_TARGET_MODULES`; the vision tower matches nothing and stays
 frozen), optionally a full trainable copy of the projector (``modules_to_save``). ``B`` starts
 at zero, so the untrained adapter *is* the base model: the evaluation at step 0 measures the base
 model ("no adapter").
@@ -27,15 +27,15 @@ the answer positions are computed (``logits_to_keep``), so the vocabulary projec
 
 Evaluation (every ``eval_every`` optimizer steps, at step 0 and at the end) scores the fixed
 validation candidate lists (:func:`training.data.eval_items`) with
-:meth:`catreview.vlm.VLMPostClassifier.score_candidates` -- the exact code the app predicts with
+:meth:`catreview.models.vlm.postclassifier.VLMPostClassifier.score_candidates` -- the exact code the app predicts with
 -- on the adapter being trained: balanced accuracy, accuracy, macro-F1 and per-breed accuracy
-(:mod:`catreview.calibration`; predicting ``"other"`` counts as wrong). ``val_loss`` is read off
+(:mod:`catreview.evaluate.calibration`; predicting ``"other"`` counts as wrong). ``val_loss`` is read off
 the same scores: the mean over photos of the per-token NLL of the true breed's answer, i.e. the
 training loss on the validation rows, with no extra forward pass. Every process evaluates the
 whole validation split (identical numbers), so early-stopping decisions agree without
 communication; only the main process writes files.
 
-Gating data (:func:`catreview.adapters.gate`). The best checkpoint is the best of several
+Gating data (:func:`catreview.adapters.versions.gate`). The best checkpoint is the best of several
 validation evaluations, an optimistically biased number, so it is never what a new version is
 gated on. The export's **test** split, which neither training nor model selection sees, is scored
 with the same scorer exactly once per model: the base model (the untrained adapter at step 0,
@@ -80,21 +80,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from catreview import prompts
-from catreview.calibration import balanced_accuracy, macro_f1, per_class_accuracy
-from catreview.images import load_rgb
-from training.config import PROJECTOR_MODULE, TrainConfig
-from training.data import Collator, EvalItem, ExportData, TrainDataset, eval_items, model_inputs, read_export, subsample
-from training.files import (  # the run folder's file names live in the light training.files
+from catreview.adapters.runfolder import (  # the run folder's file names live in the light catreview.adapters.runfolder
     BEST_DIR,
     CHECKPOINT_DIR,
-    COMPLETE_MARKER,
     CONFIG_FILE,
     PROGRESS_FILE,
     RESULT_FILE,
     STATE_FILE,
     read_progress,
 )
+from catreview.adapters.train_config import PROJECTOR_MODULE, TrainConfig
+from catreview.data.images import load_rgb
+from catreview.errors import CatreviewError
+from catreview.evaluate.calibration import balanced_accuracy, macro_f1, per_class_accuracy
+from catreview.files import atomic_write_text, complete_dir, write_dir_atomically
+from catreview.models.vlm import prompts
+from training.data import Collator, EvalItem, ExportData, TrainDataset, eval_items, model_inputs, read_export, subsample
 
 if TYPE_CHECKING:
     import torch
@@ -103,72 +104,13 @@ if TYPE_CHECKING:
 EventCallback = Callable[[dict[str, Any]], None]
 
 
-class TrainingError(RuntimeError):
+class TrainingError(CatreviewError, RuntimeError):
     """A round that cannot run (bad export, model not found, checkpoint of another config)."""
 
 
 # --------------------------------------------------------------------------------------------
 # Small file helpers: atomic folders and files
 # --------------------------------------------------------------------------------------------
-
-
-def _fsync_dir(path: Path) -> None:
-    """Flush a folder's entries (renames) to disk; a no-op where folders cannot be opened."""
-    if os.name != "posix":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file + ``os.replace`` (never half-written)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def write_dir_atomically(final: Path, fill: Callable[[Path], None]) -> None:
-    """Create folder ``final`` with ``fill(tmp)`` so that a complete version always exists.
-
-    ``fill`` writes into ``.<name>.tmp``; a ``COMPLETE`` marker is added; then the old ``final``
-    (if any) is renamed to ``<name>.prev``, the temporary folder renamed to ``final`` and the old
-    one removed. A kill between the renames leaves ``<name>.prev`` complete; :func:`complete_dir`
-    finds it.
-    """
-    tmp = final.with_name(f".{final.name}.tmp")
-    prev = final.with_name(f"{final.name}.prev")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    fill(tmp)
-    (tmp / COMPLETE_MARKER).write_text("ok")
-    for f in tmp.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    if final.exists():
-        if prev.exists():
-            shutil.rmtree(prev)
-        final.rename(prev)
-    tmp.rename(final)
-    _fsync_dir(final.parent)
-    if prev.exists():
-        shutil.rmtree(prev)
-
-
-def complete_dir(final: Path) -> Path | None:
-    """``final`` if it holds the ``COMPLETE`` marker, else ``<name>.prev`` if that does, else ``None``."""
-    for cand in (final, final.with_name(f"{final.name}.prev")):
-        if (cand / COMPLETE_MARKER).is_file():
-            return cand
-    return None
 
 
 class ProgressLog:
@@ -190,7 +132,7 @@ class ProgressLog:
         and a torn last line.
 
         Raises:
-            training.files.ProgressFileError: a line before the last one is damaged.
+            catreview.adapters.runfolder.ProgressFileError: a line before the last one is damaged.
         """
         if not self.enabled or not self.path.is_file():
             return
@@ -230,7 +172,7 @@ def load_base_model(base_model: str | Path, dtype: torch.dtype, device: torch.de
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from catreview.vlm import _not_found_message
+    from catreview.models.vlm.postclassifier import _not_found_message
 
     try:
         processor = AutoProcessor.from_pretrained(str(base_model))
@@ -319,20 +261,19 @@ def batch_loss(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.T
 
 
 def make_scorer(model: Any, processor: Any, base_model: str | Path, cfg: TrainConfig, device: torch.device, dtype: torch.dtype):
-    """A :class:`catreview.vlm.VLMPostClassifier` that scores with an already loaded ``model``.
+    """A :class:`catreview.models.vlm.postclassifier.VLMPostClassifier` that scores with an already loaded ``model``.
 
     The classifier's own loading is bypassed (the model is the adapter in training), its scoring
     code is used unchanged. ``model_version`` is the fixed string ``"training-eval"``.
     """
     from catreview.config import VLMProfile
-    from catreview.vlm import VLMPostClassifier, find_rope_deltas_module
+    from catreview.models.vlm.postclassifier import VLMPostClassifier
 
     profile = VLMProfile(model=str(base_model), batch_size=cfg.eval_batch_size, score_normalisation=cfg.score_normalisation)
-    scorer = VLMPostClassifier(profile, name="training-eval")
-    scorer.processor, scorer.model, scorer.device, scorer.dtype = processor, model, device, dtype
-    scorer._rope_module = find_rope_deltas_module(model)  # what load() would set
-    scorer._version = "training-eval"  # no checkpoint hashing for in-training evaluations
-    return scorer
+    # no checkpoint hashing for in-training evaluations
+    return VLMPostClassifier.from_loaded(
+        profile, processor, model, device=device, dtype=dtype, model_version="training-eval", name="training-eval"
+    )
 
 
 def classification_metrics(truth: Sequence[str], predicted: Sequence[str]) -> dict[str, Any]:
@@ -365,7 +306,7 @@ def evaluate(scorer: Any, items: Sequence[EvalItem], cfg: TrainConfig, *, per_ph
         :func:`classification_metrics` plus ``val_loss`` (mean per-token NLL of the correct
         answer, nats) and ``eval_seconds``.
     """
-    from catreview.vlm import answer_token_ids, candidate_answer
+    from catreview.models.vlm.postclassifier import answer_token_ids, candidate_answer
 
     t0 = time.perf_counter()
     scorer.model.eval()
@@ -378,7 +319,7 @@ def evaluate(scorer: Any, items: Sequence[EvalItem], cfg: TrainConfig, *, per_ph
             score = v.scores[v.candidates.index(it.target)]
             if cfg.score_normalisation == "sum":
                 prompt = prompts.verdict_prompt(scorer.processor, v.candidates)
-                n = len(answer_token_ids(scorer.processor.tokenizer, prompt, candidate_answer(prompt, it.target), eos_id=scorer._eos_id()))
+                n = len(answer_token_ids(scorer.processor.tokenizer, prompt, candidate_answer(prompt, it.target), eos_id=scorer.end_of_turn_id))
                 score /= n
             truth.append(it.target)
             predicted.append(v.label)
@@ -415,11 +356,11 @@ def evaluate_adapter(
     (:func:`evaluate`, the round's selection numbers) or ``"test"`` (:func:`evaluate_test`, the
     gate's numbers, with per-photo lists).
 
-    Loads the model through the app's path (:class:`catreview.vlm.VLMPostClassifier` with
+    Loads the model through the app's path (:class:`catreview.models.vlm.postclassifier.VLMPostClassifier` with
     ``VLMProfile(adapter=...)``), so the numbers are what the app would predict.
     """
     from catreview.config import VLMProfile
-    from catreview.vlm import VLMPostClassifier
+    from catreview.models.vlm.postclassifier import VLMPostClassifier
 
     cfg = cfg or TrainConfig()
     data = read_export(export_dir)

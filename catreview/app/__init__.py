@@ -1,0 +1,1 @@
+"""The app: the ReviewApp facade over the core, and its Gradio UI."""

@@ -1,0 +1,42 @@
+"""Gradio UI: thin tabs over :class:`catreview.app.core.ReviewApp` (each tab one module).
+
+Every interactive component has a stable ``elem_id`` for browser tests; every handler with an
+``api_name`` can be driven with ``gradio_client``.
+"""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from catreview.app.core import ReviewApp
+
+def demo_banner(demo_classifier: bool, demo_vlm: bool) -> str:
+    """The warning shown while a built-in tiny model (random weights) stands in for a real one."""
+    which = {(True, True): "No classifier and no VLM are configured, so the built-in tiny models are",
+             (True, False): "No classifier is configured, so the built-in tiny stage-1 model is",
+             (False, True): "No VLM is configured, so the built-in tiny VLM is"}[(demo_classifier, demo_vlm)]
+    return (f"**Demo models in use.** {which} running (random weights): their predictions are meaningless. "
+            "Configure real models with `--config FILE` (see `assets/example_config.toml`).")
+
+
+def build_ui(app: ReviewApp) -> gr.Blocks:
+    """The whole app: a banner when demo models are in use, then one tab per step of the data
+    flow (review -> calibration -> export -> train -> compare)."""
+    from catreview.app.ui import calibration_tab, compare_tab, export_tab, review_tab, train_tab
+
+    with gr.Blocks(title="catreview") as demo:
+        gr.Markdown("# catreview — cat-breed review with a VLM in the loop")
+        demo_classifier, demo_vlm = app.settings.classifier.model is None, not app.settings.vlm_profiles
+        if demo_classifier or demo_vlm:
+            gr.Markdown(demo_banner(demo_classifier, demo_vlm), elem_id="demo-banner")
+        with gr.Tab("Review", id="review-tab"):
+            review_tab.build(app, demo)
+        with gr.Tab("Calibration", id="calibration-tab"):
+            calibration_tab.build(app)
+        with gr.Tab("Export", id="export-tab"):
+            export_tab.build(app)
+        with gr.Tab("Train", id="train-tab"):
+            train_tab.build(app)
+        with gr.Tab("Compare", id="compare-tab"):
+            compare_tab.build(app)
+    return demo

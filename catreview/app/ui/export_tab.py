@@ -1,0 +1,56 @@
+"""Export tab: the reviewed photos as a curated, versioned dataset, downloadable as a zip."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import gradio as gr
+
+from catreview.app.core import ReviewApp
+from catreview.export.dataset import ExportError, export_dataset, zip_export
+
+
+def build(app: ReviewApp) -> None:
+    """Lay out the Export tab."""
+    gr.Markdown(
+        "Exports every photo whose latest review names a breed: stratified 80/10/10 split by breed "
+        "(sticky across exports), resized images, LLaVA JSONL conversations, TRL/LLaMA-Factory "
+        "`messages`, a manifest and a dataset card. Each record is checked against the active VLM's "
+        "processor and chat template first."
+    )
+    with gr.Row():
+        seed = gr.Number(0, label="Split seed", precision=0, elem_id="export-seed")
+        size = gr.Number(336, label="Image size (shortest side, px)", precision=0, elem_id="export-size")
+        cap = gr.Number(0, label="Cap per breed (0 = no cap)", precision=0, minimum=0, elem_id="export-cap")
+    with gr.Row():
+        oversample = gr.Checkbox(False, label="Oversample minority breeds (train only)", elem_id="export-oversample")
+        resplit = gr.Checkbox(False, label="Re-split (forget sticky splits)", elem_id="export-resplit")
+    go = gr.Button("Export dataset", variant="primary", elem_id="export-run")
+    summary = gr.Textbox(label="Summary", lines=8, interactive=False, elem_id="export-summary")
+    download = gr.File(label="Download (zip)", elem_id="export-download")
+
+    def run(seed_v: float | None, size_v: float | None, cap_v: float | None, over: bool, re: bool, progress=gr.Progress()):
+        """Export with the tab's options; returns ``(summary text, zip path or None)``.
+
+        ``size_v`` is the shortest side in px (a positive whole number; the export itself needs
+        at least 16), ``cap_v`` the most photos per breed (0 or empty: no cap; Gradio refuses a
+        negative one before this runs). Bad options and
+        failed exports come back as a one-line message and nothing is written.
+        """
+        if size_v is None or size_v <= 0 or size_v != int(size_v):
+            return f"Export failed, nothing written: image size must be a positive whole number of pixels (e.g. 336), got {size_v}", None
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        out = app.settings.data_dir / "exports" / f"export-{stamp}"
+        try:
+            processor = app.registry.base_model()
+            result = export_dataset(
+                app.engine, out, seed=int(seed_v or 0), image_size=int(size_v),
+                cap_per_breed=int(cap_v) if cap_v else None, oversample_train=over, resplit=re,
+                processor=processor, vocabulary=app.vocabulary,
+                progress=lambda d, t: progress((d, t), desc="exporting"),
+            )
+        except (ExportError, ValueError, OSError) as exc:  # ConfigError (unknown profile) is a ValueError
+            return f"Export failed, nothing written: {exc}", None
+        return "\n".join(result.lines()), str(zip_export(result.out_dir))
+
+    go.click(run, inputs=[seed, size, cap, oversample, resplit], outputs=[summary, download], api_name="export")

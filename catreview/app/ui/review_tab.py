@@ -1,0 +1,171 @@
+"""Review tab: one photo at a time, both stages' outputs, confirm or correct the label."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import gradio as gr
+
+from catreview.app.core import ReviewApp
+from catreview.data.labels import NOT_A_CAT, UNSURE
+from catreview.data.reviews import ReviewError
+
+N_CANDIDATES = 3
+
+
+def _label_dict(pairs: list[tuple[str, float]] | dict[str, float] | None) -> dict[str, float] | None:
+    if not pairs:
+        return None
+    return dict(pairs) if not isinstance(pairs, dict) else pairs
+
+
+def render(app: ReviewApp, pos: int) -> list[Any]:
+    """Everything the tab shows for the photo at position ``pos`` (clamped) of the photo list.
+
+    Returns values for: pos, image_id, photo, counter, status, stage1, vlm, vlm_info, fused,
+    review_info, then the candidate buttons.
+    """
+    ids = app.image_ids()
+    reviewed, total = app.counts()
+    counter = f"**{reviewed} / {total} reviewed**"
+    if not ids:
+        empty = [0, None, None, counter, "No photos yet. Start with `python app.py --images DIR` or add photos below.",
+                 None, None, "", None, ""]
+        return empty + [gr.update(value="—", interactive=False)] * N_CANDIDATES
+    pos = max(0, min(int(pos or 0), len(ids) - 1))
+    image_id = ids[pos]
+    v = app.view(image_id)
+    counter += f" · photo {pos + 1} of {len(ids)}"
+    status = ""
+    stage1 = vlm = fused = None
+    vlm_info = ""
+    if v["stage1"] is None:
+        status = "Prediction not ready yet: the background job has not reached this photo. Press Refresh in a moment."
+    else:
+        stage1 = _label_dict([(d["label"], d["probability"]) for d in v["stage1"]])
+        vv = v["vlm"]
+        if vv is None:
+            status = "VLM verdict not ready yet (stage 1 shown). Press Refresh in a moment."
+        elif vv.get("skipped"):
+            vlm_info = f"VLM skipped: {vv['reason']}."
+        else:
+            vlm = _label_dict(vv["probabilities"])
+            vlm_info = f"VLM verdict: **{vv['label']}** with confidence {vv['confidence']:.1%}"
+        fused = _label_dict(v["fused"]["probabilities"])
+    rv = v["review"]
+    review_info = (
+        f"Current label: **{rv['label']}** (by {rv['annotator']}, {rv['time'][:19]} UTC)" if rv else "Not reviewed yet."
+    )
+    cands = [d["label"] for d in (v["stage1"] or [])]
+    buttons = [
+        gr.update(value=cands[i], interactive=True) if i < len(cands) else gr.update(value="—", interactive=False)
+        for i in range(N_CANDIDATES)
+    ]
+    return [pos, image_id, app.image(image_id), counter, status, stage1, vlm, vlm_info, fused, review_info, *buttons]
+
+
+def build(app: ReviewApp, demo: gr.Blocks) -> None:
+    """Lay out the Review tab and wire its events."""
+    pos = gr.State(0)
+    with gr.Row():
+        annotator = gr.Textbox(label="Annotator", value=app.settings.annotator, elem_id="annotator", scale=1)
+        counter = gr.Markdown(elem_id="counter")
+        job = gr.Markdown(app.job.text(), elem_id="bg-progress")
+    with gr.Row():
+        with gr.Column(scale=3):
+            photo = gr.Image(label="Photo", type="pil", interactive=False, elem_id="photo", height=420)
+            image_id = gr.Number(label="Photo id in the database", precision=0, elem_id="image-id", interactive=False)
+            with gr.Row():
+                prev_btn = gr.Button("◀ Previous", elem_id="prev")
+                next_btn = gr.Button("Next ▶", elem_id="next")
+                next_open = gr.Button("Next unreviewed", elem_id="next-unreviewed")
+                refresh = gr.Button("Refresh", elem_id="refresh")
+        with gr.Column(scale=4):
+            message = gr.Markdown(elem_id="review-message")
+            status = gr.Markdown(elem_id="pred-status")
+            with gr.Row():
+                stage1 = gr.Label(label="Stage 1 (ConvNeXt) top-3", num_top_classes=3, elem_id="stage1")
+                vlm = gr.Label(label="VLM over the candidates", elem_id="vlm")
+                fused = gr.Label(label="Fused prediction", num_top_classes=4, elem_id="fused")
+            vlm_info = gr.Markdown(elem_id="vlm-info")
+            reasoning_label = "VLM reasoning (streamed)" + (
+                " — demo model: random weights, so this text is noise" if app.settings.uses_demo_models else "")
+            reasoning = gr.Textbox(label=reasoning_label, lines=5, interactive=False, elem_id="reasoning")
+            stop_reasoning = gr.Button("Stop reasoning", elem_id="stop-reasoning", size="sm")
+            review_info = gr.Markdown(elem_id="review-info")
+            gr.Markdown("**Confirm a candidate** or pick any breed:")
+            with gr.Row():
+                confirm = [gr.Button("—", variant="primary", elem_id=f"confirm-{i}") for i in range(N_CANDIDATES)]
+            with gr.Row():
+                pick = gr.Dropdown(app.vocabulary.choices(), value=None, label="Any breed (type to search)", filterable=True, allow_custom_value=True, elem_id="breed-pick", scale=3)
+                set_label = gr.Button("Set label", elem_id="set-label", scale=1)
+            with gr.Row():
+                not_cat = gr.Button(NOT_A_CAT, elem_id="not-a-cat")
+                unsure = gr.Button(UNSURE, elem_id="unsure")
+                skip = gr.Button("Skip", elem_id="skip")
+            note = gr.Textbox(label="Note (optional)", elem_id="note")
+    with gr.Accordion("Photos that could not be read", open=False):
+        failed = gr.Dataframe(headers=["path", "reason"], elem_id="failed-list", interactive=False)
+
+    view_out = [pos, image_id, photo, counter, status, stage1, vlm, vlm_info, fused, review_info, *confirm]
+
+    def show(p: int) -> list[Any]:
+        return render(app, p)
+
+    def stream(img_id: float | None):
+        if img_id is None:
+            yield ""
+            return
+        stop = threading.Event()
+        try:
+            for text in app.stream_reasoning(int(img_id), stop=stop):
+                yield text
+        finally:
+            stop.set()  # the page moved on or "Stop" was pressed: end generation
+
+    def do_review(p: int, img_id: float | None, label: str | None, who: str, text: str | None) -> list[Any]:
+        if img_id is None or not label or label == "—":
+            return [*render(app, p), "Nothing to label: pick a photo and a label first."]
+        try:
+            app.review(int(img_id), label, who, text)
+        except ReviewError as exc:
+            return [*render(app, p), f"⚠️ {exc}"]
+        return [*render(app, p + 1), f"Saved **{label}** for photo {int(img_id)}."]
+
+    def show_next_unreviewed(p: int) -> list[Any]:
+        nxt = app.next_unreviewed(int(p or 0))
+        if nxt is None:
+            return [*show(p), "Every photo is reviewed. 🎉"]
+        return [*show(nxt), ""]
+
+    def first_view(p: int) -> list[Any]:
+        nxt = app.next_unreviewed(-1)
+        return show(p if nxt is None else nxt)
+
+    ev = demo.load(first_view, inputs=[pos], outputs=view_out, api_name="show")
+    first_stream = ev.then(stream, inputs=[image_id], outputs=[reasoning], api_name="reasoning")
+    ev.then(lambda: app.failed_images(), outputs=[failed], api_name="failed")
+    nav = [
+        prev_btn.click(lambda p: show(p - 1), inputs=[pos], outputs=view_out, api_visibility="private"),
+        next_btn.click(lambda p: show(p + 1), inputs=[pos], outputs=view_out, api_visibility="private"),
+        skip.click(lambda p: show(p + 1), inputs=[pos], outputs=view_out, api_visibility="private"),
+        refresh.click(show, inputs=[pos], outputs=view_out, api_visibility="private"),
+        next_open.click(show_next_unreviewed, inputs=[pos], outputs=[*view_out, message], api_visibility="private"),
+    ]
+    review_inputs_tail = [annotator, note]
+    reviews = [
+        b.click(do_review, inputs=[pos, image_id, b, *review_inputs_tail], outputs=[*view_out, message], api_visibility="private")
+        for b in confirm
+    ]
+    # The public API for scripted review: image id, any label (aliases accepted), annotator, note.
+    reviews.append(set_label.click(do_review, inputs=[pos, image_id, pick, *review_inputs_tail], outputs=[*view_out, message], api_name="review"))
+    reviews += [
+        b.click(do_review, inputs=[pos, image_id, b, *review_inputs_tail], outputs=[*view_out, message], api_visibility="private")
+        for b in (not_cat, unsure)
+    ]
+    streams = [e.then(stream, inputs=[image_id], outputs=[reasoning], api_visibility="private") for e in [*nav, *reviews]]
+    stop_reasoning.click(None, cancels=[first_stream, *streams], api_visibility="private")
+
+    timer = gr.Timer(1.0)
+    timer.tick(lambda: app.job.text(), outputs=[job], api_visibility="private")

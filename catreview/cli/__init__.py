@@ -1,0 +1,1 @@
+"""The command line: one argparse tree for every python -m catreview command."""

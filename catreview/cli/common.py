@@ -1,0 +1,58 @@
+"""Helpers shared by the command-line entry points: common options, settings from the
+arguments, a progress bar.
+
+:mod:`catreview.cli.main` wires the commands; core modules that define their own sub-commands
+(:mod:`catreview.compare.session`, :mod:`catreview.adapters.jobs`) import these helpers from here, never
+from :mod:`catreview.cli.main`, so imports go one way (cli -> core -> cli_common). This module
+imports only the standard library, ``tqdm`` and :mod:`catreview.config`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from tqdm import tqdm
+
+from catreview.config import Settings, load_settings
+
+ProgressUpdate = Callable[[str, int, int], None]
+"""``update(stage, done, total)``: ``done`` of ``total`` items (photos) of ``stage``."""
+
+
+def add_common_options(p: argparse.ArgumentParser) -> None:
+    """``--db URL`` and ``--config FILE``, which every sub-command takes."""
+    p.add_argument("--db", metavar="URL", help="database URL (default: sqlite file under db/)")
+    p.add_argument("--config", metavar="FILE", help="TOML settings file (see assets/example_config.toml)")
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """The :class:`Settings` of ``--config`` with ``--db`` overriding the database URL.
+
+    Raises:
+        catreview.config.ConfigError: unreadable or invalid settings.
+    """
+    return load_settings(args.config, database_url=args.db)
+
+
+def progress_bar() -> tuple[ProgressUpdate, Callable[[], None]]:
+    """``(update, close)``: ``update(stage, done, total)`` draws one tqdm bar per stage on
+    stderr (unit "photo"; hidden when stderr is not a terminal); ``close()`` closes them all."""
+    bars: dict[str, tqdm] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        bar = bars.get(stage)
+        if bar is None:
+            bar = bars[stage] = tqdm(total=total, desc=stage, unit="photo", file=sys.stderr, disable=None)
+        bar.n = done
+        bar.refresh()
+
+    def close() -> None:
+        for bar in bars.values():
+            bar.close()
+
+    return update, close
+
+
+__all__ = ["ProgressUpdate", "add_common_options", "progress_bar", "settings_from_args"]

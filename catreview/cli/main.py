@@ -1,0 +1,280 @@
+"""Command-line interface: ``python -m catreview <command> [--db URL] [--config FILE] ...``.
+
+Commands: ``import`` (photos and existing labels), ``predict`` (both stages, cached),
+``predictions --json`` (one JSON object per photo per line), ``calibrate`` (fit temperatures and
+the fusion weight on reviewed photos), ``export`` (curated dataset), ``train`` (a LoRA round),
+``adapters`` (list, promote, roll back LoRA adapter versions), ``compare`` (two VLM profiles on
+the reviewed photos).
+
+Errors a user can fix (bad paths, bad config, unknown labels) print one line on stderr and exit
+with status 2; nothing stored is changed by a failed command.
+
+Helpers that sub-commands defined in core modules share (``--db``/``--config``, settings from the
+arguments, progress bars) live in :mod:`catreview.cli.common`; nothing imports this module but
+the entry points.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from tqdm import tqdm
+
+from catreview.cli.common import add_common_options, progress_bar, settings_from_args
+from catreview.config import ConfigError, Settings
+
+
+class CLIError(Exception):
+    """An error reported to the user as one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with all sub-commands."""
+    parser = argparse.ArgumentParser(prog="python -m catreview", description="Review a cat-breed classifier with a VLM in the loop.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("import", help="import a folder of photos (recursively)")
+    add_common_options(p)
+    p.add_argument("folder")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--labels", metavar="FILE.csv", help="existing labels: CSV with columns path,label (paths relative to FOLDER)")
+    g.add_argument("--labels-from-folders", action="store_true", help="existing labels: the parent folder name of each photo")
+
+    p = sub.add_parser("predict", help="run stage 1 and the VLM on every imported photo (cached)")
+    add_common_options(p)
+    p.add_argument("--vlm", metavar="PROFILE", help="VLM profile (default: active_vlm)")
+    p.add_argument("--no-reasoning", action="store_true",
+                   help="skip generating the reasoning texts (the slow part; the app streams them on demand)")
+
+    p = sub.add_parser("predictions", help="list photos with their predictions and reviews")
+    add_common_options(p)
+    p.add_argument("--json", action="store_true", help="one JSON object per photo per line")
+    p.add_argument("--vlm", metavar="PROFILE", help="VLM profile whose predictions to list (default: active_vlm)")
+
+    p = sub.add_parser("calibrate", help="fit temperatures and the fusion weight on reviewed photos")
+    add_common_options(p)
+    p.add_argument("--vlm", metavar="PROFILE", help="VLM profile to calibrate with (default: active_vlm)")
+    p.add_argument("--dry-run", action="store_true", help="report only; do not store the fit")
+
+    p = sub.add_parser("export", help="export reviewed photos as a curated, versioned dataset")
+    add_common_options(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="export folder (must be absent or empty)")
+    p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    p.add_argument("--image-size", type=int, default=336, help="shortest side in px (336 for LLaVA-1.5, 512 for Pixtral)")
+    p.add_argument("--cap-per-breed", type=int, default=None, help="at most this many photos per breed")
+    p.add_argument("--oversample", action="store_true", help="oversample minority breeds in train only")
+    p.add_argument("--resplit", action="store_true", help="forget sticky splits and split again")
+    p.add_argument("--vlm", metavar="PROFILE", help="check records against this profile's processor (default: active)")
+    p.add_argument("--no-check", action="store_true", help="skip the processor/chat-template check")
+    p.add_argument("--zip", action="store_true", help="also write DIR.zip")
+    p.add_argument("--overwrite", action="store_true", help="replace DIR when it holds an earlier catreview export")
+
+    from catreview.compare.session import add_compare_parser
+    from catreview.adapters.jobs import add_adapters_parser, add_train_parser
+
+    add_train_parser(sub)
+    add_adapters_parser(sub)
+    add_compare_parser(sub)
+    return parser
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    """``import DIR``: add photos (and labels from a CSV or folder names) to the database; prints the summary. Returns 0."""
+    from catreview.data.db import make_engine
+    from catreview.data.importer import import_folder
+    from catreview.data.labels import BreedVocabulary
+
+    settings = settings_from_args(args)
+    engine = make_engine(settings.database_url)
+    bar = tqdm(desc="import", unit="photo", file=sys.stderr, disable=None)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        summary = import_folder(
+            engine, args.folder, vocabulary=BreedVocabulary.from_labels_file(settings.classifier.labels_file),
+            labels_csv=args.labels, labels_from_folders=args.labels_from_folders, progress=progress,
+        )
+    except (NotADirectoryError, FileNotFoundError) as exc:
+        raise CLIError(str(exc)) from exc
+    finally:
+        bar.close()
+    print("\n".join(summary.lines()))
+    return 0
+
+
+def _registry(settings: Settings):
+    from catreview.models.registry import ModelRegistry
+
+    return ModelRegistry(settings)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """``predict``: stage 1, VLM verdicts (and reasoning unless ``--no-reasoning``) for every photo not cached yet. Returns 0."""
+    from catreview.data.db import make_engine
+    from catreview.predict.runner import run_predictions
+
+    settings = settings_from_args(args)
+    engine = make_engine(settings.database_url)
+    update, close = progress_bar()
+    try:
+        summary = run_predictions(engine, _registry(settings), vlm_name=args.vlm, reasoning=not args.no_reasoning, progress=update)
+    finally:
+        close()
+    print("\n".join(summary.lines()))
+    return 0
+
+
+def cmd_predictions(args: argparse.Namespace) -> int:
+    """``predictions``: every photo's stage 1, VLM, fused and review (``--json``: one object a line). Returns 0."""
+    from catreview.data.db import make_engine, redact_url
+    from catreview.query.photos import iter_views
+
+    settings = settings_from_args(args)
+    engine = make_engine(settings.database_url)
+    n = 0
+    for n, view in enumerate(iter_views(engine, _registry(settings), vlm_name=args.vlm), start=1):
+        if args.json:
+            print(json.dumps(view, ensure_ascii=False))
+        else:
+            s1 = view["stage1"][0]["label"] if view["stage1"] else "-"
+            fused = view["fused"]["label"] if view["fused"] else "-"
+            rev = view["review"]["label"] if view["review"] else "-"
+            print(f"{view['path']}\t{view['error'] or ''}\tstage1={s1}\tfused={fused}\treview={rev}")
+    if n == 0:  # stderr: keeps --json output clean
+        print(f"no photos in {redact_url(settings.database_url)}: run 'python -m catreview import DIR' first "
+              "(or check --db)", file=sys.stderr)
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """``calibrate``: fit temperatures and the fusion weight on reviewed photos, store them, print the report. Returns 0."""
+    from catreview.evaluate.store import fit_and_store
+
+    settings = settings_from_args(args)
+    report, stored = fit_and_store(settings, _registry(settings), vlm_name=args.vlm, store=not args.dry_run)
+    print(report.to_table())
+    print(f"stored as calibration #{stored}" if stored else "not stored (--dry-run)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """``export OUT``: write a curated dataset version (LLaVA JSONL, messages, images, manifest; ``--zip``). Returns 0."""
+    from catreview.data.db import make_engine
+    from catreview.export.dataset import export_dataset, zip_export
+    from catreview.data.labels import BreedVocabulary
+
+    settings = settings_from_args(args)
+    engine = make_engine(settings.database_url)
+    processor = None
+    if not args.no_check:
+        processor = _registry(settings).base_model(args.vlm)
+    bar = tqdm(desc="export", unit="photo", file=sys.stderr, disable=None)
+
+    def progress(done: int, total: int) -> None:
+        bar.total, bar.n = total, done
+        bar.refresh()
+
+    try:
+        summary = export_dataset(
+            engine, args.out, seed=args.seed, image_size=args.image_size, cap_per_breed=args.cap_per_breed,
+            oversample_train=args.oversample, resplit=args.resplit, processor=processor,
+            vocabulary=BreedVocabulary.from_labels_file(settings.classifier.labels_file), progress=progress,
+            overwrite=args.overwrite,
+        )
+    except FileExistsError as exc:
+        raise CLIError(str(exc).replace("pass overwrite=True", "pass --overwrite")) from exc
+    finally:
+        bar.close()
+    print("\n".join(summary.lines()))
+    if args.zip:
+        print(f"zip: {zip_export(summary.out_dir)}")
+    return 0
+
+
+def _check_vlm_option(args: argparse.Namespace) -> None:
+    """Fail with a one-line :class:`ConfigError` when ``--vlm`` names no configured profile
+    (``--base`` overrides ``--vlm``, so it is then not looked up)."""
+    if getattr(args, "vlm", None) and not getattr(args, "base", None):
+        _registry(settings_from_args(args)).base_model(args.vlm)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from catreview.adapters.jobs import cmd_train
+
+    _check_vlm_option(args)
+    return cmd_train(args)
+
+
+def _cmd_adapters(args: argparse.Namespace) -> int:
+    from catreview.adapters.jobs import cmd_adapters
+
+    _check_vlm_option(args)
+    return cmd_adapters(args)
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from catreview.compare.session import cmd_compare
+
+    return cmd_compare(args)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "import": cmd_import,
+    "predict": cmd_predict,
+    "predictions": cmd_predictions,
+    "calibrate": cmd_calibrate,
+    "export": cmd_export,
+    "compare": _cmd_compare,
+    "train": _cmd_train,
+    "adapters": _cmd_adapters,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except BrokenPipeError:
+        # The reader went away (``predictions --json | head``): not an error. Point stdout at
+        # devnull so the interpreter's final flush does not raise again (Python docs, "Note on
+        # SIGPIPE" in the signal module).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except Exception as exc:
+        if not isinstance(exc, _user_errors()):
+            raise  # a bug: keep the traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors a user can fix: reported as one line, exit status 2.
+
+    ``ValueError`` is included because the domain code reports bad input with it (with a message
+    saying what to change, e.g. too few reviews to calibrate, an image size below 16 px);
+    ``ConfigError`` (unknown profile, bad settings) is one. ``KeyError`` is not: outside the
+    explicit lookups that raise ``ConfigError``, a ``KeyError`` is a bug and keeps its traceback.
+    """
+    from catreview.models.classifier import ClassifierError
+    from catreview.compare.session import CompareError
+    from catreview.export.dataset import ExportError
+    from catreview.adapters.jobs import TrainingBusy, TrainJobError
+    from catreview.models.vlm.postclassifier import VLMError
+
+    return (CLIError, ConfigError, ValueError, FileNotFoundError, NotADirectoryError,
+            ExportError, ClassifierError, VLMError, CompareError, TrainingBusy, TrainJobError)
+
+
+def run(argv: Any = None) -> None:
+    """``python -m catreview`` entry."""
+    raise SystemExit(main(argv))

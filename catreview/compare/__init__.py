@@ -1,0 +1,1 @@
+"""Compare: two VLM profiles or adapter versions side by side, aggregates and blind preferences."""

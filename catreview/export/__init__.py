@@ -1,0 +1,1 @@
+"""Exports: LLaVA/TRL conversations from reviews and curated, versioned dataset folders."""

@@ -1,0 +1,202 @@
+"""Per-photo results: stored predictions + the current blend -> one view (CLI JSON, UI, exports).
+
+The fused distribution is derived, not stored: it is recomputed from the cached stage-1 and VLM
+outputs with the current :class:`Blend` (the fitted calibration for these model versions when
+one exists, else the configured weight and temperature 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, select
+
+from catreview.evaluate.calibration import scale_probabilities
+from catreview.data.db import CalibrationRecord, ImageRecord, Prediction, Review
+from catreview.predict.fusion import fuse, should_route_to_vlm, top_label
+from catreview.predict.runner import candidates_key, stage1_topk
+from catreview.data.reviews import current_reviews
+
+
+@dataclass(frozen=True)
+class Blend:
+    """How the two stages are combined: the VLM's ``weight`` in [0, 1], per-stage temperatures
+    and the temperature of the pooled distribution (all > 0; 1 = unchanged). ``source`` says
+    where the values came from."""
+
+    weight: float
+    temperature_stage1: float = 1.0
+    temperature_vlm: float = 1.0
+    routing_threshold: float | None = None
+    source: str = "config"
+    temperature_fused: float = 1.0
+
+
+def current_blend(session: Session, settings: Any, stage1_version: str, vlm_version: str) -> Blend:
+    """The newest fitted calibration for this model-version pair, else the configured weight."""
+    rec = session.exec(
+        select(CalibrationRecord)
+        .where(CalibrationRecord.stage1_version == stage1_version, CalibrationRecord.vlm_version == vlm_version)
+        .order_by(CalibrationRecord.id.desc())  # type: ignore[union-attr]
+    ).first()
+    thr = settings.fusion.routing_threshold
+    if rec is None:
+        return Blend(settings.fusion.weight, routing_threshold=thr)
+    return Blend(
+        rec.weight,
+        rec.temperature_stage1,
+        rec.temperature_vlm,
+        thr,
+        source=f"calibration #{rec.id}",
+        temperature_fused=rec.temperature_fused,
+    )
+
+
+def vlm_probs(payload: dict[str, Any]) -> dict[str, float]:
+    """``{candidate or 'other': probability}`` of a stored VLM payload."""
+    return {c: float(p) for c, p in zip(payload["candidates"], payload["probabilities"])}
+
+
+def fuse_view(topk: list[tuple[str, float]], vlm: dict[str, float] | None, blend: Blend) -> dict[str, float]:
+    """Temperature-scale both stages, blend (:func:`catreview.predict.fusion.fuse`), then scale the pool
+    by ``blend.temperature_fused`` (see :func:`catreview.evaluate.calibration.calibrate`)."""
+    s1 = scale_probabilities(dict(topk), blend.temperature_stage1)
+    v = scale_probabilities(vlm, blend.temperature_vlm) if vlm is not None else None
+    fused = fuse(s1, v, blend.weight)
+    return fused if blend.temperature_fused == 1.0 else scale_probabilities(fused, blend.temperature_fused)
+
+
+def image_view(
+    image: ImageRecord,
+    stage1: Prediction | None,
+    vlm: Prediction | None,
+    reasoning: Prediction | None,
+    review: Review | None,
+    blend: Blend,
+) -> dict[str, Any]:
+    """One photo as a JSON-ready dict (the ``predictions --json`` line format).
+
+    Keys: ``id, path, sha256, error`` (str or null), ``stage1`` (list of ``{label,
+    probability}``, top-k, or null), ``stage1_model_version`` (str or null), ``vlm`` (``{label, confidence, probabilities: {candidate:
+    p}, reasoning, model_version}``, ``{"skipped": true, ...}`` when routing skipped it, or
+    null when not computed yet), ``fused`` (``{label, probability, probabilities}`` or null),
+    ``review`` (latest: ``{label, annotator, time, previous_label, note}`` or null).
+    """
+    out: dict[str, Any] = {"id": image.id, "path": image.path, "sha256": image.sha256, "error": image.error}
+    topk = stage1_topk(stage1) if stage1 is not None else None
+    out["stage1"] = [{"label": lab, "probability": p} for lab, p in topk] if topk else None
+    out["stage1_model_version"] = stage1.model_version if stage1 is not None else None
+    vlm_p = None
+    if topk and not should_route_to_vlm(topk[0][1], blend.routing_threshold):
+        out["vlm"] = {"skipped": True, "reason": f"stage-1 top-1 probability {topk[0][1]:.3f} > routing threshold {blend.routing_threshold}"}
+    elif vlm is not None:
+        payload = vlm.payload
+        vlm_p = vlm_probs(payload)
+        out["vlm"] = {
+            "skipped": False,
+            "label": payload["label"],
+            "confidence": payload["confidence"],
+            "probabilities": vlm_p,
+            "reasoning": reasoning.payload["text"] if reasoning is not None else None,
+            "model_version": vlm.model_version,
+        }
+    else:
+        out["vlm"] = None
+    if topk:
+        fused = fuse_view(topk, vlm_p, blend)
+        lab = top_label(fused)
+        out["fused"] = {"label": lab, "probability": fused[lab], "probabilities": fused, "blend": blend.source}
+    else:
+        out["fused"] = None
+    out["review"] = (
+        {
+            "label": review.label, "annotator": review.annotator, "time": review.created_at.isoformat(),
+            "previous_label": review.previous_label, "note": review.note, "source": review.source,
+        }
+        if review is not None
+        else None
+    )
+    return out
+
+
+def iter_views(engine: Engine, registry: Any, *, vlm_name: str | None = None, image_ids: list[int] | None = None) -> Iterator[dict[str, Any]]:
+    """Views of all imported photos (failed ones included, with their error), by image id."""
+    clf = registry.classifier()
+    vlm = registry.vlm(vlm_name)
+    with Session(engine) as session:
+        blend = current_blend(session, registry.settings, clf.model_version, vlm.model_version)
+        q = select(ImageRecord).order_by(ImageRecord.id)  # type: ignore[arg-type]
+        if image_ids is not None:
+            q = q.where(ImageRecord.id.in_(image_ids))  # type: ignore[union-attr]
+        images = list(session.exec(q))
+
+        def by_key(kind: str, model_id: str, version: str) -> dict[tuple[int, str], Prediction]:
+            rows = session.exec(select(Prediction).where(
+                Prediction.kind == kind, Prediction.model_id == model_id, Prediction.model_version == version))
+            return {(p.image_id, p.input_key): p for p in rows}
+
+        s1 = {img_id: p for (img_id, _), p in by_key("stage1", clf.model_id, clf.model_version).items()}
+        verdicts = by_key("vlm", vlm.model_id, vlm.model_version)
+        reasons = by_key("reasoning", vlm.model_id, vlm.model_version)
+        reviews = current_reviews(session)
+        for img in images:
+            p1 = s1.get(img.id)  # type: ignore[arg-type]
+            key = candidates_key([lab for lab, _ in stage1_topk(p1)]) if p1 else ""
+            yield image_view(
+                img, p1, verdicts.get((img.id, key)), reasons.get((img.id, key)),  # type: ignore[arg-type]
+                reviews.get(img.id), blend,  # type: ignore[arg-type]
+            )
+
+
+def model_snapshot(view: dict[str, Any]) -> dict[str, Any]:
+    """What the models said about a photo, stored with each review (for exports and audits)."""
+    vlm = view.get("vlm") or {}
+    return {
+        "stage1": [[d["label"], d["probability"]] for d in (view.get("stage1") or [])],
+        "vlm": vlm.get("probabilities"),
+        "fused": {k: view["fused"][k] for k in ("label", "probability")} if view.get("fused") else None,
+        "model_versions": {"stage1": view.get("stage1_model_version"), "vlm": vlm.get("model_version")},
+    }
+
+
+
+@dataclass(frozen=True)
+class RoutingStats:
+    """How many photos went to the VLM under the current routing threshold, and the VLM time
+    that skipping saved (skipped photos x mean measured VLM seconds per photo)."""
+
+    photos: int
+    to_vlm: int
+    skipped: int
+    mean_vlm_seconds: float
+    threshold: float | None
+
+    @property
+    def saved_seconds(self) -> float:
+        return self.skipped * self.mean_vlm_seconds
+
+    def text(self) -> str:
+        if self.threshold is None:
+            return f"Routing off: all {self.photos} photos with stage-1 predictions go to the VLM."
+        return (
+            f"Routing threshold {self.threshold}: {self.to_vlm} of {self.photos} photos went to the VLM, "
+            f"{self.skipped} skipped; VLM time saved ≈ {self.saved_seconds:.1f} s "
+            f"({self.mean_vlm_seconds * 1000:.0f} ms per photo measured)."
+        )
+
+
+def routing_stats(engine: Engine, registry: Any, *, vlm_name: str | None = None) -> RoutingStats:
+    """Count photos routed to / past the VLM for the current models and threshold."""
+    clf, vlm = registry.classifier(), registry.vlm(vlm_name)
+    thr = registry.settings.fusion.routing_threshold
+    with Session(engine) as session:
+        s1 = session.exec(select(Prediction).where(
+            Prediction.kind == "stage1", Prediction.model_id == clf.model_id, Prediction.model_version == clf.model_version)).all()
+        secs = session.exec(select(Prediction.seconds).where(
+            Prediction.kind == "vlm", Prediction.model_id == vlm.model_id, Prediction.model_version == vlm.model_version)).all()
+    skipped = sum(not should_route_to_vlm(stage1_topk(p)[0][1], thr) for p in s1)
+    mean = float(sum(secs) / len(secs)) if secs else 0.0
+    return RoutingStats(len(s1), len(s1) - skipped, skipped, mean, thr)
