@@ -15,6 +15,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The launcher's options (see the module docstring)."""
     p = argparse.ArgumentParser(description="catreview review app")
     p.add_argument("--images", metavar="DIR", action="append", help="import this folder at start (repeatable)")
     p.add_argument("--config", metavar="FILE", help="TOML settings file (see assets/example_config.toml)")
@@ -26,10 +27,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Load the settings, check the models, start the UI and the background predictions; returns
+    the exit status (2 for a configuration or model error, printed as one line)."""
     args = parse_args(argv)
     from catreview.app.core import ReviewApp
-    from catreview.config import ConfigError, load_settings
     from catreview.app.ui import build_ui
+    from catreview.config import ConfigError, load_settings
 
     try:
         settings = load_settings(args.config, database_url=args.db, annotator=args.annotator)
@@ -41,13 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"error: not a folder: {', '.join(missing)}", file=sys.stderr)
         return 2
-    from catreview.models.classifier import ClassifierError
-    from catreview.models.vlm.postclassifier import VLMError
+    from catreview.errors import CatreviewError
 
     try:
         app = ReviewApp(settings)
         app.check_models()
-    except (ValueError, ClassifierError, VLMError) as exc:  # database URL/driver/file; model paths
+    except (CatreviewError, ValueError) as exc:  # database URL/driver/file; model paths
         print(f"error: {exc}", file=sys.stderr)
         return 2
     demo = build_ui(app)
@@ -56,8 +58,11 @@ def main(argv: list[str] | None = None) -> int:
         demo.launch(server_name=args.host, server_port=args.port, show_error=True, prevent_thread_lock=True)
     except OSError as exc:  # port taken or address not available
         where = f"port {args.port}" if args.port else "a free port from 7860"
-        print(f"error: cannot listen on {args.host}, {where}: it is in use or not available "
-              f"({type(exc).__name__}). Choose another --port, or leave --port out to take a free one.", file=sys.stderr)
+        print(
+            f"error: cannot listen on {args.host}, {where}: it is in use or not available "
+            f"({type(exc).__name__}). Choose another --port, or leave --port out to take a free one.",
+            file=sys.stderr,
+        )
         return 2
     app.start_background(folders)
     demo.block_thread()

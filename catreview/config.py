@@ -61,7 +61,7 @@ class ClassifierConfig(BaseModel):
         if self.model is None and (self.checkpoint is not None or self.labels_file is not None):
             raise ValueError(
                 "classifier.checkpoint/labels_file are set but classifier.model is not: name the timm "
-                "architecture of the checkpoint (e.g. model = \"convnext_tiny\"); without a model the "
+                'architecture of the checkpoint (e.g. model = "convnext_tiny"); without a model the '
                 "built-in demo classifier would be used"
             )
         return self
@@ -112,9 +112,7 @@ class FusionConfig(BaseModel):
 class Settings(BaseSettings):
     """Everything configurable. See the module docstring for where values come from."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="CATREVIEW_", env_nested_delimiter="__", extra="forbid"
-    )
+    model_config = SettingsConfigDict(env_prefix="CATREVIEW_", env_nested_delimiter="__", extra="forbid")
 
     database_url: str = f"sqlite:///{DEFAULT_DB_PATH}"
     classifier: ClassifierConfig = ClassifierConfig()
@@ -215,7 +213,11 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
             (Settings,),
             {"model_config": SettingsConfigDict(**{**Settings.model_config, "toml_file": path})},
         )
-    sources = ", ".join(filter(None, [f"file {config_file}" if config_file else None, "environment (CATREVIEW_*)", "command-line flags"]))
+    sources = ", ".join(
+        filter(
+            None, [f"file {config_file}" if config_file else None, "environment (CATREVIEW_*)", "command-line flags"]
+        )
+    )
     try:
         return cls(**kwargs)
     except ValidationError as exc:

@@ -96,7 +96,7 @@ class BackgroundJob:
             self.version += 1
         except CatreviewError as exc:
             state.message = f"{self.failure_prefix}{exc}"
-        except Exception as exc:  # surfaced in the UI; the thread must not die silently
+        except Exception as exc:  # noqa: BLE001  (kept with its traceback in the UI; the thread must not die silently)
             state.error = f"{type(exc).__name__}: {exc}"
             state.log.append(traceback.format_exc())
         finally:

@@ -24,7 +24,7 @@ def running_app(settings, folders: list[Path] | None = None) -> Iterator[tuple[R
     """Start the app (background import + predictions finished) on a free port; yield (app, url)."""
     app = ReviewApp(settings)
     app.start_background(folders or [])
-    app.wait(timeout=300)
+    assert app.wait(timeout=300), "background import + predictions still running after 300 s"
     assert app.job.error is None, app.job.log
     demo = build_ui(app)
     demo.queue()

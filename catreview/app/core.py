@@ -11,23 +11,23 @@ from __future__ import annotations
 
 import threading
 import time
-import traceback
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from sqlmodel import Session, select
+from sqlmodel import Session
 
 from catreview.config import Settings
-from catreview.data.db import ImageRecord, get_image, make_engine
+from catreview.data.db import get_image, make_engine
 from catreview.data.images import load_rgb
 from catreview.data.importer import import_folder
-from catreview.jobs import JobState
 from catreview.data.labels import BreedVocabulary
-from catreview.predict.runner import candidates_key, cached_predictions, run_predictions, store_reasoning
+from catreview.data.reviews import record_review
+from catreview.jobs import BackgroundJob, JobState
 from catreview.models.registry import ModelRegistry
-from catreview.query.photos import iter_views, model_snapshot
-from catreview.data.reviews import ReviewError, current_reviews, record_review, review_counts
+from catreview.predict.runner import cached_predictions, candidates_key, run_predictions, store_reasoning
+from catreview.query import photos
+from catreview.query.photos import PhotoView, model_snapshot
 
 if TYPE_CHECKING:
     from catreview.adapters.jobs import TrainJobs
@@ -48,10 +48,7 @@ class ReviewApp:
         self.engine = make_engine(settings.database_url)
         self.registry = ModelRegistry(settings, engine=self.engine)
         self.vocabulary = BreedVocabulary.from_labels_file(settings.classifier.labels_file)
-        self.job = JobState()
-        self._job_lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._background = BackgroundJob("catreview-predict")
         self._train_jobs: TrainJobs | None = None
         self._train_jobs_lock = threading.Lock()
 
@@ -62,7 +59,7 @@ class ReviewApp:
 
         Raises:
             catreview.models.classifier.ClassifierError: the classifier cannot be loaded.
-            catreview.models.vlm.postclassifier.VLMError: the VLM's config is not found (missing folder, offline hub id).
+            catreview.models.vlm.types.VLMError: the VLM's config is not found (missing folder, offline hub id).
         """
         self.registry.classifier()
         _ = self.registry.vlm().model_version
@@ -87,88 +84,65 @@ class ReviewApp:
             self._train_jobs = jobs
 
     # ------------------------------------------------------------------ background work
+    @property
+    def job(self) -> JobState:
+        """Progress of the background import + predictions (read by the UI's timer)."""
+        return self._background.state
+
     def start_background(self, folders: list[Path] | None = None) -> bool:
         """Import ``folders`` (if any), then predict every photo, in a daemon thread.
 
         Returns ``False`` (and starts nothing) when a job is already running.
         """
-        with self._job_lock:
-            if self.job.running:
-                return False
-            self.job = JobState(running=True, stage="starting")
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._work, args=(list(folders or []),), daemon=True, name="catreview-predict")
-            self._thread.start()
-            return True
+        return self._background.start(lambda state, stop: self._work(list(folders or []), state, stop))
 
-    def _progress(self, stage: str, done: int, total: int) -> None:
-        self.job.stage, self.job.done, self.job.total = stage, done, total
+    def _work(self, folders: list[Path], state: JobState, stop: threading.Event) -> str:
+        for folder in folders:
+            state.stage = f"importing {folder}"
+            summary = import_folder(
+                self.engine,
+                folder,
+                vocabulary=self.vocabulary,
+                progress=lambda d, t: state.progress("import", d, t),
+            )
+            state.log += summary.lines()
+        state.stage = "loading models"
+        predicted = run_predictions(self.engine, self.registry, progress=state.progress, stop=stop)
+        state.log += predicted.lines()
+        return "Predictions ready. " + "; ".join(predicted.lines()[:2])
 
-    def _work(self, folders: list[Path]) -> None:
-        try:
-            for folder in folders:
-                self.job.stage = f"importing {folder}"
-                summary = import_folder(self.engine, folder, vocabulary=self.vocabulary, progress=lambda d, t: self._progress("import", d, t))
-                self.job.log += summary.lines()
-            self.job.stage = "loading models"
-            summary = run_predictions(self.engine, self.registry, progress=self._progress, stop=self._stop)
-            self.job.log += summary.lines()
-            self.job.message = "Predictions ready. " + "; ".join(summary.lines()[:2])
-        except Exception as exc:  # surfaced in the UI; the thread must not die silently
-            self.job.error = f"{type(exc).__name__}: {exc}"
-            self.job.log.append(traceback.format_exc())
-        finally:
-            self.job.running = False
-
-    def wait(self, timeout: float | None = None) -> None:
-        """Block until the background job ends (for tests and the CLI)."""
-        if self._thread is not None:
-            self._thread.join(timeout)
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the background job ends or ``timeout`` s pass; ``True`` when it has ended."""
+        return self._background.wait(timeout)
 
     def stop(self) -> None:
         """Ask the background job to stop after its current batch."""
-        self._stop.set()
+        self._background.stop()
 
     # ------------------------------------------------------------------ reading
     def image_ids(self) -> list[int]:
-        """Ids of decodable photos, in import order."""
-        with Session(self.engine) as s:
-            return list(s.exec(select(ImageRecord.id).where(ImageRecord.error.is_(None)).order_by(ImageRecord.id)))  # type: ignore[union-attr, arg-type]
+        """Ids of decodable photos, in review order (:func:`catreview.query.photos.image_ids`)."""
+        return photos.image_ids(self.engine)
 
     def failed_images(self) -> list[tuple[str, str]]:
         """(path, reason) of photos that could not be decoded."""
-        with Session(self.engine) as s:
-            return [(r.path, r.error or "") for r in s.exec(select(ImageRecord).where(ImageRecord.error.is_not(None)))]  # type: ignore[union-attr]
+        return photos.failed_images(self.engine)
 
     def next_unreviewed(self, position: int) -> int | None:
-        """Position (in :meth:`image_ids`) of the first photo without any review after
-        ``position``, wrapping around to the start; ``None`` when every photo is reviewed.
-
-        ``position`` -1 (or less) searches from the first photo; a position at or past the last
-        photo searches from the first photo too.
-        """
-        ids = self.image_ids()
-        with Session(self.engine) as s:
-            done = set(current_reviews(s))
-        start = min(max(position + 1, 0), len(ids))
-        order = list(range(start, len(ids))) + list(range(0, start))
-        return next((i for i in order if ids[i] not in done), None)
+        """Position of the next photo without a review (:func:`catreview.query.photos.next_unreviewed`)."""
+        return photos.next_unreviewed(self.engine, position)
 
     def counts(self) -> tuple[int, int]:
         """(reviewed, total) photos."""
-        with Session(self.engine) as s:
-            return review_counts(s)
+        return photos.counts(self.engine)
 
-    def view(self, image_id: int) -> dict[str, Any]:
-        """The photo's :func:`catreview.query.photos.image_view` (stage 1, VLM, fused, review).
+    def view(self, image_id: int) -> PhotoView:
+        """The photo's :class:`catreview.query.photos.PhotoView` (stage 1, VLM, fused, review).
 
         Raises:
             catreview.data.reviews.ReviewError: no photo with ``image_id``.
         """
-        view = next(iter_views(self.engine, self.registry, image_ids=[image_id]), None)
-        if view is None:
-            raise ReviewError(f"no photo with id {image_id}")
-        return view
+        return photos.photo_view(self.engine, self.registry, image_id)
 
     def image(self, image_id: int):
         """The photo decoded by :func:`catreview.data.images.load_rgb` (PIL RGB)."""
@@ -176,7 +150,7 @@ class ReviewApp:
             return load_rgb(get_image(s, image_id).path)
 
     # ------------------------------------------------------------------ writing
-    def review(self, image_id: int, label: str, annotator: str, note: str | None = None) -> dict[str, Any]:
+    def review(self, image_id: int, label: str, annotator: str, note: str | None = None) -> PhotoView:
         """Record a review (with the models' outputs at review time); returns the new view.
 
         Raises:
@@ -199,7 +173,9 @@ class ReviewApp:
         candidates = [d["label"] for d in v["stage1"]]
         vlm = self.registry.vlm()
         with Session(self.engine) as s:
-            hit = cached_predictions(s, "reasoning", vlm.model_id, vlm.model_version, [image_id]).get((image_id, candidates_key(candidates)))
+            hit = cached_predictions(s, "reasoning", vlm.model_id, vlm.model_version, [image_id]).get(
+                (image_id, candidates_key(candidates))
+            )
         if hit is not None:
             yield hit.payload["text"]
             return

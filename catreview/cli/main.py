@@ -27,9 +27,10 @@ from tqdm import tqdm
 
 from catreview.cli.common import add_common_options, progress_bar, settings_from_args
 from catreview.config import ConfigError, Settings
+from catreview.errors import CatreviewError
 
 
-class CLIError(Exception):
+class CLIError(CatreviewError):
     """An error reported to the user as one line, exit status 2."""
 
 
@@ -74,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zip", action="store_true", help="also write DIR.zip")
     p.add_argument("--overwrite", action="store_true", help="replace DIR when it holds an earlier catreview export")
 
-    from catreview.compare.session import add_compare_parser
+    from catreview.cli.compare import add_compare_parser
     from catreview.adapters.jobs import add_adapters_parser, add_train_parser
 
     add_train_parser(sub)
@@ -222,7 +223,7 @@ def _cmd_adapters(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from catreview.compare.session import cmd_compare
+    from catreview.cli.compare import cmd_compare
 
     return cmd_compare(args)
 
@@ -260,19 +261,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors a user can fix: reported as one line, exit status 2.
 
-    ``ValueError`` is included because the domain code reports bad input with it (with a message
-    saying what to change, e.g. too few reviews to calibrate, an image size below 16 px);
-    ``ConfigError`` (unknown profile, bad settings) is one. ``KeyError`` is not: outside the
-    explicit lookups that raise ``ConfigError``, a ``KeyError`` is a bug and keeps its traceback.
+    Every :class:`~catreview.errors.CatreviewError` (config, reviews, exports, models, training,
+    compare). ``ValueError`` is included because the domain code reports bad input with it (with a
+    message saying what to change, e.g. too few reviews to calibrate, an image size below 16 px);
+    missing files and folders too. ``KeyError`` is not: outside the explicit lookups that raise
+    ``ConfigError``, a ``KeyError`` is a bug and keeps its traceback.
     """
-    from catreview.models.classifier import ClassifierError
-    from catreview.compare.session import CompareError
-    from catreview.export.dataset import ExportError
-    from catreview.adapters.jobs import TrainingBusy, TrainJobError
-    from catreview.models.vlm.postclassifier import VLMError
-
-    return (CLIError, ConfigError, ValueError, FileNotFoundError, NotADirectoryError,
-            ExportError, ClassifierError, VLMError, CompareError, TrainingBusy, TrainJobError)
+    return (CatreviewError, ValueError, FileNotFoundError, NotADirectoryError)
 
 
 def run(argv: Any = None) -> None:

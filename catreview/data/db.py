@@ -16,7 +16,7 @@ Tables and their rules:
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from sqlmodel import Field, Session, SQLModel, create_engine, select
 
 def utcnow() -> datetime:
     """Timezone-aware current UTC time (stored as naive UTC by SQLite)."""
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class ImageRecord(SQLModel, table=True):
@@ -222,13 +222,13 @@ def make_engine(url: str) -> Engine:
         SQLModel.metadata.create_all(engine)
         add_missing_columns(engine)
     except DatabaseError as exc:  # cannot open (OperationalError), or not a database file
-        raise ValueError(f"cannot open the database {engine.url.render_as_string(hide_password=True)}: {exc.orig}") from None
+        raise ValueError(
+            f"cannot open the database {engine.url.render_as_string(hide_password=True)}: {exc.orig}"
+        ) from None
     return engine
 
 
-ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
-    ("calibrations", "temperature_fused", "FLOAT NOT NULL DEFAULT 1.0"),
-)
+ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (("calibrations", "temperature_fused", "FLOAT NOT NULL DEFAULT 1.0"),)
 """Columns added to existing tables after their first release: ``(table, column, SQL type and
 default)``. ``create_all`` creates missing tables but never alters existing ones."""
 

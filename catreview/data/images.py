@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,15 +29,6 @@ MAX_PIXELS = 64_000_000
 
 class ImageDecodeError(CatreviewError, ValueError):
     """A file that is not a usable photo. ``str(err)`` is a reason a person understands."""
-
-
-@dataclass(frozen=True)
-class ImageFile:
-    """A photo found on disk: absolute ``path``, ``sha256`` hex digest of its bytes, ``size`` in bytes."""
-
-    path: Path
-    sha256: str
-    size: int
 
 
 def iter_image_files(root: str | Path) -> Iterator[Path]:

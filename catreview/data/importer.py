@@ -53,12 +53,21 @@ class ImportSummary:
             f"database, {len(self.duplicates)} copies of another file here; {len(self.failed)} unreadable in all"
         ]
         if self.recovered:
-            out.append(f"  {len(self.recovered)} photos that failed before are readable now: {', '.join(self.recovered[:5])}")
+            out.append(
+                f"  {len(self.recovered)} photos that failed before are readable now: {', '.join(self.recovered[:5])}"
+            )
         if self.moved:
             out.append(f"  {len(self.moved)} known photos found at a new path (old path gone), path updated")
         out += [f"  failed: {p}: {r}" for p, r in self.failed]
         out += [f"  duplicate: {p} has the same content as {q}" for p, q in self.duplicates]
-        if self.labels_recorded or self.labels_unchanged or self.labels_kept_human or self.unknown_labels or self.missing_files or self.duplicate_label_rows:
+        if (
+            self.labels_recorded
+            or self.labels_unchanged
+            or self.labels_kept_human
+            or self.unknown_labels
+            or self.missing_files
+            or self.duplicate_label_rows
+        ):
             out.append(
                 f"labels recorded as reviews: {self.labels_recorded}; already recorded: {self.labels_unchanged}; "
                 f"left alone because a person reviewed the photo: {self.labels_kept_human}"
@@ -93,7 +102,9 @@ def read_labels_csv(path: str | Path) -> tuple[dict[str, str], list[str]]:
             rel = Path(row["path"].strip()).as_posix()
             if rel in labels:
                 other = row[label_col].strip()
-                dupes.append(rel if other == labels[rel] else f"{rel} (labels {labels[rel]!r} and {other!r}; the first is kept)")
+                dupes.append(
+                    rel if other == labels[rel] else f"{rel} (labels {labels[rel]!r} and {other!r}; the first is kept)"
+                )
                 continue
             labels[rel] = row[label_col].strip()
     return labels, dupes
@@ -149,7 +160,11 @@ def import_folder(
                 summary.failed.append((rel, row.error))
             elif row.id not in summary.image_ids:
                 summary.image_ids.append(row.id)  # type: ignore[arg-type]
-            label = labels.get(rel) if labels_csv else (path.parent.name if labels_from_folders and path.parent != root else None)
+            label = (
+                labels.get(rel)
+                if labels_csv
+                else (path.parent.name if labels_from_folders and path.parent != root else None)
+            )
             if label is not None and row.error is None:
                 _record_import_label(session, row.id, rel, label, vocabulary, summary)  # type: ignore[arg-type]
             if progress:

@@ -10,7 +10,7 @@ names of the stage-1 classifier (by default the 67 classes of the users' Petfind
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from catreview.config import ASSETS_DIR
@@ -145,16 +145,6 @@ class BreedVocabulary:
     def choices(self) -> list[str]:
         """All labels a reviewer may pick: the classes, then the special labels."""
         return [*self.names, *SPECIAL_LABELS]
-
-    def canonical_many(self, labels: Iterable[str]) -> tuple[list[str], list[str]]:
-        """Canonicalise many labels; returns ``(canonical, unknown)`` keeping input order."""
-        ok, bad = [], []
-        for lab in labels:
-            try:
-                ok.append(self.canonical(lab))
-            except UnknownLabelError:
-                bad.append(lab)
-        return ok, bad
 
 
 def is_breed(label: str | None) -> bool:

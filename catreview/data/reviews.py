@@ -26,9 +26,7 @@ def latest_review(session: Session, image_id: int) -> Review | None:
 
 def current_reviews(session: Session) -> dict[int, Review]:
     """``{image_id: latest Review}`` for every reviewed image, in one query."""
-    newest = (
-        select(Review.image_id, func.max(Review.id).label("rid")).group_by(Review.image_id).subquery()
-    )
+    newest = select(Review.image_id, func.max(Review.id).label("rid")).group_by(Review.image_id).subquery()
     rows = session.exec(select(Review).join(newest, Review.id == newest.c.rid)).all()  # type: ignore[arg-type]
     return {r.image_id: r for r in rows}
 

@@ -19,10 +19,10 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
-from catreview.models.classifier import Stage1Classifier
 from catreview.data.db import ImageRecord, Prediction
-from catreview.predict.fusion import should_route_to_vlm
 from catreview.data.images import ImageDecodeError, load_rgb
+from catreview.models.classifier import Stage1Classifier
+from catreview.predict.fusion import should_route_to_vlm
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -170,8 +170,12 @@ def run_stage1(
             out[rec.id] = topk  # type: ignore[index]
             rows.append(
                 Prediction(
-                    image_id=rec.id, kind="stage1", model_id=clf.model_id, model_version=clf.model_version,
-                    payload_json=json.dumps({"topk": topk}), seconds=dt / max(len(loaded), 1),
+                    image_id=rec.id,
+                    kind="stage1",
+                    model_id=clf.model_id,
+                    model_version=clf.model_version,
+                    payload_json=json.dumps({"topk": topk}),
+                    seconds=dt / max(len(loaded), 1),
                 )
             )
         _replace(session, rows, stale)
@@ -222,8 +226,12 @@ def run_vlm(
         rows = []
         for (rec, _), cand, v in zip(loaded, cands, verdicts):
             row = Prediction(
-                image_id=rec.id, kind="vlm", model_id=vlm.model_id, model_version=vlm.model_version,
-                input_key=candidates_key(cand), payload_json=json.dumps(verdict_payload(v)),
+                image_id=rec.id,
+                kind="vlm",
+                model_id=vlm.model_id,
+                model_version=vlm.model_version,
+                input_key=candidates_key(cand),
+                payload_json=json.dumps(verdict_payload(v)),
                 seconds=dt / max(len(loaded), 1),
             )
             rows.append(row)
@@ -247,15 +255,27 @@ def verdict_payload(v: Any) -> dict[str, Any]:
     }
 
 
-def store_reasoning(session: Session, vlm: Any, image_id: int, candidates: Sequence[str], text: str, seconds: float) -> None:
+def store_reasoning(
+    session: Session, vlm: Any, image_id: int, candidates: Sequence[str], text: str, seconds: float
+) -> None:
     """Cache a reasoning text (skipped if the same key was stored meanwhile, see :func:`_store`)."""
     key = candidates_key(candidates)
     if cached_predictions(session, "reasoning", vlm.model_id, vlm.model_version, [image_id]).get((image_id, key)):
         return
-    _store(session, [Prediction(
-        image_id=image_id, kind="reasoning", model_id=vlm.model_id, model_version=vlm.model_version,
-        input_key=key, payload_json=json.dumps({"text": text}, ensure_ascii=False), seconds=seconds,
-    )])
+    _store(
+        session,
+        [
+            Prediction(
+                image_id=image_id,
+                kind="reasoning",
+                model_id=vlm.model_id,
+                model_version=vlm.model_version,
+                input_key=key,
+                payload_json=json.dumps({"text": text}, ensure_ascii=False),
+                seconds=seconds,
+            )
+        ],
+    )
 
 
 def run_reasoning(
@@ -276,14 +296,21 @@ def run_reasoning(
         t0 = time.perf_counter()
         texts = vlm.reasoning_batch([im for _, im in loaded], [cands[rec.id] for rec, _ in loaded])  # type: ignore[index]
         dt = time.perf_counter() - t0
-        _store(session, [
-            Prediction(
-                image_id=rec.id, kind="reasoning", model_id=vlm.model_id, model_version=vlm.model_version,
-                input_key=candidates_key(cands[rec.id]), payload_json=json.dumps({"text": text}, ensure_ascii=False),  # type: ignore[index]
-                seconds=dt / max(len(loaded), 1),
-            )
-            for (rec, _), text in zip(loaded, texts)
-        ])
+        _store(
+            session,
+            [
+                Prediction(
+                    image_id=rec.id,
+                    kind="reasoning",
+                    model_id=vlm.model_id,
+                    model_version=vlm.model_version,
+                    input_key=candidates_key(cands[rec.id]),
+                    payload_json=json.dumps({"text": text}, ensure_ascii=False),  # type: ignore[index]
+                    seconds=dt / max(len(loaded), 1),
+                )
+                for (rec, _), text in zip(loaded, texts)
+            ],
+        )
         summary.reasoning_computed += len(loaded)
         summary.reasoning_seconds += dt
         if progress:
@@ -313,11 +340,21 @@ def run_predictions(
             q = q.where(ImageRecord.id.in_(list(image_ids)))  # type: ignore[union-attr]
         images = list(session.exec(q))
         summary.images = len(images)
-        topk = run_stage1(session, clf, images, summary, top_k=registry.settings.classifier.top_k, progress=progress, stop=stop)
+        topk = run_stage1(
+            session, clf, images, summary, top_k=registry.settings.classifier.top_k, progress=progress, stop=stop
+        )
         verdicts = run_vlm(
-            session, vlm, images, topk, summary,
-            routing_threshold=registry.settings.fusion.routing_threshold, progress=progress, stop=stop,
+            session,
+            vlm,
+            images,
+            topk,
+            summary,
+            routing_threshold=registry.settings.fusion.routing_threshold,
+            progress=progress,
+            stop=stop,
         )
         if reasoning:
-            run_reasoning(session, vlm, [rec for rec in images if rec.id in verdicts], topk, summary, progress=progress, stop=stop)
+            run_reasoning(
+                session, vlm, [rec for rec in images if rec.id in verdicts], topk, summary, progress=progress, stop=stop
+            )
     return summary

@@ -1,4 +1,10 @@
-"""Per-photo results: stored predictions + the current blend -> one view (CLI JSON, UI, exports).
+"""What the app and the CLI show for a photo, and which photo comes next.
+
+The one place that answers the per-click questions: a photo's view (stored predictions + the
+current blend + the latest review, as a :class:`PhotoView`), the photo list in review order,
+the next unreviewed photo, counts and the photos that failed to decode. The UI
+(:class:`catreview.app.core.ReviewApp`), the CLI (``predictions --json``) and calibration read
+photos only through here.
 
 The fused distribution is derived, not stored: it is recomputed from the cached stage-1 and VLM
 outputs with the current :class:`Blend` (the fitted calibration for these model versions when
@@ -9,16 +15,76 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
-from catreview.evaluate.calibration import scale_probabilities
 from catreview.data.db import CalibrationRecord, ImageRecord, Prediction, Review
+from catreview.data.reviews import ReviewError, current_reviews, review_counts
+from catreview.evaluate.calibration import scale_probabilities
 from catreview.predict.fusion import fuse, should_route_to_vlm, top_label
 from catreview.predict.runner import candidates_key, stage1_topk
-from catreview.data.reviews import current_reviews
+
+
+class Stage1Entry(TypedDict):
+    """One of stage 1's top-k: a breed and its probability in [0, 1]."""
+
+    label: str
+    probability: float
+
+
+class VLMView(TypedDict, total=False):
+    """The VLM's verdict on a photo's candidates, or ``{"skipped": True, "reason"}`` when routing
+    skipped it. ``probabilities`` maps each candidate and ``"other"`` to [0, 1] (they sum to 1);
+    ``reasoning`` is null until generated."""
+
+    skipped: bool
+    reason: str
+    label: str
+    confidence: float
+    probabilities: dict[str, float]
+    reasoning: str | None
+    model_version: str
+
+
+class FusedView(TypedDict):
+    """The blended prediction: top label, its probability, the whole distribution and where the
+    blend came from (``"config"`` or ``"calibration #N"``)."""
+
+    label: str
+    probability: float
+    probabilities: dict[str, float]
+    blend: str
+
+
+class ReviewView(TypedDict):
+    """A photo's latest review; ``time`` is ISO 8601 (UTC)."""
+
+    label: str
+    annotator: str
+    time: str
+    previous_label: str | None
+    note: str | None
+    source: str
+
+
+class PhotoView(TypedDict):
+    """One photo as shown by the UI and printed by ``predictions --json`` (one JSON object).
+
+    ``stage1``/``vlm``/``fused``/``review`` are ``None`` until that part exists (no prediction
+    yet, no review); ``error`` is the decode failure of a photo that could not be read.
+    """
+
+    id: int
+    path: str
+    sha256: str
+    error: str | None
+    stage1: list[Stage1Entry] | None
+    stage1_model_version: str | None
+    vlm: VLMView | None
+    fused: FusedView | None
+    review: ReviewView | None
 
 
 @dataclass(frozen=True)
@@ -76,8 +142,8 @@ def image_view(
     reasoning: Prediction | None,
     review: Review | None,
     blend: Blend,
-) -> dict[str, Any]:
-    """One photo as a JSON-ready dict (the ``predictions --json`` line format).
+) -> PhotoView:
+    """One photo as a JSON-ready :class:`PhotoView` (the ``predictions --json`` line format).
 
     Keys: ``id, path, sha256, error`` (str or null), ``stage1`` (list of ``{label,
     probability}``, top-k, or null), ``stage1_model_version`` (str or null), ``vlm`` (``{label, confidence, probabilities: {candidate:
@@ -85,17 +151,16 @@ def image_view(
     null when not computed yet), ``fused`` (``{label, probability, probabilities}`` or null),
     ``review`` (latest: ``{label, annotator, time, previous_label, note}`` or null).
     """
-    out: dict[str, Any] = {"id": image.id, "path": image.path, "sha256": image.sha256, "error": image.error}
     topk = stage1_topk(stage1) if stage1 is not None else None
-    out["stage1"] = [{"label": lab, "probability": p} for lab, p in topk] if topk else None
-    out["stage1_model_version"] = stage1.model_version if stage1 is not None else None
+    vlm_view: VLMView | None
     vlm_p = None
     if topk and not should_route_to_vlm(topk[0][1], blend.routing_threshold):
-        out["vlm"] = {"skipped": True, "reason": f"stage-1 top-1 probability {topk[0][1]:.3f} > routing threshold {blend.routing_threshold}"}
+        reason = f"stage-1 top-1 probability {topk[0][1]:.3f} > routing threshold {blend.routing_threshold}"
+        vlm_view = {"skipped": True, "reason": reason}
     elif vlm is not None:
         payload = vlm.payload
         vlm_p = vlm_probs(payload)
-        out["vlm"] = {
+        vlm_view = {
             "skipped": False,
             "label": payload["label"],
             "confidence": payload["confidence"],
@@ -104,25 +169,38 @@ def image_view(
             "model_version": vlm.model_version,
         }
     else:
-        out["vlm"] = None
+        vlm_view = None
+    fused_view: FusedView | None = None
     if topk:
         fused = fuse_view(topk, vlm_p, blend)
         lab = top_label(fused)
-        out["fused"] = {"label": lab, "probability": fused[lab], "probabilities": fused, "blend": blend.source}
-    else:
-        out["fused"] = None
-    out["review"] = (
-        {
-            "label": review.label, "annotator": review.annotator, "time": review.created_at.isoformat(),
-            "previous_label": review.previous_label, "note": review.note, "source": review.source,
+        fused_view = {"label": lab, "probability": fused[lab], "probabilities": fused, "blend": blend.source}
+    review_view: ReviewView | None = None
+    if review is not None:
+        review_view = {
+            "label": review.label,
+            "annotator": review.annotator,
+            "time": review.created_at.isoformat(),
+            "previous_label": review.previous_label,
+            "note": review.note,
+            "source": review.source,
         }
-        if review is not None
-        else None
-    )
-    return out
+    return {
+        "id": image.id,  # type: ignore[typeddict-item]  # stored rows always have an id
+        "path": image.path,
+        "sha256": image.sha256,
+        "error": image.error,
+        "stage1": [{"label": lab, "probability": p} for lab, p in topk] if topk else None,
+        "stage1_model_version": stage1.model_version if stage1 is not None else None,
+        "vlm": vlm_view,
+        "fused": fused_view,
+        "review": review_view,
+    }
 
 
-def iter_views(engine: Engine, registry: Any, *, vlm_name: str | None = None, image_ids: list[int] | None = None) -> Iterator[dict[str, Any]]:
+def iter_views(
+    engine: Engine, registry: Any, *, vlm_name: str | None = None, image_ids: list[int] | None = None
+) -> Iterator[PhotoView]:
     """Views of all imported photos (failed ones included, with their error), by image id."""
     clf = registry.classifier()
     vlm = registry.vlm(vlm_name)
@@ -134,8 +212,11 @@ def iter_views(engine: Engine, registry: Any, *, vlm_name: str | None = None, im
         images = list(session.exec(q))
 
         def by_key(kind: str, model_id: str, version: str) -> dict[tuple[int, str], Prediction]:
-            rows = session.exec(select(Prediction).where(
-                Prediction.kind == kind, Prediction.model_id == model_id, Prediction.model_version == version))
+            rows = session.exec(
+                select(Prediction).where(
+                    Prediction.kind == kind, Prediction.model_id == model_id, Prediction.model_version == version
+                )
+            )
             return {(p.image_id, p.input_key): p for p in rows}
 
         s1 = {img_id: p for (img_id, _), p in by_key("stage1", clf.model_id, clf.model_version).items()}
@@ -143,24 +224,69 @@ def iter_views(engine: Engine, registry: Any, *, vlm_name: str | None = None, im
         reasons = by_key("reasoning", vlm.model_id, vlm.model_version)
         reviews = current_reviews(session)
         for img in images:
-            p1 = s1.get(img.id)  # type: ignore[arg-type]
+            iid = int(img.id)  # type: ignore[arg-type]  # stored rows always have an id
+            p1 = s1.get(iid)
             key = candidates_key([lab for lab, _ in stage1_topk(p1)]) if p1 else ""
-            yield image_view(
-                img, p1, verdicts.get((img.id, key)), reasons.get((img.id, key)),  # type: ignore[arg-type]
-                reviews.get(img.id), blend,  # type: ignore[arg-type]
-            )
+            yield image_view(img, p1, verdicts.get((iid, key)), reasons.get((iid, key)), reviews.get(iid), blend)
 
 
-def model_snapshot(view: dict[str, Any]) -> dict[str, Any]:
+def photo_view(engine: Engine, registry: Any, image_id: int, *, vlm_name: str | None = None) -> PhotoView:
+    """The :class:`PhotoView` of one photo.
+
+    Raises:
+        catreview.data.reviews.ReviewError: no photo with ``image_id``.
+    """
+    view = next(iter_views(engine, registry, vlm_name=vlm_name, image_ids=[image_id]), None)
+    if view is None:
+        raise ReviewError(f"no photo with id {image_id}")
+    return view
+
+
+def image_ids(engine: Engine) -> list[int]:
+    """Ids of decodable photos, in review order (import order)."""
+    with Session(engine) as s:
+        q = select(ImageRecord.id).where(ImageRecord.error.is_(None)).order_by(ImageRecord.id)  # type: ignore[union-attr, arg-type]
+        return [int(i) for i in s.exec(q) if i is not None]
+
+
+def failed_images(engine: Engine) -> list[tuple[str, str]]:
+    """``(path, reason)`` of photos that could not be decoded."""
+    with Session(engine) as s:
+        rows = s.exec(select(ImageRecord).where(ImageRecord.error.is_not(None)))  # type: ignore[union-attr]
+        return [(r.path, r.error or "") for r in rows]
+
+
+def next_unreviewed(engine: Engine, position: int) -> int | None:
+    """Position (in :func:`image_ids`) of the first photo without any review after ``position``,
+    wrapping around to the start; ``None`` when every photo is reviewed.
+
+    ``position`` -1 (or less) searches from the first photo; a position at or past the last
+    photo searches from the first photo too.
+    """
+    ids = image_ids(engine)
+    with Session(engine) as s:
+        done = set(current_reviews(s))
+    start = min(max(position + 1, 0), len(ids))
+    order = list(range(start, len(ids))) + list(range(0, start))
+    return next((i for i in order if ids[i] not in done), None)
+
+
+def counts(engine: Engine) -> tuple[int, int]:
+    """``(reviewed, total)`` over photos that decoded."""
+    with Session(engine) as s:
+        return review_counts(s)
+
+
+def model_snapshot(view: PhotoView) -> dict[str, Any]:
     """What the models said about a photo, stored with each review (for exports and audits)."""
-    vlm = view.get("vlm") or {}
+    vlm: VLMView = view.get("vlm") or {}
+    fused = view.get("fused")
     return {
         "stage1": [[d["label"], d["probability"]] for d in (view.get("stage1") or [])],
         "vlm": vlm.get("probabilities"),
-        "fused": {k: view["fused"][k] for k in ("label", "probability")} if view.get("fused") else None,
+        "fused": {"label": fused["label"], "probability": fused["probability"]} if fused else None,
         "model_versions": {"stage1": view.get("stage1_model_version"), "vlm": vlm.get("model_version")},
     }
-
 
 
 @dataclass(frozen=True)
@@ -193,10 +319,20 @@ def routing_stats(engine: Engine, registry: Any, *, vlm_name: str | None = None)
     clf, vlm = registry.classifier(), registry.vlm(vlm_name)
     thr = registry.settings.fusion.routing_threshold
     with Session(engine) as session:
-        s1 = session.exec(select(Prediction).where(
-            Prediction.kind == "stage1", Prediction.model_id == clf.model_id, Prediction.model_version == clf.model_version)).all()
-        secs = session.exec(select(Prediction.seconds).where(
-            Prediction.kind == "vlm", Prediction.model_id == vlm.model_id, Prediction.model_version == vlm.model_version)).all()
+        s1 = session.exec(
+            select(Prediction).where(
+                Prediction.kind == "stage1",
+                Prediction.model_id == clf.model_id,
+                Prediction.model_version == clf.model_version,
+            )
+        ).all()
+        secs = session.exec(
+            select(Prediction.seconds).where(
+                Prediction.kind == "vlm",
+                Prediction.model_id == vlm.model_id,
+                Prediction.model_version == vlm.model_version,
+            )
+        ).all()
     skipped = sum(not should_route_to_vlm(stage1_topk(p)[0][1], thr) for p in s1)
     mean = float(sum(secs) / len(secs)) if secs else 0.0
     return RoutingStats(len(s1), len(s1) - skipped, skipped, mean, thr)

@@ -9,14 +9,7 @@ from __future__ import annotations
 import gradio as gr
 
 from catreview.app.core import ReviewApp
-
-def demo_banner(demo_classifier: bool, demo_vlm: bool) -> str:
-    """The warning shown while a built-in tiny model (random weights) stands in for a real one."""
-    which = {(True, True): "No classifier and no VLM are configured, so the built-in tiny models are",
-             (True, False): "No classifier is configured, so the built-in tiny stage-1 model is",
-             (False, True): "No VLM is configured, so the built-in tiny VLM is"}[(demo_classifier, demo_vlm)]
-    return (f"**Demo models in use.** {which} running (random weights): their predictions are meaningless. "
-            "Configure real models with `--config FILE` (see `assets/example_config.toml`).")
+from catreview.app.presenters.review import demo_banner
 
 
 def build_ui(app: ReviewApp) -> gr.Blocks:

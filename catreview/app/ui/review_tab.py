@@ -8,16 +8,11 @@ from typing import Any
 import gradio as gr
 
 from catreview.app.core import ReviewApp
+from catreview.app.presenters import review as present
 from catreview.data.labels import NOT_A_CAT, UNSURE
 from catreview.data.reviews import ReviewError
 
 N_CANDIDATES = 3
-
-
-def _label_dict(pairs: list[tuple[str, float]] | dict[str, float] | None) -> dict[str, float] | None:
-    if not pairs:
-        return None
-    return dict(pairs) if not isinstance(pairs, dict) else pairs
 
 
 def render(app: ReviewApp, pos: int) -> list[Any]:
@@ -28,41 +23,31 @@ def render(app: ReviewApp, pos: int) -> list[Any]:
     """
     ids = app.image_ids()
     reviewed, total = app.counts()
-    counter = f"**{reviewed} / {total} reviewed**"
     if not ids:
-        empty = [0, None, None, counter, "No photos yet. Start with `python app.py --images DIR` or add photos below.",
-                 None, None, "", None, ""]
+        empty = [0, None, None, present.counter(reviewed, total), present.NO_PHOTOS, None, None, "", None, ""]
         return empty + [gr.update(value="—", interactive=False)] * N_CANDIDATES
     pos = max(0, min(int(pos or 0), len(ids) - 1))
     image_id = ids[pos]
     v = app.view(image_id)
-    counter += f" · photo {pos + 1} of {len(ids)}"
-    status = ""
-    stage1 = vlm = fused = None
-    vlm_info = ""
-    if v["stage1"] is None:
-        status = "Prediction not ready yet: the background job has not reached this photo. Press Refresh in a moment."
-    else:
-        stage1 = _label_dict([(d["label"], d["probability"]) for d in v["stage1"]])
-        vv = v["vlm"]
-        if vv is None:
-            status = "VLM verdict not ready yet (stage 1 shown). Press Refresh in a moment."
-        elif vv.get("skipped"):
-            vlm_info = f"VLM skipped: {vv['reason']}."
-        else:
-            vlm = _label_dict(vv["probabilities"])
-            vlm_info = f"VLM verdict: **{vv['label']}** with confidence {vv['confidence']:.1%}"
-        fused = _label_dict(v["fused"]["probabilities"])
-    rv = v["review"]
-    review_info = (
-        f"Current label: **{rv['label']}** (by {rv['annotator']}, {rv['time'][:19]} UTC)" if rv else "Not reviewed yet."
-    )
+    panels = present.prediction_panels(v)
     cands = [d["label"] for d in (v["stage1"] or [])]
     buttons = [
         gr.update(value=cands[i], interactive=True) if i < len(cands) else gr.update(value="—", interactive=False)
         for i in range(N_CANDIDATES)
     ]
-    return [pos, image_id, app.image(image_id), counter, status, stage1, vlm, vlm_info, fused, review_info, *buttons]
+    return [
+        pos,
+        image_id,
+        app.image(image_id),
+        present.counter(reviewed, total, pos, len(ids)),
+        panels.status,
+        panels.stage1,
+        panels.vlm,
+        panels.vlm_info,
+        panels.fused,
+        present.review_info(v),
+        *buttons,
+    ]
 
 
 def build(app: ReviewApp, demo: gr.Blocks) -> None:
@@ -89,16 +74,27 @@ def build(app: ReviewApp, demo: gr.Blocks) -> None:
                 vlm = gr.Label(label="VLM over the candidates", elem_id="vlm")
                 fused = gr.Label(label="Fused prediction", num_top_classes=4, elem_id="fused")
             vlm_info = gr.Markdown(elem_id="vlm-info")
-            reasoning_label = "VLM reasoning (streamed)" + (
-                " — demo model: random weights, so this text is noise" if app.settings.uses_demo_models else "")
-            reasoning = gr.Textbox(label=reasoning_label, lines=5, interactive=False, elem_id="reasoning")
+            reasoning = gr.Textbox(
+                label=present.reasoning_label(app.settings.uses_demo_models),
+                lines=5,
+                interactive=False,
+                elem_id="reasoning",
+            )
             stop_reasoning = gr.Button("Stop reasoning", elem_id="stop-reasoning", size="sm")
             review_info = gr.Markdown(elem_id="review-info")
             gr.Markdown("**Confirm a candidate** or pick any breed:")
             with gr.Row():
                 confirm = [gr.Button("—", variant="primary", elem_id=f"confirm-{i}") for i in range(N_CANDIDATES)]
             with gr.Row():
-                pick = gr.Dropdown(app.vocabulary.choices(), value=None, label="Any breed (type to search)", filterable=True, allow_custom_value=True, elem_id="breed-pick", scale=3)
+                pick = gr.Dropdown(
+                    app.vocabulary.choices(),
+                    value=None,
+                    label="Any breed (type to search)",
+                    filterable=True,
+                    allow_custom_value=True,
+                    elem_id="breed-pick",
+                    scale=3,
+                )
                 set_label = gr.Button("Set label", elem_id="set-label", scale=1)
             with gr.Row():
                 not_cat = gr.Button(NOT_A_CAT, elem_id="not-a-cat")
@@ -119,24 +115,23 @@ def build(app: ReviewApp, demo: gr.Blocks) -> None:
             return
         stop = threading.Event()
         try:
-            for text in app.stream_reasoning(int(img_id), stop=stop):
-                yield text
+            yield from app.stream_reasoning(int(img_id), stop=stop)
         finally:
             stop.set()  # the page moved on or "Stop" was pressed: end generation
 
     def do_review(p: int, img_id: float | None, label: str | None, who: str, text: str | None) -> list[Any]:
         if img_id is None or not label or label == "—":
-            return [*render(app, p), "Nothing to label: pick a photo and a label first."]
+            return [*render(app, p), present.NOTHING_TO_LABEL]
         try:
             app.review(int(img_id), label, who, text)
         except ReviewError as exc:
-            return [*render(app, p), f"⚠️ {exc}"]
-        return [*render(app, p + 1), f"Saved **{label}** for photo {int(img_id)}."]
+            return [*render(app, p), present.refused(exc)]
+        return [*render(app, p + 1), present.saved(label, int(img_id))]
 
     def show_next_unreviewed(p: int) -> list[Any]:
         nxt = app.next_unreviewed(int(p or 0))
         if nxt is None:
-            return [*show(p), "Every photo is reviewed. 🎉"]
+            return [*show(p), present.ALL_REVIEWED]
         return [*show(nxt), ""]
 
     def first_view(p: int) -> list[Any]:
@@ -155,16 +150,35 @@ def build(app: ReviewApp, demo: gr.Blocks) -> None:
     ]
     review_inputs_tail = [annotator, note]
     reviews = [
-        b.click(do_review, inputs=[pos, image_id, b, *review_inputs_tail], outputs=[*view_out, message], api_visibility="private")
+        b.click(
+            do_review,
+            inputs=[pos, image_id, b, *review_inputs_tail],
+            outputs=[*view_out, message],
+            api_visibility="private",
+        )
         for b in confirm
     ]
     # The public API for scripted review: image id, any label (aliases accepted), annotator, note.
-    reviews.append(set_label.click(do_review, inputs=[pos, image_id, pick, *review_inputs_tail], outputs=[*view_out, message], api_name="review"))
+    reviews.append(
+        set_label.click(
+            do_review,
+            inputs=[pos, image_id, pick, *review_inputs_tail],
+            outputs=[*view_out, message],
+            api_name="review",
+        )
+    )
     reviews += [
-        b.click(do_review, inputs=[pos, image_id, b, *review_inputs_tail], outputs=[*view_out, message], api_visibility="private")
+        b.click(
+            do_review,
+            inputs=[pos, image_id, b, *review_inputs_tail],
+            outputs=[*view_out, message],
+            api_visibility="private",
+        )
         for b in (not_cat, unsure)
     ]
-    streams = [e.then(stream, inputs=[image_id], outputs=[reasoning], api_visibility="private") for e in [*nav, *reviews]]
+    streams = [
+        e.then(stream, inputs=[image_id], outputs=[reasoning], api_visibility="private") for e in [*nav, *reviews]
+    ]
     stop_reasoning.click(None, cancels=[first_stream, *streams], api_visibility="private")
 
     timer = gr.Timer(1.0)
