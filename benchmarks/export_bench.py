@@ -8,8 +8,8 @@ Usage::
 Rows are synthetic but shaped like the users' data: the 67 classes with a long-tailed
 distribution (Domestic Short Hair dominates, as in the Petfinder-derived set), half the reviews
 carrying a model snapshot (stage-1 top-3, VLM probabilities, fused label), a few notes with
-newlines and U+2028. Timed: :func:`catreview.export.dataset.write_llava_jsonl` (record building + JSON +
-atomic write); with ``--with-db`` also :func:`catreview.export.dataset.collect_reviewed_rows` on a
+newlines and U+2028. Timed: :func:`catreview.export.llava_jsonl.write_llava_jsonl` (record building + JSON +
+atomic write); with ``--with-db`` also :func:`catreview.export.rows.collect_reviewed_rows` on a
 database holding the same rows. Goal: under 10 s for 127,000 rows.
 """
 
@@ -25,8 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from catreview.export.conversations import ReviewedRow, load_breed_traits  # noqa: E402
-from catreview.export.dataset import collect_reviewed_rows, write_llava_jsonl  # noqa: E402
+from catreview.export.llava_jsonl import write_llava_jsonl  # noqa: E402
+from catreview.export.rows import ReviewedRow, collect_reviewed_rows  # noqa: E402
+from catreview.export.traits import load_breed_traits  # noqa: E402
 from catreview.data.labels import BreedVocabulary  # noqa: E402
 
 GOAL_S = 10.0

@@ -19,8 +19,8 @@ shared-prefill scoring of one photo per call); ``ms above prefill`` (best time m
 floor). The fast path's scores are also checked against the reference (max |score difference|).
 
 Models: ``tiny:demo`` and ``tiny:14m`` (built offline into a temporary folder, see
-:mod:`catreview.models.tiny_vlms`), ``tiny:llava-next``, ``tiny:qwen2-vl``, ``tiny:idefics3``,
-``tiny:llava-onevision``, ``tiny:pixtral``, or any local folder / cached hub id (e.g.
+:mod:`catreview.models.tiny_llava`), ``tiny:llava-next``, ``tiny:qwen2-vl``, ``tiny:idefics3``,
+``tiny:llava-onevision``, ``tiny:pixtral`` (test-only builders in ``tests/tiny_vlms.py``), or any local folder / cached hub id (e.g.
 ``llava-hf/llava-1.5-7b-hf`` on a GPU machine).
 
     HF_HUB_OFFLINE=1 python benchmarks/vlm_bench.py --models tiny:demo tiny:14m
@@ -40,16 +40,17 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without install
 
-from catreview.models.vlm import prompts  # noqa: E402
-
-from catreview.models import tiny_vlms
 from catreview.config import VLMProfile  # noqa: E402
-from catreview.models.vlm.postclassifier import VLMPostClassifier, answer_token_ids, candidate_answer  # noqa: E402
+from catreview.models.tiny_llava import build_tiny_llava  # noqa: E402
+from catreview.models.vlm import prompts  # noqa: E402
+from catreview.models.vlm.postclassifier import VLMPostClassifier  # noqa: E402
+from catreview.models.vlm.scoring import answer_token_ids, candidate_answer  # noqa: E402
+from tests import tiny_vlms  # noqa: E402  (test-only builders of the other families)
 
 PHOTO_BREEDS = ["Bengal", "Maine_Coon", "Persian", "Siamese", "Ragdoll", "Sphynx", "Bombay", "Birman"]
 TINY = {
-    "tiny:demo": lambda d: tiny_vlms.build_tiny_llava(d, size="demo"),
-    "tiny:14m": lambda d: tiny_vlms.build_tiny_llava(d, size="14m"),
+    "tiny:demo": lambda d: build_tiny_llava(d, size="demo"),
+    "tiny:14m": lambda d: build_tiny_llava(d, size="14m"),
     "tiny:llava-next": tiny_vlms.build_tiny_llava_next,
     "tiny:qwen2-vl": tiny_vlms.build_tiny_qwen2_vl,
     "tiny:idefics3": tiny_vlms.build_tiny_idefics3,

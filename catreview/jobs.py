@@ -1,7 +1,9 @@
 """Background jobs: one daemon thread at a time, with progress shared with the UI's timers.
 
-A leaf module (standard library and :mod:`catreview.errors` only), so core modules
-(:mod:`catreview.compare`) and the app core (:mod:`catreview.app.core`) can both use it.
+A leaf module (standard library and :mod:`catreview.errors` only). Users: the app's import +
+predictions worker (:mod:`catreview.app.core`) and the aggregate comparison
+(:mod:`catreview.app.compare_job`); training rounds run in a separate process instead
+(:mod:`catreview.adapters.jobs`).
 """
 
 from __future__ import annotations

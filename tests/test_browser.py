@@ -14,6 +14,8 @@ from catreview.data.db import Review
 from tests.conftest import ARTIFACTS_DIR
 from tests.test_app import running_app
 
+pytestmark = pytest.mark.browser
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -8,15 +8,18 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
 from playwright.sync_api import expect
 from sqlmodel import Session, select
 
-from catreview.compare.session import blind_swapped, split_model_label
+from catreview.compare.pairs import blind_swapped, split_model_label
 from catreview.data.db import Preference
 from tests.conftest import ARTIFACTS_DIR
 from tests.test_app import running_app
 from tests.test_browser import browser  # noqa: F401  (the Chromium fixture)
 from tests.test_compare import LARGE, SMALL, make_settings, tiny_models  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.browser
 
 
 def test_blind_preference_with_a_click(demo_dir: Path, tiny_models, cats_dir: Path, tmp_path: Path, browser) -> None:  # noqa: F811

@@ -8,25 +8,20 @@ import warnings
 import numpy as np
 import pytest
 
-from catreview.evaluate.calibration import (
-    CalibrationReport,
-    ReviewRecord,
-    apply_temperature,
+from catreview.app.presenters.calibration import report_text
+from catreview.evaluate.calibration import CalibrationReport, ReviewRecord, calibrate
+from catreview.evaluate.folds import stratified_folds
+from catreview.evaluate.fusion_weight import fit_fusion_weight, fusion_weight_curve
+from catreview.evaluate.temperature import fit_temperature, temperature_nll
+from catreview.metrics import (
     balanced_accuracy,
-    calibrate,
     expected_calibration_error,
-    fit_fusion_weight,
-    fit_temperature,
-    fusion_weight_curve,
-    log_probabilities,
     macro_f1,
     per_class_accuracy,
     reliability_bins,
-    scale_probabilities,
-    stratified_folds,
-    temperature_nll,
 )
 from catreview.predict.fusion import OTHER
+from catreview.predict.temperature import apply_temperature, log_probabilities, scale_probabilities
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -321,7 +316,7 @@ def test_pool_gets_its_own_temperature(report):
     assert report.fused_temperature < 0.8
     assert report.fused.ece_after < 0.08 and report.fused.ece_after_cv < 0.08
     assert report.fused.ece_after < report.fused.ece_before / 2
-    assert "fused (after the pool) T=" in report.to_table()
+    assert "fused (after the pool) T=" in report_text(report)
 
 
 def test_calibrate_weight_is_the_best_on_calibrated_inputs(report):
@@ -342,7 +337,7 @@ def test_calibrate_per_breed_counts_add_up(report):
     assert sum(r["stage1_correct"] for r in rows) == pytest.approx(report.stage1.accuracy_after * 1500)
     assert sum(r["fused_correct"] for r in rows) == pytest.approx(report.fused.accuracy_after * 1500)
     assert np.mean([r["stage1_accuracy"] for r in rows]) == pytest.approx(report.stage1.balanced_accuracy_after)
-    table = report.to_table()
+    table = report_text(report)
     assert "stage 1" in table and "VLM" in table and "fused" in table
     assert all(b in table for b in BREEDS)
     assert f"{report.stage1_temperature:.3f}" in table
@@ -381,7 +376,7 @@ def test_calibrate_without_any_vlm_verdicts():
     assert rep.vlm is None and rep.vlm_temperature is None
     assert rep.weight == pytest.approx(0.3)  # every weight ties: keep the current one
     assert rep.fused.accuracy_after == rep.stage1.accuracy_after
-    assert "n/a" in rep.to_table()
+    assert "n/a" in report_text(rep)
 
 
 # --------------------------------------------------------------------------- cross-validation
@@ -407,7 +402,7 @@ def test_cross_validated_ece_also_falls(report):
     assert report.stage1.ece_after_cv < report.stage1.ece_before
     assert report.fused.ece_after_cv < report.fused.ece_before
     assert report.stage1.accuracy_after_cv == report.stage1.accuracy_before  # T keeps the argmax
-    assert "ECE CV" in report.to_table() and "5-fold cross-validated" in report.to_table()
+    assert "ECE CV" in report_text(report) and "5-fold cross-validated" in report_text(report)
 
 
 def test_in_sample_fit_is_optimistic_and_cv_is_not():
@@ -432,7 +427,7 @@ def test_cross_validation_is_skipped_with_a_reason():
     rep = calibrate(records, min_reviews=30, n_folds=25)
     assert rep.n_folds == 0 and "too few for 25 folds" in rep.cv_note
     assert rep.fused.ece_after_cv is None and rep.fused.ece_after is not None
-    assert "no cross-validation" in rep.to_table() and "ECE CV" in rep.to_table()
+    assert "no cross-validation" in report_text(rep) and "ECE CV" in report_text(rep)
     assert calibrate(records, min_reviews=30, n_folds=0).cv_note == "n_folds=0"
 
 

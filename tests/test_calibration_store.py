@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 from sqlmodel import Session
 
-from catreview.evaluate.store import fit_and_store, review_records
+from catreview.app.presenters.calibration import report_text
 from catreview.config import VLMProfile
 from catreview.data.db import AdapterVersion, CalibrationRecord, SplitAssignment, make_engine, utcnow
 from catreview.data.importer import import_folder
 from catreview.data.labels import BreedVocabulary
-from catreview.predict.runner import run_predictions
+from catreview.evaluate.store import fit_and_store, review_records
 from catreview.models.registry import ModelRegistry
+from catreview.predict.runner import run_predictions
 from catreview.query.photos import iter_views
 
 
@@ -84,14 +85,14 @@ def test_photos_the_active_adapter_learned_are_left_out(settings, cats_dir: Path
     assert str(fresh.vlm().profile.adapter) == str(adapter_dir)
     report, _ = fit_and_store(settings, fresh, store=False)
     assert report.n_reviews == 26
-    assert "Left out 10 reviewed photos of the train split" in report.to_table()
+    assert "Left out 10 reviewed photos of the train split" in report_text(report)
 
     # An adapter folder this database does not know: nothing can be left out, and the report says so.
     shutil.copytree(adapter_dir, tmp_path / "adapter-copy")
     unknown = settings.model_copy(update={
         "vlm_profiles": {"tiny": VLMProfile(model=base, adapter=str(tmp_path / "adapter-copy"))}, "active_vlm": "tiny"})
     report, _ = fit_and_store(unknown, ModelRegistry(unknown), store=False)
-    assert report.n_reviews == 36 and "cannot be left out" in report.to_table()
+    assert report.n_reviews == 36 and "cannot be left out" in report_text(report)
 
 
 def test_checkpoint_spellings_match_review_labels() -> None:

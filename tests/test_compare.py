@@ -16,12 +16,29 @@ from pathlib import Path
 import pytest
 from sqlmodel import Session, select
 
-from catreview.compare import session as cmp
+from catreview.app.compare_job import AggregateJob
+from catreview.app.presenters.compare import ALREADY_RUNNING, BUSY_AGGREGATE, display_sides, error_notice
+from catreview.cli.compare import add_compare_parser, cmd_compare
+from catreview.compare.aggregate import SUMMARY_COLUMNS, per_breed_columns, plural
+from catreview.compare.blind import BlindTrial, preference_refusal
+from catreview.compare.errors import BUSY_PHOTO, CompareError, ModelsBusy
+from catreview.compare.memory import MemoryMeter, model_bytes
+from catreview.compare.pairs import (
+    PairChoice,
+    blind_swapped,
+    default_pair,
+    known_adapters,
+    model_label,
+    split_model_label,
+)
+from catreview.compare.photo import PhotoPick
+from catreview.compare.session import CompareSession
 from catreview.config import load_settings
 from catreview.data.db import AdapterVersion, ImageRecord, Prediction, Preference, SplitAssignment, make_engine
 from catreview.data.importer import import_folder
-from catreview.jobs import JobState
 from catreview.data.labels import BreedVocabulary
+from catreview.export.preferences import export_preference_pairs
+from catreview.jobs import JobState
 from catreview.models.registry import ModelRegistry
 
 BREEDS = ["Bengal", "Persian", "Siamese"]
@@ -31,7 +48,7 @@ SMALL, LARGE = "small-llava", "large-llava"
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory, demo_dir: Path) -> dict[str, Path]:
     """The demo LLaVA (0.6M params) and a 14M-param LLaVA (336 px, 576 image tokens)."""
-    from catreview.models.tiny_vlms import build_tiny_llava
+    from catreview.models.tiny_llava import build_tiny_llava
 
     return {SMALL: demo_dir / "llava-tiny", LARGE: build_tiny_llava(tmp_path_factory.mktemp("vlm14m") / "llava-14m", size="14m")}
 
@@ -52,23 +69,23 @@ def make_settings(db: Path, demo_dir: Path, models: dict[str, Path], **extra):
                          active_vlm=SMALL, compare_profiles=(SMALL, LARGE), **extra)
 
 
-def new_session(db: Path, demo_dir: Path, models: dict[str, Path], photos: Path) -> cmp.CompareSession:
+def new_session(db: Path, demo_dir: Path, models: dict[str, Path], photos: Path) -> CompareSession:
     """A compare session on a fresh database holding the photos, labelled from their folders."""
     settings = make_settings(db, demo_dir, models)
     engine = make_engine(settings.database_url)
     summary = import_folder(engine, photos, vocabulary=BreedVocabulary.default(), labels_from_folders=True)
     assert summary.labels_recorded == len(summary.image_ids)
-    return cmp.CompareSession(settings, ModelRegistry(settings), engine)
+    return CompareSession(settings, ModelRegistry(settings), engine)
 
 
 @pytest.fixture(scope="module")
-def session(tmp_path_factory, demo_dir: Path, tiny_models, photos: Path) -> cmp.CompareSession:
+def session(tmp_path_factory, demo_dir: Path, tiny_models, photos: Path) -> CompareSession:
     """Shared by the tests that only read or add to the cache (any order works)."""
     return new_session(tmp_path_factory.mktemp("db") / "compare.db", demo_dir, tiny_models, photos)
 
 
 @pytest.fixture
-def fresh(tmp_path: Path, demo_dir: Path, tiny_models, photos: Path) -> cmp.CompareSession:
+def fresh(tmp_path: Path, demo_dir: Path, tiny_models, photos: Path) -> CompareSession:
     """A session on its own empty database (for tests that count computed vs cached)."""
     return new_session(tmp_path / "fresh.db", demo_dir, tiny_models, photos)
 
@@ -77,26 +94,26 @@ def fresh(tmp_path: Path, demo_dir: Path, tiny_models, photos: Path) -> cmp.Comp
 
 
 def test_default_pair_falls_back_and_says_so(settings) -> None:
-    assert cmp.default_pair(("7B", "13B"), ["7B", "13B", "x"]) == cmp.PairChoice("7B", "13B")
-    fallback = cmp.default_pair(("7B", "13B"), ["q", "r", "s"])
+    assert default_pair(("7B", "13B"), ["7B", "13B", "x"]) == PairChoice("7B", "13B")
+    fallback = default_pair(("7B", "13B"), ["q", "r", "s"])
     assert (fallback.a, fallback.b) == ("q", "r") and "not both configured" in fallback.note
     # The plain test settings configure no profile: only the demo is there, and the note says so.
-    only = cmp.CompareSession(settings, ModelRegistry(settings), make_engine(settings.database_url)).default_pair()
+    only = CompareSession(settings, ModelRegistry(settings), make_engine(settings.database_url)).default_pair()
     assert (only.a, only.b) == ("demo", "demo")
     assert "Only the demo profile" in only.note and "compared with itself" in only.note
-    with pytest.raises(cmp.CompareError):
-        cmp.default_pair(("7B", "13B"), [])
+    with pytest.raises(CompareError):
+        default_pair(("7B", "13B"), [])
 
 
 def test_memory_meter_sees_a_cpu_allocation() -> None:
     import torch
 
-    with cmp.MemoryMeter("cpu") as meter:
+    with MemoryMeter("cpu") as meter:
         block = torch.ones(64 * 2**20 // 4)  # 64 MiB of float32, touched
         block += 1
     assert meter.working_bytes > 48 * 2**20
     lin = torch.nn.Linear(100, 10)
-    assert cmp.model_bytes(lin) == (100 * 10 + 10) * 4
+    assert model_bytes(lin) == (100 * 10 + 10) * 4
 
 
 # --------------------------------------------------------------------------- aggregate
@@ -124,10 +141,10 @@ def direct_metrics(rows: list[dict]) -> dict:
     }
 
 
-def test_aggregate_matches_direct_computation_and_second_run_is_cached(fresh: cmp.CompareSession, tmp_path: Path) -> None:
+def test_aggregate_matches_direct_computation_and_second_run_is_cached(fresh: CompareSession, tmp_path: Path) -> None:
     session = fresh
     # First run in the background job, one model resident at a time.
-    job = cmp.AggregateJob(session)
+    job = AggregateJob(session)
     assert job.start(SMALL, LARGE, one_at_a_time=True)
     job.wait(timeout=300)
     assert job.state.error is None, job.state.log
@@ -177,7 +194,7 @@ def test_aggregate_matches_direct_computation_and_second_run_is_cached(fresh: cm
     assert len(photos_csv) == 6 and list(photos_csv["label_b"]) == [r["label_b"] for r in rows]
 
     # Second run on a fresh registry (a restart): nothing computed, nothing loaded, same numbers.
-    again = cmp.CompareSession(session.settings, ModelRegistry(session.settings), session.engine)
+    again = CompareSession(session.settings, ModelRegistry(session.settings), session.engine)
     second = again.run_aggregate(SMALL, LARGE)
     assert (second.a.computed, second.b.computed, second.a.cached, second.b.cached) == (0, 0, 6, 6)
     assert second.a.memory is None and not again.vlm(SMALL).loaded and not again.vlm(LARGE).loaded
@@ -195,9 +212,9 @@ def test_cli_compare_prints_the_table(demo_dir: Path, tiny_models, photos: Path,
     config = tmp_path / "config.toml"
     config.write_text("\n".join(lines) + "\n")
     parser = argparse.ArgumentParser()
-    cmp.add_compare_parser(parser.add_subparsers(dest="command"))
+    add_compare_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["compare", "--config", str(config), "--db", st.database_url, "--csv", str(tmp_path / "out")])
-    assert cmp.cmd_compare(args) == 0  # defaults: compare_profiles from the config
+    assert cmd_compare(args) == 0  # defaults: compare_profiles from the config
     out = capsys.readouterr().out
     assert f"A = {SMALL}" in out and f"B = {LARGE}" in out and "2 reviewed photos" in out
     assert "balanced_accuracy" in out and "agreement A vs B" in out and "note:" not in out
@@ -207,12 +224,12 @@ def test_cli_compare_prints_the_table(demo_dir: Path, tiny_models, photos: Path,
 # --------------------------------------------------------------------------- per photo
 
 
-def test_photo_comparison_streams_measures_and_caches(fresh: cmp.CompareSession, capsys) -> None:
+def test_photo_comparison_streams_measures_and_caches(fresh: CompareSession, capsys) -> None:
     session = fresh
     image_id = session.reviewed_image_ids()[0]
     comps = []
     for comp in session.compare_photo(image_id, SMALL, LARGE, one_at_a_time=True):
-        comps.append(json.dumps(cmp.display_sides(comp)))  # snapshot: the state object is updated in place
+        comps.append(json.dumps(display_sides(comp)))  # snapshot: the state object is updated in place
     assert len(comps) > 4  # status changes and streamed reasoning chunks
     assert any(json.loads(c)["left"]["reasoning"] and not json.loads(c)["right"]["verdict"].startswith("Verdict") for c in comps)
     first = json.loads(comps[-1])
@@ -223,7 +240,7 @@ def test_photo_comparison_streams_measures_and_caches(fresh: cmp.CompareSession,
         assert panel["reasoning"]
     assert not session.vlm(SMALL).loaded and session.vlm(LARGE).loaded  # one at a time
     for side in comp.sides:
-        assert side.memory is not None and side.memory.weights_bytes == cmp.model_bytes(session.vlm(side.name).load().model)
+        assert side.memory is not None and side.memory.weights_bytes == model_bytes(session.vlm(side.name).load().model)
         assert side.memory.peak_bytes >= side.memory.weights_bytes
         assert side.verdict_seconds > 0 and side.reasoning_seconds > 0 and side.load_seconds is not None
         assert side.verdict["candidates"][-1] == "other" and not side.verdict_cached and not side.reasoning_cached
@@ -237,15 +254,15 @@ def test_photo_comparison_streams_measures_and_caches(fresh: cmp.CompareSession,
     for side, before in zip(again.sides, comp.sides):
         assert side.status == "done" and side.verdict_cached and side.reasoning_cached and side.memory is None
         assert side.verdict_seconds == pytest.approx(before.verdict_seconds) and side.reasoning == before.reasoning
-    shown = cmp.display_sides(again)
+    shown = display_sides(again)
     assert "cached" in shown["left"]["stats"] and "not measured" in shown["right"]["stats"]
 
 
-def test_blind_mode_hides_names_and_exports_preferences(session: cmp.CompareSession, tmp_path: Path) -> None:
+def test_blind_mode_hides_names_and_exports_preferences(session: CompareSession, tmp_path: Path) -> None:
     ids = session.reviewed_image_ids()
     # Pick one photo shown in A/B order and one shown swapped (the order is deterministic).
-    straight = next(i for i in ids if not cmp.blind_swapped(i, SMALL, LARGE))
-    swapped = next(i for i in ids if cmp.blind_swapped(i, SMALL, LARGE))
+    straight = next(i for i in ids if not blind_swapped(i, SMALL, LARGE))
+    swapped = next(i for i in ids if blind_swapped(i, SMALL, LARGE))
     secrets = [SMALL, LARGE]
     for name in (SMALL, LARGE):
         v = session.vlm(name)
@@ -255,30 +272,30 @@ def test_blind_mode_hides_names_and_exports_preferences(session: cmp.CompareSess
     for image_id in (straight, swapped):
         comp = None
         for comp in session.compare_photo(image_id, SMALL, LARGE, blind=True):
-            payload = cmp.display_sides(comp)
+            payload = display_sides(comp)
             text = json.dumps(payload)
             assert not [s for s in secrets if s in text], "blind payload names a model"
             assert (payload["left"]["title"], payload["right"]["title"]) == ("Model 1", "Model 2")
             assert payload["left"]["stats"] == payload["right"]["stats"] == ""
         assert comp is not None and comp.finished and comp.trial_id
-        assert cmp.display_sides(comp)["can_prefer"]
+        assert display_sides(comp)["can_prefer"]
         trials[image_id] = comp
 
     # Model 1 better on the straight photo (= A, small), Model 1 better on the swapped one (= B, large).
     p1 = session.record_preference(trials[straight].trial_id, "1", "alice")
     p2 = session.record_preference(trials[swapped].trial_id, "1", "alice")
-    assert cmp.split_model_label(p1.model_a)[0] == SMALL and cmp.split_model_label(p2.model_a)[0] == LARGE
+    assert split_model_label(p1.model_a)[0] == SMALL and split_model_label(p2.model_a)[0] == LARGE
     assert p1.choice == p2.choice == "a"
     assert p1.output_a == trials[straight].sides[0].reasoning and p2.output_a == trials[swapped].sides[1].reasoning
     session.record_preference(trials[straight].trial_id, "tie", "bob")
-    with pytest.raises(cmp.CompareError, match="annotator"):
+    with pytest.raises(CompareError, match="annotator"):
         session.record_preference(trials[straight].trial_id, "2", " ")
-    with pytest.raises(cmp.CompareError, match="choice"):
+    with pytest.raises(CompareError, match="choice"):
         session.record_preference(trials[straight].trial_id, "a", "alice")
     # A named (non-blind) comparison offers nothing to judge.
     *_, named = list(session.compare_photo(straight, SMALL, LARGE))
-    assert named.trial_id is None and not cmp.display_sides(named)["can_prefer"]
-    with pytest.raises(cmp.CompareError, match="blind"):
+    assert named.trial_id is None and not display_sides(named)["can_prefer"]
+    with pytest.raises(CompareError, match="blind"):
         session.record_preference("", "1", "alice")
 
     with Session(session.engine) as s:
@@ -286,14 +303,14 @@ def test_blind_mode_hides_names_and_exports_preferences(session: cmp.CompareSess
     assert [(r.image_id, r.annotator, r.choice) for r in rows] == [(straight, "alice", "a"), (swapped, "alice", "a"), (straight, "bob", "tie")]
     assert all(r.prompt.startswith("This cat is one of these breeds") for r in rows)
 
-    result = cmp.export_preference_pairs(session.engine, tmp_path / "prefs.jsonl")
+    result = export_preference_pairs(session.engine, tmp_path / "prefs.jsonl")
     assert (result.pairs, result.ties, result.superseded) == (2, 1, 0)
     records = [json.loads(line) for line in (tmp_path / "prefs.jsonl").read_text().splitlines()]
     assert [set(r) for r in records] == [{"prompt", "chosen", "rejected", "image", "metadata"}] * 2
     by_image = {r["metadata"]["image_id"]: r for r in records}
     assert by_image[straight]["chosen"] == trials[straight].sides[0].reasoning
     assert by_image[straight]["rejected"] == trials[straight].sides[1].reasoning
-    assert cmp.split_model_label(by_image[swapped]["metadata"]["chosen_model"])[0] == LARGE
+    assert split_model_label(by_image[swapped]["metadata"]["chosen_model"])[0] == LARGE
     assert Path(by_image[swapped]["image"]).is_file() and all(isinstance(r["prompt"], str) and r["prompt"] for r in records)
 
 
@@ -310,7 +327,7 @@ def test_no_preference_between_one_model_and_itself(demo_dir: Path, tiny_models,
     for a, b, why in ((SMALL, SMALL, "same profile"), (SMALL, twin, "same model version")):
         *_, comp = list(session.compare_photo(image_id, a, b, blind=True))
         assert comp.finished and comp.trial_id is None and "same model version" in comp.preference_refused
-        shown = cmp.display_sides(comp)
+        shown = display_sides(comp)
         assert not shown["can_prefer"] and shown["trial_id"] == ""
         assert shown["preference_note"].startswith("⚠️ No preference can be recorded: both sides are the same model version")
         assert why in shown["notice"] and "no blind preference can be recorded" in shown["notice"]
@@ -318,23 +335,23 @@ def test_no_preference_between_one_model_and_itself(demo_dir: Path, tiny_models,
         assert [shown[s]["probabilities_label"] for s in ("left", "right")] == [
             "Model 1: probabilities over the candidates", "Model 2: probabilities over the candidates"]
     *_, named = list(session.compare_photo(image_id, SMALL, SMALL))
-    shown = cmp.display_sides(named)
+    shown = display_sides(named)
     assert named.preference_refused is None and shown["preference_note"] == ""
     assert [shown[s]["title"] for s in ("left", "right")] == [f"A: {SMALL}", f"B: {SMALL}"]
     assert [shown[s]["probabilities_label"] for s in ("left", "right")] == [
         f"{SMALL} (A): probabilities over the candidates", f"{SMALL} (B): probabilities over the candidates"]
 
     # The guard in record_preference itself (e.g. a trial id from the API): same version, same text.
-    label_1, label_2 = cmp.model_label(SMALL, "v1@aaa"), cmp.model_label(LARGE, "v2@bbb")
-    assert cmp.preference_refusal([(label_1, "a tabby"), (label_2, "a calico")]) is None
+    label_1, label_2 = model_label(SMALL, "v1@aaa"), model_label(LARGE, "v2@bbb")
+    assert preference_refusal([(label_1, "a tabby"), (label_2, "a calico")]) is None
     forged = {
-        "same-version": cmp.BlindTrial(image_id, "p", ((label_1, "a tabby"), (cmp.model_label(twin, "v1@aaa"), "a calico"))),
-        "same-text": cmp.BlindTrial(image_id, "p", ((label_1, "a tabby "), (label_2, " a tabby"))),
+        "same-version": BlindTrial(image_id, "p", ((label_1, "a tabby"), (model_label(twin, "v1@aaa"), "a calico"))),
+        "same-text": BlindTrial(image_id, "p", ((label_1, "a tabby "), (label_2, " a tabby"))),
     }
     session._trials.update(forged)
-    with pytest.raises(cmp.CompareError, match="same model version"):
+    with pytest.raises(CompareError, match="same model version"):
         session.record_preference("same-version", "1", "alice")
-    with pytest.raises(cmp.CompareError, match="same text"):
+    with pytest.raises(CompareError, match="same text"):
         session.record_preference("same-text", "2", "alice")
     with Session(session.engine) as s:
         assert not list(s.exec(select(Preference)))
@@ -346,7 +363,7 @@ def test_no_preference_between_one_model_and_itself(demo_dir: Path, tiny_models,
             s.add(Preference(image_id=image_id, annotator=annotator, model_a=label_1, model_b=label_2,
                              output_a=out_a, output_b=out_b, prompt="p", choice=choice))
         s.commit()
-    result = cmp.export_preference_pairs(session.engine, tmp_path / "prefs.jsonl")
+    result = export_preference_pairs(session.engine, tmp_path / "prefs.jsonl")
     assert (result.pairs, result.ties, result.identical, result.superseded) == (1, 1, 2, 0)
     records = [json.loads(line) for line in (tmp_path / "prefs.jsonl").read_text().splitlines()]
     assert [(r["chosen"], r["rejected"]) for r in records] == [("a calico", "a tabby")]
@@ -355,37 +372,37 @@ def test_no_preference_between_one_model_and_itself(demo_dir: Path, tiny_models,
     assert "1 tie left out; 2 pairs with chosen == rejected left out; 0 earlier choices superseded" in result.text()
 
     # One reviewed photo: singular wording in the job message and the CLI text.
-    job = cmp.AggregateJob(session)
+    job = AggregateJob(session)
     assert job.start(SMALL, twin)
     job.wait(timeout=300)
     assert job.state.error is None, job.state.log
     assert job.state.message.startswith("Compared 1 reviewed photo: "), job.state.message
     assert "1 reviewed photo;" in job.result.to_text()
-    assert list(job.result.summary_frame().columns) == list(cmp.SUMMARY_COLUMNS)
-    assert list(job.result.per_breed_frame().columns) == cmp.per_breed_columns(SMALL, twin)
-    assert cmp.per_breed_columns(SMALL, SMALL)[2:] == [f"accuracy A: {SMALL}", f"accuracy B: {SMALL}"]
-    assert [cmp.plural(n, "pair") for n in (0, 1, 2)] == ["0 pairs", "1 pair", "2 pairs"]
+    assert list(job.result.summary_frame().columns) == list(SUMMARY_COLUMNS)
+    assert list(job.result.per_breed_frame().columns) == per_breed_columns(SMALL, twin)
+    assert per_breed_columns(SMALL, SMALL)[2:] == [f"accuracy A: {SMALL}", f"accuracy B: {SMALL}"]
+    assert [plural(n, "pair") for n in (0, 1, 2)] == ["0 pairs", "1 pair", "2 pairs"]
 
 
 # --------------------------------------------------------------------------- what the tab asks the core
 
 
-def test_picking_photos_by_id_or_position(session: cmp.CompareSession, settings) -> None:
+def test_picking_photos_by_id_or_position(session: CompareSession, settings) -> None:
     """Which photo a request means, and the messages when there is none (the tab shows them)."""
     ids = session.photo_ids()
     assert len(ids) == 6 and ids == sorted(ids) and ids == session.reviewed_image_ids()
-    assert session.pick_photo(None, 2) == cmp.PhotoPick(2, ids[2], 6)
-    assert session.pick_photo(0, 99) == cmp.PhotoPick(5, ids[5], 6)  # empty id: position, clamped
-    assert session.pick_photo(None, -3) == session.pick_photo(None, None) == cmp.PhotoPick(0, ids[0], 6)
-    assert session.pick_photo(ids[4], 0) == cmp.PhotoPick(4, ids[4], 6)  # an id wins over the position
-    assert session.pick_photo(float(ids[1])) == cmp.PhotoPick(1, ids[1], 6)  # gr.Number may send a float
-    with pytest.raises(cmp.CompareError, match=r"^No photo with id 99999\.$"):
+    assert session.pick_photo(None, 2) == PhotoPick(2, ids[2], 6)
+    assert session.pick_photo(0, 99) == PhotoPick(5, ids[5], 6)  # empty id: position, clamped
+    assert session.pick_photo(None, -3) == session.pick_photo(None, None) == PhotoPick(0, ids[0], 6)
+    assert session.pick_photo(ids[4], 0) == PhotoPick(4, ids[4], 6)  # an id wins over the position
+    assert session.pick_photo(float(ids[1])) == PhotoPick(1, ids[1], 6)  # gr.Number may send a float
+    with pytest.raises(CompareError, match=r"^No photo with id 99999\.$"):
         session.pick_photo(99999, 0)
     span = f"ids run from {ids[0]} to {ids[-1]}"
-    assert session.typed_photo(ids[3]) == cmp.PhotoPick(3, ids[3], 6)
-    with pytest.raises(cmp.CompareError, match=re.escape(f"Type a photo id first ({span}).")):
+    assert session.typed_photo(ids[3]) == PhotoPick(3, ids[3], 6)
+    with pytest.raises(CompareError, match=re.escape(f"Type a photo id first ({span}).")):
         session.typed_photo(None)
-    with pytest.raises(cmp.CompareError, match=re.escape(f"No photo with id 99999 ({span}).")):
+    with pytest.raises(CompareError, match=re.escape(f"No photo with id 99999 ({span}).")):
         session.typed_photo(99999)
     assert session.first_reviewed_position() == 0
     pick = session.pick_photo(None, 2)
@@ -394,17 +411,17 @@ def test_picking_photos_by_id_or_position(session: cmp.CompareSession, settings)
         f"Photo 3 of 6 (id {ids[2]}; 6 reviewed photos in all) · human label: **{label}**. "
         "Press **Compare this photo** to run both models on it.")
 
-    empty = cmp.CompareSession(settings, ModelRegistry(settings), make_engine(settings.database_url))
+    empty = CompareSession(settings, ModelRegistry(settings), make_engine(settings.database_url))
     assert empty.photo_ids() == [] and empty.first_reviewed_position() == 0
-    with pytest.raises(cmp.CompareError, match=r"^No photos yet\.$"):
+    with pytest.raises(CompareError, match=r"^No photos yet\.$"):
         empty.pick_photo(None, 0)
-    with pytest.raises(cmp.CompareError, match=r"^No photo with id 3\.$"):
+    with pytest.raises(CompareError, match=r"^No photo with id 3\.$"):
         empty.pick_photo(3, 0)
-    with pytest.raises(cmp.CompareError, match=re.escape("Type a photo id first (no photos are imported yet).")):
+    with pytest.raises(CompareError, match=re.escape("Type a photo id first (no photos are imported yet).")):
         empty.typed_photo(None)
 
 
-def test_first_reviewed_position_skips_unreviewed_and_non_breed_photos(fresh: cmp.CompareSession) -> None:
+def test_first_reviewed_position_skips_unreviewed_and_non_breed_photos(fresh: CompareSession) -> None:
     from catreview.data.reviews import record_review
 
     ids = fresh.photo_ids()
@@ -417,27 +434,27 @@ def test_first_reviewed_position_skips_unreviewed_and_non_breed_photos(fresh: cm
     assert "4 reviewed photos in all" in fresh.photo_notice(pick)
 
 
-def test_runs_are_refused_while_the_models_are_busy(session: cmp.CompareSession) -> None:
+def test_runs_are_refused_while_the_models_are_busy(session: CompareSession) -> None:
     """The guard the tab relies on while the app's background predictions run."""
     busy = [True]
-    guarded = cmp.CompareSession(session.settings, session.registry, session.engine, busy=lambda: busy[0])
+    guarded = CompareSession(session.settings, session.registry, session.engine, busy=lambda: busy[0])
     image_id = guarded.photo_ids()[0]
     runs = guarded.compare_photo(image_id, SMALL, LARGE)
-    with pytest.raises(cmp.ModelsBusy, match=re.escape(cmp.BUSY_PHOTO)):
+    with pytest.raises(ModelsBusy, match=re.escape(BUSY_PHOTO)):
         next(runs)
-    assert isinstance(cmp.ModelsBusy("x"), cmp.CompareError)
-    assert cmp.error_notice(cmp.ModelsBusy(cmp.BUSY_PHOTO)) == cmp.BUSY_PHOTO  # a notice, not a warning
-    assert cmp.error_notice(cmp.CompareError("no VLM profile named 'x'")) == "⚠️ no VLM profile named 'x'"
+    assert isinstance(ModelsBusy("x"), CompareError)
+    assert error_notice(ModelsBusy(BUSY_PHOTO)) == BUSY_PHOTO  # a notice, not a warning
+    assert error_notice(CompareError("no VLM profile named 'x'")) == "⚠️ no VLM profile named 'x'"
 
-    job = cmp.AggregateJob(guarded)
-    assert job.try_start(SMALL, LARGE) == cmp.BUSY_AGGREGATE
+    job = AggregateJob(guarded)
+    assert job.try_start(SMALL, LARGE) == BUSY_AGGREGATE
     assert not job.state.running and job._thread is None and job.result is None  # nothing started
     busy[0] = False
     job.state = JobState(running=True, stage="another run")  # as if a run were going on
-    assert job.try_start(SMALL, LARGE) == cmp.ALREADY_RUNNING and job._thread is None
+    assert job.try_start(SMALL, LARGE) == ALREADY_RUNNING and job._thread is None
     job.state = JobState()
     message = job.try_start(SMALL, LARGE)
-    assert message not in (cmp.BUSY_AGGREGATE, cmp.ALREADY_RUNNING) and message.startswith(("Working", "Compared"))
+    assert message not in (BUSY_AGGREGATE, ALREADY_RUNNING) and message.startswith(("Working", "Compared"))
     job.wait(timeout=300)
     assert job.state.error is None, job.state.log
     assert job.result is not None and job.result.metrics.n == 6
@@ -445,12 +462,12 @@ def test_runs_are_refused_while_the_models_are_busy(session: cmp.CompareSession)
     assert comp.finished
 
 
-def test_preference_messages_for_the_tab_and_the_api(fresh: cmp.CompareSession) -> None:
+def test_preference_messages_for_the_tab_and_the_api(fresh: CompareSession) -> None:
     image_id = fresh.photo_ids()[0]
-    label_1, label_2 = cmp.model_label(SMALL, "v1@aaa"), cmp.model_label(LARGE, "v2@bbb")
+    label_1, label_2 = model_label(SMALL, "v1@aaa"), model_label(LARGE, "v2@bbb")
     fresh._trials.update({
-        "real": cmp.BlindTrial(image_id, "p", ((label_1, "a tabby"), (label_2, "a calico"))),
-        "same-text": cmp.BlindTrial(image_id, "p", ((label_1, "a tabby"), (label_2, "a tabby "))),
+        "real": BlindTrial(image_id, "p", ((label_1, "a tabby"), (label_2, "a calico"))),
+        "same-text": BlindTrial(image_id, "p", ((label_1, "a tabby"), (label_2, "a tabby "))),
     })
     saved = fresh.try_record_preference("real", "2", "carol")
     assert saved.saved and saved.error is None and saved.preference.choice == "b"
@@ -490,17 +507,17 @@ def make_adapter(base_dir: Path, out: Path, seed: int) -> Path:
     return out
 
 
-def test_adapter_versions_of_one_model(session: cmp.CompareSession, tiny_models, tmp_path: Path) -> None:
+def test_adapter_versions_of_one_model(session: CompareSession, tiny_models, tmp_path: Path) -> None:
     ad1 = make_adapter(tiny_models[SMALL], tmp_path / "round1" / "adapter", seed=1)
     ad2 = make_adapter(tiny_models[SMALL], tmp_path / "round2" / "adapter", seed=2)
-    with pytest.raises(cmp.CompareError, match="adapter_config.json"):
+    with pytest.raises(CompareError, match="adapter_config.json"):
         session.add_adapter_pair(SMALL, ad1, tmp_path / "nowhere")
-    with pytest.raises(cmp.CompareError, match="same adapter"):
+    with pytest.raises(CompareError, match="same adapter"):
         session.add_adapter_pair(SMALL, ad1, ad1)
     with Session(session.engine) as s:  # adapters recorded by training rounds are offered by folder
         s.add(AdapterVersion(base_model=str(tiny_models[SMALL]), path=str(ad2), export_hash="x", active=True))
         s.commit()
-    assert [path for _, path in cmp.known_adapters(session.engine)] == [str(ad2)]
+    assert [path for _, path in known_adapters(session.engine)] == [str(ad2)]
     name_a, name_b = session.add_adapter_pair(SMALL, ad1, ad2)
     assert name_a.startswith(f"{SMALL}+adapter@") and name_b.startswith(f"{SMALL}+adapter@") and name_a != name_b
     pa, pb = session.profiles()[name_a], session.profiles()[name_b]

@@ -1,4 +1,4 @@
-"""Tests for catreview.export.conversations and catreview.export.dataset on the shared cat photos.
+"""Tests for catreview.export (records, conversations, splits, the dataset build, import) on the shared cat photos.
 
 The database is built here from db.py tables (images decoded with load_rgb) and reviews.py;
 about a fifth of the photos stay unreviewed at first so the sticky-split test can add them later.
@@ -20,42 +20,32 @@ from PIL import Image
 from sqlmodel import Session, select
 
 from catreview.export.conversations import (
-    IMAGE_TOKEN,
-    KINDS,
     METADATA_COLUMNS,
     QUESTION_TEMPLATES,
-    ReviewedRow,
     answer_text,
     build_record,
-    check_record,
     indefinite_article,
-    load_breed_traits,
     record_id,
     to_messages,
 )
-from catreview.data.db import ExportRecord, ImageRecord, SplitAssignment, make_engine
-from catreview.export.dataset import (
-    DB_SPLIT,
-    SPLITS,
-    ExportError,
+from catreview.data.db import ExportRecord, ImageRecord, SplitAssignment, make_engine, redact_url
+from catreview.export.archive import zip_export
+from catreview.export.dataset import ExportError, export_dataset
+from catreview.export.info import export_info
+from catreview.export.info import tree_hash as _tree_hash
+from catreview.export.llava_import import import_llava_jsonl
+from catreview.export.llava_jsonl import write_llava_jsonl
+from catreview.export.records import IMAGE_TOKEN, check_record
+from catreview.export.rows import ReviewedRow, collect_reviewed_rows
+from catreview.export.splits import DB_SPLIT, SPLITS, assign_splits, largest_remainder
+from catreview.export.traits import KINDS, load_breed_traits
+from catreview.export.validate import (
     ProcessorMismatchError,
     RecordValidator,
-    _tree_hash,
-    assign_splits,
     check_processor,
-    collect_reviewed_rows,
-    export_dataset,
-    export_info,
-    import_llava_jsonl,
-    jsonl_line,
-    largest_remainder,
-    read_jsonl,
-    redact_url,
     validate_record_for_processor,
-    write_jsonl,
-    write_llava_jsonl,
-    zip_export,
 )
+from catreview.files import jsonl_line, read_jsonl, write_jsonl
 from catreview.data.images import load_rgb
 from catreview.files import sha256_file
 from catreview.data.importer import import_folder
@@ -542,7 +532,7 @@ def test_failures_are_reported_and_never_corrupt(base: dict, tmp_path: Path):
 def tiny_llava(tmp_path_factory: pytest.TempPathFactory):
     from transformers import AutoConfig, AutoProcessor
 
-    from catreview.models.tiny_vlms import build_tiny_llava
+    from catreview.models.tiny_llava import build_tiny_llava
 
     folder = build_tiny_llava(tmp_path_factory.mktemp("llava") / "tiny", size="demo")
     return folder, AutoProcessor.from_pretrained(folder), AutoConfig.from_pretrained(folder)
@@ -771,3 +761,19 @@ def test_imported_and_reviewed_labels_mixed_keep_one_schema_in_every_split(cats_
         assert features["confidence_target"].dtype == "float64"
         assert sorted(set(ds["train"]["predicted_at_review"])) == ["", "Ocicat"]
         assert ds["test"][0]["confidence_target"] == 0.8 and ds["test"][0]["review"] == "imported"
+
+
+def test_import_llava_command_seeds_a_new_database(first: dict, tmp_path: Path):
+    """``python -m catreview import-llava`` records every record of a split as an import review."""
+    from catreview.cli import main as cli
+
+    out = first["out"]
+    records = _split_records(out)["validation"]
+    url = f"sqlite:///{tmp_path / 'seeded.db'}"
+    assert cli.main(["import-llava", str(out / "llava" / "validation.jsonl"), "--images-root", str(out), "--db", url]) == 0
+    with Session(make_engine(url)) as s:
+        latest = current_reviews(s)
+        by_id = {Path(img.path).stem: latest[img.id].label for img in s.exec(select(ImageRecord))}
+    assert by_id == {r["id"]: r["metadata"]["breed"] for r in records}  # the exported (resized) photos, by record id
+    missing = cli.main(["import-llava", str(tmp_path / "absent.jsonl"), "--images-root", str(out), "--db", url])
+    assert missing == 2

@@ -20,20 +20,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402  (hard requirements: a broken install must fail, not skip)
 
-from catreview.models.vlm import prompts  # noqa: E402
-
-from catreview.models import tiny_vlms
 from catreview.config import VLMProfile  # noqa: E402
-from catreview.models.vlm.postclassifier import (  # noqa: E402
-    TokenBoundaryError,
-    VLMError,
-    VLMPostClassifier,
+from catreview.models import tiny_llava  # noqa: E402
+from catreview.models.vlm import prompts  # noqa: E402
+from catreview.models.vlm.generation import match_candidate  # noqa: E402
+from catreview.models.vlm.postclassifier import VLMPostClassifier  # noqa: E402
+from catreview.models.vlm.scoring import (  # noqa: E402
     answer_token_ids,
     candidate_answer,
-    match_candidate,
     pack_candidates,
     packed_attention_mask,
 )
+from catreview.models.vlm.types import TokenBoundaryError, VLMError  # noqa: E402
+from tests import tiny_vlms  # noqa: E402
 from tests.conftest import load_photos  # noqa: E402  (skips without photos, fails under CI)
 
 ATOL = 1e-4
@@ -53,7 +52,7 @@ def photos():
 def model_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny-vlms")
     return {
-        "llava": tiny_vlms.build_tiny_llava(root / "llava", size="demo", seed=0),
+        "llava": tiny_llava.build_tiny_llava(root / "llava", size="demo", seed=0),
         "llava-next": tiny_vlms.build_tiny_llava_next(root / "llava-next", seed=0),
         "qwen2-vl": tiny_vlms.build_tiny_qwen2_vl(root / "qwen2-vl", seed=0),
         "idefics3": tiny_vlms.build_tiny_idefics3(root / "idefics3", seed=0),
@@ -101,8 +100,8 @@ def test_tiny_models_load_through_auto_classes(model_dirs):
 
 
 def test_tiny_build_is_deterministic(tmp_path, model_dirs):
-    again = tiny_vlms.build_tiny_llava(tmp_path / "again", size="demo", seed=0)
-    other = tiny_vlms.build_tiny_llava(tmp_path / "other", size="demo", seed=1)
+    again = tiny_llava.build_tiny_llava(tmp_path / "again", size="demo", seed=0)
+    other = tiny_llava.build_tiny_llava(tmp_path / "other", size="demo", seed=1)
     version = lambda d: make(d).model_version.split("@")[1]  # noqa: E731  (folder names differ)
     assert version(again) == version(model_dirs["llava"])
     assert version(other) != version(again)

@@ -70,7 +70,7 @@ class ReviewApp:
         """The app's :class:`catreview.adapters.jobs.TrainJobs` (LoRA rounds in a separate process),
         created on first use with the default gate policy; creating it recovers crashed runs
         (:meth:`~catreview.adapters.jobs.TrainJobs.reconcile`). Assign to use another one (e.g. a
-        stricter :class:`~catreview.adapters.versions.GatePolicy`)."""
+        stricter :class:`~catreview.adapters.gate.GatePolicy`)."""
         with self._train_jobs_lock:
             if self._train_jobs is None:
                 from catreview.adapters.jobs import TrainJobs

@@ -2,7 +2,7 @@
 arguments, a progress bar.
 
 :mod:`catreview.cli.main` wires the commands; core modules that define their own sub-commands
-(:mod:`catreview.compare.session`, :mod:`catreview.adapters.jobs`) import these helpers from here, never
+(:mod:`catreview.cli.compare`, :mod:`catreview.cli.train`) import these helpers from here, never
 from :mod:`catreview.cli.main`, so imports go one way (cli -> core -> cli_common). This module
 imports only the standard library, ``tqdm`` and :mod:`catreview.config`.
 """

@@ -26,7 +26,7 @@ from typing import Any
 from tqdm import tqdm
 
 from catreview.cli.common import add_common_options, progress_bar, settings_from_args
-from catreview.config import ConfigError, Settings
+from catreview.config import Settings
 from catreview.errors import CatreviewError
 
 
@@ -36,21 +36,39 @@ class CLIError(CatreviewError):
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with all sub-commands."""
-    parser = argparse.ArgumentParser(prog="python -m catreview", description="Review a cat-breed classifier with a VLM in the loop.")
+    parser = argparse.ArgumentParser(
+        prog="python -m catreview", description="Review a cat-breed classifier with a VLM in the loop."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("import", help="import a folder of photos (recursively)")
     add_common_options(p)
     p.add_argument("folder")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--labels", metavar="FILE.csv", help="existing labels: CSV with columns path,label (paths relative to FOLDER)")
-    g.add_argument("--labels-from-folders", action="store_true", help="existing labels: the parent folder name of each photo")
+    g.add_argument(
+        "--labels", metavar="FILE.csv", help="existing labels: CSV with columns path,label (paths relative to FOLDER)"
+    )
+    g.add_argument(
+        "--labels-from-folders", action="store_true", help="existing labels: the parent folder name of each photo"
+    )
+
+    p = sub.add_parser(
+        "import-llava", help="seed labels from a LLaVA JSONL file of a catreview export (e.g. another database's)"
+    )
+    add_common_options(p)
+    p.add_argument("jsonl", metavar="FILE.jsonl", help="records as written by `export` (llava/<split>.jsonl)")
+    p.add_argument(
+        "--images-root", required=True, metavar="DIR", help="folder the records' image paths are relative to"
+    )
 
     p = sub.add_parser("predict", help="run stage 1 and the VLM on every imported photo (cached)")
     add_common_options(p)
     p.add_argument("--vlm", metavar="PROFILE", help="VLM profile (default: active_vlm)")
-    p.add_argument("--no-reasoning", action="store_true",
-                   help="skip generating the reasoning texts (the slow part; the app streams them on demand)")
+    p.add_argument(
+        "--no-reasoning",
+        action="store_true",
+        help="skip generating the reasoning texts (the slow part; the app streams them on demand)",
+    )
 
     p = sub.add_parser("predictions", help="list photos with their predictions and reviews")
     add_common_options(p)
@@ -66,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_options(p)
     p.add_argument("--out", required=True, metavar="DIR", help="export folder (must be absent or empty)")
     p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
-    p.add_argument("--image-size", type=int, default=336, help="shortest side in px (336 for LLaVA-1.5, 512 for Pixtral)")
+    p.add_argument(
+        "--image-size", type=int, default=336, help="shortest side in px (336 for LLaVA-1.5, 512 for Pixtral)"
+    )
     p.add_argument("--cap-per-breed", type=int, default=None, help="at most this many photos per breed")
     p.add_argument("--oversample", action="store_true", help="oversample minority breeds in train only")
     p.add_argument("--resplit", action="store_true", help="forget sticky splits and split again")
@@ -76,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace DIR when it holds an earlier catreview export")
 
     from catreview.cli.compare import add_compare_parser
-    from catreview.adapters.jobs import add_adapters_parser, add_train_parser
+    from catreview.cli.train import add_adapters_parser, add_train_parser
 
     add_train_parser(sub)
     add_adapters_parser(sub)
@@ -101,13 +121,34 @@ def cmd_import(args: argparse.Namespace) -> int:
 
     try:
         summary = import_folder(
-            engine, args.folder, vocabulary=BreedVocabulary.from_labels_file(settings.classifier.labels_file),
-            labels_csv=args.labels, labels_from_folders=args.labels_from_folders, progress=progress,
+            engine,
+            args.folder,
+            vocabulary=BreedVocabulary.from_labels_file(settings.classifier.labels_file),
+            labels_csv=args.labels,
+            labels_from_folders=args.labels_from_folders,
+            progress=progress,
         )
     except (NotADirectoryError, FileNotFoundError) as exc:
         raise CLIError(str(exc)) from exc
     finally:
         bar.close()
+    print("\n".join(summary.lines()))
+    return 0
+
+
+def cmd_import_llava(args: argparse.Namespace) -> int:
+    """``import-llava FILE``: record each record's breed as an ``import`` review (photos added when new); prints the summary. Returns 0."""
+    from catreview.data.db import make_engine
+    from catreview.data.labels import BreedVocabulary
+    from catreview.export.llava_import import import_llava_jsonl
+
+    settings = settings_from_args(args)
+    summary = import_llava_jsonl(
+        make_engine(settings.database_url),
+        args.jsonl,
+        args.images_root,
+        vocabulary=BreedVocabulary.from_labels_file(settings.classifier.labels_file),
+    )
     print("\n".join(summary.lines()))
     return 0
 
@@ -127,7 +168,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     engine = make_engine(settings.database_url)
     update, close = progress_bar()
     try:
-        summary = run_predictions(engine, _registry(settings), vlm_name=args.vlm, reasoning=not args.no_reasoning, progress=update)
+        summary = run_predictions(
+            engine, _registry(settings), vlm_name=args.vlm, reasoning=not args.no_reasoning, progress=update
+        )
     finally:
         close()
     print("\n".join(summary.lines()))
@@ -142,7 +185,8 @@ def cmd_predictions(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     engine = make_engine(settings.database_url)
     n = 0
-    for n, view in enumerate(iter_views(engine, _registry(settings), vlm_name=args.vlm), start=1):
+    for view in iter_views(engine, _registry(settings), vlm_name=args.vlm):
+        n += 1
         if args.json:
             print(json.dumps(view, ensure_ascii=False))
         else:
@@ -151,18 +195,22 @@ def cmd_predictions(args: argparse.Namespace) -> int:
             rev = view["review"]["label"] if view["review"] else "-"
             print(f"{view['path']}\t{view['error'] or ''}\tstage1={s1}\tfused={fused}\treview={rev}")
     if n == 0:  # stderr: keeps --json output clean
-        print(f"no photos in {redact_url(settings.database_url)}: run 'python -m catreview import DIR' first "
-              "(or check --db)", file=sys.stderr)
+        print(
+            f"no photos in {redact_url(settings.database_url)}: run 'python -m catreview import DIR' first "
+            "(or check --db)",
+            file=sys.stderr,
+        )
     return 0
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """``calibrate``: fit temperatures and the fusion weight on reviewed photos, store them, print the report. Returns 0."""
+    from catreview.app.presenters.calibration import report_text
     from catreview.evaluate.store import fit_and_store
 
     settings = settings_from_args(args)
     report, stored = fit_and_store(settings, _registry(settings), vlm_name=args.vlm, store=not args.dry_run)
-    print(report.to_table())
+    print(report_text(report))
     print(f"stored as calibration #{stored}" if stored else "not stored (--dry-run)")
     return 0
 
@@ -170,8 +218,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     """``export OUT``: write a curated dataset version (LLaVA JSONL, messages, images, manifest; ``--zip``). Returns 0."""
     from catreview.data.db import make_engine
-    from catreview.export.dataset import export_dataset, zip_export
     from catreview.data.labels import BreedVocabulary
+    from catreview.export.archive import zip_export
+    from catreview.export.dataset import export_dataset
 
     settings = settings_from_args(args)
     engine = make_engine(settings.database_url)
@@ -186,9 +235,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     try:
         summary = export_dataset(
-            engine, args.out, seed=args.seed, image_size=args.image_size, cap_per_breed=args.cap_per_breed,
-            oversample_train=args.oversample, resplit=args.resplit, processor=processor,
-            vocabulary=BreedVocabulary.from_labels_file(settings.classifier.labels_file), progress=progress,
+            engine,
+            args.out,
+            seed=args.seed,
+            image_size=args.image_size,
+            cap_per_breed=args.cap_per_breed,
+            oversample_train=args.oversample,
+            resplit=args.resplit,
+            processor=processor,
+            vocabulary=BreedVocabulary.from_labels_file(settings.classifier.labels_file),
+            progress=progress,
             overwrite=args.overwrite,
         )
     except FileExistsError as exc:
@@ -209,14 +265,14 @@ def _check_vlm_option(args: argparse.Namespace) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from catreview.adapters.jobs import cmd_train
+    from catreview.cli.train import cmd_train
 
     _check_vlm_option(args)
     return cmd_train(args)
 
 
 def _cmd_adapters(args: argparse.Namespace) -> int:
-    from catreview.adapters.jobs import cmd_adapters
+    from catreview.cli.train import cmd_adapters
 
     _check_vlm_option(args)
     return cmd_adapters(args)
@@ -230,6 +286,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "import": cmd_import,
+    "import-llava": cmd_import_llava,
     "predict": cmd_predict,
     "predictions": cmd_predictions,
     "calibrate": cmd_calibrate,

@@ -260,6 +260,17 @@ def redact_url(url: str | URL) -> str:
     return u._replace(password=None).set(query=query).render_as_string(hide_password=False)
 
 
+def stored_id(image: ImageRecord) -> int:
+    """The primary key of a stored image row (set once the row is flushed).
+
+    Raises:
+        ValueError: the row has not been stored yet.
+    """
+    if image.id is None:
+        raise ValueError(f"image row {image.path!r} has not been stored yet")
+    return image.id
+
+
 def get_image(session: Session, image_id: int) -> ImageRecord:
     """The image row with this id. Raises ``KeyError`` if there is none."""
     img = session.get(ImageRecord, image_id)

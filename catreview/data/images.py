@@ -102,8 +102,7 @@ def load_rgb(source: str | Path) -> Image.Image:
                         f"{MAX_PIXELS / 1e6:.0f} MP; possible decompression bomb)"
                     )
                 img.load()
-                img = ImageOps.exif_transpose(img)
-                return _to_rgb8(img)
+                return _to_rgb8(ImageOps.exif_transpose(img))
     except ImageDecodeError:
         raise
     except UnidentifiedImageError:

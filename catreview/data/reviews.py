@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from sqlalchemy import func
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from catreview.data.db import ImageRecord, Review, get_image
 from catreview.data.labels import BreedVocabulary
@@ -26,7 +26,7 @@ def latest_review(session: Session, image_id: int) -> Review | None:
 
 def current_reviews(session: Session) -> dict[int, Review]:
     """``{image_id: latest Review}`` for every reviewed image, in one query."""
-    newest = select(Review.image_id, func.max(Review.id).label("rid")).group_by(Review.image_id).subquery()
+    newest = select(Review.image_id, func.max(Review.id).label("rid")).group_by(col(Review.image_id)).subquery()
     rows = session.exec(select(Review).join(newest, Review.id == newest.c.rid)).all()  # type: ignore[arg-type]
     return {r.image_id: r for r in rows}
 

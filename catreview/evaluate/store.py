@@ -15,19 +15,26 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from sqlmodel import Session
 
-from catreview.evaluate.calibration import CalibrationReport, ReviewRecord, calibrate
 from catreview.adapters.versions import training_photo_hashes
 from catreview.data.db import CalibrationRecord, make_engine
-from catreview.predict.fusion import OTHER
 from catreview.data.labels import BreedVocabulary, is_breed
-from catreview.query.photos import current_blend, iter_views
+from catreview.evaluate.calibration import CalibrationReport, ReviewRecord, calibrate
+from catreview.predict.fusion import OTHER
+from catreview.query.photos import PhotoView, current_blend, iter_views
+
+if TYPE_CHECKING:
+    from catreview.config import Settings
+    from catreview.models.registry import ModelRegistry
+
+__all__ = ["fit_and_store", "review_records"]
 
 
-def review_records(views: list[dict[str, Any]], vocabulary: BreedVocabulary | None = None) -> list[ReviewRecord]:
+def review_records(views: Sequence[PhotoView], vocabulary: BreedVocabulary | None = None) -> list[ReviewRecord]:
     """:class:`ReviewRecord` for photos whose latest review names a breed and that have stage-1
     predictions (VLM probabilities ``None`` when routing skipped the VLM or it has not run).
 
@@ -42,15 +49,19 @@ def review_records(views: list[dict[str, Any]], vocabulary: BreedVocabulary | No
         if not review or not s1 or not is_breed(review["label"]):
             continue
         vlm = (v.get("vlm") or {}).get("probabilities")
-        out.append(ReviewRecord(
-            human_label=canon(review["label"]),
-            stage1_topk=[(canon(d["label"]), d["probability"]) for d in s1],
-            vlm_probs=None if vlm is None else {k if k == OTHER else canon(k): p for k, p in vlm.items()},
-        ))
+        out.append(
+            ReviewRecord(
+                human_label=canon(review["label"]),
+                stage1_topk=[(canon(d["label"]), d["probability"]) for d in s1],
+                vlm_probs=None if vlm is None else {k if k == OTHER else canon(k): p for k, p in vlm.items()},
+            )
+        )
     return out
 
 
-def fit_and_store(settings: Any, registry: Any, *, vlm_name: str | None = None, store: bool = True) -> tuple[CalibrationReport, int | None]:
+def fit_and_store(
+    settings: Settings, registry: ModelRegistry, *, vlm_name: str | None = None, store: bool = True
+) -> tuple[CalibrationReport, int | None]:
     """Fit on the database of ``settings``; returns the report and the stored row id (or None).
 
     Photos the active adapter may have learned are left out (see the module docstring); the
@@ -59,8 +70,9 @@ def fit_and_store(settings: Any, registry: Any, *, vlm_name: str | None = None, 
     these model versions, else ``fusion.weight``).
 
     Raises:
-        ValueError: fewer reviewed photos than ``fusion.calibration_min_reviews`` (after leaving
-            out the adapter's training photos).
+        CalibrationError: (a ``ValueError``) fewer reviewed photos than
+            ``fusion.calibration_min_reviews`` (after leaving out the adapter's training photos),
+            see :func:`~catreview.evaluate.calibration.calibrate`.
     """
     engine = make_engine(settings.database_url)
     views = list(iter_views(engine, registry, vlm_name=vlm_name))
@@ -69,14 +81,18 @@ def fit_and_store(settings: Any, registry: Any, *, vlm_name: str | None = None, 
         trained = training_photo_hashes(session, adapter)
     note = None
     if trained is None:
-        note = (f"The VLM's adapter {adapter} is not a version of this database: photos it was trained on "
-                "cannot be left out, so the VLM numbers may be optimistic.")
+        note = (
+            f"The VLM's adapter {adapter} is not a version of this database: photos it was trained on "
+            "cannot be left out, so the VLM numbers may be optimistic."
+        )
     elif trained:
         kept = [v for v in views if v["sha256"] not in trained]
         n_left_out = len(review_records(views)) - len(review_records(kept))
         views = kept
-        note = (f"Left out {n_left_out} reviewed photos of the train split the active adapter was trained on "
-                "(its verdicts on them are not a fair test).")
+        note = (
+            f"Left out {n_left_out} reviewed photos of the train split the active adapter was trained on "
+            "(its verdicts on them are not a fair test)."
+        )
     records = review_records(views, BreedVocabulary.from_labels_file(settings.classifier.labels_file))
     clf, vlm = registry.classifier(), registry.vlm(vlm_name)
     with Session(engine) as session:  # the weight in force: the last fit's, else the configured one
@@ -99,11 +115,10 @@ def fit_and_store(settings: Any, registry: Any, *, vlm_name: str | None = None, 
             weight=report.weight,
             temperature_fused=report.fused_temperature,
             n_reviews=report.n_reviews,
-            report_json=json.dumps({"summary": report.summary_rows(), "per_breed": report.per_breed_rows()}, default=str),
+            report_json=json.dumps(
+                {"summary": report.summary_rows(), "per_breed": report.per_breed_rows()}, default=str
+            ),
         )
         session.add(row)
         session.commit()
         return report, row.id
-
-
-

@@ -2,7 +2,8 @@
 
 One record per photo whose latest review names a breed (``Not a cat``/``Unsure`` are skipped by
 the callers and counted). The seed schema is LLaVA's ``conversations`` form
-(https://github.com/haotian-liu/LLaVA, ``llava_v1_5_mix665k.json``)::
+(https://github.com/haotian-liu/LLaVA, ``llava_v1_5_mix665k.json``), typed by
+:class:`catreview.export.records.ConversationRecord`::
 
     {"id": "3f2a9c0d1b7e4a55",
      "image": "train/3f2a9c0d1b7e4a55.jpg",            # relative to the export root
@@ -17,7 +18,8 @@ and :func:`to_messages` turns the same record into the ``messages`` + ``images``
 
 Rules kept here, tested in ``tests/test_exports.py``:
 
-* ``<image>`` appears exactly once, at the start of the first human turn.
+* ``<image>`` appears exactly once, at the start of the first human turn (checked by
+  :func:`catreview.export.records.check_record`).
 * Ids derive from the photo's sha256 (:func:`record_id`), so they are stable across exports.
 * Question and answer templates are chosen per photo from a hash of its sha256 (and the copy
   number for oversampled copies): deterministic, yet varied across photos.
@@ -38,23 +40,15 @@ Rules kept here, tested in ``tests/test_exports.py``:
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
-from functools import cached_property
-from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
-from catreview.config import ASSETS_DIR
 from catreview.data.labels import BreedVocabulary, UnknownLabelError, is_breed, normalise
+from catreview.export.records import IMAGE_TOKEN, REVIEW_KINDS, ConversationRecord, ReviewKind, predictions_json
+from catreview.export.rows import ReviewedRow
+from catreview.export.traits import BreedTraits, TraitTable
 
-TRAITS_FILE = ASSETS_DIR / "breed_traits.json"
-IMAGE_TOKEN = "<image>"
-#: ``kind`` values in ``assets/breed_traits.json``.
-KINDS = ("breed", "colour_pattern", "landrace")
-#: ``metadata.review`` values; see the module docstring.
-REVIEW_KINDS = ("confirmed", "corrected", "labelled", "imported")
 HUMAN_CONFIDENCE = 1.0
 IMPORTED_CONFIDENCE = 0.8
 IMPORT_SOURCE = "import"
@@ -81,90 +75,6 @@ ID_HEX_CHARS = 16
 """Record ids are the first 16 hex digits (64 bits) of the photo's sha256; collisions among
 127K photos have probability ~1e-9, and exports check for them anyway."""
 
-
-# --------------------------------------------------------------------------------------------
-# Traits
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BreedTraits:
-    """One class of ``assets/breed_traits.json``: canonical ``name``, ``kind`` (one of
-    :data:`KINDS`), ``display`` (the name used in answer text) and ``traits`` (one paragraph)."""
-
-    name: str
-    kind: str
-    display: str
-    traits: str
-
-
-class TraitTable:
-    """Trait descriptions keyed by class name, with alias lookup.
-
-    Args:
-        classes: ``{canonical name: BreedTraits}``.
-        aliases: ``{other spelling: canonical name}`` (e.g. the shared photos' folder names).
-
-    Lookup order in :meth:`get`: exact name, the file's aliases, then
-    :class:`~catreview.data.labels.BreedVocabulary` matching (case, ``_``/``-`` and the built-in
-    alias table such as ``Sphynx`` -> ``Sphynx - Hairless Cat``).
-    """
-
-    def __init__(self, classes: Mapping[str, BreedTraits], aliases: Mapping[str, str] | None = None) -> None:
-        self.classes = dict(classes)
-        self.aliases = {normalise(k): v for k, v in (aliases or {}).items() if v in self.classes}
-
-    @cached_property
-    def _vocabulary(self) -> BreedVocabulary:
-        return BreedVocabulary(list(self.classes))
-
-    def get(self, label: str) -> BreedTraits | None:
-        """Traits for ``label`` in any accepted spelling, or ``None`` when unknown."""
-        if label in self.classes:
-            return self.classes[label]
-        alias = self.aliases.get(normalise(label))
-        if alias is not None:
-            return self.classes[alias]
-        try:
-            return self.classes.get(self._vocabulary.canonical(label))
-        except UnknownLabelError:
-            return None
-
-    def __len__(self) -> int:
-        return len(self.classes)
-
-
-def load_breed_traits(path: str | Path = TRAITS_FILE) -> TraitTable:
-    """Read and check a traits file (format of ``assets/breed_traits.json``).
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: not JSON, no ``classes`` object, an entry without ``traits`` text, or a
-            ``kind`` outside :data:`KINDS`.
-    """
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
-    raw = data.get("classes") if isinstance(data, dict) else None
-    if not isinstance(raw, dict) or not raw:
-        raise ValueError(f"{path}: expected an object with a non-empty 'classes' object")
-    classes: dict[str, BreedTraits] = {}
-    for name, entry in raw.items():
-        kind = entry.get("kind")
-        if kind not in KINDS:
-            raise ValueError(f"{path}: class {name!r} has kind {kind!r}; expected one of {KINDS}")
-        text = (entry.get("traits") or "").strip()
-        if not text:
-            raise ValueError(f"{path}: class {name!r} has no traits text")
-        classes[name] = BreedTraits(name, kind, (entry.get("display") or name).strip(), text)
-    return TraitTable(classes, data.get("aliases"))
-
-
-# --------------------------------------------------------------------------------------------
-# Text
-# --------------------------------------------------------------------------------------------
 
 _A_BEFORE_VOWEL = ("uni", "use", "usu", "uk", "ura", "ure", "uti", "eu", "ewe", "one", "once")
 _AN_BEFORE_H = ("hour", "honest", "honou", "heir")
@@ -226,49 +136,6 @@ def answer_text(label: str, traits: BreedTraits | None, template: int = 0) -> st
     return f"{text} Characteristics: {traits.traits}" if traits else text
 
 
-# --------------------------------------------------------------------------------------------
-# Reviewed rows -> records
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ReviewedRow:
-    """A photo and its latest review, as exports need them.
-
-    ``path`` is the photo's file (absolute, as imported); ``snapshot`` the decoded review
-    ``model_snapshot_json`` (``{"stage1": [[label, prob], ...], "vlm": {label: prob} | None,
-    "fused": {"label", "probability"}, "model_versions": {...}}``) or ``None``.
-    """
-
-    image_id: int | None
-    sha256: str
-    path: str
-    label: str
-    annotator: str
-    source: str = "ui"
-    note: str | None = None
-    snapshot: dict[str, Any] | None = None
-    snapshot_unreadable: bool = False  # the stored snapshot was not a JSON object (exported without it)
-
-
-def parse_snapshot(snapshot_json: str | None) -> dict[str, Any] | None:
-    """Decode a review's ``model_snapshot_json``; ``None`` when none was stored.
-
-    Raises:
-        ValueError: the stored text is not a JSON object (callers export the review without
-            predictions and count it, see :func:`catreview.export.dataset.collect_reviewed_rows`).
-    """
-    if not snapshot_json:
-        return None
-    try:
-        value = json.loads(snapshot_json)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"unreadable model snapshot: {exc}") from exc
-    if not isinstance(value, dict):
-        raise ValueError(f"model snapshot is a {type(value).__name__}, not a JSON object")
-    return value
-
-
 def _same_label(a: str, b: str, vocabulary: BreedVocabulary | None) -> bool:
     if vocabulary is not None:
         try:
@@ -278,8 +145,8 @@ def _same_label(a: str, b: str, vocabulary: BreedVocabulary | None) -> bool:
     return normalise(a) == normalise(b)
 
 
-def review_kind(row: ReviewedRow, vocabulary: BreedVocabulary | None = None) -> str:
-    """One of :data:`REVIEW_KINDS` (see the module docstring)."""
+def review_kind(row: ReviewedRow, vocabulary: BreedVocabulary | None = None) -> ReviewKind:
+    """One of :data:`~catreview.export.records.REVIEW_KINDS` (see the module docstring)."""
     fused = (row.snapshot or {}).get("fused")
     if isinstance(fused, dict) and isinstance(fused.get("label"), str):
         return "confirmed" if _same_label(fused["label"], row.label, vocabulary) else "corrected"
@@ -294,59 +161,6 @@ def confidence_target(kind: str, imported_confidence: float = IMPORTED_CONFIDENC
     return imported_confidence if kind == "imported" else HUMAN_CONFIDENCE
 
 
-def _prob_list(pairs: Any) -> list[dict[str, Any]] | None:
-    if isinstance(pairs, dict):
-        pairs = list(pairs.items())
-    if not isinstance(pairs, list):
-        return None
-    out = []
-    for p in pairs:
-        if isinstance(p, (list, tuple)) and len(p) == 2:
-            out.append({"label": str(p[0]), "probability": float(p[1])})
-    return out
-
-
-def predictions_from_snapshot(snapshot: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """The review snapshot in an Arrow-friendly form for ``metadata.predictions_at_review``.
-
-    ``[[label, prob], ...]`` and ``{label: prob}`` become lists of ``{"label", "probability"}``
-    (mixed-type lists and per-row dict keys break ``datasets``' JSON loading)::
-
-        {"stage1": [{"label", "probability"}, ...] | None, "vlm": [...] | None,
-         "fused": {"label", "probability"} | None, "model_versions": {...} | None}
-    """
-    if not snapshot:
-        return None
-    fused = snapshot.get("fused")
-    return {
-        "stage1": _prob_list(snapshot.get("stage1")),
-        "vlm": _prob_list(snapshot.get("vlm")),
-        "fused": (
-            {"label": str(fused.get("label")), "probability": float(fused.get("probability", 0.0))}
-            if isinstance(fused, dict) and fused.get("label") is not None
-            else None
-        ),
-        "model_versions": snapshot.get("model_versions") if isinstance(snapshot.get("model_versions"), dict) else None,
-    }
-
-
-def snapshot_from_predictions(predictions: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """Inverse of :func:`predictions_from_snapshot` (for importing an export back)."""
-    if not predictions:
-        return None
-
-    def pairs(v: Any) -> list[list[Any]] | None:
-        return [[d["label"], d["probability"]] for d in v] if isinstance(v, list) else None
-
-    vlm = pairs(predictions.get("vlm"))
-    return {
-        "stage1": pairs(predictions.get("stage1")) or [],
-        "vlm": dict((k, p) for k, p in vlm) if vlm is not None else None,
-        "fused": predictions.get("fused"),
-        "model_versions": predictions.get("model_versions") or {},
-    }
-
-
 def build_record(
     row: ReviewedRow,
     image: str,
@@ -356,7 +170,8 @@ def build_record(
     vocabulary: BreedVocabulary | None = None,
     imported_confidence: float = IMPORTED_CONFIDENCE,
 ) -> dict[str, Any]:
-    """The seed-schema record (module docstring) for one reviewed photo.
+    """The seed-schema record (module docstring) for one reviewed photo, in its JSON form
+    (:meth:`catreview.export.records.ConversationRecord.to_json`, the form written to JSONL).
 
     Args:
         row: the photo and its latest review; ``row.label`` must name a breed.
@@ -377,7 +192,7 @@ def build_record(
     q, a = template_indices(row.sha256, copy)
     t = traits.get(row.label)
     kind = review_kind(row, vocabulary)
-    return {
+    record = {
         "id": record_id(row.sha256, copy),
         "image": image,
         "conversations": [
@@ -393,54 +208,14 @@ def build_record(
             "source": row.source,
             "sha256": row.sha256,
             "note": row.note,
-            "predictions_at_review": predictions_from_snapshot(row.snapshot),
+            "predictions_at_review": predictions_json(row.snapshot),
         },
     }
-
-
-# --------------------------------------------------------------------------------------------
-# Checks and other formats
-# --------------------------------------------------------------------------------------------
-
-
-def check_record(record: Mapping[str, Any]) -> list[str]:
-    """Structural problems of a seed-schema record (empty list: none).
-
-    Checks: string ``id``; ``image`` a relative POSIX path without ``..``; at least two turns,
-    alternating human/gpt starting with human, non-empty strings; ``<image>`` exactly once in
-    the whole conversation, at the start of the first human turn; ``metadata.breed`` a breed;
-    ``confidence_target`` in [0, 1].
-    """
-    errors: list[str] = []
-    if not isinstance(record.get("id"), str) or not record["id"]:
-        errors.append("missing id")
-    image = record.get("image")
-    if not isinstance(image, str) or not image:
-        errors.append("missing image path")
-    elif PurePosixPath(image).is_absolute() or ".." in PurePosixPath(image).parts or "\\" in image:
-        errors.append(f"image path {image!r} must be relative to the export root, without '..'")
-    turns = record.get("conversations")
-    if not isinstance(turns, list) or len(turns) < 2:
-        return [*errors, "conversations must hold at least a human and a gpt turn"]
-    for i, turn in enumerate(turns):
-        want = "human" if i % 2 == 0 else "gpt"
-        if not isinstance(turn, dict) or turn.get("from") != want:
-            errors.append(f"turn {i} should be from {want!r}")
-        elif not isinstance(turn.get("value"), str) or not turn["value"].strip():
-            errors.append(f"turn {i} has no text")
-    values = [t.get("value", "") for t in turns if isinstance(t, dict) and isinstance(t.get("value"), str)]
-    n_image = sum(v.count(IMAGE_TOKEN) for v in values)
-    if n_image != 1:
-        errors.append(f"{IMAGE_TOKEN} appears {n_image} times; expected exactly once")
-    if values and not values[0].startswith(IMAGE_TOKEN):
-        errors.append(f"the first human turn must start with {IMAGE_TOKEN}")
-    meta = record.get("metadata") or {}
-    if not is_breed(meta.get("breed")):
-        errors.append(f"metadata.breed {meta.get('breed')!r} is not a breed")
-    c = meta.get("confidence_target")
-    if not isinstance(c, (int, float)) or not 0.0 <= float(c) <= 1.0:
-        errors.append(f"metadata.confidence_target {c!r} is not in [0, 1]")
-    return errors
+    # Checked against the contract (RecordFormatError on a violation). Strict types coerce
+    # nothing but an int to a float, so the checked values are the JSON form; writing them (not a
+    # dump of the model) also keeps an integer ``imported_confidence`` as it was written before.
+    ConversationRecord.parse(record)
+    return record
 
 
 def _split_image_text(value: str) -> tuple[bool, str]:
@@ -462,7 +237,8 @@ def to_messages(record: Mapping[str, Any], style: Literal["trl", "llamafactory"]
 
     ``images`` holds the record's image path (relative to the export root). A ``<image>``
     appearing anywhere but the start of the first human turn is left inside the text, so a
-    malformed record stays visibly malformed (and fails :func:`check_record`).
+    malformed record stays visibly malformed (and fails
+    :func:`catreview.export.records.check_record`).
     """
     if style not in ("trl", "llamafactory"):
         raise ValueError(f"unknown messages style {style!r}; use 'trl' or 'llamafactory'")

@@ -17,7 +17,7 @@ import hashlib
 import json
 import pickle
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +29,7 @@ from safetensors import SafetensorError, safe_open
 from catreview.config import ClassifierConfig
 from catreview.data.labels import read_label_file
 from catreview.errors import CatreviewError
+from catreview.files import sha256_file
 
 
 class ClassifierError(CatreviewError, RuntimeError):
@@ -72,8 +73,10 @@ def _unsafe_globals(path: Path) -> list[str] | None:
 def unsafe_checkpoint_error(path: Path) -> ClassifierError:
     """The :class:`ClassifierError` for a ``.pth`` file that ``weights_only=True`` refused."""
     names = _unsafe_globals(path)
-    fix = ("re-save its weights as safetensors (safetensors.torch.save_file(model.state_dict(), "
-           "'model.safetensors')) or as a plain dict of tensors")
+    fix = (
+        "re-save its weights as safetensors (safetensors.torch.save_file(model.state_dict(), "
+        "'model.safetensors')) or as a plain dict of tensors"
+    )
     if names:
         return ClassifierError(
             f"checkpoint {path} contains Python objects that are not loaded, for safety "
@@ -155,15 +158,6 @@ def labels_from_checkpoint(path: Path) -> list[str] | None:
     return None
 
 
-def file_digest(path: Path, n: int = 12) -> str:
-    """First ``n`` hex digits of a file's sha256 (the model version of a checkpoint)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()[:n]
-
-
 @dataclass
 class Stage1Classifier:
     """A loaded timm classifier.
@@ -180,7 +174,7 @@ class Stage1Classifier:
 
     model: torch.nn.Module
     labels: list[str]
-    transform: object
+    transform: Callable[[Image.Image], torch.Tensor]
     device: torch.device
     model_id: str
     model_version: str
@@ -241,9 +235,13 @@ class Stage1Classifier:
         except pickle.UnpicklingError as exc:  # timm versions that do not translate it
             if ckpt is not None:
                 raise unsafe_checkpoint_error(ckpt) from exc
-            raise ClassifierError(f"the hub weights of {model_name!r} hold Python objects that are not loaded, for safety") from exc
+            raise ClassifierError(
+                f"the hub weights of {model_name!r} hold Python objects that are not loaded, for safety"
+            ) from exc
         except RuntimeError as exc:  # size mismatch of the head, missing keys
-            raise ClassifierError(f"checkpoint {ckpt} does not fit {model_name} with {kwargs.get('num_classes')} classes: {exc}") from exc
+            raise ClassifierError(
+                f"checkpoint {ckpt} does not fit {model_name} with {kwargs.get('num_classes')} classes: {exc}"
+            ) from exc
         except (OSError, SafetensorError) as exc:  # hub unreachable offline, unreadable file
             raise ClassifierError(f"cannot load classifier {model_name!r}: {exc}") from exc
         if labels is None:
@@ -254,7 +252,7 @@ class Stage1Classifier:
         model.eval().to(dev)
         data_cfg = timm.data.resolve_data_config({}, model=model)
         transform = timm.data.create_transform(**data_cfg)
-        weights = file_digest(ckpt) if ckpt is not None else "pretrained"
+        weights = sha256_file(ckpt)[:12] if ckpt is not None else "pretrained"  # 12 hex of the file's sha256
         # The class names are part of the output: a corrected labels file is a new version.
         names = hashlib.sha256("\n".join(labels).encode("utf-8")).hexdigest()[:8]
         return cls(model, labels, transform, dev, model_name, f"{weights}-labels{names}", batch_size)
@@ -265,7 +263,9 @@ class Stage1Classifier:
         name = model_name or cfg.model
         if name is None:
             raise ClassifierError("classifier.model is not set")
-        return cls.load(name, checkpoint=cfg.checkpoint, labels_file=cfg.labels_file, device=cfg.device, batch_size=cfg.batch_size)
+        return cls.load(
+            name, checkpoint=cfg.checkpoint, labels_file=cfg.labels_file, device=cfg.device, batch_size=cfg.batch_size
+        )
 
     @torch.inference_mode()
     def logits(self, images: Sequence[Image.Image]) -> torch.Tensor:

@@ -7,7 +7,7 @@ meaningless, and the UI says so.
 
 - stage 1: timm ``convnext_atto`` (3.4M params), 67 classes of ``assets/breeds67.txt``, saved as
   ``classifier/model.safetensors`` with the class names in the safetensors metadata.
-- stage 2: a tiny LLaVA-1.5 (:func:`catreview.models.tiny_vlms.build_tiny_llava`, size ``"demo"``).
+- stage 2: a tiny LLaVA-1.5 (:func:`catreview.models.tiny_llava.build_tiny_llava`, size ``"demo"``).
 """
 
 from __future__ import annotations
@@ -16,18 +16,12 @@ import errno
 import json
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-try:
-    import fcntl
-except ImportError:  # Windows: no flock; builds rely on the atomic rename alone
-    fcntl = None
-
 import timm
 import torch
+from filelock import FileLock
 from safetensors.torch import save_file
 
 from catreview.config import ConfigError
@@ -95,20 +89,12 @@ def _check_replaceable(demo_dir: Path) -> None:
         )
 
 
-@contextmanager
-def _build_lock(demo_dir: Path) -> Iterator[None]:
-    """An exclusive lock (``flock`` on a hidden sibling file) serialising builds of ``demo_dir``
-    across processes and threads; a no-op where ``fcntl`` is missing (Windows), where the atomic
-    rename in :func:`_move_into_place` still keeps builds whole."""
-    if fcntl is None:
-        yield
-        return
-    with open(demo_dir.parent / f".{demo_dir.name}.lock", "a+b") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+def _build_lock(demo_dir: Path) -> FileLock:
+    """An exclusive lock (``filelock.FileLock`` on a hidden sibling file) serialising builds of
+    ``demo_dir`` across processes and threads (a new lock object per call, so threads of one
+    process wait for each other too); the atomic rename in :func:`_move_into_place` keeps builds
+    whole in any case."""
+    return FileLock(demo_dir.parent / f".{demo_dir.name}.lock")
 
 
 def _move_into_place(build: Path, demo_dir: Path) -> None:
@@ -141,7 +127,7 @@ def ensure_demo_models(demo_dir: str | Path) -> DemoModels:
     Raises:
         ConfigError: ``demo_dir`` exists and is not a demo-model folder (it is left untouched).
     """
-    from catreview.models.tiny_vlms import build_tiny_llava
+    from catreview.models.tiny_llava import build_tiny_llava
 
     demo_dir = Path(demo_dir)
     models = DemoModels(DEMO_CLASSIFIER_ARCH, demo_dir / "classifier" / "model.safetensors", demo_dir / "llava-tiny")

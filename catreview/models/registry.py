@@ -10,13 +10,19 @@ and loaded through the same code as real checkpoints.
 from __future__ import annotations
 
 import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy.engine import Engine
+from sqlmodel import Session, select
 
-from catreview.models.classifier import Stage1Classifier
 from catreview.config import DEMO_PROFILE, ConfigError, Settings, VLMProfile
-from catreview.data.db import make_engine
+from catreview.data.db import AdapterVersion, make_engine
+from catreview.models.classifier import Stage1Classifier
 from catreview.models.demo import DemoModels, ensure_demo_models
+
+if TYPE_CHECKING:  # the VLM module is imported on first use, in ModelRegistry.vlm
+    from catreview.models.vlm.postclassifier import VLMPostClassifier
 
 
 class UnknownProfileError(ConfigError, KeyError):
@@ -38,11 +44,11 @@ class ModelRegistry:
 
     def __init__(self, settings: Settings, engine: Engine | None = None) -> None:
         self.settings = settings
-        # Where active LoRA adapter versions are looked up (catreview.adapters.versions.active_adapter).
+        # Where active LoRA adapter versions are looked up (:func:`active_adapter_path`).
         self.engine = engine if engine is not None else make_engine(settings.database_url)
         self._lock = threading.RLock()
         self._classifier: Stage1Classifier | None = None
-        self._vlms: dict[str, object] = {}
+        self._vlms: dict[str, VLMPostClassifier] = {}
         self._demo: DemoModels | None = None
 
     @property
@@ -118,7 +124,7 @@ class ModelRegistry:
                     self._classifier = Stage1Classifier.from_config(cfg)
             return self._classifier
 
-    def vlm(self, name: str | None = None):  # -> VLMPostClassifier
+    def vlm(self, name: str | None = None) -> VLMPostClassifier:
         """The VLM of profile ``name`` (default: the active one), created lazily; its weights
         load on first use and can be freed with ``unload()``.
 
@@ -140,12 +146,10 @@ class ModelRegistry:
 
     def _with_active_adapter(self, profile: VLMProfile) -> VLMProfile:
         """``profile`` with the active adapter version of its base model
-        (catreview.adapters.versions). An adapter set explicitly in the profile's config wins."""
+        (:func:`active_adapter_path`). An adapter set explicitly in the profile's config wins."""
         if profile.adapter is not None:
             return profile
-        from catreview.adapters.versions import active_adapter
-
-        path = active_adapter(self.engine, profile.model)
+        path = active_adapter_path(self.engine, profile.model)
         return profile if path is None else profile.model_copy(update={"adapter": path})
 
     def unload_vlms(self, keep: str | None = None) -> None:
@@ -154,3 +158,16 @@ class ModelRegistry:
             for name, vlm in self._vlms.items():
                 if name != keep:
                     vlm.unload()
+
+
+def active_adapter_path(engine: Engine, base_model: str) -> Path | None:
+    """Folder of the active LoRA adapter of ``base_model`` (an ``adapters`` row with ``active``), or ``None``.
+
+    The read side of :mod:`catreview.adapters.versions` (which registers, gates and activates
+    versions), done here on the table of :mod:`catreview.data.db` so that ``models`` does not
+    import ``adapters`` (the layer above it).
+    """
+    q = select(AdapterVersion).where(AdapterVersion.base_model == base_model, AdapterVersion.active == True)  # noqa: E712
+    with Session(engine) as s:
+        row = s.exec(q).first()
+    return Path(row.path) if row is not None else None

@@ -13,7 +13,7 @@ same outcomes, so they are put on a common outcome space first:
 * **Stage 1** (``p1``): the top-k probabilities are renormalised to sum to 1 over the candidates,
   ``p1(c) = q(c) / sum_k q(k)``, and ``p1(OTHER) = 0``. Renormalising (rather than giving
   ``OTHER`` the residual ``1 - sum_k q(k)``) keeps stage 1 consistent with its temperature
-  scaling in :mod:`catreview.evaluate.calibration`, which is fitted over the fixed candidate set and so
+  scaling in :mod:`catreview.evaluate.temperature`, which is fitted over the fixed candidate set and so
   has no residual mass; it also makes ``weight == 0`` reproduce the stage-1 ranking exactly.
 * **VLM** (``p2``): its probabilities over the candidates and ``OTHER`` are used as given (divided
   by their total so they sum to 1). A missing ``OTHER`` key means the VLM was not offered that

@@ -17,9 +17,9 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
-from catreview.data.db import ImageRecord, Prediction
+from catreview.data.db import ImageRecord, Prediction, stored_id
 from catreview.data.images import ImageDecodeError, load_rgb
 from catreview.models.classifier import Stage1Classifier
 from catreview.predict.fusion import should_route_to_vlm
@@ -155,22 +155,22 @@ def run_stage1(
     A cached row with another number of entries than ``top_k`` (capped at the number of
     classes; the setting changed) is recomputed and overwritten.
     """
-    cache = cached_predictions(session, "stage1", clf.model_id, clf.model_version, [i.id for i in images])
+    cache = cached_predictions(session, "stage1", clf.model_id, clf.model_version, [stored_id(i) for i in images])
     k = min(top_k, len(clf.labels))
     out = {img_id: stage1_topk(p) for (img_id, _), p in cache.items() if len(p.payload["topk"]) == k}
     stale = {img_id: p for (img_id, _), p in cache.items() if img_id not in out}
     summary.stage1_cached += len(out)
-    todo = [i for i in images if i.id not in out]
+    todo = [i for i in images if stored_id(i) not in out]
     for done, loaded in _batches(todo, clf.batch_size, summary, stop):
         t0 = time.perf_counter()
         results = clf.topk([im for _, im in loaded], k=top_k)
         dt = time.perf_counter() - t0
         rows = []
         for (rec, _), topk in zip(loaded, results):
-            out[rec.id] = topk  # type: ignore[index]
+            out[stored_id(rec)] = topk
             rows.append(
                 Prediction(
-                    image_id=rec.id,
+                    image_id=stored_id(rec),
                     kind="stage1",
                     model_id=clf.model_id,
                     model_version=clf.model_version,
@@ -200,33 +200,33 @@ def run_vlm(
     """VLM verdicts for photos that stage 1 does not route past the VLM (cached where possible)."""
     routed = []
     for rec in images:
-        if rec.id not in topk:
+        if stored_id(rec) not in topk:
             continue
-        if should_route_to_vlm(topk[rec.id][0][1], routing_threshold):
+        if should_route_to_vlm(topk[stored_id(rec)][0][1], routing_threshold):
             routed.append(rec)
         else:
             summary.vlm_skipped += 1
     if not routed:
         return {}
-    cache = cached_predictions(session, "vlm", vlm.model_id, vlm.model_version, [i.id for i in routed])
+    cache = cached_predictions(session, "vlm", vlm.model_id, vlm.model_version, [stored_id(i) for i in routed])
     out: dict[int, Prediction] = {}
     todo = []
     for rec in routed:
-        key = candidates_key([lab for lab, _ in topk[rec.id]])
-        if (rec.id, key) in cache:
-            out[rec.id] = cache[(rec.id, key)]  # type: ignore[index]
+        key = candidates_key([lab for lab, _ in topk[stored_id(rec)]])
+        if (stored_id(rec), key) in cache:
+            out[stored_id(rec)] = cache[(stored_id(rec), key)]
         else:
             todo.append(rec)
     summary.vlm_cached += len(out)
     for done, loaded in _batches(todo, vlm.profile.batch_size, summary, stop):
-        cands = [[lab for lab, _ in topk[rec.id]] for rec, _ in loaded]  # type: ignore[index]
+        cands = [[lab for lab, _ in topk[stored_id(rec)]] for rec, _ in loaded]
         t0 = time.perf_counter()
         verdicts = vlm.score_candidates([im for _, im in loaded], cands)
         dt = time.perf_counter() - t0
         rows = []
         for (rec, _), cand, v in zip(loaded, cands, verdicts):
             row = Prediction(
-                image_id=rec.id,
+                image_id=stored_id(rec),
                 kind="vlm",
                 model_id=vlm.model_id,
                 model_version=vlm.model_version,
@@ -235,7 +235,7 @@ def run_vlm(
                 seconds=dt / max(len(loaded), 1),
             )
             rows.append(row)
-            out[rec.id] = row  # type: ignore[index]
+            out[stored_id(rec)] = row
         _store(session, rows)
         summary.vlm_computed += len(rows)
         summary.vlm_seconds += dt
@@ -245,7 +245,7 @@ def run_vlm(
 
 
 def verdict_payload(v: Any) -> dict[str, Any]:
-    """JSON payload of a :class:`catreview.models.vlm.postclassifier.VLMVerdict`."""
+    """JSON payload of a :class:`catreview.models.vlm.types.VLMVerdict`."""
     return {
         "candidates": list(v.candidates),
         "probabilities": [float(p) for p in v.probabilities],
@@ -289,23 +289,23 @@ def run_reasoning(
     stop: threading.Event | None = None,
 ) -> None:
     """Generate (batched, left-padded) and cache the reasoning texts that are not cached yet."""
-    cands = {rec.id: [lab for lab, _ in topk[rec.id]] for rec in images}  # type: ignore[index]
+    cands = {stored_id(rec): [lab for lab, _ in topk[stored_id(rec)]] for rec in images}
     cache = cached_predictions(session, "reasoning", vlm.model_id, vlm.model_version, list(cands))
-    todo = [rec for rec in images if (rec.id, candidates_key(cands[rec.id])) not in cache]  # type: ignore[index]
+    todo = [rec for rec in images if (stored_id(rec), candidates_key(cands[stored_id(rec)])) not in cache]
     for done, loaded in _batches(todo, vlm.profile.batch_size, summary, stop):
         t0 = time.perf_counter()
-        texts = vlm.reasoning_batch([im for _, im in loaded], [cands[rec.id] for rec, _ in loaded])  # type: ignore[index]
+        texts = vlm.reasoning_batch([im for _, im in loaded], [cands[stored_id(rec)] for rec, _ in loaded])
         dt = time.perf_counter() - t0
         _store(
             session,
             [
                 Prediction(
-                    image_id=rec.id,
+                    image_id=stored_id(rec),
                     kind="reasoning",
                     model_id=vlm.model_id,
                     model_version=vlm.model_version,
-                    input_key=candidates_key(cands[rec.id]),
-                    payload_json=json.dumps({"text": text}, ensure_ascii=False),  # type: ignore[index]
+                    input_key=candidates_key(cands[stored_id(rec)]),
+                    payload_json=json.dumps({"text": text}, ensure_ascii=False),
                     seconds=dt / max(len(loaded), 1),
                 )
                 for (rec, _), text in zip(loaded, texts)
@@ -335,9 +335,9 @@ def run_predictions(
     clf = registry.classifier()
     vlm = registry.vlm(vlm_name)
     with Session(engine) as session:
-        q = select(ImageRecord).where(ImageRecord.error.is_(None)).order_by(ImageRecord.id)  # type: ignore[union-attr]
+        q = select(ImageRecord).where(col(ImageRecord.error).is_(None)).order_by(col(ImageRecord.id))
         if image_ids is not None:
-            q = q.where(ImageRecord.id.in_(list(image_ids)))  # type: ignore[union-attr]
+            q = q.where(col(ImageRecord.id).in_(list(image_ids)))
         images = list(session.exec(q))
         summary.images = len(images)
         topk = run_stage1(
@@ -355,6 +355,12 @@ def run_predictions(
         )
         if reasoning:
             run_reasoning(
-                session, vlm, [rec for rec in images if rec.id in verdicts], topk, summary, progress=progress, stop=stop
+                session,
+                vlm,
+                [rec for rec in images if stored_id(rec) in verdicts],
+                topk,
+                summary,
+                progress=progress,
+                stop=stop,
             )
     return summary

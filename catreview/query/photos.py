@@ -22,9 +22,9 @@ from sqlmodel import Session, select
 
 from catreview.data.db import CalibrationRecord, ImageRecord, Prediction, Review
 from catreview.data.reviews import ReviewError, current_reviews, review_counts
-from catreview.evaluate.calibration import scale_probabilities
 from catreview.predict.fusion import fuse, should_route_to_vlm, top_label
 from catreview.predict.runner import candidates_key, stage1_topk
+from catreview.predict.temperature import scale_probabilities
 
 
 class Stage1Entry(TypedDict):
@@ -302,16 +302,8 @@ class RoutingStats:
 
     @property
     def saved_seconds(self) -> float:
+        """VLM seconds that routing saved (skipped photos x mean measured seconds per photo)."""
         return self.skipped * self.mean_vlm_seconds
-
-    def text(self) -> str:
-        if self.threshold is None:
-            return f"Routing off: all {self.photos} photos with stage-1 predictions go to the VLM."
-        return (
-            f"Routing threshold {self.threshold}: {self.to_vlm} of {self.photos} photos went to the VLM, "
-            f"{self.skipped} skipped; VLM time saved ≈ {self.saved_seconds:.1f} s "
-            f"({self.mean_vlm_seconds * 1000:.0f} ms per photo measured)."
-        )
 
 
 def routing_stats(engine: Engine, registry: Any, *, vlm_name: str | None = None) -> RoutingStats:

@@ -1,10 +1,11 @@
 """Compare tab: two VLM profiles (or two adapter versions of one) side by side, per photo and in
 aggregate over the reviewed photos, with a blind mode that records preferences.
 
-Thin over :mod:`catreview.compare.session` (tested there); this module only lays out and wires: which
-photo a request means, the refusal while background predictions run, and the messages after a
-blind choice come from :class:`~catreview.compare.session.CompareSession` and
-:class:`~catreview.compare.session.AggregateJob`.
+Thin over :mod:`catreview.compare` (tested there); this module only lays out and wires: which
+photo a request means, the refusal while background predictions run, and the outcome of a blind
+choice come from :class:`~catreview.compare.session.CompareSession` and
+:class:`~catreview.app.compare_job.AggregateJob`; every text shown comes from
+:mod:`catreview.app.presenters.compare`.
 """
 
 from __future__ import annotations
@@ -16,58 +17,48 @@ from typing import Any
 
 import gradio as gr
 
+from catreview.app.compare_job import AggregateJob
 from catreview.app.core import ReviewApp
-from catreview.compare.session import (
-    BLIND_TITLES,
-    SUMMARY_COLUMNS,
-    AggregateJob,
-    CompareAggregate,
-    CompareError,
-    CompareSession,
+from catreview.app.presenters.compare import (
+    AGGREGATE_INTRO,
+    INTRO,
+    NO_PHOTOS,
+    STOPPING,
+    ComparisonView,
+    adapter_pair_message,
     display_sides,
     error_notice,
-    export_preference_pairs,
-    known_adapters,
-    per_breed_columns,
-    probabilities_label,
+    pair_note,
+    side_names,
 )
+from catreview.compare.aggregate import SUMMARY_COLUMNS, CompareAggregate, per_breed_columns
+from catreview.compare.errors import CompareError
+from catreview.compare.pairs import known_adapters
+from catreview.compare.session import CompareSession
+from catreview.export.preferences import export_preference_pairs
 
 SIDES = ("left", "right")
-INTRO = (
-    "Two VLM profiles on the same photo and candidates: verdict, probabilities, streamed "
-    "reasoning, latency and peak memory (weights + working memory; CPU: process RSS growth "
-    "sampled every 5 ms, CUDA: `torch.cuda.max_memory_allocated`). Outputs are cached like all "
-    "predictions. **Blind mode** hides which model is which (and their latency/memory) and asks "
-    "you to pick the better reasoning; choices are stored and exportable as DPO pairs."
-)
 
 
-def _side_names(a: str, b: str, blind: bool) -> list[tuple[str, str]]:
-    """(heading, probability-panel label) of the left and right panel before a comparison runs."""
-    if blind:
-        return [(t, probabilities_label(t)) for t in BLIND_TITLES]
-    return [(f"{letter}: {name}", probabilities_label(f"{name} ({letter})")) for letter, name in (("A", a), ("B", b))]
-
-
-def _panel_values(payload: dict[str, Any] | None, names: list[tuple[str, str]] | None = None) -> list[Any]:
+def _panel_values(payload: ComparisonView | None, names: list[tuple[str, str]] | None = None) -> list[Any]:
     """Values of both panels' (title, verdict, probabilities, reasoning, stats) components.
 
     ``payload`` (from :func:`display_sides`) sets everything, the probability panels' labels
     included; without it the panels are cleared, and headings and labels are set from ``names``
-    (:func:`_side_names`) or left as they are.
+    (:func:`~catreview.app.presenters.compare.side_names`) or left as they are.
     """
     out: list[Any] = []
-    for i, side in enumerate(SIDES):
+    for i in range(len(SIDES)):
         if payload:
-            p = payload[side]
+            p = payload["left"] if i == 0 else payload["right"]
             title, probs = f"### {p['title']}", gr.update(value=p["probabilities"], label=p["probabilities_label"])
-        elif names:
-            p = {"verdict": "", "reasoning": "", "stats": ""}
+            out += [title, p["verdict"], probs, p["reasoning"], p["stats"]]
+            continue
+        if names:
             title, probs = f"### {names[i][0]}", gr.update(value=None, label=names[i][1])
         else:
-            p = {"verdict": "", "reasoning": "", "stats": ""}
             title, probs = gr.skip(), gr.update(value=None)
-        out += [title, p["verdict"], probs, p["reasoning"], p["stats"]]
+        out += [title, "", probs, "", ""]
     return out
 
 
@@ -87,29 +78,50 @@ def build(app: ReviewApp) -> None:
     names = list(session.profiles())
 
     gr.Markdown(INTRO)
-    gr.Markdown(f"⚠️ {pair.note}" if pair.note else "", elem_id="compare-pair-note")
+    gr.Markdown(pair_note(pair), elem_id="compare-pair-note")
     with gr.Row():
         prof_a = gr.Dropdown(names, value=pair.a, label="Model A (profile)", elem_id="compare-profile-a")
         prof_b = gr.Dropdown(names, value=pair.b, label="Model B (profile)", elem_id="compare-profile-b")
-        one = gr.Checkbox(False, label="Load one model at a time (when both do not fit in memory)", elem_id="compare-one-at-a-time")
+        one = gr.Checkbox(
+            False, label="Load one model at a time (when both do not fit in memory)", elem_id="compare-one-at-a-time"
+        )
         blind = gr.Checkbox(False, label="Blind mode", elem_id="compare-blind")
     with gr.Accordion("Adapter version A vs B of one model", open=False):
         adapter_choices = [(label, path) for label, path in known_adapters(app.engine)]
         with gr.Row():
-            base = gr.Dropdown(list(app.registry.profiles()), value=pair.a, label="Base profile", elem_id="compare-adapter-base")
-            ad_a = gr.Dropdown(adapter_choices, value=None, allow_custom_value=True, label="Adapter A folder (empty: no adapter)", elem_id="compare-adapter-a")
-            ad_b = gr.Dropdown(adapter_choices, value=None, allow_custom_value=True, label="Adapter B folder (empty: no adapter)", elem_id="compare-adapter-b")
+            base = gr.Dropdown(
+                list(app.registry.profiles()), value=pair.a, label="Base profile", elem_id="compare-adapter-base"
+            )
+            ad_a = gr.Dropdown(
+                adapter_choices,
+                value=None,
+                allow_custom_value=True,
+                label="Adapter A folder (empty: no adapter)",
+                elem_id="compare-adapter-a",
+            )
+            ad_b = gr.Dropdown(
+                adapter_choices,
+                value=None,
+                allow_custom_value=True,
+                label="Adapter B folder (empty: no adapter)",
+                elem_id="compare-adapter-b",
+            )
         use_adapters = gr.Button("Compare these adapter versions", elem_id="compare-adapter-use")
         adapter_msg = gr.Markdown(elem_id="compare-adapter-message")
 
     gr.Markdown("## Per photo")
     pos = gr.State(0)
-    start_names = _side_names(pair.a, pair.b, False)
+    start_names = side_names(pair.a, pair.b, False)
     with gr.Row():
         with gr.Column(scale=2):
             photo = gr.Image(label="Photo", type="pil", interactive=False, height=320, elem_id="compare-photo")
-            image_id = gr.Number(label="Image id", precision=0, interactive=True, elem_id="compare-image-id",
-                                 info="Pick a photo: type its id and press Enter, or step with ◀ Previous / Next ▶.")
+            image_id = gr.Number(
+                label="Image id",
+                precision=0,
+                interactive=True,
+                elem_id="compare-image-id",
+                info="Pick a photo: type its id and press Enter, or step with ◀ Previous / Next ▶.",
+            )
             with gr.Row():
                 prev_btn = gr.Button("◀ Previous", elem_id="compare-prev")
                 next_btn = gr.Button("Next ▶", elem_id="compare-next")
@@ -126,11 +138,18 @@ def build(app: ReviewApp) -> None:
                             gr.Markdown(f"### {heading}", elem_id=f"compare-{side}-title"),
                             gr.Markdown(elem_id=f"compare-{side}-verdict"),
                             gr.Label(label=probs_label, elem_id=f"compare-{side}-probs"),
-                            gr.Textbox(label="Reasoning (streamed)", lines=6, interactive=False, elem_id=f"compare-{side}-reasoning"),
+                            gr.Textbox(
+                                label="Reasoning (streamed)",
+                                lines=6,
+                                interactive=False,
+                                elem_id=f"compare-{side}-reasoning",
+                            ),
                             gr.Markdown(elem_id=f"compare-{side}-stats"),
                         ]
             with gr.Row():
-                annotator = gr.Textbox(value=app.settings.annotator, label="Annotator", elem_id="compare-annotator", scale=2)
+                annotator = gr.Textbox(
+                    value=app.settings.annotator, label="Annotator", elem_id="compare-annotator", scale=2
+                )
                 prefer = [
                     gr.Button(text, interactive=False, elem_id=f"compare-prefer-{key}", scale=1)
                     for key, text in (("1", "Model 1 is better"), ("tie", "Tie"), ("2", "Model 2 is better"))
@@ -138,28 +157,39 @@ def build(app: ReviewApp) -> None:
             pref_msg = gr.Markdown(elem_id="compare-pref-message")
             trial = gr.Textbox(visible="hidden", elem_id="compare-trial")
 
-    gr.Markdown(
-        "## Aggregate over the reviewed photos\n"
-        "Photos whose latest review is a breed. A verdict is correct when it equals the human label "
-        "(\"other\" never is). Latency: stored seconds per photo (batched work divided evenly). "
-        "Runs in the background; a second run reads everything from the cache."
-    )
+    gr.Markdown(AGGREGATE_INTRO)
     with gr.Row():
         agg_run = gr.Button("Run on reviewed photos", variant="primary", elem_id="compare-aggregate-run")
         agg_stop = gr.Button("Stop", elem_id="compare-aggregate-stop")
     agg_progress = gr.Markdown(job.state.text(), elem_id="compare-aggregate-progress")
-    summary = gr.Dataframe(headers=list(SUMMARY_COLUMNS), label="Per model", interactive=False, elem_id="compare-summary")
-    per_breed = gr.Dataframe(headers=per_breed_columns(pair.a, pair.b), label="Per-breed accuracy", interactive=False,
-                             elem_id="compare-per-breed")
-    plot = gr.BarPlot(x="group", y="accuracy", color="model", y_lim=[0, 1], x_label_angle=-40, sort=None,
-                      label="Accuracy (all photos, balanced, per breed)", elem_id="compare-plot")
+    summary = gr.Dataframe(
+        headers=list(SUMMARY_COLUMNS), label="Per model", interactive=False, elem_id="compare-summary"
+    )
+    per_breed = gr.Dataframe(
+        headers=per_breed_columns(pair.a, pair.b),
+        label="Per-breed accuracy",
+        interactive=False,
+        elem_id="compare-per-breed",
+    )
+    plot = gr.BarPlot(
+        x="group",
+        y="accuracy",
+        color="model",
+        y_lim=[0, 1],
+        x_label_angle=-40,
+        sort=None,
+        label="Accuracy (all photos, balanced, per breed)",
+        elem_id="compare-plot",
+    )
     csv = gr.File(label="CSV", file_count="multiple", interactive=False, height=190, elem_id="compare-csv")
     shown_version = gr.State(0)
 
     gr.Markdown("## Preference pairs")
     with gr.Row():
         export_btn = gr.Button("Export blind preferences (JSONL, DPO pairs)", elem_id="compare-export-preferences")
-        export_file = gr.File(label="preferences.jsonl", interactive=False, height=100, elem_id="compare-preferences-file")
+        export_file = gr.File(
+            label="preferences.jsonl", interactive=False, height=100, elem_id="compare-preferences-file"
+        )
     export_msg = gr.Markdown(elem_id="compare-export-message")
 
     # ------------------------------------------------------------------ handlers
@@ -167,10 +197,16 @@ def build(app: ReviewApp) -> None:
         try:
             pick = session.pick_photo(None, p)
         except CompareError:  # no photos
-            return [0, None, None, "No photos yet: import some first (`python app.py --images DIR`).",
-                    *_panel_values(None), "", *[gr.update(interactive=False)] * 3]
-        return [pick.position, pick.image_id, app.image(pick.image_id), session.photo_notice(pick),
-                *_panel_values(None), "", *[gr.update(interactive=False)] * 3]
+            return [0, None, None, NO_PHOTOS, *_panel_values(None), "", *[gr.update(interactive=False)] * 3]
+        return [
+            pick.position,
+            pick.image_id,
+            app.image(pick.image_id),
+            session.photo_notice(pick),
+            *_panel_values(None),
+            "",
+            *[gr.update(interactive=False)] * 3,
+        ]
 
     def jump(img_id: float | None) -> list[Any]:
         """Show the photo whose id was typed (an error toast, and no comparison, for an unknown id)."""
@@ -182,7 +218,7 @@ def build(app: ReviewApp) -> None:
 
     def reset_sides(a: str, b: str, is_blind: bool) -> list[Any]:
         """Profiles or blind mode changed: clear the panels and name them for the new setting."""
-        return [*_panel_values(None, _side_names(a, b, bool(is_blind))), "", *idle]
+        return [*_panel_values(None, side_names(a, b, bool(is_blind))), "", *idle]
 
     view_out = [pos, image_id, photo, notice, *panels, trial, *prefer]
     compare_out = [pos, image_id, photo, notice, *panels, trial, *prefer, pref_msg]
@@ -198,12 +234,20 @@ def build(app: ReviewApp) -> None:
         head = [pick.position, pick.image_id, app.image(pick.image_id)]
         stop = threading.Event()
         try:
-            runs = session.compare_photo(pick.image_id, a, b, blind=bool(is_blind), one_at_a_time=bool(one_at_a_time), stop=stop)
+            runs = session.compare_photo(
+                pick.image_id, a, b, blind=bool(is_blind), one_at_a_time=bool(one_at_a_time), stop=stop
+            )
             with closing(runs):  # a cancelled request closes the core generator (and its lock) at once
                 for comp in runs:
                     payload = display_sides(comp)
-                    yield [*head, payload["notice"], *_panel_values(payload), payload["trial_id"],
-                           *[gr.update(interactive=payload["can_prefer"])] * 3, payload["preference_note"]]
+                    yield [
+                        *head,
+                        payload["notice"],
+                        *_panel_values(payload),
+                        payload["trial_id"],
+                        *[gr.update(interactive=payload["can_prefer"])] * 3,
+                        payload["preference_note"],
+                    ]
                     head = [gr.skip()] * 3  # send the photo once
         except CompareError as exc:  # refused (ModelsBusy while background predictions run) or failed
             yield [*head, error_notice(exc), *_panel_values(None), "", *idle]
@@ -215,16 +259,20 @@ def build(app: ReviewApp) -> None:
             result = session.try_record_preference(trial_id, choice, who)
             buttons = [gr.update(interactive=False)] * 3 if result.saved else [gr.skip()] * 3
             return [result.text(), *buttons]
+
         return fn
 
     def use_adapter_pair(base_name: str, path_a: str | None, path_b: str | None) -> list[Any]:
         try:
             na, nb = session.add_adapter_pair(base_name, path_a, path_b)
         except CompareError as exc:
-            return [f"⚠️ {exc}", gr.skip(), gr.skip()]
+            return [error_notice(exc), gr.skip(), gr.skip()]
         choices = list(session.profiles())
-        return [f"Comparing **{na}** (A) with **{nb}** (B).",
-                gr.update(choices=choices, value=na), gr.update(choices=choices, value=nb)]
+        return [
+            adapter_pair_message(na, nb),
+            gr.update(choices=choices, value=na),
+            gr.update(choices=choices, value=nb),
+        ]
 
     def start_aggregate(a: str, b: str, one_at_a_time: bool) -> str:
         return job.try_start(a, b, one_at_a_time=bool(one_at_a_time))
@@ -250,10 +298,18 @@ def build(app: ReviewApp) -> None:
     compare_in = [image_id, pos, prof_a, prof_b, blind, one]
     runs = [run_btn.click(compare, inputs=compare_in, outputs=compare_out, api_name="compare_photo")]
     runs += [e.then(compare, inputs=compare_in, outputs=compare_out, api_visibility="private") for e in nav]
-    runs.append(image_id.submit(jump, inputs=[image_id], outputs=view_out, api_visibility="private")
-                .success(compare, inputs=compare_in, outputs=compare_out, api_visibility="private"))
-    gr.on([prof_a.change, prof_b.change, blind.change], reset_sides, inputs=[prof_a, prof_b, blind],
-          outputs=[*panels, trial, *prefer, pref_msg], api_visibility="private")
+    runs.append(
+        image_id.submit(jump, inputs=[image_id], outputs=view_out, api_visibility="private").success(
+            compare, inputs=compare_in, outputs=compare_out, api_visibility="private"
+        )
+    )
+    gr.on(
+        [prof_a.change, prof_b.change, blind.change],
+        reset_sides,
+        inputs=[prof_a, prof_b, blind],
+        outputs=[*panels, trial, *prefer, pref_msg],
+        api_visibility="private",
+    )
     stop_btn.click(None, cancels=runs, api_visibility="private")
     for btn, key in zip(prefer, ("1", "tie", "2")):
         btn.click(record(key), inputs=[trial, annotator], outputs=[pref_msg, *prefer], api_visibility="private")
@@ -263,9 +319,20 @@ def build(app: ReviewApp) -> None:
         return session.try_record_preference(trial_id, choice, who).api_text()
 
     gr.api(prefer_api, api_name="compare_prefer")
-    use_adapters.click(use_adapter_pair, inputs=[base, ad_a, ad_b], outputs=[adapter_msg, prof_a, prof_b], api_visibility="private")
+    use_adapters.click(
+        use_adapter_pair, inputs=[base, ad_a, ad_b], outputs=[adapter_msg, prof_a, prof_b], api_visibility="private"
+    )
     agg_run.click(start_aggregate, inputs=[prof_a, prof_b, one], outputs=[agg_progress], api_name="compare_aggregate")
-    agg_stop.click(lambda: job.stop() or "Stopping after the current batch…", outputs=[agg_progress], api_visibility="private")
+
+    def stop_aggregate() -> str:
+        job.stop()
+        return STOPPING
+
+    agg_stop.click(stop_aggregate, outputs=[agg_progress], api_visibility="private")
     export_btn.click(export, outputs=[export_file, export_msg], api_name="compare_export_preferences")
-    gr.Timer(1.0).tick(tick, inputs=[shown_version], outputs=[agg_progress, summary, per_breed, plot, csv, shown_version],
-                       api_visibility="private")
+    gr.Timer(1.0).tick(
+        tick,
+        inputs=[shown_version],
+        outputs=[agg_progress, summary, per_breed, plot, csv, shown_version],
+        api_visibility="private",
+    )

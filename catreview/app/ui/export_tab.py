@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import gradio as gr
 
 from catreview.app.core import ReviewApp
-from catreview.export.dataset import ExportError, export_dataset, zip_export
+from catreview.app.presenters import export as text
+from catreview.export.archive import zip_export
+from catreview.export.dataset import ExportError, export_dataset
 
 
 def build(app: ReviewApp) -> None:
     """Lay out the Export tab."""
-    gr.Markdown(
-        "Exports every photo whose latest review names a breed: stratified 80/10/10 split by breed "
-        "(sticky across exports), resized images, LLaVA JSONL conversations, TRL/LLaMA-Factory "
-        "`messages`, a manifest and a dataset card. Each record is checked against the active VLM's "
-        "processor and chat template first."
-    )
+    gr.Markdown(text.INTRO)
     with gr.Row():
         seed = gr.Number(0, label="Split seed", precision=0, elem_id="export-seed")
         size = gr.Number(336, label="Image size (shortest side, px)", precision=0, elem_id="export-size")
@@ -29,7 +26,14 @@ def build(app: ReviewApp) -> None:
     summary = gr.Textbox(label="Summary", lines=8, interactive=False, elem_id="export-summary")
     download = gr.File(label="Download (zip)", elem_id="export-download")
 
-    def run(seed_v: float | None, size_v: float | None, cap_v: float | None, over: bool, re: bool, progress=gr.Progress()):
+    def run(
+        seed_v: float | None,
+        size_v: float | None,
+        cap_v: float | None,
+        over: bool,
+        re: bool,
+        progress: gr.Progress = gr.Progress(),  # noqa: B008 -- Gradio injects its tracker through this default
+    ) -> tuple[str, str | None]:
         """Export with the tab's options; returns ``(summary text, zip path or None)``.
 
         ``size_v`` is the shortest side in px (a positive whole number; the export itself needs
@@ -38,19 +42,25 @@ def build(app: ReviewApp) -> None:
         failed exports come back as a one-line message and nothing is written.
         """
         if size_v is None or size_v <= 0 or size_v != int(size_v):
-            return f"Export failed, nothing written: image size must be a positive whole number of pixels (e.g. 336), got {size_v}", None
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+            return text.bad_image_size(size_v), None
+        stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
         out = app.settings.data_dir / "exports" / f"export-{stamp}"
         try:
             processor = app.registry.base_model()
             result = export_dataset(
-                app.engine, out, seed=int(seed_v or 0), image_size=int(size_v),
-                cap_per_breed=int(cap_v) if cap_v else None, oversample_train=over, resplit=re,
-                processor=processor, vocabulary=app.vocabulary,
+                app.engine,
+                out,
+                seed=int(seed_v or 0),
+                image_size=int(size_v),
+                cap_per_breed=int(cap_v) if cap_v else None,
+                oversample_train=over,
+                resplit=re,
+                processor=processor,
+                vocabulary=app.vocabulary,
                 progress=lambda d, t: progress((d, t), desc="exporting"),
             )
         except (ExportError, ValueError, OSError) as exc:  # ConfigError (unknown profile) is a ValueError
-            return f"Export failed, nothing written: {exc}", None
-        return "\n".join(result.lines()), str(zip_export(result.out_dir))
+            return text.export_failed(exc), None
+        return text.summary_text(result), str(zip_export(result.out_dir))
 
     go.click(run, inputs=[seed, size, cap, oversample, resplit], outputs=[summary, download], api_name="export")

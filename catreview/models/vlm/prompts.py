@@ -9,7 +9,7 @@ Two prompts:
 * the **verdict** prompt lists the candidates (stage-1 top-k plus :data:`OTHER_LABEL`) and asks
   for one name. Verdicts are *scored*, not generated: each candidate answer
   (:func:`answer_text`, with its leading space) is appended after the assistant turn opener and
-  its log-likelihood measured (see :mod:`catreview.models.vlm.postclassifier`).
+  its log-likelihood measured (see :mod:`catreview.models.vlm.scoring`).
 * the **reasoning** prompt asks for the visible traits that decide between the candidates
   (coat, pattern, colour points, eyes, ears, muzzle, body). Its answer is free text, generated.
 
@@ -164,5 +164,5 @@ def reasoning_prompt(processor: Any, labels: Sequence[str]) -> str:
 
 
 def corpus_lines() -> list[str]:
-    """Prompt text used to train the tiny demo tokenizers (:mod:`catreview.models.tiny_vlms`)."""
+    """Prompt text used to train the tiny demo tokenizers (:mod:`catreview.models.tiny_llava`, ``tests/tiny_vlms.py``)."""
     return [VERDICT_TEMPLATE, REASONING_TEMPLATE, TRAIT_WORDS, OTHER_ANSWER]

@@ -1,19 +1,16 @@
-"""Tiny, randomly initialised VLMs of real architectures, built offline in seconds.
+"""Tiny, randomly initialised VLMs of five more real architectures, for tests and benchmarks only.
 
 Each builder creates the same classes a hub checkpoint uses (config, model, tokenizer, image
 processor, processor with a chat template), saves them with ``save_pretrained`` and returns the
 folder, so ``AutoProcessor.from_pretrained(folder)`` and
 ``AutoModelForImageTextToText.from_pretrained(folder)`` load them through exactly the path used
-for ``llava-hf/llava-1.5-7b-hf`` and friends. Their weights are random: predictions are
-meaningless, shapes, tokenisation, chat templates, caching and generation are real.
+for real checkpoints. Their weights are random: predictions are meaningless, shapes,
+tokenisation, chat templates, caching and generation are real. The llava-1.5 builder (the demo
+VLM) and the shared tokenizer/config helpers are in :mod:`catreview.models.tiny_llava`.
 
 Builders (all deterministic for a ``seed``; the seed and size are stored in the saved config as
 ``catreview_build`` so two seeds give two model versions):
 
-* :func:`build_tiny_llava` -- llava-1.5 (``CLIPVisionModel`` + ``LlamaForCausalLM`` ->
-  ``LlavaForConditionalGeneration``, ``LlavaProcessor``, ``USER: <image>\\n... ASSISTANT:``).
-  ``size="demo"``: ~0.6M parameters, 224 px, 256 image tokens. ``size="14m"``: ~14M
-  parameters, 336 px, 576 image tokens (llava-1.5's real image geometry).
 * :func:`build_tiny_llava_next` -- llava-1.6 "anyres" (``LlavaNextForConditionalGeneration``,
   ``LlavaNextImageProcessor`` with grid pinpoints, ``LlavaNextProcessor``, Mistral-style
   ``[INST] <image>\\n... [/INST]`` template). The number of image tokens depends on the photo's
@@ -23,7 +20,6 @@ Builders (all deterministic for a ``seed``; the seed and size are stored in the 
 * :func:`build_tiny_idefics3` -- Idefics3 / SmolVLM (SigLIP-style vision, pixel-shuffle
   connector, Llama text, image splitting into a grid of tiles + a global image,
   ``User:<image>... Assistant:`` template).
-
 * :func:`build_tiny_llava_onevision` -- LLaVA-OneVision (SigLIP vision, "full" features,
   anyres tiling, Qwen2 text, ``LlavaOnevisionProcessor`` with the ChatML-style template of
   ``llava-hf/llava-onevision-qwen2-*-ov-hf``).
@@ -34,46 +30,29 @@ Builders (all deterministic for a ``seed``; the seed and size are stored in the 
 
 Not built here: Mistral3, Gemma3 and the rest -- not attempted (no known blocker; each is a
 config + processor from arguments like the builders below).
-
-Tokenizers are byte-level BPE models trained locally with ``tokenizers`` on the 67 breed names
-(``assets/breeds67.txt``), the shared photos' breed folders, and the prompt vocabulary of
-:mod:`catreview.models.vlm.prompts`, wrapped in ``PreTrainedTokenizerFast``. Image placeholder tokens are
-added as special tokens (otherwise BPE splits ``<image>`` and the processor's image token id is
-wrong).
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from catreview.models.vlm import prompts
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-BREEDS_FILE = REPO_ROOT / "assets" / "breeds67.txt"
-SHARED_PHOTOS_DIR = REPO_ROOT.parent / "shared" / "data" / "cats"
-
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-
-LLAVA_15_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
-    "{{ '<image>\n' }}{% endfor %}"
-    "{% if message['role'] != 'assistant' %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{{ content['text'] + ' ' }}{% endfor %}"
-    "{% else %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{% generation %}{{ content['text'] + eos_token }}{% endgeneration %}{% endfor %}"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+from catreview.config import REPO_ROOT
+from catreview.models.tiny_llava import (
+    CLIP_MEAN,
+    CLIP_STD,
+    TinySize,
+    clip_vision_config,
+    llama_config,
+    llama_style_tokenizer,
+    mark_build,
+    save_model,
+    seed_everything,
+    train_bpe_tokenizer,
 )
-"""llava-1.5 template (as in ``llava-hf/llava-1.5-7b-hf``): ``USER: <image>\\n<text> ASSISTANT:``."""
+
+SHARED_PHOTOS_DIR = REPO_ROOT.parent / "shared" / "data" / "cats"
+"""The shared cat photos (one folder per breed), the benchmark's default ``--photos-dir``."""
 
 MISTRAL_INST_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -106,92 +85,6 @@ QWEN2_VL_CHAT_TEMPLATE = (
 """Qwen2-VL-Instruct's ChatML template (images only, no video branch)."""
 
 
-# --------------------------------------------------------------------------------------------
-# Tokenizers
-# --------------------------------------------------------------------------------------------
-
-
-SHARED_PHOTO_BREEDS = (
-    "Abyssinian", "American_Shorthair", "Bengal", "Birman", "Bombay", "British_Shorthair",
-    "Egyptian_Mau", "Exotic_Shorthair", "Maine_Coon", "Persian", "Ragdoll", "Russian_Blue",
-    "Scottish_Fold", "Siamese", "Sphynx",
-)  # fmt: skip
-"""Breed folders of the shared photos (``../shared/data/cats``). Fixed here, not listed from
-disk, so a build is identical whether or not the photos are present."""
-
-
-def breed_names() -> list[str]:
-    """The 67 class names from ``assets/breeds67.txt`` plus the shared photos' breed folders.
-
-    Folder names use underscores (``Maine_Coon``); both spellings are returned.
-    """
-    names = [line.strip() for line in BREEDS_FILE.read_text(encoding="utf-8").splitlines() if line.strip()]
-    names += SHARED_PHOTO_BREEDS
-    extra = [prompts.display_name(n) for n in names]
-    return list(dict.fromkeys(names + extra))
-
-
-def tokenizer_corpus(extra_lines: Iterable[str] = ()) -> list[str]:
-    """Deterministic training text: breed names, prompt sentences and trait words."""
-    names = breed_names()
-    lines = list(prompts.corpus_lines())
-    lines += names
-    lines += [f"This is a {n} cat. The cat in the photo is a {n}." for n in names]
-    lines += [prompts.verdict_text([*names[i : i + 3], prompts.OTHER_LABEL]) for i in range(0, len(names), 3)]
-    lines += [prompts.reasoning_text(names[i : i + 3]) for i in range(0, len(names), 3)]
-    lines += ["USER: ASSISTANT: system user assistant You are a helpful assistant. [INST] [/INST]"]
-    lines += list(extra_lines)
-    return lines
-
-
-def train_bpe_tokenizer(
-    special_tokens: list[str], *, vocab_size: int, bos: str | None, extra_lines: Iterable[str] = ()
-):
-    """Train a byte-level BPE :class:`tokenizers.Tokenizer` on :func:`tokenizer_corpus`.
-
-    ``special_tokens`` get the first ids, in order. With ``bos`` the post-processor prepends it
-    (Llama style); without, nothing is added (Qwen style). The result usually has fewer tokens
-    than ``vocab_size`` (small corpus): use ``len(tokenizer)`` for the model's vocabulary.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=special_tokens,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(tokenizer_corpus(extra_lines), trainer)
-    if bos is not None:
-        bos_id = tok.token_to_id(bos)
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
-        )
-    else:
-        tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    return tok
-
-
-def llama_style_tokenizer(vocab_size: int = 1024, chat_template: str | None = None):
-    """``PreTrainedTokenizerFast`` with ``<s> </s> <unk> <pad>`` and ``<image>`` as special tokens."""
-    from transformers import PreTrainedTokenizerFast
-
-    tok = train_bpe_tokenizer(["<unk>", "<s>", "</s>", "<pad>", "<image>"], vocab_size=vocab_size, bos="<s>")
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
-        chat_template=chat_template,
-        padding_side="left",
-    )
-
-
 QWEN_SPECIAL_TOKENS = [
     "<|endoftext|>",
     "<|im_start|>",
@@ -203,7 +96,7 @@ QWEN_SPECIAL_TOKENS = [
 ]
 
 
-def qwen_style_tokenizer(vocab_size: int = 1024, chat_template: str | None = None):
+def qwen_style_tokenizer(vocab_size: int = 1024, chat_template: str | None = None) -> Any:
     """``PreTrainedTokenizerFast`` with Qwen2-VL's special tokens; ``<|im_end|>`` is EOS."""
     from transformers import PreTrainedTokenizerFast
 
@@ -221,147 +114,6 @@ def qwen_style_tokenizer(vocab_size: int = 1024, chat_template: str | None = Non
         chat_template=chat_template,
         padding_side="left",
     )
-
-
-# --------------------------------------------------------------------------------------------
-# Sizes
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TinySize:
-    """Dimensions of a tiny llava-1.5 (vision tower ``v_*``, language model ``t_*``)."""
-
-    image_size: int
-    patch_size: int
-    v_hidden: int
-    v_layers: int
-    v_heads: int
-    t_hidden: int
-    t_layers: int
-    t_heads: int
-    t_intermediate: int
-    vocab_size: int
-
-
-LLAVA_SIZES: dict[str, TinySize] = {
-    # 224 px / 14 = 16x16 = 256 image tokens; ~0.6M parameters.
-    "demo": TinySize(224, 14, 48, 2, 2, 96, 3, 4, 256, 1024),
-    # 336 px / 14 = 24x24 = 576 image tokens (llava-1.5's geometry); ~14M parameters.
-    "14m": TinySize(336, 14, 128, 4, 4, 256, 12, 8, 1024, 2048),
-}
-
-
-def _seed_everything(seed: int) -> None:
-    import torch
-
-    torch.manual_seed(seed)
-
-
-def _mark_build(config, **info) -> None:
-    """Store how the model was built in its config (changes the config hash, so the version)."""
-    config.catreview_build = dict(info)
-
-
-def _save(out_dir: Path, model, processor) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    return out_dir
-
-
-def _clip_vision_config(s: TinySize):
-    from transformers import CLIPVisionConfig
-
-    return CLIPVisionConfig(
-        hidden_size=s.v_hidden,
-        intermediate_size=4 * s.v_hidden,
-        num_hidden_layers=s.v_layers,
-        num_attention_heads=s.v_heads,
-        image_size=s.image_size,
-        patch_size=s.patch_size,
-        projection_dim=s.v_hidden,
-    )
-
-
-def _llama_config(s: TinySize, vocab_size: int, tokenizer):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=s.t_hidden,
-        intermediate_size=s.t_intermediate,
-        num_hidden_layers=s.t_layers,
-        num_attention_heads=s.t_heads,
-        num_key_value_heads=s.t_heads,
-        max_position_embeddings=4096,
-        initializer_range=0.1,  # wider than 0.02 so random logits are not near-uniform
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-
-
-def _clip_image_processor(image_size: int):
-    from transformers import CLIPImageProcessor
-
-    return CLIPImageProcessor(
-        size={"shortest_edge": image_size},
-        crop_size={"height": image_size, "width": image_size},
-        do_center_crop=True,
-        do_resize=True,
-        do_normalize=True,
-        do_convert_rgb=True,
-        image_mean=CLIP_MEAN,
-        image_std=CLIP_STD,
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# Builders
-# --------------------------------------------------------------------------------------------
-
-
-def build_tiny_llava(out_dir: str | Path, *, size: Literal["demo", "14m"] = "demo", seed: int = 0) -> Path:
-    """Build and save a tiny llava-1.5 (CLIP vision + Llama text) into ``out_dir``.
-
-    Args:
-        out_dir: folder to write (created; existing files are overwritten).
-        size: ``"demo"`` (~0.6M params, 224 px, 256 image tokens) or ``"14m"`` (~14M params,
-            336 px, 576 image tokens).
-        seed: weight initialisation seed; same seed, same weights.
-
-    Returns:
-        ``out_dir`` as a :class:`~pathlib.Path`, loadable with ``AutoProcessor`` and
-        ``AutoModelForImageTextToText``.
-
-    Raises:
-        KeyError: unknown ``size``.
-    """
-    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-
-    s = LLAVA_SIZES[size]
-    tokenizer = llama_style_tokenizer(s.vocab_size, chat_template=LLAVA_15_CHAT_TEMPLATE)
-    config = LlavaConfig(
-        vision_config=_clip_vision_config(s),
-        text_config=_llama_config(s, len(tokenizer), tokenizer),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        image_seq_length=(s.image_size // s.patch_size) ** 2,
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
-    )
-    _mark_build(config, family="llava", size=size, seed=seed)
-    _seed_everything(seed)
-    model = LlavaForConditionalGeneration(config).eval()
-    processor = LlavaProcessor(
-        image_processor=_clip_image_processor(s.image_size),
-        tokenizer=tokenizer,
-        patch_size=s.patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
-        chat_template=LLAVA_15_CHAT_TEMPLATE,
-    )
-    return _save(Path(out_dir), model, processor)
 
 
 def build_tiny_llava_next(out_dir: str | Path, *, seed: int = 0) -> Path:
@@ -385,16 +137,16 @@ def build_tiny_llava_next(out_dir: str | Path, *, seed: int = 0) -> Path:
     pinpoints = [[tile, tile], [tile, 2 * tile], [2 * tile, tile], [2 * tile, 2 * tile]]
     tokenizer = llama_style_tokenizer(s.vocab_size, chat_template=MISTRAL_INST_CHAT_TEMPLATE)
     config = LlavaNextConfig(
-        vision_config=_clip_vision_config(s),
-        text_config=_llama_config(s, len(tokenizer), tokenizer),
+        vision_config=clip_vision_config(s),
+        text_config=llama_config(s, len(tokenizer), tokenizer),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         image_grid_pinpoints=pinpoints,
         image_seq_length=(tile // 14) ** 2,
         vision_feature_select_strategy="default",
         vision_feature_layer=-2,
     )
-    _mark_build(config, family="llava_next", size="demo", seed=seed)
-    _seed_everything(seed)
+    mark_build(config, family="llava_next", size="demo", seed=seed)
+    seed_everything(seed)
     model = LlavaNextForConditionalGeneration(config).eval()
     image_processor = LlavaNextImageProcessor(
         size={"shortest_edge": tile},
@@ -411,7 +163,7 @@ def build_tiny_llava_next(out_dir: str | Path, *, seed: int = 0) -> Path:
         num_additional_image_tokens=1,
         chat_template=MISTRAL_INST_CHAT_TEMPLATE,
     )
-    return _save(Path(out_dir), model, processor)
+    return save_model(Path(out_dir), model, processor)
 
 
 def build_tiny_qwen2_vl(out_dir: str | Path, *, seed: int = 0) -> Path:
@@ -465,8 +217,8 @@ def build_tiny_qwen2_vl(out_dir: str | Path, *, seed: int = 0) -> Path:
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
     )
-    _mark_build(config, family="qwen2_vl", size="demo", seed=seed)
-    _seed_everything(seed)
+    mark_build(config, family="qwen2_vl", size="demo", seed=seed)
+    seed_everything(seed)
     model = Qwen2VLForConditionalGeneration(config).eval()
     pixels = {"shortest_edge": 56 * 56, "longest_edge": 224 * 224}
     processor = Qwen2VLProcessor(
@@ -475,21 +227,37 @@ def build_tiny_qwen2_vl(out_dir: str | Path, *, seed: int = 0) -> Path:
         video_processor=Qwen2VLVideoProcessor(size=pixels, patch_size=14, merge_size=2, temporal_patch_size=2),
         chat_template=QWEN2_VL_CHAT_TEMPLATE,
     )
-    return _save(Path(out_dir), model, processor)
+    return save_model(Path(out_dir), model, processor)
 
 
 def _tiny_vision(image_size: int, patch_size: int, **extra: Any) -> dict[str, Any]:
     """Vision-config kwargs shared by the tiny non-CLIP towers (hidden 32, 2 layers, 2 heads)."""
-    return dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                image_size=image_size, patch_size=patch_size, **extra)
+    return dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch_size,
+        **extra,
+    )
 
 
 def _tiny_text(model_type: str, tokenizer: Any, **extra: Any) -> dict[str, Any]:
     """Text-config kwargs shared by the tiny language models (hidden 64, 2 layers, 4 heads), with
     the tokenizer's vocabulary size and special-token ids."""
-    return dict(model_type=model_type, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                num_hidden_layers=2, num_attention_heads=4, bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **extra)
+    return dict(
+        model_type=model_type,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **extra,
+    )
 
 
 IDEFICS3_CHAT_TEMPLATE = (
@@ -540,8 +308,8 @@ def build_tiny_idefics3(out_dir: str | Path, *, seed: int = 0) -> Path:
         scale_factor=scale,
         pad_token_id=tokenizer.pad_token_id,
     )
-    _mark_build(config, family="idefics3", size="demo", seed=seed)
-    _seed_everything(seed)
+    mark_build(config, family="idefics3", size="demo", seed=seed)
+    seed_everything(seed)
     model = Idefics3ForConditionalGeneration(config).eval()
     image_processor = Idefics3ImageProcessor(
         do_image_splitting=True, size={"longest_edge": 2 * tile}, max_image_size={"longest_edge": tile}
@@ -552,7 +320,7 @@ def build_tiny_idefics3(out_dir: str | Path, *, seed: int = 0) -> Path:
         image_seq_len=(tile // patch) ** 2 // scale**2,
         chat_template=IDEFICS3_CHAT_TEMPLATE,
     )
-    return _save(Path(out_dir), model, processor)
+    return save_model(Path(out_dir), model, processor)
 
 
 LLAVA_ONEVISION_CHAT_TEMPLATE = (
@@ -606,8 +374,8 @@ def build_tiny_llava_onevision(out_dir: str | Path, *, seed: int = 0) -> Path:
         image_grid_pinpoints=pinpoints,
         vision_aspect_ratio="anyres_max_9",
     )
-    _mark_build(config, family="llava_onevision", size="demo", seed=seed)
-    _seed_everything(seed)
+    mark_build(config, family="llava_onevision", size="demo", seed=seed)
+    seed_everything(seed)
     model = LlavaOnevisionForConditionalGeneration(config).eval()
     size = {"height": tile, "width": tile}
     processor = LlavaOnevisionProcessor(
@@ -621,7 +389,7 @@ def build_tiny_llava_onevision(out_dir: str | Path, *, seed: int = 0) -> Path:
         chat_template=LLAVA_ONEVISION_CHAT_TEMPLATE,
         vision_aspect_ratio="anyres_max_9",
     )
-    return _save(Path(out_dir), model, processor)
+    return save_model(Path(out_dir), model, processor)
 
 
 PIXTRAL_CHAT_TEMPLATE = (
@@ -661,7 +429,11 @@ def build_tiny_pixtral(out_dir: str | Path, *, seed: int = 0) -> Path:
         eos_token="</s>",
         unk_token="<unk>",
         pad_token="<pad>",
-        extra_special_tokens={"image_token": "[IMG]", "image_break_token": "[IMG_BREAK]", "image_end_token": "[IMG_END]"},
+        extra_special_tokens={
+            "image_token": "[IMG]",
+            "image_break_token": "[IMG_BREAK]",
+            "image_end_token": "[IMG_END]",
+        },
         chat_template=PIXTRAL_CHAT_TEMPLATE,
         padding_side="left",
     )
@@ -673,32 +445,26 @@ def build_tiny_pixtral(out_dir: str | Path, *, seed: int = 0) -> Path:
         vision_feature_select_strategy="full",
         vision_feature_layer=-1,
     )
-    _mark_build(config, family="pixtral", size="demo", seed=seed)
-    _seed_everything(seed)
+    mark_build(config, family="pixtral", size="demo", seed=seed)
+    seed_everything(seed)
     model = LlavaForConditionalGeneration(config).eval()
     processor = PixtralProcessor(
-        image_processor=PixtralImageProcessor(size={"longest_edge": longest}, patch_size={"height": patch, "width": patch}),
+        image_processor=PixtralImageProcessor(
+            size={"longest_edge": longest}, patch_size={"height": patch, "width": patch}
+        ),
         tokenizer=tokenizer,
         patch_size=patch,
         spatial_merge_size=1,
         chat_template=PIXTRAL_CHAT_TEMPLATE,
     )
-    return _save(Path(out_dir), model, processor)
+    return save_model(Path(out_dir), model, processor)
 
 
-TINY_BUILDERS = {
-    "llava-demo": lambda d, seed=0: build_tiny_llava(d, size="demo", seed=seed),
-    "llava-14m": lambda d, seed=0: build_tiny_llava(d, size="14m", seed=seed),
-    "llava-next": lambda d, seed=0: build_tiny_llava_next(d, seed=seed),
-    "qwen2-vl": lambda d, seed=0: build_tiny_qwen2_vl(d, seed=seed),
-    "idefics3": lambda d, seed=0: build_tiny_idefics3(d, seed=seed),
-    "llava-onevision": lambda d, seed=0: build_tiny_llava_onevision(d, seed=seed),
-    "pixtral": lambda d, seed=0: build_tiny_pixtral(d, seed=seed),
-}
-"""Name -> ``builder(out_dir, seed=0) -> Path`` for every tiny family."""
-
-
-def describe(folder: str | Path) -> dict:
-    """``{"model_type", "catreview_build"}`` read from a built folder's ``config.json``."""
-    cfg = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
-    return {"model_type": cfg.get("model_type"), "catreview_build": cfg.get("catreview_build")}
+__all__ = [
+    "SHARED_PHOTOS_DIR",
+    "build_tiny_idefics3",
+    "build_tiny_llava_next",
+    "build_tiny_llava_onevision",
+    "build_tiny_pixtral",
+    "build_tiny_qwen2_vl",
+]
