@@ -1,7 +1,7 @@
 """Training throughput and peak memory: our LoRA round vs a bare peft + torch loop.
 
-Both sides train the same LoRA (:func:`training.lora.lora_config`: r=16, alpha=32, q/v of the
-language model) on the same model (a tiny LLaVA from :mod:`catreview.models.tiny_vlms`, default the 14M
+Both sides train the same LoRA (:func:`training.model.lora_config`: r=16, alpha=32, q/v of the
+language model) on the same model (a tiny LLaVA from :mod:`catreview.models.tiny_llava`, default the 14M
 one at 336 px = llava-1.5's 576 image tokens) and the same photos with the same verdict prompts,
 batch size and number of steps:
 
@@ -49,8 +49,8 @@ VAL_PER_BREED = 2
 
 def make_inputs(work: Path, size: str) -> tuple[Path, Path]:
     """Build (once) the tiny LLaVA and an export of real photos under ``work``."""
+    from catreview.models.tiny_llava import build_tiny_llava
     from catreview.models.vlm import prompts
-    from catreview.models.tiny_vlms import build_tiny_llava
     from training.data import write_export
 
     base = work / f"llava-{size}"
@@ -90,7 +90,8 @@ def bench_config(steps: int, batch_size: int):
 
 def run_round(base: Path, export: Path, steps: int, batch_size: int) -> dict[str, float]:
     """One round; throughput over steps 2..N from its progress rows."""
-    from training.lora import PROGRESS_FILE, read_progress, train_round
+    from catreview.adapters.runfolder import PROGRESS_FILE, read_progress
+    from training.lora import train_round
 
     run_dir = Path(tempfile.mkdtemp(prefix="bench-round-"))
     t0 = time.perf_counter()
@@ -109,11 +110,11 @@ def run_bare(base: Path, export: Path, steps: int, batch_size: int) -> dict[str,
     from peft import get_peft_model
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from catreview.models.vlm import prompts
     from catreview.data.images import load_rgb
-    from catreview.models.vlm.postclassifier import candidate_answer
+    from catreview.models.vlm import prompts
+    from catreview.models.vlm.scoring import candidate_answer
     from training.data import read_export, sample_candidates
-    from training.lora import lora_config
+    from training.model import lora_config
 
     torch.manual_seed(0)
     cfg = bench_config(steps, batch_size)

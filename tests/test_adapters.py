@@ -1,4 +1,4 @@
-"""Adapter versions (catreview/adapters.py), background rounds (catreview/train_jobs.py) and the
+"""Adapter versions and the gate (catreview/adapters/), background rounds (catreview/adapters/jobs.py) and the
 Train tab: gating rules, activation/rollback taking effect in the app's predictions, and crash
 safety of a training process killed with SIGKILL (then cancelled, then resumed to the same
 weights as an uninterrupted round). Real processes, real peft adapters, real photos.
@@ -20,18 +20,18 @@ import torch
 from safetensors.torch import load_file
 from sqlmodel import Session, select
 
+from catreview.adapters.gate import BreedComparison, GateDecision, GatePolicy, gate, paired_bootstrap_p_better
+from catreview.adapters.jobs import TrainingBusy, TrainJobs
+from catreview.adapters.processes import process_alive
+from catreview.adapters.rounds import register_round
+from catreview.adapters.runfolder import CHECKPOINT_DIR, LOG_FILE, PROGRESS_FILE, STATE_FILE, read_progress, read_result
+from catreview.adapters.train_config import DEFAULT_TARGET_MODULES, TrainConfig
 from catreview.adapters.versions import (
     AdapterError,
-    BreedComparison,
-    GateDecision,
-    GatePolicy,
     activate,
     active_adapter,
     active_version,
     folder_digest,
-    gate,
-    paired_bootstrap_p_better,
-    register_round,
     register_version,
     rollback,
     store_adapter_files,
@@ -40,27 +40,24 @@ from catreview.adapters.versions import (
 )
 from catreview.config import REPO_ROOT, Settings
 from catreview.data.db import AdapterVersion, TrainingRun, make_engine
-from catreview.adapters.jobs import LOG_FILE, TrainingBusy, TrainJobs, process_alive, read_progress
 from tests.conftest import load_photos, shared_photos_dir
 from tests.test_training import export_rows
-from catreview.adapters.train_config import DEFAULT_TARGET_MODULES, TrainConfig
 from training.data import write_export
-from training.lora import CHECKPOINT_DIR, PROGRESS_FILE, STATE_FILE, read_result
 
 
 @pytest.fixture(scope="module")
 def demo_llava(tmp_path_factory) -> Path:
     """The tiny demo LLaVA (0.6M parameters, 224 px), built offline."""
-    from catreview.models.tiny_vlms import build_tiny_llava
+    from catreview.models.tiny_llava import build_tiny_llava
 
     return build_tiny_llava(tmp_path_factory.mktemp("llava-demo"), size="demo")
 
 
 def held_out(outcomes: dict[str, str], prefix: str = "") -> dict:
-    """Test-split metrics as :func:`training.lora.evaluate_test` writes them, for a model whose
+    """Test-split metrics as :func:`training.evaluation.evaluate_test` writes them, for a model whose
     prediction for photo ``i`` of a breed is right iff ``outcomes[breed][i] == "1"`` (wrong
     answers say ``"other"``). Photo names are ``<prefix><breed>-<i>.jpg``."""
-    from training.lora import classification_metrics
+    from training.evaluation import classification_metrics
 
     photos, truth, predicted = [], [], []
     for breed, marks in outcomes.items():
@@ -381,7 +378,7 @@ def test_sigkill_mid_round_then_recover_cancel_and_resume_to_the_same_weights(tm
              "--num-threads", "2"]
     env = {**os.environ, "CATREVIEW_DATA_DIR": str(settings.data_dir), "HF_HUB_OFFLINE": "1", **cpu_only}
     driver = subprocess.Popen(
-        [sys.executable, "-m", "catreview.adapters.jobs", "train", "--db", settings.database_url, "--base", base, "--export", str(export), *flags],
+        [sys.executable, "-m", "catreview", "train", "--db", settings.database_url, "--base", base, "--export", str(export), *flags],
         cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
@@ -464,9 +461,9 @@ def test_retrain_exports_the_reviews_trains_in_a_process_and_registers_the_versi
     a gated, activated version whose folder is complete before its row exists."""
     import shutil
 
+    from catreview.cli.train import metrics_table
     from catreview.data.importer import import_folder
     from catreview.data.labels import BreedVocabulary
-    from catreview.adapters.jobs import metrics_table
 
     photos = tmp_path / "photos"
     for folder in ("Bombay", "Siamese"):
@@ -555,15 +552,16 @@ def _reviewed(tmp_path: Path, per_breed: dict[str, int]):
 def test_too_few_reviews_are_refused_before_anything_starts(tmp_path, monkeypatch, capsys):
     """"Retrain adapter" with too few reviewed photos says what is missing -- in the tab and the
     CLI -- instead of starting a process that exits with "status 2" (its reason only in the log)."""
-    from catreview.adapters import jobs as train_jobs
+    from catreview.adapters.checks import TrainJobError
     from catreview.app.core import ReviewApp
     from catreview.app.ui import train_tab
+    from catreview.cli.main import main as cli_main
 
     settings, engine = _reviewed(tmp_path / "one", {"Bombay": 6})
-    with pytest.raises(train_jobs.TrainJobError, match=r"only 1 breed\(s\) \(Bombay 6 photos\).*at least 2 breeds"):
+    with pytest.raises(TrainJobError, match=r"only 1 breed\(s\) \(Bombay 6 photos\).*at least 2 breeds"):
         TrainJobs(engine, settings).start("any/model")
     settings, engine = _reviewed(tmp_path / "two", {"Bombay": 3, "Siamese": 2})  # 3 -> 3/0/0, 2 -> 2/0/0
-    with pytest.raises(train_jobs.TrainJobError, match="5 training photos but no validation photo.*4th reviewed photo.*Bombay 3, Siamese 2"):
+    with pytest.raises(TrainJobError, match="5 training photos but no validation photo.*4th reviewed photo.*Bombay 3, Siamese 2"):
         TrainJobs(engine, settings).start("any/model")
     with Session(engine) as s:
         assert s.exec(select(TrainingRun)).first() is None  # nothing was claimed or started
@@ -574,18 +572,18 @@ def test_too_few_reviews_are_refused_before_anything_starts(tmp_path, monkeypatc
     assert train_tab.refresh(app)[0] == "No training run yet."
 
     monkeypatch.setenv("CATREVIEW_DATA_DIR", str(settings.data_dir))
-    assert train_jobs.main(["train", "--db", settings.database_url, "--base", "any/model"]) == 2
+    assert cli_main(["train", "--db", settings.database_url, "--base", "any/model"]) == 2
     assert "error: Not enough reviewed photos to train" in capsys.readouterr().err
 
     empty = Settings(database_url=f"sqlite:///{tmp_path / 'empty.db'}", data_dir=tmp_path / "empty")
-    with pytest.raises(train_jobs.TrainJobError, match="no photo's latest review names a breed"):
+    with pytest.raises(TrainJobError, match="no photo's latest review names a breed"):
         TrainJobs(make_engine(empty.database_url), empty).start("any/model")
 
 
 def test_hyper_parameter_form_is_validated_with_the_fields_names(tmp_path):
     """A cleared number box sends None: the tab says which field is empty instead of a TypeError."""
     from catreview.app.core import ReviewApp
-    from catreview.adapters.jobs import config_from_form
+    from catreview.app.presenters.train import config_from_form
     from catreview.app.ui import train_tab
 
     cfg = config_from_form(2.0, "1e-3", 8, 4.0, True)
@@ -617,8 +615,8 @@ def test_the_app_reads_run_folders_without_importing_the_training_code():
     """The tab and the CLI share the run folder's file names with the round (catreview.adapters.runfolder), and
     importing them does not pull in training.lora or torch."""
     code = (
-        "import sys, catreview.adapters.versions, catreview.adapters.jobs, catreview.adapters.runfolder as f\n"
-        "assert catreview.adapters.jobs.PROGRESS_FILE == f.PROGRESS_FILE and catreview.adapters.versions.RESULT_FILE == f.RESULT_FILE\n"
+        "import sys, catreview.adapters.versions, catreview.adapters.rounds, catreview.adapters.jobs, catreview.adapters.runfolder as f\n"
+        "assert catreview.adapters.jobs.PROGRESS_FILE == f.PROGRESS_FILE and catreview.adapters.rounds.RESULT_FILE == f.RESULT_FILE\n"
         "print(sorted(m for m in ('training.lora', 'torch') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
@@ -627,7 +625,7 @@ def test_the_app_reads_run_folders_without_importing_the_training_code():
 
 
 def test_log_error_summary_finds_the_reason_a_round_gave(tmp_path):
-    from catreview.adapters.jobs import log_error_summary
+    from catreview.adapters.runfolder import log_error_summary
 
     log = tmp_path / "train.log"
     log.write_text("$ python -m training ...\nLoading weights: 100%\nerror: export /x has no validation photos: a round needs them\n")
@@ -645,9 +643,9 @@ def test_log_error_summary_finds_the_reason_a_round_gave(tmp_path):
 def test_a_failed_round_shows_its_reason_in_the_tab_and_the_cli_also_after_a_restart(tmp_path, demo_llava, monkeypatch, capsys):
     import gradio as gr
 
-    from catreview.adapters import jobs as train_jobs
     from catreview.app.core import ReviewApp
     from catreview.app.ui import train_tab
+    from catreview.cli.main import main as cli_main
 
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'app.db'}", data_dir=tmp_path / "data")
     export = write_export(export_rows({"Bombay": 2, "Siamese": 2}, 1), tmp_path / "export")
@@ -670,6 +668,6 @@ def test_a_failed_round_shows_its_reason_in_the_tab_and_the_cli_also_after_a_res
     assert box.value == status == train_tab.status_text(restarted)
 
     monkeypatch.setenv("CATREVIEW_DATA_DIR", str(settings.data_dir))
-    rc = train_jobs.main(["train", "--db", settings.database_url, "--base", str(demo_llava), "--export", str(export), "--max-steps", "1"])
+    rc = cli_main(["train", "--db", settings.database_url, "--base", str(demo_llava), "--export", str(export), "--max-steps", "1"])
     out = capsys.readouterr().out
     assert rc == 1 and ": failed: " in out and "does not exist" in out and "log kept at" in out

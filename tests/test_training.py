@@ -2,7 +2,7 @@
 round on the shared photos that must measurably learn -- then gating against it on the held-out
 test split.
 
-Models are the tiny LLaVAs of :mod:`catreview.models.tiny_vlms`, built offline: ``"demo"`` (0.6M
+Models are the tiny LLaVAs of :mod:`catreview.models.tiny_llava`, built offline: ``"demo"`` (0.6M
 parameters, 224 px) for the mechanics, ``"14m"`` (14M parameters, 336 px, 576 image tokens,
 llava-1.5 geometry) for the learning test. Nothing is mocked: the rounds run peft + accelerate
 on real photos, and accuracies are measured with the app's own scorer.
@@ -17,26 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from catreview.adapters.runfolder import BEST_DIR, CHECKPOINT_DIR, PROGRESS_FILE, RESULT_FILE, read_progress
+from catreview.adapters.train_config import DEFAULT_TARGET_MODULES, TrainConfig, add_config_arguments, config_from_args
 from catreview.models.vlm import prompts
 from tests.conftest import shared_photos_dir
-from catreview.adapters.train_config import DEFAULT_TARGET_MODULES, TrainConfig, add_config_arguments, config_from_args
 from training.data import Collator, TrainDataset, answer_end_token, eval_items, read_export, write_export
-from training.lora import (
-    BEST_DIR,
-    CHECKPOINT_DIR,
-    PROGRESS_FILE,
-    RESULT_FILE,
-    add_lora,
-    answer_loss,
-    batch_loss,
-    evaluate,
-    evaluate_adapter,
-    load_base_model,
-    lora_module_names,
-    make_scorer,
-    read_progress,
-    train_round,
-)
+from training.evaluation import evaluate, evaluate_adapter, make_scorer
+from training.lora import train_round
+from training.loss import answer_loss, batch_loss
+from training.model import add_lora, load_base_model, lora_module_names
 
 # Three breeds that differ in coat colour (black / ruddy / silver tabby), so that even a randomly
 # initialised vision tower carries a usable signal; 4 validation photos each. The held-out test
@@ -68,14 +57,14 @@ def export_rows(
 
 @pytest.fixture(scope="session")
 def demo_llava(tmp_path_factory) -> Path:
-    from catreview.models.tiny_vlms import build_tiny_llava
+    from catreview.models.tiny_llava import build_tiny_llava
 
     return build_tiny_llava(tmp_path_factory.mktemp("llava-demo"), size="demo")
 
 
 @pytest.fixture(scope="session")
 def llava_14m(tmp_path_factory) -> Path:
-    from catreview.models.tiny_vlms import build_tiny_llava
+    from catreview.models.tiny_llava import build_tiny_llava
 
     return build_tiny_llava(tmp_path_factory.mktemp("llava-14m"), size="14m")
 
@@ -113,7 +102,7 @@ def test_config_defaults_flags_and_json_roundtrip(tmp_path):
 def test_labels_mask_prompt_and_image_tokens_and_end_with_eos(demo_llava, small_export):
     from transformers import AutoProcessor
 
-    from catreview.models.vlm.postclassifier import answer_token_ids, candidate_answer
+    from catreview.models.vlm.scoring import answer_token_ids, candidate_answer
 
     processor = AutoProcessor.from_pretrained(demo_llava)
     data = read_export(small_export)
@@ -143,8 +132,8 @@ def test_answers_learn_the_templates_end_of_turn_like_the_scorer(small_export, t
     one the app's scorer appends to every candidate answer -- not eos_token."""
     from catreview.config import VLMProfile
     from catreview.data.images import load_rgb
-    from catreview.models.tiny_vlms import build_tiny_idefics3
     from catreview.models.vlm.postclassifier import VLMPostClassifier
+    from tests.tiny_vlms import build_tiny_idefics3
 
     scorer = VLMPostClassifier(VLMProfile(model=str(build_tiny_idefics3(tmp_path / "idefics3"))), name="t").load()
     processor, tok = scorer.processor, scorer.processor.tokenizer
@@ -307,7 +296,8 @@ def test_resume_computes_with_the_rounds_thread_count_and_gives_the_callers_back
 def test_rng_state_covers_the_accelerator_devices_own_generator():
     """Dropout on an MPS/XPU/NPU device draws from that device's generator, not the CPU one: the
     checkpoint must carry it, and a checkpoint that has one cannot silently resume elsewhere."""
-    from training.lora import TrainingError, _device_rng_module, _rng_state, _set_rng_state
+    from training.checkpoint import _device_rng_module, _rng_state, _set_rng_state
+    from training.errors import TrainingError
 
     cpu = _rng_state(torch.device("cpu"))
     assert "device" not in cpu and _device_rng_module("cpu") is None and _device_rng_module("cuda") is None
@@ -322,13 +312,13 @@ def test_rng_state_covers_the_accelerator_devices_own_generator():
 
 def test_rng_checkpoint_loads_with_weights_only_and_continues_every_generator(tmp_path):
     """``rng-<i>.pt`` holds only plain containers and tensors, so ``torch.load(weights_only=True)``
-    (what :func:`training.lora.load_checkpoint` uses) reads it, and the restored Python, NumPy
+    (what :func:`training.checkpoint.load_checkpoint` uses) reads it, and the restored Python, NumPy
     (including its cached Gaussian) and torch generators continue exactly where they were saved."""
     import random
 
     import numpy as np
 
-    from training.lora import _rng_state, _set_rng_state
+    from training.checkpoint import _rng_state, _set_rng_state
 
     random.seed(3), np.random.seed(3), torch.manual_seed(3)
     np.random.standard_normal()  # leaves a cached Gaussian in NumPy's state
@@ -373,7 +363,7 @@ def test_progress_reader_skips_only_a_torn_last_line(tmp_path):
 def test_resume_drops_a_torn_progress_line(tmp_path):
     """A resumed round rewrites progress.jsonl without the torn line before appending to it, so the
     cut row never ends up in the middle of the file."""
-    from training.lora import ProgressLog
+    from training.progress import ProgressLog
 
     path = tmp_path / PROGRESS_FILE
     path.write_text("".join(json.dumps({"kind": "train", "step": i}) + "\n" for i in (1, 2, 3)) + '{"kind": "tr')
@@ -452,7 +442,9 @@ def test_gate_blocks_a_worse_adapter_and_keeps_the_active_one(learned_round):
     numbers, blocked, and left inactive. The gate never uses the best-of-N validation number."""
     from sqlmodel import Session
 
-    from catreview.adapters.versions import GatePolicy, active_version, paired_bootstrap_p_better, register_round
+    from catreview.adapters.gate import GatePolicy, paired_bootstrap_p_better
+    from catreview.adapters.rounds import register_round
+    from catreview.adapters.versions import active_version
     from catreview.config import Settings
     from catreview.data.db import AdapterVersion, make_engine
 

@@ -13,7 +13,8 @@ flags override ``--config-json``. The round writes ``OUT/progress.jsonl``, check
 ``OUT/best/`` and finally ``OUT/result.json`` (see :mod:`training.lora`); running the same command
 again after a crash resumes from ``OUT/checkpoint-last``. Registering the adapter as a version
 (and gating/activating it) is the app's job (:mod:`catreview.adapters.jobs`,
-``python -m catreview train``), not this command's.
+``python -m catreview train``), not this command's. The app launches this module by name with the
+repository as working directory (``python -m`` puts it on ``sys.path``).
 
 Exit status: 0 done, 2 unusable inputs (message on stderr), 1 unexpected error (traceback).
 """
@@ -39,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", required=True, help="base VLM: hub id or local folder")
     p.add_argument("--out", required=True, type=Path, help="run folder (progress, checkpoints, best/, result.json)")
     p.add_argument("--config-json", type=Path, help="TrainConfig as JSON (flags override it)")
-    p.add_argument("--baseline-adapter", type=Path, help="the active adapter, evaluated on the same validation and test items")
+    p.add_argument(
+        "--baseline-adapter", type=Path, help="the active adapter, evaluated on the same validation and test items"
+    )
     p.add_argument("--no-resume", action="store_true", help="ignore OUT/checkpoint-last and start over")
     add_config_arguments(p)
     return p
@@ -49,14 +52,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     from catreview.adapters.train_config import TrainConfig, config_from_args
     from training.data import ExportFormatError
-    from training.lora import TrainingError, train_round
+    from training.errors import TrainingError
+    from training.lora import train_round
 
     args = build_parser().parse_args(argv)
     try:
         base = TrainConfig.load(args.config_json) if args.config_json else TrainConfig()
         cfg = config_from_args(args, base)
         result = train_round(
-            args.export, args.base, args.out, cfg, baseline_adapter=args.baseline_adapter, resume=not args.no_resume,
+            args.export,
+            args.base,
+            args.out,
+            cfg,
+            baseline_adapter=args.baseline_adapter,
+            resume=not args.no_resume,
         )
     except (TrainingError, ExportFormatError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -66,8 +75,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = {k: result[k] for k in ("steps", "best_step", "stopped_early", "samples_per_second")}
         summary.update(val_balanced_accuracy=m.get("balanced_accuracy"), val_loss=m.get("val_loss"))
         test, base_test = result.get("test_metrics") or {}, result.get("initial_test_metrics") or {}
-        summary.update(n_test=result.get("n_test"), test_balanced_accuracy=test.get("balanced_accuracy"),
-                       base_model_test_balanced_accuracy=base_test.get("balanced_accuracy"))
+        summary.update(
+            n_test=result.get("n_test"),
+            test_balanced_accuracy=test.get("balanced_accuracy"),
+            base_model_test_balanced_accuracy=base_test.get("balanced_accuracy"),
+        )
         print(json.dumps(summary))
     return 0
 

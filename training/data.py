@@ -1,7 +1,8 @@
 """Training data for a LoRA round: the curated export folder -> token batches with masked labels.
 
 Input: an export folder as written by :func:`catreview.export.dataset.export_dataset` (read from the
-files, not through the exporter's code)::
+files, not through the exporter's code; each line is parsed as a
+:class:`catreview.export.records.ConversationRecord`, the exporter's own record contract)::
 
     OUT/export.json                      {"content_hash": ..., ...}
     OUT/{train,validation,test}/<id>.jpg
@@ -17,7 +18,7 @@ candidate answer after the verdict prompt of :mod:`catreview.models.vlm.prompts`
 therefore trains on exactly that (``target="verdict"``, the default; "train on what you
 evaluate"): the prompt is ``prompts.verdict_prompt(processor, candidates + ["other"])`` and the
 answer is ``vlm.candidate_answer(prompt, breed)`` + the end-of-turn token -- the very token ids
-the scorer measures (:func:`catreview.models.vlm.postclassifier.answer_token_ids`, which also checks the token
+the scorer measures (:func:`catreview.models.vlm.scoring.answer_token_ids`, which also checks the token
 boundary; :func:`answer_end_token`). Candidates are the photo's stage-1 top-k at review time
 when the export recorded it (``metadata.predictions_at_review.stage1``,
 ``candidate_source="stage1"``): the exact lists the app scores, answered ``"other"`` when stage 1 missed the breed. Otherwise lists imitate stage 1's
@@ -41,7 +42,7 @@ learns to stop where the scorer measures.
 **Splits.** ``train`` is learned, ``validation`` evaluates during the round (best checkpoint,
 early stopping), ``test`` is scored once per model -- the base model and the active adapter
 before training, the selected checkpoint after it -- only for the gate
-(:func:`catreview.adapters.versions.gate`).
+(:func:`catreview.adapters.gate.gate`).
 
 All randomness (distractors, "other" prompts) is a pure function of ``(seed, epoch, index)``, so
 a resumed round sees exactly the prompts an uninterrupted one would.
@@ -63,13 +64,14 @@ from typing import TYPE_CHECKING, Any, Literal
 from catreview.adapters.train_config import TrainConfig
 from catreview.data.images import load_rgb
 from catreview.errors import CatreviewError
+from catreview.export.records import IMAGE_TOKEN, ConversationRecord, RecordFormatError, RecordMetadata, Turn
+from catreview.files import iter_jsonl_lines
 from catreview.models.vlm import prompts
 
 if TYPE_CHECKING:
     import torch
 
 SPLITS = ("train", "validation", "test")
-IMAGE_PLACEHOLDER = "<image>"
 
 
 class ExportFormatError(CatreviewError, ValueError):
@@ -133,35 +135,44 @@ class ExportData:
         return sorted({e.breed for e in self.train} | {e.breed for e in self.validation})
 
 
-def _parse_record(rec: Any, root: Path, split: str, where: str) -> Example:
+def _parse_record(value: Any, root: Path, split: str, where: str) -> Example:
+    """One decoded JSONL line -> :class:`Example` (through :meth:`ConversationRecord.parse`).
+
+    Raises:
+        ExportFormatError: not a record (the field problems are named), no human or no gpt turn,
+            or the image file is missing.
+    """
+    lacks = f"{where}: record lacks id/image/conversations (human+gpt)/metadata.breed"
     try:
-        conv = rec["conversations"]
-        human = next(t["value"] for t in conv if t["from"] == "human")
-        gpt = next(t["value"] for t in conv if t["from"] == "gpt")
-        breed = rec["metadata"]["breed"]
-        image = root / rec["image"]
-        rid = str(rec["id"])
-    except (KeyError, TypeError, StopIteration) as exc:
-        raise ExportFormatError(
-            f"{where}: record lacks id/image/conversations (human+gpt)/metadata.breed ({exc!r})"
-        ) from exc
+        rec = ConversationRecord.parse(value)
+    except RecordFormatError as exc:
+        raise ExportFormatError(f"{lacks} ({exc})") from exc
+    human = next((t.value for t in rec.conversations if t.from_ == "human"), None)
+    gpt = next((t.value for t in rec.conversations if t.from_ == "gpt"), None)
+    if human is None or gpt is None:
+        raise ExportFormatError(f"{lacks} (no {'human' if human is None else 'gpt'} turn)")
+    image = root / rec.image
     if not image.is_file():
         raise ExportFormatError(f"{where}: image {image} does not exist")
-    question = human.replace(IMAGE_PLACEHOLDER, "").strip()
+    question = human.replace(IMAGE_TOKEN, "").strip()
     return Example(
-        id=rid, image=image.resolve(), breed=str(breed), split=split, question=question, answer=gpt.strip(),
-        stage1=_stage1_labels(rec["metadata"]),
+        id=rec.id,
+        image=image.resolve(),
+        breed=rec.metadata.breed,
+        split=split,
+        question=question,
+        answer=gpt.strip(),
+        stage1=_stage1_labels(rec.metadata),
     )
 
 
-def _stage1_labels(metadata: dict[str, Any]) -> tuple[str, ...] | None:
+def _stage1_labels(metadata: RecordMetadata) -> tuple[str, ...] | None:
     """Stage-1 top-k labels from ``metadata.predictions_at_review.stage1`` (list of
     ``{"label", "probability"}``), ``None`` when absent or empty."""
-    preds = (metadata.get("predictions_at_review") or {}).get("stage1")
-    if not isinstance(preds, list):
+    preds = metadata.predictions_at_review.stage1 if metadata.predictions_at_review is not None else None
+    if preds is None:
         return None
-    labels = [str(p["label"]) for p in preds if isinstance(p, dict) and p.get("label")]
-    return tuple(dict.fromkeys(labels)) or None
+    return tuple(dict.fromkeys(p.label for p in preds if p.label)) or None
 
 
 def same_label(a: str, b: str) -> bool:
@@ -208,7 +219,7 @@ def read_export(root: str | Path) -> ExportData:
         path = root / "llava" / f"{split}.jsonl"
         items: list[Example] = []
         if path.is_file():
-            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            for n, line in iter_jsonl_lines(path):
                 if not line.strip():
                     continue
                 where = f"{path}:{n}"
@@ -387,7 +398,7 @@ def render(processor: Any, sample: Sample) -> tuple[str, str]:
 
     The answer carries its separating space (never the prompt), exactly as the scorer builds it.
     """
-    from catreview.models.vlm.postclassifier import answer_prefix, candidate_answer
+    from catreview.models.vlm.scoring import answer_prefix, candidate_answer
 
     if sample.kind == "verdict":
         prompt = prompts.verdict_prompt(processor, list(sample.candidates))
@@ -433,7 +444,7 @@ class Collator:
     def __call__(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
         import torch
 
-        from catreview.models.vlm.postclassifier import answer_token_ids, pad_right
+        from catreview.models.vlm.scoring import answer_token_ids, pad_right
 
         texts, answers = [], []
         for s in samples:
@@ -507,16 +518,16 @@ def write_export(rows: Sequence[tuple[str | Path, str, str]], out_dir: str | Pat
         shutil.copyfile(path, out / rel)
         name = prompts.display_name(breed)
         article = "an" if name[:1].lower() in "aeiou" else "a"
-        rec = {
-            "id": rid,
-            "image": rel,
-            "conversations": [
-                {"from": "human", "value": f"{IMAGE_PLACEHOLDER}\nWhat cat breed is this?"},
-                {"from": "gpt", "value": f"This is {article} {name} cat."},
+        rec = ConversationRecord(
+            id=rid,
+            image=rel,
+            conversations=[
+                Turn(from_="human", value=f"{IMAGE_TOKEN}\nWhat cat breed is this?"),
+                Turn(from_="gpt", value=f"This is {article} {name} cat."),
             ],
-            "metadata": {"breed": breed},
-        }
-        lines[split].append(json.dumps(rec, ensure_ascii=False))
+            metadata=RecordMetadata(breed=breed),
+        )
+        lines[split].append(json.dumps(rec.to_json(), ensure_ascii=False))
     for split, recs in lines.items():
         (out / "llava" / f"{split}.jsonl").write_text("".join(r + "\n" for r in recs), encoding="utf-8")
     (out / "export.json").write_text(json.dumps({"content_hash": content_hash or h.hexdigest()}), encoding="utf-8")

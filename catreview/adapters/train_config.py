@@ -1,10 +1,10 @@
-"""Hyper-parameters of one LoRA round, in one explicit dataclass (:class:`TrainConfig`).
+"""Hyper-parameters of one LoRA round, in one explicit pydantic model (:class:`TrainConfig`).
 
 Every field has a default that suits a 7B LLaVA on one GPU; the tests and the benchmark override a
-few (steps, evaluation interval, learning rate). The same dataclass is
+few (steps, evaluation interval, learning rate). The same model is
 
-* turned into command-line flags (:func:`add_config_arguments` / :func:`config_from_args`, so a
-  field ``grad_accum`` is the flag ``--grad-accum``),
+* turned into command-line flags (:func:`add_config_arguments` / :func:`config_from_args`, built
+  from ``TrainConfig.model_fields``, so a field ``grad_accum`` is the flag ``--grad-accum``),
 * written to ``run_dir/train_config.json`` and stored with every adapter version (its
   ``hyperparams_json``), so a version says exactly how it was made.
 
@@ -17,13 +17,15 @@ arXiv:2106.09685): rank ``r``, scaling ``alpha / r``; the common ``alpha = 2 r``
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import types
 import typing
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
+
+from pydantic import ConfigDict, Field, field_validator
+
+from catreview.adapters.validation import ConfigModel
 
 #: peft regex (``re.fullmatch`` on module names): the language model's attention q/v projections.
 #: Module names in transformers 5.x: ``model.language_model.layers.N.self_attn.q_proj``; the
@@ -35,10 +37,17 @@ DEFAULT_TARGET_MODULES = r".*language_model.*\.(q_proj|v_proj)"
 #: (peft ``modules_to_save``) when :attr:`TrainConfig.train_projector` is set.
 PROJECTOR_MODULE = "multi_modal_projector"
 
+#: Fields that are not command-line flags.
+_NOT_FLAGS = ("extra",)
 
-@dataclass
-class TrainConfig:
+
+class TrainConfig(ConfigModel):
     """One LoRA round. Units: steps are *optimizer* steps (after gradient accumulation).
+
+    A pydantic model: types, ranges and choices are declared on the fields and checked on
+    construction (:class:`catreview.adapters.validation.InvalidConfigError`, a ``ValueError``,
+    names the first bad field); :meth:`replace` validates too. ``extra`` holds free-form notes
+    stored with the config (not used by the round).
 
     LoRA (peft ``LoraConfig``):
         rank: LoRA rank ``r`` (default 16).
@@ -110,51 +119,56 @@ class TrainConfig:
             kernels have no deterministic version and only warn), at some speed cost.
     """
 
-    rank: int = 16
-    alpha: int | None = None
-    dropout: float = 0.05
+    model_config = ConfigDict(extra="forbid")
+
+    rank: int = Field(16, ge=1)
+    alpha: int | None = Field(None, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: str = DEFAULT_TARGET_MODULES
     train_projector: bool = False
 
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.05
-    epochs: int = 3
-    max_steps: int | None = None
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_grad_norm: float = 1.0
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    epochs: int = Field(3, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_grad_norm: float = Field(1.0, ge=0)
     gradient_checkpointing: bool = False
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
     target: Literal["verdict", "conversation", "both"] = "verdict"
     candidate_source: Literal["stage1", "sampled"] = "stage1"
-    n_candidates: int = 3
-    other_rate: float = 0.1
+    n_candidates: int = Field(3, ge=1)
+    other_rate: float = Field(0.1, ge=0, lt=1)
     balance: Literal["sampler", "loss", "none"] = "sampler"
-    max_train_examples: int | None = None
-    max_val_examples: int | None = None
+    max_train_examples: int | None = Field(None, ge=1)
+    max_val_examples: int | None = Field(None, ge=1)
 
-    eval_every: int = 50
+    eval_every: int = Field(50, ge=1)
     eval_candidates: Literal["sampled", "all"] = "sampled"
-    eval_batch_size: int = 8
+    eval_batch_size: int = Field(8, ge=1)
     score_normalisation: Literal["mean", "sum"] = "mean"
-    early_stopping_patience: int = 3
-    min_delta: float = 0.0
-    save_every: int | None = None
-    log_every: int = 1
+    early_stopping_patience: int = Field(3, ge=0)
+    min_delta: float = Field(0.0, ge=0)
+    save_every: int | None = Field(None, ge=1)
+    log_every: int = Field(1, ge=1)
 
     seed: int = 0
-    num_workers: int = 0
-    num_threads: int | None = None
+    num_workers: int = Field(0, ge=0)
+    num_threads: int | None = Field(None, ge=1)
     deterministic: bool = True
 
-    extra: dict[str, Any] = field(default_factory=dict)
-    """Free-form notes stored with the config (not used by the round)."""
+    extra: dict[str, Any] = Field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        self.validate()
+    @field_validator("target_modules")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("target_modules is empty")
+        return v
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -174,54 +188,20 @@ class TrainConfig:
             return self.target_modules
         return [t.strip() for t in self.target_modules.split(",") if t.strip()]
 
-    # ------------------------------------------------------------------ checks and I/O
-    def validate(self) -> None:
-        """Raise ``ValueError`` naming the first invalid field."""
-        positive = ("rank", "epochs", "batch_size", "grad_accum", "eval_every", "eval_batch_size", "log_every", "n_candidates")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        checks = [
-            ("lr", self.lr > 0),
-            ("dropout", 0 <= self.dropout < 1),
-            ("warmup_ratio", 0 <= self.warmup_ratio < 1),
-            ("other_rate", 0 <= self.other_rate < 1),
-            ("max_grad_norm", self.max_grad_norm >= 0),
-            ("weight_decay", self.weight_decay >= 0),
-            ("early_stopping_patience", self.early_stopping_patience >= 0),
-            ("min_delta", self.min_delta >= 0),
-            ("num_workers", self.num_workers >= 0),
-            ("num_threads", self.num_threads is None or self.num_threads >= 1),
-            ("max_steps", self.max_steps is None or self.max_steps >= 1),
-            ("save_every", self.save_every is None or self.save_every >= 1),
-            ("alpha", self.alpha is None or self.alpha > 0),
-            ("max_train_examples", self.max_train_examples is None or self.max_train_examples >= 1),
-            ("max_val_examples", self.max_val_examples is None or self.max_val_examples >= 1),
-        ]
-        for name, ok in checks:
-            if not ok:
-                raise ValueError(f"invalid {name}: {getattr(self, name)!r}")
-        for name in ("mixed_precision", "dtype", "target", "candidate_source", "balance", "eval_candidates", "score_normalisation"):
-            allowed = typing.get_args(_field_types()[name])
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if not self.target_modules.strip():
-            raise ValueError("target_modules is empty")
-
+    # ------------------------------------------------------------------ I/O
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of every field (plus the resolved ``lora_alpha``)."""
-        d = asdict(self)
+        d = self.model_dump(mode="json")
         d["lora_alpha"] = self.lora_alpha
         return d
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError`` (derived keys are ignored)."""
-        names = {f.name for f in fields(cls)}
-        unknown = set(data) - names - {"lora_alpha"}
+        unknown = set(data) - set(cls.model_fields) - {"lora_alpha"}
         if unknown:
             raise ValueError(f"unknown TrainConfig keys: {sorted(unknown)}")
-        return cls(**{k: v for k, v in data.items() if k in names})
+        return cls(**{k: v for k, v in data.items() if k in cls.model_fields})
 
     def save(self, path: Path) -> None:
         """Write :meth:`to_dict` as JSON."""
@@ -234,11 +214,7 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with ``changes`` applied (validated)."""
-        return dataclasses.replace(self, **changes)
-
-
-def _field_types() -> dict[str, Any]:
-    return typing.get_type_hints(TrainConfig)
+        return type(self)(**{**self.model_dump(), **changes})
 
 
 def _flag(name: str) -> str:
@@ -249,31 +225,8 @@ def _scalar_type(tp: Any) -> tuple[Any, bool]:
     """``(base type, optional)`` of a field annotation (``int | None`` -> ``(int, True)``)."""
     args = typing.get_args(tp)
     if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
-        rest = [a for a in args if a is not type(None)]
-        return rest[0], True
+        return next(a for a in args if a is not type(None)), True
     return tp, False
-
-
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per :class:`TrainConfig` field (default ``None`` = keep the dataclass default).
-
-    ``bool`` fields become ``--name/--no-name``; ``Literal`` fields get ``choices``; optional
-    numbers accept ``none``.
-    """
-    group = parser.add_argument_group("training hyper-parameters (see catreview.adapters.train_config.TrainConfig)")
-    hints = _field_types()
-    for f in fields(TrainConfig):
-        if f.name == "extra":
-            continue
-        tp, optional = _scalar_type(hints[f.name])
-        default = f.default
-        if tp is bool:
-            group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=f"default {default}")
-        elif typing.get_origin(tp) is Literal:
-            group.add_argument(_flag(f.name), choices=typing.get_args(tp), default=None, help=f"default {default}")
-        else:
-            conv = _optional(tp) if optional else tp
-            group.add_argument(_flag(f.name), type=conv, default=None, metavar=tp.__name__.upper(), help=f"default {default}")
 
 
 class _NoneValue:
@@ -286,7 +239,7 @@ class _NoneValue:
 NONE_VALUE = _NoneValue()
 
 
-def _optional(tp: Any):
+def _optional(tp: Any) -> Any:
     def convert(text: str) -> Any:
         return NONE_VALUE if text.lower() == "none" else tp(text)
 
@@ -294,19 +247,45 @@ def _optional(tp: Any):
     return convert
 
 
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per :class:`TrainConfig` field (default ``None`` = keep the model's default).
+
+    ``bool`` fields become ``--name/--no-name``; ``Literal`` fields get ``choices``; optional
+    numbers accept ``none``. Values are checked by :class:`TrainConfig` itself.
+    """
+    group = parser.add_argument_group("training hyper-parameters (see catreview.adapters.train_config.TrainConfig)")
+    for name, info in TrainConfig.model_fields.items():
+        if name in _NOT_FLAGS:
+            continue
+        tp, optional = _scalar_type(info.annotation)
+        help_text = f"default {info.default}"
+        if tp is bool:
+            group.add_argument(_flag(name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif typing.get_origin(tp) is Literal:
+            group.add_argument(_flag(name), choices=typing.get_args(tp), default=None, help=help_text)
+        else:
+            conv = _optional(tp) if optional else tp
+            group.add_argument(_flag(name), type=conv, default=None, metavar=tp.__name__.upper(), help=help_text)
+
+
 def config_from_args(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
     """:class:`TrainConfig` from ``base`` (default: the defaults) with every flag that was given.
 
     An optional field given as ``none`` is set to ``None``.
+
+    Raises:
+        catreview.adapters.validation.InvalidConfigError: a value out of range.
     """
-    base = base or TrainConfig()
-    changes = {}
-    for f in fields(TrainConfig):
-        if f.name == "extra" or not hasattr(args, f.name):
+    changes: dict[str, Any] = {}
+    for name in TrainConfig.model_fields:
+        if name in _NOT_FLAGS or not hasattr(args, name):
             continue
-        value = getattr(args, f.name)
+        value = getattr(args, name)
         if value is NONE_VALUE:
-            changes[f.name] = None
+            changes[name] = None
         elif value is not None:
-            changes[f.name] = value
-    return base.replace(**changes)
+            changes[name] = value
+    return (base or TrainConfig()).replace(**changes)
+
+
+__all__ = ["DEFAULT_TARGET_MODULES", "PROJECTOR_MODULE", "TrainConfig", "add_config_arguments", "config_from_args"]

@@ -4,7 +4,7 @@
 (:class:`catreview.adapters.jobs.TrainJobs`); a timer refreshes the status, the training-loss and
 validation balanced-accuracy plots (from ``progress.jsonl``) and the versions table. A finished
 round is registered as a new adapter version and activated only if it passes the gate
-(:func:`catreview.adapters.versions.gate`); otherwise the per-breed comparison explains why. Any version,
+(:func:`catreview.adapters.gate.gate`); otherwise the per-breed comparison explains why. Any version,
 or "no adapter", can be activated by hand (promote / roll back); predictions use it from their
 next call.
 
@@ -16,7 +16,8 @@ also after an app restart.
 
 The handlers are plain functions of the :class:`ReviewApp` (``start``, ``cancel``, ``refresh``,
 ``promote``, ``no_adapter``, ``status_text``) so they can be tested without a browser. The app's
-:class:`TrainJobs` is :attr:`ReviewApp.train_jobs` (core); :func:`jobs_for` returns it.
+:class:`TrainJobs` is :attr:`ReviewApp.train_jobs` (core); :func:`jobs_for` returns it. Every
+text shown comes from :mod:`catreview.app.presenters.train`.
 """
 
 from __future__ import annotations
@@ -27,16 +28,32 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from catreview.adapters.versions import AdapterError, GateDecision, GatePolicy, activate, deactivate, version_rows
+from catreview.adapters.checks import TrainJobError
+from catreview.adapters.gate import GateDecision
+from catreview.adapters.jobs import TrainingBusy, TrainJobs
+from catreview.adapters.versions import AdapterError, activate, deactivate, version_rows
 from catreview.app.core import ReviewApp
-from catreview.adapters.jobs import FORM_LABELS, TrainingBusy, TrainJobError, TrainJobs, config_from_form
+from catreview.app.presenters import train as text
+from catreview.app.presenters.train import FORM_LABELS, STARTED, config_from_form
 
 REFRESH_SECONDS = 2.0
 LOSS_COLUMNS = ["step", "loss"]
 VAL_COLUMNS = ["step", "val_balanced_accuracy"]
 GATE_COLUMNS = ["breed", "n", "reference", "candidate", "delta", "checked", "blocking"]
-VERSION_COLUMNS = ["id", "active", "name", "created", "val_balanced_accuracy", "val_accuracy", "val_loss",
-                   "gate", "export", "rank", "lr", "epochs"]
+VERSION_COLUMNS = [
+    "id",
+    "active",
+    "name",
+    "created",
+    "val_balanced_accuracy",
+    "val_accuracy",
+    "val_loss",
+    "gate",
+    "export",
+    "rank",
+    "lr",
+    "epochs",
+]
 
 
 class _AppJobs:
@@ -69,34 +86,34 @@ def base_model(app: ReviewApp) -> str:
     return app.registry.base_model()
 
 
-STARTED = "Run #{run_id} started: exporting the reviews, then training in a separate process."
-
-
 def start(
-    app: ReviewApp, epochs: float | None = 3, lr: float | None = 2e-4, rank: float | None = 16,
-    batch_size: float | None = 4, train_projector: bool = False,
+    app: ReviewApp,
+    epochs: float | None = 3,
+    lr: float | None = 2e-4,
+    rank: float | None = 16,
+    batch_size: float | None = 4,
+    train_projector: bool = False,
 ) -> str:
     """Start a round with these hyper-parameters (the rest: ``TrainConfig`` defaults); returns
     the message shown under the buttons.
 
     Refused here, before any process starts, with ``"Not started: <why>"``: a cleared or
     invalid field, named by its label ("Epochs is empty";
-    :func:`catreview.adapters.jobs.config_from_form`), and too few reviewed photos or breeds, with
-    what is missing (:func:`catreview.adapters.jobs.check_reviews_for_training`).
+    :func:`catreview.app.presenters.train.config_from_form`), and too few reviewed photos or breeds,
+    with what is missing (:func:`catreview.adapters.checks.check_reviews_for_training`).
     """
     try:
         cfg = config_from_form(epochs, lr, rank, batch_size, train_projector)
         run_id = jobs_for(app).start(base_model(app), cfg)
     except (TrainingBusy, TrainJobError, ValueError) as exc:
-        return f"Not started: {exc}"
+        return text.not_started(exc)
     return STARTED.format(run_id=run_id)
 
 
 def status_text(app: ReviewApp) -> str:
     """The latest run's status (after an app restart too), or "No training run yet."; a failed
     run shows the reason its round gave and where its log is."""
-    st = jobs_for(app).status()
-    return st.text() if st else "No training run yet."
+    return text.run_status_line(jobs_for(app).status())
 
 
 def message_after_refresh(app: ReviewApp, message: str | None) -> str:
@@ -106,38 +123,44 @@ def message_after_refresh(app: ReviewApp, message: str | None) -> str:
     if m is None:
         return message or ""
     st = jobs_for(app).status(int(m.group(1)))
-    return message if st is not None and st.status == "running" else ""
+    return (message or "") if st is not None and st.status == "running" else ""
 
 
 def cancel(app: ReviewApp) -> str:
     """Stop the running round (its checkpoint is kept)."""
-    return "Cancelling the running round." if jobs_for(app).cancel() else "No round is running."
+    return text.CANCELLING if jobs_for(app).cancel() else text.NOT_RUNNING
 
 
 def promote(app: ReviewApp, choice: str | None) -> str:
     """Activate the version chosen in the dropdown (manual promote or rollback; no gate)."""
     if not choice:
-        return "Choose a version first."
+        return text.CHOOSE_VERSION
     try:
         row = activate(app.engine, int(choice))
     except (AdapterError, ValueError) as exc:
-        return f"Not changed: {exc}"
-    return f"Adapter #{row.id} is active; new predictions use it."
+        return text.not_changed(exc)
+    return text.activated(row.id)
 
 
 def no_adapter(app: ReviewApp) -> str:
     """Roll back to the base model alone."""
     deactivate(app.engine, base_model(app))
-    return "No adapter active: the base model predicts alone."
+    return text.NO_ADAPTER
 
 
 def _frames(rows: list[dict[str, Any]]) -> tuple[pd.DataFrame, pd.DataFrame]:
     train = [{"step": r["step"], "loss": r["loss"]} for r in rows if r.get("kind") == "train"]
-    evals = [{"step": r["step"], "val_balanced_accuracy": r["val_balanced_accuracy"]} for r in rows if r.get("kind") == "eval"]
+    evals = [
+        {"step": r["step"], "val_balanced_accuracy": r["val_balanced_accuracy"]}
+        for r in rows
+        if r.get("kind") == "eval"
+    ]
     return pd.DataFrame(train, columns=LOSS_COLUMNS), pd.DataFrame(evals, columns=VAL_COLUMNS)
 
 
-def refresh(app: ReviewApp) -> tuple[str, pd.DataFrame, pd.DataFrame, str, pd.DataFrame, pd.DataFrame, list[tuple[str, str]]]:
+def refresh(
+    app: ReviewApp,
+) -> tuple[str, pd.DataFrame, pd.DataFrame, str, pd.DataFrame, pd.DataFrame, list[tuple[str, str]]]:
     """Everything the timer updates: status line, loss frame, validation frame, gate summary,
     per-breed comparison, versions table, dropdown choices ``(label, id)``."""
     jobs = jobs_for(app)
@@ -149,13 +172,11 @@ def refresh(app: ReviewApp) -> tuple[str, pd.DataFrame, pd.DataFrame, str, pd.Da
     gate_text, gate_rows = "", []
     if st is not None and st.gate:
         g = GateDecision.from_dict(st.gate)
-        verdict = "activated" if st.activated else "kept inactive"
-        gate_text = f"**Gate vs {g.reference}: {g.outcome}** (adapter #{st.adapter_id} {verdict}). {g.summary()}"
-        gate_rows = g.rows()
+        gate_text, gate_rows = text.gate_markdown(st, g), g.rows()
     versions = version_rows(app.engine, base_model(app))
-    choices = [(f"#{v['id']} {v['name']}{' (active)' if v['active'] else ''}", str(v["id"])) for v in versions]
+    choices = [text.version_choice(v) for v in versions]
     return (
-        st.text() if st else "No training run yet.",
+        text.run_status_line(st),
         loss,
         val,
         gate_text,
@@ -165,39 +186,45 @@ def refresh(app: ReviewApp) -> tuple[str, pd.DataFrame, pd.DataFrame, str, pd.Da
     )
 
 
-def intro_text(policy: GatePolicy) -> str:
-    """The tab's explanation, with the gate rule of ``policy`` (the one new rounds are gated by)."""
-    return (
-        "Fine-tunes the VLM's LoRA adapter on the reviewed photos (verdict prompt, answer = the reviewed "
-        f"breed). The new version is activated only if {policy.describe()}; otherwise it is kept for manual promotion."
-    )
-
-
 def build(app: ReviewApp) -> None:
     """Lay out the Train tab (creating the app's :class:`TrainJobs` recovers crashed rounds)."""
-    gr.Markdown(intro_text(jobs_for(app).policy))
-    with gr.Accordion("Hyper-parameters", open=False):
-        with gr.Row():
-            epochs = gr.Number(3, label=FORM_LABELS["epochs"], precision=0, elem_id="train-epochs")
-            lr = gr.Number(2e-4, label=FORM_LABELS["lr"], elem_id="train-lr")
-            rank = gr.Number(16, label=FORM_LABELS["rank"], precision=0, elem_id="train-rank")
-            batch = gr.Number(4, label=FORM_LABELS["batch_size"], precision=0, elem_id="train-batch")
-            projector = gr.Checkbox(False, label="Also train the projector", elem_id="train-projector")
+    gr.Markdown(text.intro_text(jobs_for(app).policy))
+    with gr.Accordion("Hyper-parameters", open=False), gr.Row():
+        epochs = gr.Number(3, label=FORM_LABELS["epochs"], precision=0, elem_id="train-epochs")
+        lr = gr.Number(2e-4, label=FORM_LABELS["lr"], elem_id="train-lr")
+        rank = gr.Number(16, label=FORM_LABELS["rank"], precision=0, elem_id="train-rank")
+        batch = gr.Number(4, label=FORM_LABELS["batch_size"], precision=0, elem_id="train-batch")
+        projector = gr.Checkbox(False, label="Also train the projector", elem_id="train-projector")
     with gr.Row():
         retrain = gr.Button("Retrain adapter", variant="primary", elem_id="retrain")
         stop = gr.Button("Cancel training", variant="stop", elem_id="cancel-train")
     # A callable value is computed on every page load: the latest run's status shows at once (also
     # after an app restart), not only from the timer's first tick.
-    status = gr.Textbox(lambda: _safe_status(app), label="Status", interactive=False, lines=2, max_lines=6, elem_id="train-status")
+    status = gr.Textbox(
+        lambda: _safe_status(app), label="Status", interactive=False, lines=2, max_lines=6, elem_id="train-status"
+    )
     with gr.Row():
-        loss_plot = gr.LinePlot(pd.DataFrame(columns=LOSS_COLUMNS), x="step", y="loss", title="Training loss", elem_id="train-loss-plot")
+        loss_plot = gr.LinePlot(
+            pd.DataFrame(columns=LOSS_COLUMNS), x="step", y="loss", title="Training loss", elem_id="train-loss-plot"
+        )
         val_plot = gr.LinePlot(
-            pd.DataFrame(columns=VAL_COLUMNS), x="step", y="val_balanced_accuracy", y_lim=[0, 1],
-            title="Validation balanced accuracy", elem_id="train-val-plot",
+            pd.DataFrame(columns=VAL_COLUMNS),
+            x="step",
+            y="val_balanced_accuracy",
+            y_lim=[0, 1],
+            title="Validation balanced accuracy",
+            elem_id="train-val-plot",
         )
     gate_md = gr.Markdown(elem_id="gate-summary")
-    gate_table = gr.Dataframe(headers=GATE_COLUMNS, label="Per-breed test accuracy (reference vs new)", interactive=False, elem_id="gate-comparison")
-    versions = gr.Dataframe(headers=VERSION_COLUMNS, label="Adapter versions", interactive=False, elem_id="adapters-table")
+    gate_table = gr.Dataframe(
+        headers=GATE_COLUMNS,
+        label="Per-breed test accuracy (reference vs new)",
+        interactive=False,
+        elem_id="gate-comparison",
+    )
+    versions = gr.Dataframe(
+        headers=VERSION_COLUMNS, label="Adapter versions", interactive=False, elem_id="adapters-table"
+    )
     with gr.Row():
         choice = gr.Dropdown([], label="Version", elem_id="adapter-choice")
         promote_btn = gr.Button("Activate this version (promote / roll back)", elem_id="promote-adapter")
@@ -210,19 +237,27 @@ def build(app: ReviewApp) -> None:
         try:
             *values, choices = refresh(app)
         except Exception as exc:  # noqa: BLE001 -- a failed refresh must not leave the tab silently stale
-            return [f"Status unavailable: {type(exc).__name__}: {exc}", *[gr.update()] * (len(outputs) - 1), gr.update()]
+            return [text.status_unavailable(exc), *[gr.update()] * (len(outputs) - 1), gr.update()]
         return [*values, gr.update(choices=choices), message_after_refresh(app, msg)]
 
     ticked = [*outputs, message]
     gr.Timer(REFRESH_SECONDS).tick(tick, inputs=[message], outputs=ticked, api_visibility="private")
-    retrain.click(lambda *a: start(app, *a), inputs=[epochs, lr, rank, batch, projector], outputs=[message], api_name="retrain").then(tick, inputs=[message], outputs=ticked)
-    stop.click(lambda: cancel(app), outputs=[message], api_name="cancel_training").then(tick, inputs=[message], outputs=ticked)
-    promote_btn.click(lambda c: promote(app, c), inputs=[choice], outputs=[message], api_name="promote_adapter").then(tick, inputs=[message], outputs=ticked)
-    none_btn.click(lambda: no_adapter(app), outputs=[message], api_name="no_adapter").then(tick, inputs=[message], outputs=ticked)
+    retrain.click(
+        lambda *a: start(app, *a), inputs=[epochs, lr, rank, batch, projector], outputs=[message], api_name="retrain"
+    ).then(tick, inputs=[message], outputs=ticked)
+    stop.click(lambda: cancel(app), outputs=[message], api_name="cancel_training").then(
+        tick, inputs=[message], outputs=ticked
+    )
+    promote_btn.click(lambda c: promote(app, c), inputs=[choice], outputs=[message], api_name="promote_adapter").then(
+        tick, inputs=[message], outputs=ticked
+    )
+    none_btn.click(lambda: no_adapter(app), outputs=[message], api_name="no_adapter").then(
+        tick, inputs=[message], outputs=ticked
+    )
 
 
 def _safe_status(app: ReviewApp) -> str:
     try:
         return status_text(app)
     except Exception as exc:  # noqa: BLE001 -- shown in the box instead of an empty one
-        return f"Status unavailable: {type(exc).__name__}: {exc}"
+        return text.status_unavailable(exc)

@@ -1,0 +1,228 @@
+"""``train`` and ``adapters``: a LoRA round from the command line, and the adapter versions.
+
+``python -m catreview train`` runs a round in a background process (:class:`catreview.adapters.jobs.TrainJobs`)
+with a progress bar, then prints the metrics table (validation numbers, the gate decision, per-breed
+test accuracy); Ctrl-C cancels it (``--resume-run ID`` continues). ``python -m catreview adapters
+list | promote ID | rollback ID|none`` manages versions. :mod:`catreview.cli.main` wires both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.engine import Engine
+from tqdm import tqdm
+
+from catreview.adapters.gate import DEFAULT_POLICY, GateDecision, GatePolicy
+from catreview.adapters.jobs import TrainJobs
+from catreview.adapters.runfolder import LOG_FILE
+from catreview.adapters.status import RunStatus
+from catreview.adapters.train_config import add_config_arguments, config_from_args
+from catreview.adapters.versions import activate, rollback, version_metrics, version_rows
+from catreview.app.presenters.train import run_status_line
+from catreview.cli.common import add_common_options, settings_from_args
+from catreview.config import Settings
+from catreview.data.db import make_engine
+
+
+def add_train_parser(sub: Any) -> argparse.ArgumentParser:
+    """Add ``train`` to an ``add_subparsers()`` object; returns the sub-parser."""
+    p = sub.add_parser("train", help="LoRA round on the reviewed photos: export, train, register, gate, maybe activate")
+    add_common_options(p)
+    p.add_argument("--vlm", metavar="PROFILE", help="VLM profile whose model is adapted (default: active_vlm)")
+    p.add_argument("--base", metavar="MODEL", help="base model id/folder (overrides --vlm)")
+    p.add_argument(
+        "--export", metavar="DIR", type=Path, help="train on this export folder instead of exporting the reviews"
+    )
+    p.add_argument(
+        "--resume-run", metavar="ID", type=int, help="resume a failed/cancelled run from its last checkpoint"
+    )
+    p.add_argument(
+        "--no-activate", action="store_true", help="register the adapter but never activate it automatically"
+    )
+    p.add_argument(
+        "--min-breed-photos",
+        type=int,
+        default=DEFAULT_POLICY.min_breed_photos,
+        help="gate: breeds with fewer test photos are not checked for drops",
+    )
+    p.add_argument(
+        "--max-breed-drop",
+        type=float,
+        default=DEFAULT_POLICY.max_breed_drop,
+        help="gate: largest allowed per-breed test accuracy drop",
+    )
+    p.add_argument(
+        "--min-test-photos",
+        type=int,
+        default=DEFAULT_POLICY.min_test_photos,
+        help="gate: fewest test photos it decides on (else: not gated, promote by hand)",
+    )
+    p.add_argument(
+        "--min-p-better",
+        type=float,
+        default=DEFAULT_POLICY.min_p_better,
+        help="gate: share of paired bootstrap resamples in which the new adapter must be better",
+    )
+    p.add_argument(
+        "--launcher",
+        metavar="CMD",
+        help='command that runs a module, default this Python; e.g. "accelerate launch --num_processes 4"',
+    )
+    add_config_arguments(p)
+    return p
+
+
+def add_adapters_parser(sub: Any) -> argparse.ArgumentParser:
+    """Add ``adapters`` (list / promote ID / rollback ID|none) to an ``add_subparsers()`` object."""
+    p = sub.add_parser("adapters", help="list adapter versions, promote one, or roll back (to a version or 'none')")
+    add_common_options(p)
+    p.add_argument("action", choices=["list", "promote", "rollback"])
+    p.add_argument("target", nargs="?", help="version id (promote/rollback) or 'none' (rollback to no adapter)")
+    p.add_argument("--vlm", metavar="PROFILE")
+    p.add_argument("--base", metavar="MODEL", help="base model id/folder (overrides --vlm)")
+    return p
+
+
+def _settings_and_engine(args: argparse.Namespace) -> tuple[Settings, Engine]:
+    settings = settings_from_args(args)
+    return settings, make_engine(settings.database_url)
+
+
+def _base_model(args: argparse.Namespace, settings: Settings) -> str:
+    """``--base``, else the base model of profile ``--vlm`` (default: the active one).
+
+    Raises:
+        catreview.models.registry.UnknownProfileError: ``--vlm`` (or ``active_vlm``) names no configured
+            profile (a ``ConfigError``).
+    """
+    if args.base:
+        return args.base
+    from catreview.models.registry import ModelRegistry
+
+    return ModelRegistry(settings).base_model(args.vlm)
+
+
+def _fmt(x: Any) -> str:
+    if x is None:
+        return "-"
+    return f"{100 * x:.1f}%" if isinstance(x, float) else str(x)
+
+
+def metrics_table(status: RunStatus, engine: Engine) -> str:
+    """Final CLI table: validation metrics, the gate decision and per-breed accuracy on the split it
+    decided on (test; reference vs new)."""
+    if status.adapter_id is None:
+        return run_status_line(status)
+    m = version_metrics(engine, status.adapter_id)
+    lines = [
+        run_status_line(status),
+        f"val balanced accuracy {_fmt(m.get('balanced_accuracy'))}, accuracy {_fmt(m.get('accuracy'))}, "
+        f"macro-F1 {_fmt(m.get('macro_f1'))}, val loss {m.get('val_loss', float('nan')):.3f}, best step {m.get('best_step')}",
+    ]
+    if status.gate:
+        decision = GateDecision.from_dict(status.gate)
+        lines.append(f"vs {decision.reference}: {decision.summary()}")
+        lines.append(f"per-breed {decision.split} accuracy:")
+        lines.append(f"{'breed':28s} {'n':>4s} {'before':>8s} {'after':>8s} {'delta':>8s}")
+        for b in decision.rows():
+            delta = "-" if b["delta"] is None else f"{100 * b['delta']:+.1f}"
+            flag = "  BLOCKS" if b["blocking"] else ""
+            lines.append(
+                f"{b['breed'][:28]:28s} {b['n']:4d} {_fmt(b['reference']):>8s} {_fmt(b['candidate']):>8s} {delta:>8s}{flag}"
+            )
+    return "\n".join(lines)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """``train``: run a round in a background process with a progress bar; print the metrics table.
+
+    Ctrl-C cancels the round (its checkpoint is kept; ``--resume-run ID`` continues it).
+    Returns 0 when the round succeeded, 1 otherwise.
+    """
+    settings, engine = _settings_and_engine(args)
+    policy = GatePolicy(
+        min_breed_photos=args.min_breed_photos,
+        max_breed_drop=args.max_breed_drop,
+        min_test_photos=args.min_test_photos,
+        min_p_better=args.min_p_better,
+    )
+    jobs = TrainJobs(
+        engine,
+        settings,
+        policy=policy,
+        auto_activate=not args.no_activate,
+        launcher=shlex.split(args.launcher) if args.launcher else None,
+    )
+    cfg = config_from_args(args)
+    base = None if args.resume_run is not None else _base_model(args, settings)
+    run_id = jobs.start(base or "", cfg, export_dir=args.export, resume_run=args.resume_run)
+    started = jobs.status(run_id)
+    print(f"training run #{run_id} started; log: {Path(started.run_dir) / LOG_FILE}", file=sys.stderr)  # type: ignore[union-attr]
+    bar = tqdm(desc=f"run #{run_id}", unit="step", file=sys.stderr)
+    try:
+        while jobs.wait(run_id, timeout=1.0) == "running":
+            st = jobs.status(run_id)
+            if st and st.total_steps:
+                bar.total = st.total_steps
+                bar.n = st.step
+                post = {"loss": f"{st.loss:.3f}"} if st.loss is not None else {}
+                if st.val_balanced_accuracy is not None:
+                    post["val balanced accuracy"] = f"{st.val_balanced_accuracy:.3f}"
+                bar.set_postfix(post, refresh=False)
+                bar.refresh()
+    except KeyboardInterrupt:
+        jobs.cancel(run_id)
+        jobs.wait(run_id, timeout=60)
+        print(f"\ncancelled; resume with --resume-run {run_id}", file=sys.stderr)
+        return 130
+    finally:
+        bar.close()
+    st = jobs.status(run_id)
+    print(metrics_table(st, engine))  # type: ignore[arg-type]
+    return 0 if st is not None and st.status == "succeeded" else 1
+
+
+def cmd_adapters(args: argparse.Namespace) -> int:
+    """``adapters list | promote ID | rollback ID|none``.
+
+    Raises:
+        ValueError: a missing, extra or malformed version id (the message says what to give).
+    """
+    target = args.target.strip() if args.target else None
+    if args.action == "list" and target:
+        raise ValueError(f"'adapters list' takes no argument (got {target!r})")
+    if args.action == "promote" and not (target and target.isdigit()):
+        raise ValueError(
+            f"promote needs a version id (a number from 'adapters list'), got {target!r}"
+            if target
+            else "promote needs a version id (a number from 'adapters list')"
+        )
+    if args.action == "rollback" and not (target and (target.isdigit() or target.lower() == "none")):
+        raise ValueError(
+            f"rollback needs a version id or 'none', got {target!r}"
+            if target
+            else "rollback needs a version id (a number from 'adapters list') or 'none'"
+        )
+    settings, engine = _settings_and_engine(args)
+    base = _base_model(args, settings)
+    if args.action == "promote" and target:  # target: checked above
+        activate(engine, int(target))
+    elif args.action == "rollback" and target:
+        rollback(engine, base, None if target.lower() == "none" else int(target))
+    rows = version_rows(engine, base)
+    print(f"{'id':>4s} {'active':6s} {'name':28s} {'created':16s} {'val balanced accuracy':>21s} {'gate':8s} export")
+    for r in rows:
+        print(
+            f"{r['id']:4d} {'*' if r['active'] else '':6s} {r['name']:28s} {r['created']:16s} {_fmt(r['val_balanced_accuracy']):>21s} {r['gate']:8s} {r['export']}"
+        )
+    if not any(r["active"] for r in rows):
+        print("no adapter active: the base model predicts alone")
+    return 0
+
+
+__all__ = ["add_adapters_parser", "add_train_parser", "cmd_adapters", "cmd_train", "metrics_table"]
