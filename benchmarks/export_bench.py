@@ -25,10 +25,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from catreview.export.llava_jsonl import write_llava_jsonl  # noqa: E402
-from catreview.export.rows import ReviewedRow, collect_reviewed_rows  # noqa: E402
-from catreview.export.traits import load_breed_traits  # noqa: E402
-from catreview.data.labels import BreedVocabulary  # noqa: E402
+from catreview.data.labels import BreedVocabulary
+from catreview.export.llava_jsonl import write_llava_jsonl
+from catreview.export.rows import ReviewedRow, collect_reviewed_rows
+from catreview.export.traits import load_breed_traits
 
 GOAL_S = 10.0
 

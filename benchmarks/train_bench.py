@@ -63,7 +63,9 @@ def make_inputs(work: Path, size: str) -> tuple[Path, Path]:
         for folder, n in BREEDS.items():
             files = sorted((root / folder).glob("*.jpg"))
             breed = prompts.display_name(folder)
-            rows += [(f, breed, "train") for f in files[:n]] + [(f, breed, "validation") for f in files[-VAL_PER_BREED:]]
+            rows += [(f, breed, "train") for f in files[:n]] + [
+                (f, breed, "validation") for f in files[-VAL_PER_BREED:]
+            ]
         write_export(rows, export)
     return base, export
 
@@ -83,8 +85,14 @@ def bench_config(steps: int, batch_size: int):
     from catreview.adapters.train_config import TrainConfig
 
     return TrainConfig(
-        max_steps=steps, epochs=1000, batch_size=batch_size, eval_every=10**6, save_every=10**6,
-        early_stopping_patience=0, candidate_source="sampled", other_rate=0.0,
+        max_steps=steps,
+        epochs=1000,
+        batch_size=batch_size,
+        eval_every=10**6,
+        save_every=10**6,
+        early_stopping_patience=0,
+        candidate_source="sampled",
+        other_rate=0.0,
     )
 
 
@@ -99,7 +107,11 @@ def run_round(base: Path, export: Path, steps: int, batch_size: int) -> dict[str
     wall = time.perf_counter() - t0
     train = {r["step"]: r for r in read_progress(run_dir / PROGRESS_FILE) if r["kind"] == "train"}
     seconds = train[steps]["elapsed"] - train[1]["elapsed"]
-    return {"samples_per_s": (steps - 1) * batch_size / seconds, "round_wall_s": wall, "samples_per_s_incl_first": result["samples_per_second"]}
+    return {
+        "samples_per_s": (steps - 1) * batch_size / seconds,
+        "round_wall_s": wall,
+        "samples_per_s_incl_first": result["samples_per_second"],
+    }
 
 
 def run_bare(base: Path, export: Path, steps: int, batch_size: int) -> dict[str, float]:
@@ -134,7 +146,10 @@ def run_bare(base: Path, export: Path, steps: int, batch_size: int) -> dict[str,
             cands = prompts.with_other(sample_candidates(ex.breed, data.breeds, 3, rng))
             prompt = prompts.verdict_prompt(processor, cands)
             text = prompt + candidate_answer(prompt, ex.breed) + eos
-            answer_lens.append(len(tok(text, add_special_tokens=False)["input_ids"]) - len(tok(prompt, add_special_tokens=False)["input_ids"]))
+            answer_lens.append(
+                len(tok(text, add_special_tokens=False)["input_ids"])
+                - len(tok(prompt, add_special_tokens=False)["input_ids"])
+            )
             texts.append(text)
             images.append(load_rgb(ex.image))
         inputs = processor(images=images, text=texts, return_tensors="pt", padding=True, padding_side="right")
@@ -176,8 +191,20 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list[dict]] = {"round": [], "bare": []}
     for _ in range(args.repeats):
         for mode in ("round", "bare"):
-            cmd = [sys.executable, __file__, "--child", mode, "--size", args.size, "--steps", str(args.steps),
-                   "--batch-size", str(args.batch_size), "--work", str(args.work)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                mode,
+                "--size",
+                args.size,
+                "--steps",
+                str(args.steps),
+                "--batch-size",
+                str(args.batch_size),
+                "--work",
+                str(args.work),
+            ]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             runs[mode].append(json.loads(next(ln for ln in out.splitlines() if ln.startswith("RESULT "))[7:]))
     summary = {
@@ -185,14 +212,24 @@ def main(argv: list[str] | None = None) -> int:
         for mode, rs in runs.items()
     }
     ratio = summary["round"]["samples_per_s"] / summary["bare"]["samples_per_s"]
-    report = {"size": args.size, "steps": args.steps, "batch_size": args.batch_size, "repeats": args.repeats,
-              "ratio_round_over_bare": ratio, "median": summary, "runs": runs, "load_avg": os.getloadavg()}
+    report = {
+        "size": args.size,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
+        "ratio_round_over_bare": ratio,
+        "median": summary,
+        "runs": runs,
+        "load_avg": os.getloadavg(),
+    }
     print(f"model {args.size}, batch {args.batch_size}, {args.steps} steps, {args.repeats} repeats (medians)")
     print(f"{'':6s} {'samples/s':>10s} {'peak RSS MiB':>13s}")
     for mode in ("round", "bare"):
         print(f"{mode:6s} {summary[mode]['samples_per_s']:10.2f} {summary[mode]['peak_rss_mib']:13.0f}")
-    print(f"round / bare = {ratio:.2f}x (goal >= 0.9x); round wall incl. 2 evaluations + checkpoint: "
-          f"{summary['round']['round_wall_s']:.1f} s; load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"round / bare = {ratio:.2f}x (goal >= 0.9x); round wall incl. 2 evaluations + checkpoint: "
+        f"{summary['round']['round_wall_s']:.1f} s; load average {os.getloadavg()[0]:.1f}"
+    )
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     return 0

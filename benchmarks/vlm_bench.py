@@ -40,12 +40,12 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without install
 
-from catreview.config import VLMProfile  # noqa: E402
-from catreview.models.tiny_llava import build_tiny_llava  # noqa: E402
-from catreview.models.vlm import prompts  # noqa: E402
-from catreview.models.vlm.postclassifier import VLMPostClassifier  # noqa: E402
-from catreview.models.vlm.scoring import answer_token_ids, candidate_answer  # noqa: E402
-from tests import tiny_vlms  # noqa: E402  (test-only builders of the other families)
+from catreview.config import VLMProfile
+from catreview.models.tiny_llava import build_tiny_llava
+from catreview.models.vlm import prompts
+from catreview.models.vlm.postclassifier import VLMPostClassifier
+from catreview.models.vlm.scoring import answer_token_ids, candidate_answer
+from tests import tiny_vlms
 
 PHOTO_BREEDS = ["Bengal", "Maine_Coon", "Persian", "Siamese", "Ragdoll", "Sphynx", "Bombay", "Birman"]
 TINY = {
@@ -155,9 +155,7 @@ def bench_model(
         f"generate {short} tokens + match (longest answer)": lambda: [
             single.generate_verdict(i, c, short) for i, c in zip(images, candidates)
         ],
-        PREFILL: lambda: [
-            prefill(single.model, inputs) for inputs in prefill_inputs
-        ],
+        PREFILL: lambda: [prefill(single.model, inputs) for inputs in prefill_inputs],
     }
     times = time_interleaved(methods, repeats)
     single.unload()

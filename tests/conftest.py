@@ -79,4 +79,6 @@ def settings(tmp_path: Path, demo_dir: Path):
     """Settings on a fresh SQLite file with the demo models."""
     from catreview.config import load_settings
 
-    return load_settings(database_url=f"sqlite:///{tmp_path / 'test.db'}", demo_dir=demo_dir, data_dir=tmp_path / "data")
+    return load_settings(
+        database_url=f"sqlite:///{tmp_path / 'test.db'}", demo_dir=demo_dir, data_dir=tmp_path / "data"
+    )

@@ -65,7 +65,13 @@ def held_out(outcomes: dict[str, str], prefix: str = "") -> dict:
             photos.append(f"{prefix}{breed}-{i}.jpg")
             truth.append(breed)
             predicted.append(breed if mark == "1" else "other")
-    return {**classification_metrics(truth, predicted), "loss": 1.0, "photos": photos, "truth": truth, "predicted": predicted}
+    return {
+        **classification_metrics(truth, predicted),
+        "loss": 1.0,
+        "photos": photos,
+        "truth": truth,
+        "predicted": predicted,
+    }
 
 
 # ------------------------------------------------------------------------------ gating rules
@@ -101,17 +107,29 @@ def test_gate_blocks_ties_and_worse_candidates_and_passes_a_truly_better_one():
         f"test balanced accuracy rose from 60.0% to 62.5% but was higher in only {100 * barely.p_better:.1f}% of 1000 "
         "bootstrap resamples of the 40 test photos (90.0% needed)"
     ]
-    assert gate(held_out({**REF, "Bengal": "1111111000"}), ref, GatePolicy(min_p_better=0.6)).passed  # threshold configurable
+    assert gate(
+        held_out({**REF, "Bengal": "1111111000"}), ref, GatePolicy(min_p_better=0.6)
+    ).passed  # threshold configurable
 
     better = gate(held_out({b: "1111111110" for b in REF}), ref, policy)  # 90%: the same photos right, and more
     assert better.passed and better.reasons == [] and better.p_better == 1.0
-    assert better.summary().startswith("gate passed (test balanced accuracy: candidate 90.0% vs reference 60.0%, 40 photos")
+    assert better.summary().startswith(
+        "gate passed (test balanced accuracy: candidate 90.0% vs reference 60.0%, 40 photos"
+    )
     assert gate(held_out({b: "1111111110" for b in REF}), ref, policy) == better  # seeded: the same decision
 
 
 def test_gate_per_breed_drop_is_checked_on_test_photos():
     ref = held_out({**REF, "Korat": "10", "Persian": "0000000000"})  # Korat: 2 test photos, too few to judge
-    cand = held_out({"Bengal": "1111111111", "Siamese": "1111111111", "Bombay": "1111000000", "Korat": "00", "Persian": "1111111111"})
+    cand = held_out(
+        {
+            "Bengal": "1111111111",
+            "Siamese": "1111111111",
+            "Bombay": "1111000000",
+            "Korat": "00",
+            "Persian": "1111111111",
+        }
+    )
     d = gate(cand, ref, GatePolicy(min_breed_photos=5, max_breed_drop=0.10))
     assert not d.passed and d.p_better > 0.9 and d.reasons == ["Bombay (10 test photos) fell from 60.0% to 40.0%"]
     assert [r["breed"] for r in d.rows() if r["blocking"]] == ["Bombay"]
@@ -136,7 +154,11 @@ def test_gate_does_not_decide_without_enough_common_test_photos():
     assert not none.passed and not none.gated and none.n == 0 and none.reference == "adapter #2"
     assert "not enough test photos to gate; promote by hand (0 test photos" in none.reasons[0]
     other_photos = gate(held_out({b: "1111111110" for b in REF}), held_out(REF, prefix="x"))
-    assert not other_photos.passed and not other_photos.gated and "not scored on the same test photos" in other_photos.reasons[0]
+    assert (
+        not other_photos.passed
+        and not other_photos.gated
+        and "not scored on the same test photos" in other_photos.reasons[0]
+    )
     no_ref = gate(held_out(REF), None)
     assert not no_ref.passed and not no_ref.gated and "reference was not scored on the test photos" in no_ref.reasons[0]
 
@@ -160,8 +182,14 @@ def test_gate_policy_describes_its_own_thresholds():
         "1000 paired bootstrap resamples (a tie is not higher) and no breed with at least 5 test photos drops by more "
         "than 10 points"
     )
-    text = GatePolicy(min_breed_photos=1, max_breed_drop=0.125, min_test_photos=50, min_p_better=0.95).describe("the base model's")
-    assert "higher than the base model's" in text and "at least 1 test photo drops" in text and "more than 12.5 points" in text
+    text = GatePolicy(min_breed_photos=1, max_breed_drop=0.125, min_test_photos=50, min_p_better=0.95).describe(
+        "the base model's"
+    )
+    assert (
+        "higher than the base model's" in text
+        and "at least 1 test photo drops" in text
+        and "more than 12.5 points" in text
+    )
     assert "at least 50 held-out test photos" in text and "at least 95% of 1000" in text
     with pytest.raises(ValueError):
         GatePolicy(min_p_better=0.0)
@@ -197,7 +225,10 @@ def add_version(engine, settings: Settings, base: str, adapter_dir: Path) -> int
 def snapshot(engine, settings: Settings) -> dict:
     """Everything a crash must not change: version rows and the adapters folder's files."""
     with Session(engine) as s:
-        rows = [(v.id, v.path, v.active, v.metrics_json, v.hyperparams_json) for v in s.exec(select(AdapterVersion).order_by(AdapterVersion.id))]
+        rows = [
+            (v.id, v.path, v.active, v.metrics_json, v.hyperparams_json)
+            for v in s.exec(select(AdapterVersion).order_by(AdapterVersion.id))
+        ]
     root = Path(settings.data_dir) / "adapters"
     return {"rows": rows, "folders": {p.name: folder_digest(p) for p in sorted(root.iterdir())}}
 
@@ -261,16 +292,28 @@ def test_incomplete_adapters_are_never_registered_or_activated(tmp_path, demo_ll
         rollback(engine, "another/model", a)
 
 
-def _fake_round(run_dir: Path, base: Path, seed: int, *, test: dict | None, initial_test: dict | None, baseline=None) -> Path:
+def _fake_round(
+    run_dir: Path, base: Path, seed: int, *, test: dict | None, initial_test: dict | None, baseline=None
+) -> Path:
     """A finished round's folder: a real adapter in ``best/`` and a ``result.json`` with the given
     test-split metrics (validation numbers that would pass any best-of-N comparison)."""
     random_adapter(base, run_dir / "best", seed=seed)
     val = {"n": 12, "balanced_accuracy": 0.99, "accuracy": 0.99, "macro_f1": 0.99, "val_loss": 0.1, "per_breed": {}}
     result = {
-        "status": "succeeded", "base_model": str(base), "export_hash": f"h{seed}", "config": TrainConfig().to_dict(),
-        "adapter_dir": "best", "metrics": val, "best_step": 5, "initial_metrics": {**val, "balanced_accuracy": 0.3},
-        "test_metrics": test, "initial_test_metrics": initial_test, "baseline": baseline,
-        "n_test": test["n"] if test else 0, "steps": 5, "samples_per_second": 1.0,
+        "status": "succeeded",
+        "base_model": str(base),
+        "export_hash": f"h{seed}",
+        "config": TrainConfig().to_dict(),
+        "adapter_dir": "best",
+        "metrics": val,
+        "best_step": 5,
+        "initial_metrics": {**val, "balanced_accuracy": 0.3},
+        "test_metrics": test,
+        "initial_test_metrics": initial_test,
+        "baseline": baseline,
+        "n_test": test["n"] if test else 0,
+        "steps": 5,
+        "samples_per_second": 1.0,
     }
     (run_dir / "result.json").write_text(json.dumps(result))
     return run_dir
@@ -283,17 +326,27 @@ def test_register_round_gates_on_test_metrics_and_never_activates_without_a_deci
     ref = held_out(REF)
 
     few = held_out({"Bengal": "11111", "Siamese": "11111"})
-    outcome = register_round(engine, settings, _fake_round(tmp_path / "few", demo_llava, 1, test=few, initial_test=held_out({"Bengal": "10000", "Siamese": "10000"})))
+    outcome = register_round(
+        engine,
+        settings,
+        _fake_round(
+            tmp_path / "few", demo_llava, 1, test=few, initial_test=held_out({"Bengal": "10000", "Siamese": "10000"})
+        ),
+    )
     assert not outcome.activated and active_version(engine, base) is None  # best-of-N validation 99% does not count
     assert outcome.decision.reasons[0].startswith("not enough test photos to gate; promote by hand")
     none = register_round(engine, settings, _fake_round(tmp_path / "none", demo_llava, 2, test=None, initial_test=None))
     assert not none.activated and not none.decision.gated and active_version(engine, base) is None
 
-    tie = register_round(engine, settings, _fake_round(tmp_path / "tie", demo_llava, 3, test=held_out(REF), initial_test=ref))
+    tie = register_round(
+        engine, settings, _fake_round(tmp_path / "tie", demo_llava, 3, test=held_out(REF), initial_test=ref)
+    )
     assert not tie.activated and tie.decision.gated and "a tie does not pass" in tie.decision.reasons[0]
 
     good_test = held_out({b: "1111111110" for b in REF})
-    good = register_round(engine, settings, _fake_round(tmp_path / "good", demo_llava, 4, test=good_test, initial_test=ref))
+    good = register_round(
+        engine, settings, _fake_round(tmp_path / "good", demo_llava, 4, test=good_test, initial_test=ref)
+    )
     assert good.activated and good.decision.passed and good.decision.reference == "no adapter (base model)"
     assert active_version(engine, base).id == good.adapter_id
     stored = version_metrics(engine, good.adapter_id)
@@ -310,13 +363,31 @@ def test_register_round_gates_on_test_metrics_and_never_activates_without_a_deci
     # against the active adapter: the round must have scored that very adapter on its test photos
     with Session(engine) as s:
         good_path = s.get(AdapterVersion, good.adapter_id).path
-    same = register_round(engine, settings, _fake_round(
-        tmp_path / "same", demo_llava, 5, test=good_test, initial_test=ref,
-        baseline={"adapter": good_path, "metrics": {}, "test_metrics": good_test},
-    ))
-    assert not same.activated and same.decision.reference == f"adapter #{good.adapter_id}" and same.decision.p_better == 0.0
-    other = register_round(engine, settings, _fake_round(tmp_path / "other", demo_llava, 6, test=good_test, initial_test=ref))
-    assert not other.activated and not other.decision.gated and "was not evaluated on this round's test photos" in other.decision.reasons[0]
+    same = register_round(
+        engine,
+        settings,
+        _fake_round(
+            tmp_path / "same",
+            demo_llava,
+            5,
+            test=good_test,
+            initial_test=ref,
+            baseline={"adapter": good_path, "metrics": {}, "test_metrics": good_test},
+        ),
+    )
+    assert (
+        not same.activated
+        and same.decision.reference == f"adapter #{good.adapter_id}"
+        and same.decision.p_better == 0.0
+    )
+    other = register_round(
+        engine, settings, _fake_round(tmp_path / "other", demo_llava, 6, test=good_test, initial_test=ref)
+    )
+    assert (
+        not other.activated
+        and not other.decision.gated
+        and "was not evaluated on this round's test photos" in other.decision.reasons[0]
+    )
     assert active_version(engine, base).id == good.adapter_id
 
 
@@ -371,17 +442,62 @@ def test_sigkill_mid_round_then_recover_cancel_and_resume_to_the_same_weights(tm
     activate(engine, a)
     before = snapshot(engine, settings)
     export = write_export(export_rows({"Bombay": 4, "Abyssinian": 4, "Bengal": 4}, 2), tmp_path / "export")
-    cfg = TrainConfig(max_steps=40, epochs=100, batch_size=2, lr=1e-3, eval_every=20, save_every=4,
-                      early_stopping_patience=0, candidate_source="sampled", other_rate=0.0, num_threads=2)
-    flags = ["--max-steps", "40", "--epochs", "100", "--batch-size", "2", "--lr", "1e-3", "--eval-every", "20",
-             "--save-every", "4", "--early-stopping-patience", "0", "--candidate-source", "sampled", "--other-rate", "0",
-             "--num-threads", "2"]
+    cfg = TrainConfig(
+        max_steps=40,
+        epochs=100,
+        batch_size=2,
+        lr=1e-3,
+        eval_every=20,
+        save_every=4,
+        early_stopping_patience=0,
+        candidate_source="sampled",
+        other_rate=0.0,
+        num_threads=2,
+    )
+    flags = [
+        "--max-steps",
+        "40",
+        "--epochs",
+        "100",
+        "--batch-size",
+        "2",
+        "--lr",
+        "1e-3",
+        "--eval-every",
+        "20",
+        "--save-every",
+        "4",
+        "--early-stopping-patience",
+        "0",
+        "--candidate-source",
+        "sampled",
+        "--other-rate",
+        "0",
+        "--num-threads",
+        "2",
+    ]
     env = {**os.environ, "CATREVIEW_DATA_DIR": str(settings.data_dir), "HF_HUB_OFFLINE": "1", **cpu_only}
     driver = subprocess.Popen(
-        [sys.executable, "-m", "catreview", "train", "--db", settings.database_url, "--base", base, "--export", str(export), *flags],
-        cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "catreview",
+            "train",
+            "--db",
+            settings.database_url,
+            "--base",
+            base,
+            "--export",
+            str(export),
+            *flags,
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
+
         def spawned():
             with Session(engine) as s:
                 run = s.exec(select(TrainingRun)).first()
@@ -423,15 +539,32 @@ def test_sigkill_mid_round_then_recover_cancel_and_resume_to_the_same_weights(tm
     third = jobs.start(base, resume_run=second)
     assert _finished(jobs, third, 300) == "succeeded", jobs.status(third).error
     result = read_result(run_dir)
-    assert result["steps"] == 40 and len(result["resumed_from_step"]) == 2 and result["resumed_from_step"][0] == killed_at
+    assert (
+        result["steps"] == 40 and len(result["resumed_from_step"]) == 2 and result["resumed_from_step"][0] == killed_at
+    )
 
     uninterrupted = tmp_path / "uninterrupted"
     uninterrupted.mkdir()
     cfg.save(uninterrupted / "train_config.json")
     done = subprocess.run(
-        [sys.executable, "-m", "training", "--export", str(export), "--base", base, "--out", str(uninterrupted),
-         "--config-json", str(uninterrupted / "train_config.json")],
-        cwd=REPO_ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", **cpu_only}, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "training",
+            "--export",
+            str(export),
+            "--base",
+            base,
+            "--out",
+            str(uninterrupted),
+            "--config-json",
+            str(uninterrupted / "train_config.json"),
+        ],
+        cwd=REPO_ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **cpu_only},
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     reference = read_result(uninterrupted)
@@ -449,7 +582,9 @@ def test_sigkill_mid_round_then_recover_cancel_and_resume_to_the_same_weights(tm
     st = jobs.status(third)
     assert st.adapter_id is not None and st.gate["reference"] == f"adapter #{a}"  # gated against the active one
     # the export has no test split: no decision, and the version is not activated (promote by hand)
-    assert st.gate["gated"] is False and st.gate["reasons"][0].startswith("not enough test photos to gate; promote by hand")
+    assert st.gate["gated"] is False and st.gate["reasons"][0].startswith(
+        "not enough test photos to gate; promote by hand"
+    )
     assert not st.activated and active_version(engine, base).id == a
     after = snapshot(engine, settings)
     assert after["rows"][: len(before["rows"])] == before["rows"] and len(after["rows"]) == 3
@@ -510,10 +645,12 @@ def test_train_tab_builds_and_refreshes(tmp_path):
     with gr.Blocks() as demo:
         train_tab.build(app)
     texts = [b.value for b in demo.blocks.values() if isinstance(b, gr.Markdown) and isinstance(b.value, str)]
-    assert any("held-out test photos" in t and "at least 3 test photos drops by more than 25 points" in t for t in texts)  # the policy in use
+    assert any(
+        "held-out test photos" in t and "at least 3 test photos drops by more than 25 points" in t for t in texts
+    )  # the policy in use
     ids = {getattr(b, "elem_id", None) for b in demo.blocks.values()}
     assert {"retrain", "cancel-train", "train-loss-plot", "train-val-plot", "adapters-table", "gate-comparison"} <= ids
-    status, loss, val, gate_text, gate_rows, versions, choices = train_tab.refresh(app)
+    status, loss, val, _gate_text, _gate_rows, versions, choices = train_tab.refresh(app)
     assert status == "No training run yet." and loss.empty and val.empty and versions.empty and choices == []
     box = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "train-status")
     assert box.value == status  # shown from the page load on, not only after the timer's first tick
@@ -550,7 +687,7 @@ def _reviewed(tmp_path: Path, per_breed: dict[str, int]):
 
 
 def test_too_few_reviews_are_refused_before_anything_starts(tmp_path, monkeypatch, capsys):
-    """"Retrain adapter" with too few reviewed photos says what is missing -- in the tab and the
+    """ "Retrain adapter" with too few reviewed photos says what is missing -- in the tab and the
     CLI -- instead of starting a process that exits with "status 2" (its reason only in the log)."""
     from catreview.adapters.checks import TrainJobError
     from catreview.app.core import ReviewApp
@@ -561,7 +698,9 @@ def test_too_few_reviews_are_refused_before_anything_starts(tmp_path, monkeypatc
     with pytest.raises(TrainJobError, match=r"only 1 breed\(s\) \(Bombay 6 photos\).*at least 2 breeds"):
         TrainJobs(engine, settings).start("any/model")
     settings, engine = _reviewed(tmp_path / "two", {"Bombay": 3, "Siamese": 2})  # 3 -> 3/0/0, 2 -> 2/0/0
-    with pytest.raises(TrainJobError, match="5 training photos but no validation photo.*4th reviewed photo.*Bombay 3, Siamese 2"):
+    with pytest.raises(
+        TrainJobError, match="5 training photos but no validation photo.*4th reviewed photo.*Bombay 3, Siamese 2"
+    ):
         TrainJobs(engine, settings).start("any/model")
     with Session(engine) as s:
         assert s.exec(select(TrainingRun)).first() is None  # nothing was claimed or started
@@ -628,19 +767,23 @@ def test_log_error_summary_finds_the_reason_a_round_gave(tmp_path):
     from catreview.adapters.runfolder import log_error_summary
 
     log = tmp_path / "train.log"
-    log.write_text("$ python -m training ...\nLoading weights: 100%\nerror: export /x has no validation photos: a round needs them\n")
+    log.write_text(
+        "$ python -m training ...\nLoading weights: 100%\nerror: export /x has no validation photos: a round needs them\n"
+    )
     assert log_error_summary(log) == "export /x has no validation photos: a round needs them"
     log.write_text(
-        "$ python -m training\nTraceback (most recent call last):\n  File \"a.py\", line 1, in <module>\n    boom()\n"
+        '$ python -m training\nTraceback (most recent call last):\n  File "a.py", line 1, in <module>\n    boom()\n'
         "ValueError: first\n\nDuring handling of the above exception, another exception occurred:\n\n"
-        "Traceback (most recent call last):\n  File \"b.py\", line 2, in <module>\nRuntimeError: out of memory\n"
+        'Traceback (most recent call last):\n  File "b.py", line 2, in <module>\nRuntimeError: out of memory\n'
     )
     assert log_error_summary(log) == "RuntimeError: out of memory"
     log.write_text("$ python -m training\nstep 3/40\n")  # killed: no error in the log
     assert log_error_summary(log) is None and log_error_summary(tmp_path / "absent.log") is None
 
 
-def test_a_failed_round_shows_its_reason_in_the_tab_and_the_cli_also_after_a_restart(tmp_path, demo_llava, monkeypatch, capsys):
+def test_a_failed_round_shows_its_reason_in_the_tab_and_the_cli_also_after_a_restart(
+    tmp_path, demo_llava, monkeypatch, capsys
+):
     import gradio as gr
 
     from catreview.app.core import ReviewApp
@@ -649,7 +792,9 @@ def test_a_failed_round_shows_its_reason_in_the_tab_and_the_cli_also_after_a_res
 
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'app.db'}", data_dir=tmp_path / "data")
     export = write_export(export_rows({"Bombay": 2, "Siamese": 2}, 1), tmp_path / "export")
-    (export / "validation" / next(p.name for p in (export / "validation").iterdir())).unlink()  # the round will refuse it
+    (
+        export / "validation" / next(p.name for p in (export / "validation").iterdir())
+    ).unlink()  # the round will refuse it
     app = ReviewApp(settings)
     run_id = train_tab.jobs_for(app).start(str(demo_llava), TrainConfig(max_steps=1), export_dir=export)
     message = train_tab.STARTED.format(run_id=run_id)
@@ -657,9 +802,14 @@ def test_a_failed_round_shows_its_reason_in_the_tab_and_the_cli_also_after_a_res
     status = train_tab.refresh(app)[0]
     lines = status.splitlines()
     assert lines[0].startswith(f"Run #{run_id}: failed: ") and "does not exist" in lines[0]  # the round's own words
-    assert lines[1] == f"training process exited with status 2; log kept at {train_tab.jobs_for(app).status(run_id).run_dir}/{LOG_FILE}"
+    assert (
+        lines[1]
+        == f"training process exited with status 2; log kept at {train_tab.jobs_for(app).status(run_id).run_dir}/{LOG_FILE}"
+    )
     assert train_tab.message_after_refresh(app, message) == ""  # "Run #1 started" does not stay under the failure
-    assert train_tab.message_after_refresh(app, "Adapter #3 is active; new predictions use it.").startswith("Adapter #3")
+    assert train_tab.message_after_refresh(app, "Adapter #3 is active; new predictions use it.").startswith(
+        "Adapter #3"
+    )
 
     restarted = ReviewApp(settings)  # the app restarts: the box shows the latest run at once
     with gr.Blocks() as demo:
@@ -668,6 +818,8 @@ def test_a_failed_round_shows_its_reason_in_the_tab_and_the_cli_also_after_a_res
     assert box.value == status == train_tab.status_text(restarted)
 
     monkeypatch.setenv("CATREVIEW_DATA_DIR", str(settings.data_dir))
-    rc = cli_main(["train", "--db", settings.database_url, "--base", str(demo_llava), "--export", str(export), "--max-steps", "1"])
+    rc = cli_main(
+        ["train", "--db", settings.database_url, "--base", str(demo_llava), "--export", str(export), "--max-steps", "1"]
+    )
     out = capsys.readouterr().out
     assert rc == 1 and ": failed: " in out and "does not exist" in out and "log kept at" in out

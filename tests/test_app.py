@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-
 import shutil
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -15,8 +14,8 @@ from gradio_client import Client
 from sqlmodel import Session, select
 
 from catreview.app.core import ReviewApp
-from catreview.data.db import Review
 from catreview.app.ui import build_ui
+from catreview.data.db import Review
 
 
 @contextmanager
@@ -47,7 +46,7 @@ def photos(tmp_path: Path, cats_dir: Path) -> Path:
 
 
 def test_review_over_api_survives_restart(settings, photos: Path) -> None:
-    with running_app(settings, [photos]) as (app, url):
+    with running_app(settings, [photos]) as (_app, url):
         client = Client(url, verbose=False)
         shown = client.predict(api_name="/show")
         image_id, counter = int(shown[0]), shown[2]
@@ -87,7 +86,9 @@ def test_review_over_api_survives_restart(settings, photos: Path) -> None:
         assert "no photo with id 10000" in unknown[-1]
     with Session(app2.engine) as s:
         rows = list(s.exec(select(Review)))
-    assert [(r.image_id, r.label, r.annotator, r.note) for r in rows] == [(image_id, "Sphynx - Hairless Cat", "alice", "ears say so")]
+    assert [(r.image_id, r.label, r.annotator, r.note) for r in rows] == [
+        (image_id, "Sphynx - Hairless Cat", "alice", "ears say so")
+    ]
     snapshot = json.loads(rows[0].model_snapshot_json)
     assert len(snapshot["stage1"]) == 3 and snapshot["fused"]["label"]
     clf, vlm = app2.registry.classifier(), app2.registry.vlm()
@@ -136,7 +137,9 @@ def test_app_refuses_to_start_with_a_model_it_cannot_load(tmp_path: Path, demo_d
     import app as app_main
 
     cfg = tmp_path / "bad.toml"
-    cfg.write_text(f'demo_dir = "{demo_dir}"\nactive_vlm = "x"\n[vlm_profiles.x]\nmodel = "{tmp_path / "no-such-model"}"\n')
+    cfg.write_text(
+        f'demo_dir = "{demo_dir}"\nactive_vlm = "x"\n[vlm_profiles.x]\nmodel = "{tmp_path / "no-such-model"}"\n'
+    )
     assert app_main.main(["--config", str(cfg), "--db", f"sqlite:///{tmp_path / 'a.db'}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "no-such-model" in err and "Traceback" not in err

@@ -18,8 +18,14 @@ pytestmark = pytest.mark.browser
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
 ]
 
 
@@ -48,7 +54,10 @@ def test_confirm_label_with_a_click(settings, cats_dir: Path, tmp_path: Path, br
         page.goto(url)
         page.locator("#demo-banner").wait_for()
         button = page.locator("#confirm-0")
-        page.wait_for_function("() => { const b = document.querySelector('#confirm-0'); return b && b.innerText.trim() !== '—'; }", timeout=30000)
+        page.wait_for_function(
+            "() => { const b = document.querySelector('#confirm-0'); return b && b.innerText.trim() !== '—'; }",
+            timeout=30000,
+        )
         candidate = button.inner_text().strip()
         name_box = page.locator("#annotator textarea, #annotator input").first
         name_box.fill("browser-bob")

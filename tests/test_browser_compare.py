@@ -22,7 +22,7 @@ from tests.test_compare import LARGE, SMALL, make_settings, tiny_models  # noqa:
 pytestmark = pytest.mark.browser
 
 
-def test_blind_preference_with_a_click(demo_dir: Path, tiny_models, cats_dir: Path, tmp_path: Path, browser) -> None:  # noqa: F811
+def test_blind_preference_with_a_click(demo_dir: Path, tiny_models, cats_dir: Path, tmp_path: Path, browser) -> None:
     root = tmp_path / "photos" / "Bengal"
     root.mkdir(parents=True)
     for p in sorted((cats_dir / "Bengal").glob("*.jpg"))[:2]:
@@ -37,11 +37,15 @@ def test_blind_preference_with_a_click(demo_dir: Path, tiny_models, cats_dir: Pa
         page.locator("#compare-blind input[type=checkbox]").check()
         name_box.fill("browser-carol")
         # Blind mode has renamed the panels (its change event is done) and the name is in the box.
-        expect(page.locator("#compare-left-probs")).to_contain_text("Model 1: probabilities over the candidates", timeout=10000)
+        expect(page.locator("#compare-left-probs")).to_contain_text(
+            "Model 1: probabilities over the candidates", timeout=10000
+        )
         expect(name_box).to_have_value("browser-carol")
         page.locator("#compare-run").click()
         prefer_2 = page.locator("#compare-prefer-2")
-        page.wait_for_function("() => { const b = document.querySelector('#compare-prefer-2'); return b && !b.disabled; }", timeout=60000)
+        page.wait_for_function(
+            "() => { const b = document.querySelector('#compare-prefer-2'); return b && !b.disabled; }", timeout=60000
+        )
 
         # Both panels are unnamed: no profile name or model folder anywhere in them.
         panels = page.locator("#compare-left").inner_text() + page.locator("#compare-right").inner_text()
@@ -78,7 +82,9 @@ def test_blind_preference_with_a_click(demo_dir: Path, tiny_models, cats_dir: Pa
     assert rows[0].output_b == model_2_reasoning and rows[0].output_a and rows[0].output_a != rows[0].output_b
 
 
-def test_demo_alone_opens_on_a_reviewed_photo_and_refuses_a_preference(settings, cats_dir: Path, tmp_path: Path, browser) -> None:  # noqa: F811
+def test_demo_alone_opens_on_a_reviewed_photo_and_refuses_a_preference(
+    settings, cats_dir: Path, tmp_path: Path, browser
+) -> None:
     root = tmp_path / "photos"
     for breed in ("Persian", "Sphynx"):
         (root / breed).mkdir(parents=True)
@@ -94,7 +100,9 @@ def test_demo_alone_opens_on_a_reviewed_photo_and_refuses_a_preference(settings,
 
         # Opens on the first reviewed photo (not "0" and no photo), says how to pick another.
         id_box = page.locator("#compare-image-id input")
-        page.wait_for_function("(v) => document.querySelector('#compare-image-id input')?.value === v", arg=str(reviewed), timeout=30000)
+        page.wait_for_function(
+            "(v) => document.querySelector('#compare-image-id input')?.value === v", arg=str(reviewed), timeout=30000
+        )
         page.locator("#compare-photo img").first.wait_for(timeout=10000)
         notice = page.locator("#compare-notice")
         notice.get_by_text("Photo 3 of 4").wait_for(timeout=10000)
@@ -120,7 +128,9 @@ def test_demo_alone_opens_on_a_reviewed_photo_and_refuses_a_preference(settings,
 
         # Blind: the same model on both sides cannot give a training pair; the UI says so.
         page.locator("#compare-blind input[type=checkbox]").check()
-        expect(page.locator("#compare-left-probs")).to_contain_text("Model 1: probabilities over the candidates", timeout=10000)
+        expect(page.locator("#compare-left-probs")).to_contain_text(
+            "Model 1: probabilities over the candidates", timeout=10000
+        )
         page.locator("#compare-run").click()
         message = page.locator("#compare-pref-message")
         message.get_by_text("No preference can be recorded").wait_for(timeout=60000)

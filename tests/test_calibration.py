@@ -322,8 +322,7 @@ def test_pool_gets_its_own_temperature(report):
 def test_calibrate_weight_is_the_best_on_calibrated_inputs(report):
     records = synthetic_records(1500, seed=5)
     stage1 = [scale_probabilities(dict(r.stage1_topk), report.stage1_temperature) for r in records]
-    vlm = [None if r.vlm_probs is None else scale_probabilities(r.vlm_probs, report.vlm_temperature)
-           for r in records]
+    vlm = [None if r.vlm_probs is None else scale_probabilities(r.vlm_probs, report.vlm_temperature) for r in records]
     _, scores = fusion_weight_curve(stage1, vlm, [r.human_label for r in records])
     assert report.fused.balanced_accuracy_after == pytest.approx(scores.max())
     assert report.fused.balanced_accuracy_after >= report.stage1.balanced_accuracy_after
@@ -350,8 +349,11 @@ def test_calibrate_scores_non_candidate_label_as_other():
         # The true breed is not a candidate; the VLM says "other".
         ReviewRecord("Siamese", cands, {"Bengal": 0.1, "Ocicat": 0.1, "Savannah": 0.1, OTHER: 0.7}),
         ReviewRecord("Bengal", cands, {"Bengal": 0.6, "Ocicat": 0.2, "Savannah": 0.1, OTHER: 0.1}),
-        {"human_label": "Ocicat", "stage1_topk": cands,
-         "vlm_probs": {"Bengal": 0.2, "Ocicat": 0.6, "Savannah": 0.1, OTHER: 0.1}},
+        {
+            "human_label": "Ocicat",
+            "stage1_topk": cands,
+            "vlm_probs": {"Bengal": 0.2, "Ocicat": 0.6, "Savannah": 0.1, OTHER: 0.1},
+        },
         ReviewRecord("Bengal", cands, None),
     ]
     with pytest.warns(RuntimeWarning, match="bound"):  # the VLM is right on all 3: T -> 0
@@ -434,8 +436,14 @@ def test_cross_validation_is_skipped_with_a_reason():
 def test_top1_only_stage1_keeps_its_temperature():
     # top_k = 1 (allowed by the config): one logit per photo, nothing to scale in stage 1; the
     # VLM and the pool (candidate + OTHER) are still fitted.
-    records = [ReviewRecord(r.human_label, r.stage1_topk[:1], r.vlm_probs and {
-        r.stage1_topk[0][0]: r.vlm_probs[r.stage1_topk[0][0]], OTHER: 1.0 - r.vlm_probs[r.stage1_topk[0][0]]})
-        for r in synthetic_records(200, seed=2)]
+    records = [
+        ReviewRecord(
+            r.human_label,
+            r.stage1_topk[:1],
+            r.vlm_probs
+            and {r.stage1_topk[0][0]: r.vlm_probs[r.stage1_topk[0][0]], OTHER: 1.0 - r.vlm_probs[r.stage1_topk[0][0]]},
+        )
+        for r in synthetic_records(200, seed=2)
+    ]
     rep = calibrate(records, min_reviews=30)
     assert rep.stage1_temperature == 1.0 and rep.vlm_temperature is not None and rep.vlm_temperature != 1.0

@@ -39,7 +39,9 @@ def test_fit_store_and_use(settings, cats_dir: Path, tmp_path: Path) -> None:
     before = {v["id"]: v["fused"] for v in iter_views(engine, reg)}
     assert all(f["blend"] == "config" for f in before.values())
 
-    too_many = settings.model_copy(update={"fusion": settings.fusion.model_copy(update={"calibration_min_reviews": 37})})
+    too_many = settings.model_copy(
+        update={"fusion": settings.fusion.model_copy(update={"calibration_min_reviews": 37})}
+    )
     with pytest.raises(ValueError, match="at least 37"):
         fit_and_store(too_many, reg)
 
@@ -49,7 +51,12 @@ def test_fit_store_and_use(settings, cats_dir: Path, tmp_path: Path) -> None:
     assert report.n_folds == settings.fusion.calibration_folds == 5 and report.cv_note is None
     assert 0.0 <= report.fused.ece_after_cv <= 1.0 and 0.0 <= report.stage1.balanced_accuracy_after_cv <= 1.0
     assert report.stage1_temperature > 0 and 0.0 <= report.weight <= 1.0
-    assert {r["breed"] for r in report.per_breed_rows()} == {"Bengal", "Abyssinian", "Scottish Fold", "Exotic Shorthair"}
+    assert {r["breed"] for r in report.per_breed_rows()} == {
+        "Bengal",
+        "Abyssinian",
+        "Scottish Fold",
+        "Exotic Shorthair",
+    }
     with Session(engine) as s:
         stored = s.get(CalibrationRecord, row_id)
     assert (stored.weight, stored.temperature_fused) == (report.weight, report.fused_temperature)
@@ -65,7 +72,9 @@ def test_photos_the_active_adapter_learned_are_left_out(settings, cats_dir: Path
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText
 
-    settings = settings.model_copy(update={"fusion": settings.fusion.model_copy(update={"calibration_min_reviews": 20})})
+    settings = settings.model_copy(
+        update={"fusion": settings.fusion.model_copy(update={"calibration_min_reviews": 20})}
+    )
     engine, reg = labelled_photos(settings, cats_dir, tmp_path)
     base = reg.vlm().profile.model
     adapter_dir = tmp_path / "adapter"
@@ -79,7 +88,9 @@ def test_photos_the_active_adapter_learned_are_left_out(settings, cats_dir: Path
         s.add_all([SplitAssignment(sha256=h, split="train", assigned_at=early) for h in shas[:10]])
         s.add_all([SplitAssignment(sha256=h, split="val", assigned_at=early) for h in shas[10:14]])
         # assigned after the adapter was made: not in its training data
-        s.add_all([SplitAssignment(sha256=h, split="train", assigned_at=created + timedelta(minutes=5)) for h in shas[14:16]])
+        s.add_all(
+            [SplitAssignment(sha256=h, split="train", assigned_at=created + timedelta(minutes=5)) for h in shas[14:16]]
+        )
         s.commit()
     fresh = ModelRegistry(settings)
     assert str(fresh.vlm().profile.adapter) == str(adapter_dir)
@@ -89,18 +100,27 @@ def test_photos_the_active_adapter_learned_are_left_out(settings, cats_dir: Path
 
     # An adapter folder this database does not know: nothing can be left out, and the report says so.
     shutil.copytree(adapter_dir, tmp_path / "adapter-copy")
-    unknown = settings.model_copy(update={
-        "vlm_profiles": {"tiny": VLMProfile(model=base, adapter=str(tmp_path / "adapter-copy"))}, "active_vlm": "tiny"})
+    unknown = settings.model_copy(
+        update={
+            "vlm_profiles": {"tiny": VLMProfile(model=base, adapter=str(tmp_path / "adapter-copy"))},
+            "active_vlm": "tiny",
+        }
+    )
     report, _ = fit_and_store(unknown, ModelRegistry(unknown), store=False)
     assert report.n_reviews == 36 and "cannot be left out" in report_text(report)
 
 
 def test_checkpoint_spellings_match_review_labels() -> None:
-    views = [{
-        "review": {"label": "Maine Coon"},
-        "stage1": [{"label": "Maine_Coon", "probability": 0.7}, {"label": "norwegian forest cat", "probability": 0.3}],
-        "vlm": {"probabilities": {"Maine_Coon": 0.5, "norwegian forest cat": 0.3, "other": 0.2}},
-    }]
+    views = [
+        {
+            "review": {"label": "Maine Coon"},
+            "stage1": [
+                {"label": "Maine_Coon", "probability": 0.7},
+                {"label": "norwegian forest cat", "probability": 0.3},
+            ],
+            "vlm": {"probabilities": {"Maine_Coon": 0.5, "norwegian forest cat": 0.3, "other": 0.2}},
+        }
+    ]
     (rec,) = review_records(views, BreedVocabulary.default())
     assert rec.human_label == "Maine Coon"
     assert [label for label, _ in rec.stage1_topk] == ["Maine Coon", "Norwegian Forest Cat"]

@@ -11,8 +11,8 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from catreview.models.classifier import ClassifierError, Stage1Classifier
 from catreview.data.images import load_rgb
+from catreview.models.classifier import ClassifierError, Stage1Classifier
 
 LABELS = ["Bengal", "Persian", "Siamese", "Sphynx - Hairless Cat", "Maine Coon"]
 
@@ -42,7 +42,11 @@ def _write_labels(path: Path) -> Path:
 
 def test_safetensors_with_label_metadata(tmp_path: Path, reference, photos) -> None:
     f = tmp_path / "m.safetensors"
-    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(f), metadata={"label_names": json.dumps(LABELS)})
+    save_file(
+        {k: v.contiguous() for k, v in reference.state_dict().items()},
+        str(f),
+        metadata={"label_names": json.dumps(LABELS)},
+    )
     clf = Stage1Classifier.load("convnext_atto", checkpoint=f)
     assert clf.labels == LABELS
     torch.testing.assert_close(clf.logits(photos), _expected_logits(reference, photos), atol=1e-5, rtol=1e-5)
@@ -59,7 +63,9 @@ def test_pth_checkpoint_shapes(tmp_path: Path, reference, photos, shape: str) ->
         noise = {k: v + 1.0 if v.is_floating_point() else v for k, v in sd.items()}
         obj, name = {"epoch": 3, "arch": "convnext_atto", "state_dict": noise, "state_dict_ema": sd}, "m.pth.tar"
     torch.save(obj, tmp_path / name)
-    clf = Stage1Classifier.load("convnext_atto", checkpoint=tmp_path / name, labels_file=_write_labels(tmp_path / "labels.txt"))
+    clf = Stage1Classifier.load(
+        "convnext_atto", checkpoint=tmp_path / name, labels_file=_write_labels(tmp_path / "labels.txt")
+    )
     torch.testing.assert_close(clf.logits(photos), _expected_logits(reference, photos), atol=1e-5, rtol=1e-5)
     weights, names = clf.model_version.split("-labels")
     assert len(weights) == 12 and len(names) == 8  # checkpoint digest + class-name digest
@@ -67,7 +73,9 @@ def test_pth_checkpoint_shapes(tmp_path: Path, reference, photos, shape: str) ->
 
 def test_topk_probabilities_and_batching(tmp_path: Path, reference, photos) -> None:
     torch.save(reference.state_dict(), tmp_path / "m.pth")
-    clf = Stage1Classifier.load("convnext_atto", checkpoint=tmp_path / "m.pth", labels_file=_write_labels(tmp_path / "l.txt"), batch_size=2)
+    clf = Stage1Classifier.load(
+        "convnext_atto", checkpoint=tmp_path / "m.pth", labels_file=_write_labels(tmp_path / "l.txt"), batch_size=2
+    )
     top = clf.topk(photos, k=3)
     probs = torch.softmax(_expected_logits(reference, photos), -1)
     for row, p in zip(top, probs):
@@ -95,9 +103,11 @@ def test_loading_errors_are_clear(tmp_path: Path, reference) -> None:
 
 def test_preprocessing_comes_from_the_model_config(tmp_path: Path, reference) -> None:
     torch.save(reference.state_dict(), tmp_path / "m.pth")
-    clf = Stage1Classifier.load("convnext_atto", checkpoint=tmp_path / "m.pth", labels_file=_write_labels(tmp_path / "l.txt"))
+    clf = Stage1Classifier.load(
+        "convnext_atto", checkpoint=tmp_path / "m.pth", labels_file=_write_labels(tmp_path / "l.txt")
+    )
     cfg = timm.data.resolve_data_config({}, model=clf.model)
-    norm = [t for t in clf.transform.transforms if type(t).__name__ == "Normalize"][0]
+    norm = next(t for t in clf.transform.transforms if type(t).__name__ == "Normalize")
     assert tuple(norm.mean.tolist() if hasattr(norm.mean, "tolist") else norm.mean) == pytest.approx(cfg["mean"])
 
 
@@ -161,7 +171,9 @@ def test_cli_reports_an_unsafe_checkpoint_in_one_line(tmp_path: Path, reference,
     torch.save(_train_checkpoint(reference, extra=_Unsafe()), ckpt)
     labels = _write_labels(tmp_path / "labels.txt")
     cfg = tmp_path / "c.toml"
-    cfg.write_text(f'demo_dir = "{tmp_path / "demo"}"\n[classifier]\nmodel = "convnext_atto"\ncheckpoint = "{ckpt}"\nlabels_file = "{labels}"\n')
+    cfg.write_text(
+        f'demo_dir = "{tmp_path / "demo"}"\n[classifier]\nmodel = "convnext_atto"\ncheckpoint = "{ckpt}"\nlabels_file = "{labels}"\n'
+    )
     assert cli.main(["predict", "--config", str(cfg), "--db", f"sqlite:///{tmp_path / 'c.db'}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: checkpoint {ckpt} contains Python objects") and err.count("\n") == 1, err

@@ -50,7 +50,10 @@ def tiny_models(tmp_path_factory, demo_dir: Path) -> dict[str, Path]:
     """The demo LLaVA (0.6M params) and a 14M-param LLaVA (336 px, 576 image tokens)."""
     from catreview.models.tiny_llava import build_tiny_llava
 
-    return {SMALL: demo_dir / "llava-tiny", LARGE: build_tiny_llava(tmp_path_factory.mktemp("vlm14m") / "llava-14m", size="14m")}
+    return {
+        SMALL: demo_dir / "llava-tiny",
+        LARGE: build_tiny_llava(tmp_path_factory.mktemp("vlm14m") / "llava-14m", size="14m"),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +68,14 @@ def photos(tmp_path_factory, cats_dir: Path) -> Path:
 
 def make_settings(db: Path, demo_dir: Path, models: dict[str, Path], **extra):
     profiles = {name: {"model": str(path), "max_new_tokens": 12, "batch_size": 4} for name, path in models.items()}
-    return load_settings(database_url=f"sqlite:///{db}", demo_dir=demo_dir, vlm_profiles=profiles,
-                         active_vlm=SMALL, compare_profiles=(SMALL, LARGE), **extra)
+    return load_settings(
+        database_url=f"sqlite:///{db}",
+        demo_dir=demo_dir,
+        vlm_profiles=profiles,
+        active_vlm=SMALL,
+        compare_profiles=(SMALL, LARGE),
+        **extra,
+    )
 
 
 def new_session(db: Path, demo_dir: Path, models: dict[str, Path], photos: Path) -> CompareSession:
@@ -121,9 +130,12 @@ def test_memory_meter_sees_a_cpu_allocation() -> None:
 
 def direct_metrics(rows: list[dict]) -> dict:
     """Metrics computed by hand from per-photo (human, label_a, label_b, seconds) rows."""
+
     def recall_mean(key: str) -> float:
         breeds = sorted({r["human"] for r in rows})
-        return sum(sum(r[key] == b for r in rows if r["human"] == b) / sum(r["human"] == b for r in rows) for b in breeds) / len(breeds)
+        return sum(
+            sum(r[key] == b for r in rows if r["human"] == b) / sum(r["human"] == b for r in rows) for b in breeds
+        ) / len(breeds)
 
     def p95(xs: list[float]) -> float:  # linear interpolation between closest ranks
         xs = sorted(xs)
@@ -165,8 +177,15 @@ def test_aggregate_matches_direct_computation_and_second_run_is_cached(fresh: Co
     rows = []
     for o in first.photos:
         pa, pb = stored[(first.a.model_version, o.image_id)], stored[(first.b.model_version, o.image_id)]
-        rows.append({"human": human[o.image_id], "label_a": pa.payload["label"], "label_b": pb.payload["label"],
-                     "seconds_a": pa.seconds, "seconds_b": pb.seconds})
+        rows.append(
+            {
+                "human": human[o.image_id],
+                "label_a": pa.payload["label"],
+                "label_b": pb.payload["label"],
+                "seconds_a": pa.seconds,
+                "seconds_b": pb.seconds,
+            }
+        )
         assert pa.payload["candidates"] == [*o.candidates, "other"]
     want = direct_metrics(rows)
     m = first.metrics
@@ -207,18 +226,28 @@ def test_cli_compare_prints_the_table(demo_dir: Path, tiny_models, photos: Path,
     st = session.settings
     lines = [f'active_vlm = "{SMALL}"', f'compare_profiles = ["{SMALL}", "{LARGE}"]', f'demo_dir = "{st.demo_dir}"']
     for name, prof in st.vlm_profiles.items():
-        lines += [f"[vlm_profiles.{name}]", f'model = "{prof.model}"', f"max_new_tokens = {prof.max_new_tokens}",
-                  f"batch_size = {prof.batch_size}"]
+        lines += [
+            f"[vlm_profiles.{name}]",
+            f'model = "{prof.model}"',
+            f"max_new_tokens = {prof.max_new_tokens}",
+            f"batch_size = {prof.batch_size}",
+        ]
     config = tmp_path / "config.toml"
     config.write_text("\n".join(lines) + "\n")
     parser = argparse.ArgumentParser()
     add_compare_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["compare", "--config", str(config), "--db", st.database_url, "--csv", str(tmp_path / "out")])
+    args = parser.parse_args(
+        ["compare", "--config", str(config), "--db", st.database_url, "--csv", str(tmp_path / "out")]
+    )
     assert cmd_compare(args) == 0  # defaults: compare_profiles from the config
     out = capsys.readouterr().out
     assert f"A = {SMALL}" in out and f"B = {LARGE}" in out and "2 reviewed photos" in out
     assert "balanced_accuracy" in out and "agreement A vs B" in out and "note:" not in out
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["compare_per_breed.csv", "compare_photos.csv", "compare_summary.csv"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "compare_per_breed.csv",
+        "compare_photos.csv",
+        "compare_summary.csv",
+    ]
 
 
 # --------------------------------------------------------------------------- per photo
@@ -231,7 +260,10 @@ def test_photo_comparison_streams_measures_and_caches(fresh: CompareSession, cap
     for comp in session.compare_photo(image_id, SMALL, LARGE, one_at_a_time=True):
         comps.append(json.dumps(display_sides(comp)))  # snapshot: the state object is updated in place
     assert len(comps) > 4  # status changes and streamed reasoning chunks
-    assert any(json.loads(c)["left"]["reasoning"] and not json.loads(c)["right"]["verdict"].startswith("Verdict") for c in comps)
+    assert any(
+        json.loads(c)["left"]["reasoning"] and not json.loads(c)["right"]["verdict"].startswith("Verdict")
+        for c in comps
+    )
     first = json.loads(comps[-1])
     for panel, name in ((first["left"], SMALL), (first["right"], LARGE)):
         assert panel["title"] == f"{'A' if name == SMALL else 'B'}: {name}"
@@ -246,8 +278,10 @@ def test_photo_comparison_streams_measures_and_caches(fresh: CompareSession, cap
         assert side.verdict["candidates"][-1] == "other" and not side.verdict_cached and not side.reasoning_cached
     with capsys.disabled():  # the figures the tab shows for the two tiny models
         for side in comp.sides:
-            print(f"\n[compare figures] {side.name}: verdict {side.verdict_seconds * 1000:.0f} ms, reasoning "
-                  f"{side.reasoning_seconds * 1000:.0f} ms, load {side.load_seconds * 1000:.0f} ms, {side.memory.text()}")
+            print(
+                f"\n[compare figures] {side.name}: verdict {side.verdict_seconds * 1000:.0f} ms, reasoning "
+                f"{side.reasoning_seconds * 1000:.0f} ms, load {side.load_seconds * 1000:.0f} ms, {side.memory.text()}"
+            )
 
     # Run again: everything from the cache, no memory measured, latency from the stored rows.
     *_, again = list(session.compare_photo(image_id, SMALL, LARGE))
@@ -300,7 +334,11 @@ def test_blind_mode_hides_names_and_exports_preferences(session: CompareSession,
 
     with Session(session.engine) as s:
         rows = list(s.exec(select(Preference).order_by(Preference.id)))
-    assert [(r.image_id, r.annotator, r.choice) for r in rows] == [(straight, "alice", "a"), (swapped, "alice", "a"), (straight, "bob", "tie")]
+    assert [(r.image_id, r.annotator, r.choice) for r in rows] == [
+        (straight, "alice", "a"),
+        (swapped, "alice", "a"),
+        (straight, "bob", "tie"),
+    ]
     assert all(r.prompt.startswith("This cat is one of these breeds") for r in rows)
 
     result = export_preference_pairs(session.engine, tmp_path / "prefs.jsonl")
@@ -311,7 +349,9 @@ def test_blind_mode_hides_names_and_exports_preferences(session: CompareSession,
     assert by_image[straight]["chosen"] == trials[straight].sides[0].reasoning
     assert by_image[straight]["rejected"] == trials[straight].sides[1].reasoning
     assert split_model_label(by_image[swapped]["metadata"]["chosen_model"])[0] == LARGE
-    assert Path(by_image[swapped]["image"]).is_file() and all(isinstance(r["prompt"], str) and r["prompt"] for r in records)
+    assert Path(by_image[swapped]["image"]).is_file() and all(
+        isinstance(r["prompt"], str) and r["prompt"] for r in records
+    )
 
 
 def test_no_preference_between_one_model_and_itself(demo_dir: Path, tiny_models, photos: Path, tmp_path: Path) -> None:
@@ -319,8 +359,9 @@ def test_no_preference_between_one_model_and_itself(demo_dir: Path, tiny_models,
     judge: no trial, a message saying why, nothing stored; the export drops chosen == rejected."""
     shutil.copytree(photos / "Bengal", tmp_path / "one" / "Bengal", ignore=lambda d, names: sorted(names)[1:])
     twin = "small-twin"  # another profile name for the same model folder: the same model version
-    session = new_session(tmp_path / "one.db", demo_dir, {SMALL: tiny_models[SMALL], twin: tiny_models[SMALL]},
-                          tmp_path / "one")
+    session = new_session(
+        tmp_path / "one.db", demo_dir, {SMALL: tiny_models[SMALL], twin: tiny_models[SMALL]}, tmp_path / "one"
+    )
     (image_id,) = session.reviewed_image_ids()
     assert session.vlm(SMALL).model_version == session.vlm(twin).model_version
 
@@ -329,17 +370,23 @@ def test_no_preference_between_one_model_and_itself(demo_dir: Path, tiny_models,
         assert comp.finished and comp.trial_id is None and "same model version" in comp.preference_refused
         shown = display_sides(comp)
         assert not shown["can_prefer"] and shown["trial_id"] == ""
-        assert shown["preference_note"].startswith("⚠️ No preference can be recorded: both sides are the same model version")
+        assert shown["preference_note"].startswith(
+            "⚠️ No preference can be recorded: both sides are the same model version"
+        )
         assert why in shown["notice"] and "no blind preference can be recorded" in shown["notice"]
         assert "Pick the better reasoning" not in shown["notice"]
         assert [shown[s]["probabilities_label"] for s in ("left", "right")] == [
-            "Model 1: probabilities over the candidates", "Model 2: probabilities over the candidates"]
+            "Model 1: probabilities over the candidates",
+            "Model 2: probabilities over the candidates",
+        ]
     *_, named = list(session.compare_photo(image_id, SMALL, SMALL))
     shown = display_sides(named)
     assert named.preference_refused is None and shown["preference_note"] == ""
     assert [shown[s]["title"] for s in ("left", "right")] == [f"A: {SMALL}", f"B: {SMALL}"]
     assert [shown[s]["probabilities_label"] for s in ("left", "right")] == [
-        f"{SMALL} (A): probabilities over the candidates", f"{SMALL} (B): probabilities over the candidates"]
+        f"{SMALL} (A): probabilities over the candidates",
+        f"{SMALL} (B): probabilities over the candidates",
+    ]
 
     # The guard in record_preference itself (e.g. a trial id from the API): same version, same text.
     label_1, label_2 = model_label(SMALL, "v1@aaa"), model_label(LARGE, "v2@bbb")
@@ -358,10 +405,24 @@ def test_no_preference_between_one_model_and_itself(demo_dir: Path, tiny_models,
 
     # Rows stored before this guard (or by other tools): chosen == rejected pairs are left out, counted.
     with Session(session.engine) as s:
-        for annotator, (out_a, out_b), choice in (("old-1", ("same", "same"), "a"), ("old-2", ("same ", "same"), "b"),
-                                                  ("ok", ("a tabby", "a calico"), "b"), ("tied", ("x", "y"), "tie")):
-            s.add(Preference(image_id=image_id, annotator=annotator, model_a=label_1, model_b=label_2,
-                             output_a=out_a, output_b=out_b, prompt="p", choice=choice))
+        for annotator, (out_a, out_b), choice in (
+            ("old-1", ("same", "same"), "a"),
+            ("old-2", ("same ", "same"), "b"),
+            ("ok", ("a tabby", "a calico"), "b"),
+            ("tied", ("x", "y"), "tie"),
+        ):
+            s.add(
+                Preference(
+                    image_id=image_id,
+                    annotator=annotator,
+                    model_a=label_1,
+                    model_b=label_2,
+                    output_a=out_a,
+                    output_b=out_b,
+                    prompt="p",
+                    choice=choice,
+                )
+            )
         s.commit()
     result = export_preference_pairs(session.engine, tmp_path / "prefs.jsonl")
     assert (result.pairs, result.ties, result.identical, result.superseded) == (1, 1, 2, 0)
@@ -409,7 +470,8 @@ def test_picking_photos_by_id_or_position(session: CompareSession, settings) -> 
     label = session.human_labels()[pick.image_id]
     assert session.photo_notice(pick) == (
         f"Photo 3 of 6 (id {ids[2]}; 6 reviewed photos in all) · human label: **{label}**. "
-        "Press **Compare this photo** to run both models on it.")
+        "Press **Compare this photo** to run both models on it."
+    )
 
     empty = CompareSession(settings, ModelRegistry(settings), make_engine(settings.database_url))
     assert empty.photo_ids() == [] and empty.first_reviewed_position() == 0
@@ -465,10 +527,12 @@ def test_runs_are_refused_while_the_models_are_busy(session: CompareSession) -> 
 def test_preference_messages_for_the_tab_and_the_api(fresh: CompareSession) -> None:
     image_id = fresh.photo_ids()[0]
     label_1, label_2 = model_label(SMALL, "v1@aaa"), model_label(LARGE, "v2@bbb")
-    fresh._trials.update({
-        "real": BlindTrial(image_id, "p", ((label_1, "a tabby"), (label_2, "a calico"))),
-        "same-text": BlindTrial(image_id, "p", ((label_1, "a tabby"), (label_2, "a tabby "))),
-    })
+    fresh._trials.update(
+        {
+            "real": BlindTrial(image_id, "p", ((label_1, "a tabby"), (label_2, "a calico"))),
+            "same-text": BlindTrial(image_id, "p", ((label_1, "a tabby"), (label_2, "a tabby "))),
+        }
+    )
     saved = fresh.try_record_preference("real", "2", "carol")
     assert saved.saved and saved.error is None and saved.preference.choice == "b"
     pid = saved.preference.id
@@ -488,7 +552,9 @@ def test_preference_messages_for_the_tab_and_the_api(fresh: CompareSession) -> N
         assert refused.text().startswith(f"⚠️ {why}") and refused.api_text().startswith(f"error: {why}")
     with Session(fresh.engine) as s:
         assert [(r.annotator, r.choice) for r in s.exec(select(Preference).order_by(Preference.id))] == [
-            ("carol", "b"), ("dave", "tie")]
+            ("carol", "b"),
+            ("dave", "tie"),
+        ]
 
 
 # --------------------------------------------------------------------------- adapter versions
@@ -522,7 +588,9 @@ def test_adapter_versions_of_one_model(session: CompareSession, tiny_models, tmp
     assert name_a.startswith(f"{SMALL}+adapter@") and name_b.startswith(f"{SMALL}+adapter@") and name_a != name_b
     pa, pb = session.profiles()[name_a], session.profiles()[name_b]
     base = session.settings.vlm_profiles[SMALL]
-    assert pa.model_dump(exclude={"adapter"}) == pb.model_dump(exclude={"adapter"}) == base.model_dump(exclude={"adapter"})
+    assert (
+        pa.model_dump(exclude={"adapter"}) == pb.model_dump(exclude={"adapter"}) == base.model_dump(exclude={"adapter"})
+    )
     assert (pa.adapter, pb.adapter) == (ad1.resolve(), ad2.resolve())
 
     result = session.run_aggregate(name_a, name_b, one_at_a_time=True)
@@ -539,9 +607,17 @@ def test_adapter_versions_of_one_model(session: CompareSession, tiny_models, tmp
     with Session(session.engine) as s:
         version = s.exec(select(AdapterVersion).where(AdapterVersion.path == str(ad2))).one()
         shas = [o.sha256 for o in s.exec(select(ImageRecord).order_by(ImageRecord.id))][:2]
-        s.add_all([SplitAssignment(sha256=h, split="train", assigned_at=version.created_at - timedelta(minutes=1)) for h in shas])
+        s.add_all(
+            [
+                SplitAssignment(sha256=h, split="train", assigned_at=version.created_at - timedelta(minutes=1))
+                for h in shas
+            ]
+        )
         s.commit()
     again = session.run_aggregate(name_a, name_b, one_at_a_time=True)
     assert again.metrics.n == 4 and (again.a.computed, again.b.computed) == (0, 0)
-    assert again.notes[0] == "Left out 2 reviewed photos of the train split an adapter was trained on (not a fair test of it)."
+    assert (
+        again.notes[0]
+        == "Left out 2 reviewed photos of the train split an adapter was trained on (not a fair test of it)."
+    )
     assert again.notes[0] in again.to_text()

@@ -19,6 +19,12 @@ import pytest
 from PIL import Image
 from sqlmodel import Session, select
 
+from catreview.data.db import ExportRecord, ImageRecord, SplitAssignment, make_engine, redact_url
+from catreview.data.images import load_rgb
+from catreview.data.importer import import_folder
+from catreview.data.labels import NOT_A_CAT, UNSURE, BreedVocabulary
+from catreview.data.reviews import current_reviews, record_review
+from catreview.export.archive import zip_export
 from catreview.export.conversations import (
     METADATA_COLUMNS,
     QUESTION_TEMPLATES,
@@ -28,8 +34,6 @@ from catreview.export.conversations import (
     record_id,
     to_messages,
 )
-from catreview.data.db import ExportRecord, ImageRecord, SplitAssignment, make_engine, redact_url
-from catreview.export.archive import zip_export
 from catreview.export.dataset import ExportError, export_dataset
 from catreview.export.info import export_info
 from catreview.export.info import tree_hash as _tree_hash
@@ -45,12 +49,7 @@ from catreview.export.validate import (
     check_processor,
     validate_record_for_processor,
 )
-from catreview.files import jsonl_line, read_jsonl, write_jsonl
-from catreview.data.images import load_rgb
-from catreview.files import sha256_file
-from catreview.data.importer import import_folder
-from catreview.data.labels import NOT_A_CAT, UNSURE, BreedVocabulary
-from catreview.data.reviews import current_reviews, record_review
+from catreview.files import jsonl_line, read_jsonl, sha256_file, write_jsonl
 
 VOCAB = BreedVocabulary.default()
 TRAITS = load_breed_traits()
@@ -487,8 +486,11 @@ def test_failures_are_reported_and_never_corrupt(base: dict, tmp_path: Path):
         victims[0].path = str(tmp_path / "gone.jpg")  # missing file
         victims[1].path = str(moved)  # other content than its sha256
         s.add_all(victims)
-        torn = next(r for i, r in reviewed.items() if r.label not in (NOT_A_CAT, UNSURE) and i not in {v.id for v in victims}
-                    and r.model_snapshot_json)
+        torn = next(
+            r
+            for i, r in reviewed.items()
+            if r.label not in (NOT_A_CAT, UNSURE) and i not in {v.id for v in victims} and r.model_snapshot_json
+        )
         torn.model_snapshot_json = torn.model_snapshot_json[:20]  # a damaged stored snapshot
         s.add(torn)
         s.commit()
@@ -497,8 +499,12 @@ def test_failures_are_reported_and_never_corrupt(base: dict, tmp_path: Path):
     reasons = dict(summary.failed)
     assert summary.n_photos == 254 and len(reasons) == 2
     # The damaged snapshot's photo is exported without predictions, and the summary says so.
-    assert summary.unreadable_snapshots == 1 and "1 reviews have an unreadable stored model snapshot" in "\n".join(summary.lines())
-    torn_record = next(r for s_ in SPLITS for r in _split_records(tmp_path / "out").get(s_, []) if r["id"] == record_id(torn_sha))
+    assert summary.unreadable_snapshots == 1 and "1 reviews have an unreadable stored model snapshot" in "\n".join(
+        summary.lines()
+    )
+    torn_record = next(
+        r for s_ in SPLITS for r in _split_records(tmp_path / "out").get(s_, []) if r["id"] == record_id(torn_sha)
+    )
     assert torn_source == "ui" and torn_record["metadata"]["review"] == "labelled"  # not confirmed/corrected
     assert "cannot read" in reasons[gone_sha[:12]] and "changed since import" in reasons[changed_sha[:12]]
     files = {p.stem for s in SPLITS for p in (tmp_path / "out" / s).glob("*.jpg")}
@@ -573,7 +579,7 @@ def test_template_check_catches_token_count_mismatches(tiny_llava, first: dict):
 
     # the per-image-size cache of bulk exports gives the same verdicts as the full check
     cached = RecordValidator(processor, model_config=config)
-    for r in [r for recs in _split_records(out).values() for r in recs][:12] + [two]:
+    for r in [*[r for recs in _split_records(out).values() for r in recs][:12], two]:
         im = load_rgb(out / r["image"])
         assert cached(r, image=im) == validate_record_for_processor(r, processor, image=im, model_config=config)
     assert cached.cache  # the cached length identity held for every size seen
@@ -725,14 +731,22 @@ def test_imported_and_reviewed_labels_mixed_keep_one_schema_in_every_split(cats_
             label = VOCAB.canonical(folder)
             for path in sorted((cats_dir / folder).glob("*.jpg"))[:n]:
                 img = load_rgb(path)
-                row = ImageRecord(sha256=sha256_file(path), path=str(path), size=path.stat().st_size, width=img.width, height=img.height)
+                row = ImageRecord(
+                    sha256=sha256_file(path),
+                    path=str(path),
+                    size=path.stat().st_size,
+                    width=img.width,
+                    height=img.height,
+                )
                 s.add(row)
                 s.commit()
                 s.refresh(row)
                 if how == "import":
                     record_review(s, row.id, label, "import", vocabulary=VOCAB, source="import")
                 else:
-                    record_review(s, row.id, label, "alice", vocabulary=VOCAB, model_snapshot=_snapshot(label, "Ocicat"))
+                    record_review(
+                        s, row.id, label, "alice", vocabulary=VOCAB, model_snapshot=_snapshot(label, "Ocicat")
+                    )
     out = tmp_path / "out"
     summary = export_dataset(engine, out, vocabulary=VOCAB, image_size=64)
     # 10 Bombay -> 8/1/1, 2 Siamese -> 2/0/0: validation and test are imported photos only
@@ -757,7 +771,9 @@ def test_imported_and_reviewed_labels_mixed_keep_one_schema_in_every_split(cats_
         assert {s: ds[s].num_rows for s in ds} == summary.rows_per_split
         assert ds["validation"].features == ds["train"].features == ds["test"].features
         features = ds["train"].features
-        assert features["predicted_at_review"].dtype == features["kind"].dtype == features["annotator"].dtype == "string"
+        assert (
+            features["predicted_at_review"].dtype == features["kind"].dtype == features["annotator"].dtype == "string"
+        )
         assert features["confidence_target"].dtype == "float64"
         assert sorted(set(ds["train"]["predicted_at_review"])) == ["", "Ocicat"]
         assert ds["test"][0]["confidence_target"] == 0.8 and ds["test"][0]["review"] == "imported"
@@ -770,7 +786,9 @@ def test_import_llava_command_seeds_a_new_database(first: dict, tmp_path: Path):
     out = first["out"]
     records = _split_records(out)["validation"]
     url = f"sqlite:///{tmp_path / 'seeded.db'}"
-    assert cli.main(["import-llava", str(out / "llava" / "validation.jsonl"), "--images-root", str(out), "--db", url]) == 0
+    assert (
+        cli.main(["import-llava", str(out / "llava" / "validation.jsonl"), "--images-root", str(out), "--db", url]) == 0
+    )
     with Session(make_engine(url)) as s:
         latest = current_reviews(s)
         by_id = {Path(img.path).stem: latest[img.id].label for img in s.exec(select(ImageRecord))}

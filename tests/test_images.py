@@ -114,8 +114,10 @@ def test_import_records_failures_and_is_idempotent(tmp_path: Path, cats_dir: Pat
     s1 = import_folder(engine, root, vocabulary=vocab, labels_from_folders=True)
     assert s1.scanned == 9 and s1.added == 8  # 5 bad + 3 good; the copy is the same content
     assert (s1.added_unreadable, s1.already_present) == (5, 0)
-    assert s1.lines()[0] == ("scanned 9 files: 8 new (5 of them unreadable), 0 already in the database, "
-                             "1 copies of another file here; 5 unreadable in all")
+    assert s1.lines()[0] == (
+        "scanned 9 files: 8 new (5 of them unreadable), 0 already in the database, "
+        "1 copies of another file here; 5 unreadable in all"
+    )
     assert {Path(p).name for p, _ in s1.failed} == set(expected)
     assert [Path(p).name for p, _ in s1.duplicates] == ["copy_of_first.jpg"]
     for path, reason in s1.failed:
@@ -124,7 +126,9 @@ def test_import_records_failures_and_is_idempotent(tmp_path: Path, cats_dir: Pat
     assert len(s1.unknown_labels) == 0  # failed photos get no label row at all
 
     s2 = import_folder(engine, root, vocabulary=vocab, labels_from_folders=True)
-    assert s2.added == 0 and s2.already_present == 8 and s2.labels_recorded == 0 and s2.labels_unchanged == 4  # the copy's label too
+    assert (
+        s2.added == 0 and s2.already_present == 8 and s2.labels_recorded == 0 and s2.labels_unchanged == 4
+    )  # the copy's label too
     assert len(s2.duplicates) == 1  # the copy is counted once, as a copy
 
     # A person's review is never overridden by a later import, and the summary says so.

@@ -14,11 +14,11 @@ from sqlmodel import Session, select
 
 from catreview.config import load_settings
 from catreview.data.db import ImageRecord, Prediction, Review, make_engine
-from catreview.models.demo import build_demo_classifier
 from catreview.data.importer import import_folder
-from catreview.data.labels import BreedVocabulary, read_label_file, BREEDS67_FILE
-from catreview.predict.runner import run_predictions
+from catreview.data.labels import BREEDS67_FILE, BreedVocabulary, read_label_file
+from catreview.models.demo import build_demo_classifier
 from catreview.models.registry import ModelRegistry
+from catreview.predict.runner import run_predictions
 from catreview.query.photos import iter_views
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -55,8 +55,11 @@ def test_predictions_are_cached_per_model_version(settings, photos: Path, tmp_pa
 
     # A new classifier checkpoint is a new version: stage 1 recomputed, old rows kept (history).
     ckpt = build_demo_classifier(tmp_path / "other" / "model.safetensors", read_label_file(BREEDS67_FILE), seed=1)
-    s2 = load_settings(database_url=settings.database_url, demo_dir=settings.demo_dir,
-                       classifier={"model": "convnext_atto", "checkpoint": ckpt})
+    s2 = load_settings(
+        database_url=settings.database_url,
+        demo_dir=settings.demo_dir,
+        classifier={"model": "convnext_atto", "checkpoint": ckpt},
+    )
     third = run_predictions(engine, ModelRegistry(s2))
     assert third.stage1_computed == 9 and third.stage1_cached == 0
     with Session(engine) as s:
@@ -73,7 +76,9 @@ def test_predictions_are_cached_per_model_version(settings, photos: Path, tmp_pa
     # The same checkpoint with its class names in another order is another version.
     names = read_label_file(BREEDS67_FILE)
     (tmp_path / "reordered.txt").write_text("\n".join(names[::-1]) + "\n")
-    s4 = s2.model_copy(update={"classifier": s2.classifier.model_copy(update={"labels_file": tmp_path / "reordered.txt"})})
+    s4 = s2.model_copy(
+        update={"classifier": s2.classifier.model_copy(update={"labels_file": tmp_path / "reordered.txt"})}
+    )
     assert ModelRegistry(s4).classifier().model_version != ModelRegistry(s2).classifier().model_version
 
 
@@ -86,12 +91,20 @@ def test_a_prediction_stored_meanwhile_is_kept_and_other_errors_raise(settings, 
     import_folder(engine, photos, vocabulary=BreedVocabulary.default())
     with Session(engine) as s:
         ids = [i.id for i in s.exec(select(ImageRecord))]
-        row = lambda img, text: Prediction(image_id=img, kind="reasoning", model_id="m", model_version="v",  # noqa: E731
-                                           input_key="k", payload_json=f'{{"text": "{text}"}}')
+        row = lambda img, text: Prediction(
+            image_id=img,
+            kind="reasoning",
+            model_id="m",
+            model_version="v",
+            input_key="k",
+            payload_json=f'{{"text": "{text}"}}',
+        )
         _store(s, [row(ids[0], "first")])
         # another process stored photo 0 meanwhile: skipped, photo 1 still stored
         _store(s, [row(ids[0], "second"), row(ids[1], "new")])
-        texts = {p.image_id: p.payload["text"] for p in s.exec(select(Prediction).where(Prediction.kind == "reasoning"))}
+        texts = {
+            p.image_id: p.payload["text"] for p in s.exec(select(Prediction).where(Prediction.kind == "reasoning"))
+        }
         assert texts == {ids[0]: "first", ids[1]: "new"}
         with pytest.raises(IntegrityError):  # not a duplicate: a photo that does not exist
             _store(s, [row(10_000, "orphan")])
@@ -137,8 +150,9 @@ def test_labels_csv_reports_problems(settings, photos: Path, tmp_path: Path) -> 
 
 
 def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "catreview", *args], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "catreview", *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def test_cli_import_predict_list_json(settings, photos: Path) -> None:
@@ -164,8 +178,13 @@ def test_cli_import_predict_list_json(settings, photos: Path) -> None:
 
     # `predictions --json | head -0`: the reader is gone before the first line; no BrokenPipeError
     # traceback (the pipe is closed at once, so the first write fails whatever the buffer size).
-    proc = subprocess.Popen([sys.executable, "-m", "catreview", "predictions", "--json", *db], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO_ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "catreview", "predictions", "--json", *db],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=REPO_ROOT,
+    )
     proc.stdout.close()
     assert proc.wait(timeout=120) == 0 and "Traceback" not in proc.stderr.read().decode()
 
@@ -192,8 +211,10 @@ def test_export_tab_refuses_bad_sizes_and_writes_nothing(settings, photos: Path)
         client = Client(url, verbose=False)
         for size in (0, -336):
             summary, zip_file = client.predict(0, size, None, False, False, api_name="/export")
-            assert summary == ("Export failed, nothing written: image size must be a positive whole number "
-                               f"of pixels (e.g. 336), got {size}"), summary
+            assert summary == (
+                "Export failed, nothing written: image size must be a positive whole number "
+                f"of pixels (e.g. 336), got {size}"
+            ), summary
             assert zip_file is None
         with pytest.raises(AppError, match="less than minimum value 0"):  # the cap field's own bound
             client.predict(0, 336, -2, False, False, api_name="/export")

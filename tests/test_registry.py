@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from catreview.cli import main as cli
-from catreview.models.classifier import ClassifierError
 from catreview.config import ConfigError, load_settings
+from catreview.models.classifier import ClassifierError
 from catreview.models.demo import DEMO_RECIPE_VERSION, ensure_demo_models
 from catreview.models.registry import ModelRegistry, UnknownProfileError
 
@@ -62,11 +62,15 @@ def test_demo_profile_only_when_none_configured(tmp_path: Path, demo_dir: Path) 
 
 def test_cli_reports_unknown_profiles_in_one_line(tmp_path: Path, demo_dir: Path, capsys) -> None:
     cfg = tmp_path / "c.toml"
-    cfg.write_text(f'demo_dir = "{demo_dir}"\nactive_vlm = "7B"\n[vlm_profiles.7B]\nmodel = "{demo_dir / "llava-tiny"}"\n')
+    cfg.write_text(
+        f'demo_dir = "{demo_dir}"\nactive_vlm = "7B"\n[vlm_profiles.7B]\nmodel = "{demo_dir / "llava-tiny"}"\n'
+    )
     db = ["--db", f"sqlite:///{tmp_path / 'c.db'}", "--config", str(cfg)]
-    for argv in (["export", "--out", str(tmp_path / "out"), "--vlm", "13B", *db],
-                 ["adapters", "list", "--vlm", "13B", *db],
-                 ["predict", "--vlm", "13B", *db]):
+    for argv in (
+        ["export", "--out", str(tmp_path / "out"), "--vlm", "13B", *db],
+        ["adapters", "list", "--vlm", "13B", *db],
+        ["predict", "--vlm", "13B", *db],
+    ):
         assert cli.main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err == "error: no VLM profile named '13B'; configured: '7B'\n", (argv, err)
@@ -91,7 +95,10 @@ def test_foreign_demo_dir_is_refused_and_left_intact(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=rf"demo_dir {foreign} holds files that are not catreview demo models"):
         ensure_demo_models(foreign)
     assert sorted(p.relative_to(foreign).as_posix() for p in foreign.rglob("*")) == [
-        "classifier", "classifier/weights.bin", "notes.txt"]
+        "classifier",
+        "classifier/weights.bin",
+        "notes.txt",
+    ]
     assert (foreign / "classifier" / "weights.bin").read_bytes() == b"precious"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".my-models.") and p.is_dir()] == []
     afile = tmp_path / "afile"
@@ -151,16 +158,20 @@ def test_misspelt_or_incomplete_model_settings_are_errors(tmp_path: Path, demo_d
     with pytest.raises(ConfigError, match="classifier.model is not"):
         _settings(tmp_path, demo_dir, classifier={"checkpoint": str(tmp_path / "m.safetensors")})
     # An architecture without a checkpoint would run random weights.
-    settings = _settings(tmp_path, demo_dir, classifier={"model": "convnext_atto", "labels_file": "assets/breeds67.txt"})
+    settings = _settings(
+        tmp_path, demo_dir, classifier={"model": "convnext_atto", "labels_file": "assets/breeds67.txt"}
+    )
     with pytest.raises(ClassifierError, match="has no checkpoint: a timm architecture name alone gives random weights"):
         ModelRegistry(settings).classifier()
 
 
 def test_adapters_cli_says_what_id_it_needs(tmp_path: Path, demo_dir: Path, capsys) -> None:
     db = ["--db", f"sqlite:///{tmp_path / 'r.db'}"]
-    for argv, words in ((["adapters", "promote", "xyz"], "promote needs a version id (a number from 'adapters list'), got 'xyz'"),
-                        (["adapters", "rollback", "xyz"], "rollback needs a version id or 'none', got 'xyz'"),
-                        (["adapters", "list", "extra"], "'adapters list' takes no argument (got 'extra')")):
+    for argv, words in (
+        (["adapters", "promote", "xyz"], "promote needs a version id (a number from 'adapters list'), got 'xyz'"),
+        (["adapters", "rollback", "xyz"], "rollback needs a version id or 'none', got 'xyz'"),
+        (["adapters", "list", "extra"], "'adapters list' takes no argument (got 'extra')"),
+    ):
         assert cli.main([*argv, *db]) == 2
         assert capsys.readouterr().err.strip() == f"error: {words}"
 

@@ -86,9 +86,18 @@ def test_config_defaults_flags_and_json_roundtrip(tmp_path):
 
     parser = argparse.ArgumentParser()
     add_config_arguments(parser)
-    args = parser.parse_args(["--rank", "8", "--grad-accum", "4", "--train-projector", "--max-steps", "none", "--balance", "loss"])
+    args = parser.parse_args(
+        ["--rank", "8", "--grad-accum", "4", "--train-projector", "--max-steps", "none", "--balance", "loss"]
+    )
     got = config_from_args(args, TrainConfig(max_steps=10))
-    assert (got.rank, got.lora_alpha, got.grad_accum, got.train_projector, got.max_steps, got.balance) == (8, 16, 4, True, None, "loss")
+    assert (got.rank, got.lora_alpha, got.grad_accum, got.train_projector, got.max_steps, got.balance) == (
+        8,
+        16,
+        4,
+        True,
+        None,
+        "loss",
+    )
     got.save(tmp_path / "c.json")
     assert TrainConfig.load(tmp_path / "c.json") == got
     for bad in ({"rank": 0}, {"lr": 0.0}, {"balance": "oversample"}, {"dropout": 1.0}):
@@ -150,7 +159,9 @@ def test_answers_learn_the_templates_end_of_turn_like_the_scorer(small_export, t
     scored = scorer._prepare([load_rgb(sample.image)], [list(sample.candidates)])
     assert learned == scored.answers[0][list(sample.candidates).index(sample.target)]  # exactly what is scored
     assert learned[-1] == end_id
-    processor.chat_template = processor.chat_template.replace("<end_of_utterance>", "")  # no special token after answers
+    processor.chat_template = processor.chat_template.replace(
+        "<end_of_utterance>", ""
+    )  # no special token after answers
     assert prompts.end_of_turn_token(processor) is None and answer_end_token(processor) == "<|endoftext|>"  # eos_token
     assert Collator(processor).eos_id == tok.convert_tokens_to_ids("<|endoftext|>")
 
@@ -173,7 +184,9 @@ def test_prompts_are_a_pure_function_of_seed_epoch_and_index(small_export):
     data = read_export(small_export)
 
     def rows(seed: int, epoch: int, order=None):
-        ds = TrainDataset(data.train, data.breeds, TrainConfig(other_rate=0.5, candidate_source="sampled", n_candidates=2, seed=seed))
+        ds = TrainDataset(
+            data.train, data.breeds, TrainConfig(other_rate=0.5, candidate_source="sampled", n_candidates=2, seed=seed)
+        )
         ds.select_epoch(epoch)
         order = list(range(len(ds))) if order is None else order
         got = {i: ds[i] for i in order}
@@ -195,12 +208,20 @@ def test_stage1_candidates_from_the_export_are_used_and_missed_breeds_answer_oth
     rows = export_rows({"Bombay": 1, "Bengal": 1}, 1)
     out = write_export(rows, tmp_path / "exp")
     recs = [json.loads(line) for line in (out / "llava" / "validation.jsonl").read_text().splitlines()]
-    recs[0]["metadata"]["predictions_at_review"] = {"stage1": [{"label": "Siamese", "probability": 0.5}, {"label": recs[0]["metadata"]["breed"], "probability": 0.3}]}
+    recs[0]["metadata"]["predictions_at_review"] = {
+        "stage1": [
+            {"label": "Siamese", "probability": 0.5},
+            {"label": recs[0]["metadata"]["breed"], "probability": 0.3},
+        ]
+    }
     recs[1]["metadata"]["predictions_at_review"] = {"stage1": [{"label": "Persian", "probability": 0.9}]}
     (out / "llava" / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     data = read_export(out)
     items = eval_items(data.validation, data.breeds, TrainConfig())
-    assert items[0].candidates == ("Siamese", recs[0]["metadata"]["breed"]) and items[0].target == recs[0]["metadata"]["breed"]
+    assert (
+        items[0].candidates == ("Siamese", recs[0]["metadata"]["breed"])
+        and items[0].target == recs[0]["metadata"]["breed"]
+    )
     assert items[1].candidates == ("Persian",) and items[1].target == prompts.OTHER_LABEL
     sampled = eval_items(data.validation, data.breeds, TrainConfig(candidate_source="sampled"))
     assert all(it.target == it.breed and it.breed in it.candidates for it in sampled)
@@ -262,8 +283,17 @@ def test_resume_computes_with_the_rounds_thread_count_and_gives_the_callers_back
     started with is recorded in its checkpoint and used again. (Float sums are split by thread:
     2 and 3 threads drift apart by ~1e-7 a step, which Adam compounds.) A caller's thread count
     and determinism flags are what they were after a round, also after one that failed."""
-    cfg = TrainConfig(max_steps=8, epochs=100, batch_size=2, lr=1e-3, eval_every=8, save_every=2,
-                      early_stopping_patience=0, candidate_source="sampled", other_rate=0.0)
+    cfg = TrainConfig(
+        max_steps=8,
+        epochs=100,
+        batch_size=2,
+        lr=1e-3,
+        eval_every=8,
+        save_every=2,
+        early_stopping_patience=0,
+        candidate_source="sampled",
+        other_rate=0.0,
+    )
 
     class Killed(Exception):
         pass
@@ -323,10 +353,20 @@ def test_rng_checkpoint_loads_with_weights_only_and_continues_every_generator(tm
     random.seed(3), np.random.seed(3), torch.manual_seed(3)
     np.random.standard_normal()  # leaves a cached Gaussian in NumPy's state
     torch.save(_rng_state(torch.device("cpu")), tmp_path / "rng-0.pt")
-    want = (random.random(), np.random.standard_normal(3).tolist(), np.random.randint(0, 2**31, 3).tolist(), torch.rand(3).tolist())
+    want = (
+        random.random(),
+        np.random.standard_normal(3).tolist(),
+        np.random.randint(0, 2**31, 3).tolist(),
+        torch.rand(3).tolist(),
+    )
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
     _set_rng_state(torch.load(tmp_path / "rng-0.pt", weights_only=True))
-    got = (random.random(), np.random.standard_normal(3).tolist(), np.random.randint(0, 2**31, 3).tolist(), torch.rand(3).tolist())
+    got = (
+        random.random(),
+        np.random.standard_normal(3).tolist(),
+        np.random.randint(0, 2**31, 3).tolist(),
+        torch.rand(3).tolist(),
+    )
     assert got == want
 
 
@@ -370,7 +410,11 @@ def test_resume_drops_a_torn_progress_line(tmp_path):
     log = ProgressLog(path, enabled=True)
     log.truncate_after(2)
     log.write({"kind": "resume", "step": 2})
-    assert read_progress(path) == [{"kind": "train", "step": 1}, {"kind": "train", "step": 2}, {"kind": "resume", "step": 2}]
+    assert read_progress(path) == [
+        {"kind": "train", "step": 1},
+        {"kind": "train", "step": 2},
+        {"kind": "resume", "step": 2},
+    ]
 
 
 # ------------------------------------------------------------------------------ a real round
@@ -383,8 +427,17 @@ def learned_round(llava_14m, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("learn")
     export = write_export(export_rows(LEARN_BREEDS, VAL_PER_BREED, LEARN_TEST), tmp / "export")
     cfg = TrainConfig(
-        max_steps=30, epochs=100, batch_size=4, lr=2e-3, warmup_ratio=0.1, train_projector=True,
-        eval_every=15, early_stopping_patience=0, other_rate=0.0, candidate_source="sampled", seed=0,
+        max_steps=30,
+        epochs=100,
+        batch_size=4,
+        lr=2e-3,
+        warmup_ratio=0.1,
+        train_projector=True,
+        eval_every=15,
+        early_stopping_patience=0,
+        other_rate=0.0,
+        candidate_source="sampled",
+        seed=0,
     )
     result = train_round(export, llava_14m, tmp / "run", cfg)
     return {"result": result, "export": export, "run": tmp / "run", "base": llava_14m, "cfg": cfg, "tmp": tmp}
@@ -427,10 +480,15 @@ def test_round_learns_on_real_photos(learned_round):
     # the 20 test photos (never in progress.jsonl), equal to what the app's loading path gives.
     test, base_test = r["test_metrics"], r["initial_test_metrics"]
     assert r["n_test"] == test["n"] == base_test["n"] == 20 and test["photos"] == base_test["photos"]
-    assert len(test["predicted"]) == len(test["truth"]) == 20 and set(test["truth"]) == {"Abyssinian", "American Shorthair"}
+    assert len(test["predicted"]) == len(test["truth"]) == 20 and set(test["truth"]) == {
+        "Abyssinian",
+        "American Shorthair",
+    }
     for adapter, got in ((None, base_test), (run / BEST_DIR, test)):
         app = evaluate_adapter(base, adapter, export, cfg, split="test")
-        assert app["predicted"] == got["predicted"] and app["balanced_accuracy"] == pytest.approx(got["balanced_accuracy"])
+        assert app["predicted"] == got["predicted"] and app["balanced_accuracy"] == pytest.approx(
+            got["balanced_accuracy"]
+        )
         assert app["loss"] == pytest.approx(got["loss"], rel=1e-4)
     assert test["balanced_accuracy"] > base_test["balanced_accuracy"], (base_test, test)
 
@@ -458,7 +516,9 @@ def test_gate_blocks_a_worse_adapter_and_keeps_the_active_one(learned_round):
     assert d.candidate_balanced_accuracy == learned["test_metrics"]["balanced_accuracy"]
     assert d.reference_balanced_accuracy == learned["initial_test_metrics"]["balanced_accuracy"]
     assert d.p_better >= GatePolicy().min_p_better and d.p_better == paired_bootstrap_p_better(
-        learned["test_metrics"]["truth"], learned["test_metrics"]["predicted"], learned["initial_test_metrics"]["predicted"]
+        learned["test_metrics"]["truth"],
+        learned["test_metrics"]["predicted"],
+        learned["initial_test_metrics"]["predicted"],
     )
     active = active_version(engine, str(learned_round["base"]))
     assert active is not None and active.id == good.adapter_id

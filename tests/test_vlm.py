@@ -9,6 +9,7 @@ No mocks.
 from __future__ import annotations
 
 import gc
+import itertools
 import os
 import threading
 import weakref
@@ -18,22 +19,22 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402  (hard requirements: a broken install must fail, not skip)
+import torch
 
-from catreview.config import VLMProfile  # noqa: E402
-from catreview.models import tiny_llava  # noqa: E402
-from catreview.models.vlm import prompts  # noqa: E402
-from catreview.models.vlm.generation import match_candidate  # noqa: E402
-from catreview.models.vlm.postclassifier import VLMPostClassifier  # noqa: E402
-from catreview.models.vlm.scoring import (  # noqa: E402
+from catreview.config import VLMProfile
+from catreview.models import tiny_llava
+from catreview.models.vlm import prompts
+from catreview.models.vlm.generation import match_candidate
+from catreview.models.vlm.postclassifier import VLMPostClassifier
+from catreview.models.vlm.scoring import (
     answer_token_ids,
     candidate_answer,
     pack_candidates,
     packed_attention_mask,
 )
-from catreview.models.vlm.types import TokenBoundaryError, VLMError  # noqa: E402
-from tests import tiny_vlms  # noqa: E402
-from tests.conftest import load_photos  # noqa: E402  (skips without photos, fails under CI)
+from catreview.models.vlm.types import TokenBoundaryError, VLMError
+from tests import tiny_vlms
+from tests.conftest import load_photos
 
 ATOL = 1e-4
 
@@ -102,7 +103,7 @@ def test_tiny_models_load_through_auto_classes(model_dirs):
 def test_tiny_build_is_deterministic(tmp_path, model_dirs):
     again = tiny_llava.build_tiny_llava(tmp_path / "again", size="demo", seed=0)
     other = tiny_llava.build_tiny_llava(tmp_path / "other", size="demo", seed=1)
-    version = lambda d: make(d).model_version.split("@")[1]  # noqa: E731  (folder names differ)
+    version = lambda d: make(d).model_version.split("@")[1]
     assert version(again) == version(model_dirs["llava"])
     assert version(other) != version(again)
     assert (again / "tokenizer.json").read_bytes() == (model_dirs["llava"] / "tokenizer.json").read_bytes()
@@ -221,7 +222,7 @@ def test_stream_reasoning_grows_and_matches_reasoning(model_dirs, photos):
     vlm = make(model_dirs["llava-next"])
     texts = list(vlm.stream_reasoning(photos[0], CANDIDATES[0]))
     assert len(texts) >= 2
-    for before, after in zip(texts, texts[1:]):
+    for before, after in itertools.pairwise(texts):
         assert after.startswith(before) and len(after) > len(before)
     assert texts[-1].strip() == vlm.reasoning(photos[0], CANDIDATES[0])
 
@@ -233,8 +234,15 @@ def test_batched_reasoning_equals_one_at_a_time(family, model_dirs, photos):
     cands = [CANDIDATES[i % 2] for i in range(len(photos))]
     batched = vlm.reasoning_batch(photos, cands)
     assert batched == [vlm.reasoning(im, c) for im, c in zip(photos, cands)]
-    assert len({len(vlm.processor.tokenizer(vlm_prompt)["input_ids"]) for vlm_prompt in (
-        prompts.reasoning_prompt(vlm.processor, prompts.with_other(c)) for c in cands)}) > 1, "rows must differ in length"
+    assert (
+        len(
+            {
+                len(vlm.processor.tokenizer(vlm_prompt)["input_ids"])
+                for vlm_prompt in (prompts.reasoning_prompt(vlm.processor, prompts.with_other(c)) for c in cands)
+            }
+        )
+        > 1
+    ), "rows must differ in length"
 
 
 def test_stream_reasoning_can_be_cancelled(model_dirs, photos):
@@ -324,8 +332,14 @@ def test_answers_end_with_the_templates_end_of_turn_not_eos(model_dirs, photos):
     # Idefics3-8B-Llama3 ends an assistant turn with <end_of_utterance> while its tokenizer's
     # eos_token is <|end_of_text|>: the model never emits EOS after an answer, so scoring (and
     # training) must append the end-of-turn token the template writes.
-    expected = {"llava": "</s>", "llava-next": "</s>", "qwen2-vl": "<|im_end|>", "idefics3": "<end_of_utterance>",
-                "llava-onevision": "<|im_end|>", "pixtral": "</s>"}
+    expected = {
+        "llava": "</s>",
+        "llava-next": "</s>",
+        "qwen2-vl": "<|im_end|>",
+        "idefics3": "<end_of_utterance>",
+        "llava-onevision": "<|im_end|>",
+        "pixtral": "</s>",
+    }
     for family, token in expected.items():
         vlm = make(model_dirs[family]).load()
         assert prompts.end_of_turn_token(vlm.processor) == token, family

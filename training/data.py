@@ -269,7 +269,9 @@ class Sample:
     question: str = ""
 
 
-def sample_candidates(breed: str, pool: Sequence[str], k: int, rng: random.Random, *, include_true: bool = True) -> list[str]:
+def sample_candidates(
+    breed: str, pool: Sequence[str], k: int, rng: random.Random, *, include_true: bool = True
+) -> list[str]:
     """A stage-1-like candidate list: ``breed`` (unless ``include_true`` is false) plus
     distractors from ``pool``, ``k`` names in all (fewer when the pool is small), shuffled.
 
@@ -337,7 +339,9 @@ class TrainDataset:
             return Sample(ex.image, ex.breed, "conversation", (), ex.answer, weight, question=ex.question)
         if self.cfg.candidate_source == "stage1" and ex.stage1:
             cands = list(ex.stage1)
-            return Sample(ex.image, ex.breed, "verdict", tuple(prompts.with_other(cands)), answer_for(ex.breed, cands), weight)
+            return Sample(
+                ex.image, ex.breed, "verdict", tuple(prompts.with_other(cands)), answer_for(ex.breed, cands), weight
+            )
         rng = random.Random(f"train/{self.cfg.seed}/{self.epoch}/{index}")
         use_other = rng.random() < self.cfg.other_rate and len(self.pool) > self.cfg.n_candidates
         cands = sample_candidates(ex.breed, self.pool, self.cfg.n_candidates, rng, include_true=not use_other)
@@ -452,7 +456,11 @@ class Collator:
             texts.append(prompt)
             answers.append(answer_token_ids(self.processor.tokenizer, prompt, answer, eos_id=self.eos_id))
         enc = self.processor(
-            images=[load_rgb(s.image) for s in samples], text=texts, return_tensors="pt", padding=True, padding_side="right"
+            images=[load_rgb(s.image) for s in samples],
+            text=texts,
+            return_tensors="pt",
+            padding=True,
+            padding_side="right",
         )
         prompt_len = enc["attention_mask"].sum(dim=1)  # (B,) after image-token expansion
         rows = [enc["input_ids"][i, : prompt_len[i]].tolist() + answers[i] for i in range(len(samples))]
@@ -491,7 +499,9 @@ def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-def write_export(rows: Sequence[tuple[str | Path, str, str]], out_dir: str | Path, *, content_hash: str | None = None) -> Path:
+def write_export(
+    rows: Sequence[tuple[str | Path, str, str]], out_dir: str | Path, *, content_hash: str | None = None
+) -> Path:
     """Write ``rows`` = ``(photo path, canonical breed, split)`` as an export folder in the layout
     of the module docstring (photos are copied as they are; the real exporter
     :func:`catreview.export.dataset.export_dataset` also resizes and records more metadata).
