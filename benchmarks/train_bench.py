@@ -51,7 +51,7 @@ def make_inputs(work: Path, size: str) -> tuple[Path, Path]:
     """Build (once) the tiny LLaVA and an export of real photos under ``work``."""
     from catreview.models.tiny_llava import build_tiny_llava
     from catreview.models.vlm import prompts
-    from training.data import write_export
+    from tests.export_builder import write_export
 
     base = work / f"llava-{size}"
     if not (base / "config.json").is_file():

@@ -41,8 +41,8 @@ from catreview.adapters.versions import (
 from catreview.config import REPO_ROOT, Settings
 from catreview.data.db import AdapterVersion, TrainingRun, make_engine
 from tests.conftest import load_photos, shared_photos_dir
+from tests.export_builder import write_export
 from tests.test_training import export_rows
-from training.data import write_export
 
 
 @pytest.fixture(scope="module")
@@ -421,6 +421,7 @@ def _checkpoint_step(run_dir: Path) -> int:
         return -1  # not written yet, or being replaced right now
 
 
+@pytest.mark.slow
 def test_sigkill_mid_round_then_recover_cancel_and_resume_to_the_same_weights(tmp_path, demo_llava, monkeypatch):
     """A round started by the CLI is SIGKILLed (CLI and training process) mid-way: the database,
     the active adapter and every stored version are untouched, a second start is refused while
@@ -591,6 +592,7 @@ def test_sigkill_mid_round_then_recover_cancel_and_resume_to_the_same_weights(tm
     assert {k: v for k, v in after["folders"].items() if k in before["folders"]} == before["folders"]
 
 
+@pytest.mark.slow
 def test_retrain_exports_the_reviews_trains_in_a_process_and_registers_the_version(tmp_path, demo_llava):
     """The "Retrain adapter" path: current reviews -> catreview.export.dataset -> python -m training ->
     a gated, activated version whose folder is complete before its row exists."""
@@ -781,6 +783,7 @@ def test_log_error_summary_finds_the_reason_a_round_gave(tmp_path):
     assert log_error_summary(log) is None and log_error_summary(tmp_path / "absent.log") is None
 
 
+@pytest.mark.slow
 def test_a_failed_round_shows_its_reason_in_the_tab_and_the_cli_also_after_a_restart(
     tmp_path, demo_llava, monkeypatch, capsys
 ):

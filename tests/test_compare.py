@@ -158,7 +158,7 @@ def test_aggregate_matches_direct_computation_and_second_run_is_cached(fresh: Co
     # First run in the background job, one model resident at a time.
     job = AggregateJob(session)
     assert job.start(SMALL, LARGE, one_at_a_time=True)
-    job.wait(timeout=300)
+    assert job.wait(timeout=300), "aggregate comparison still running after 300 s"
     assert job.state.error is None, job.state.log
     first = job.result
     assert first is not None and job.version == 1 and "6 reviewed photos" in job.state.message
@@ -435,7 +435,7 @@ def test_no_preference_between_one_model_and_itself(demo_dir: Path, tiny_models,
     # One reviewed photo: singular wording in the job message and the CLI text.
     job = AggregateJob(session)
     assert job.start(SMALL, twin)
-    job.wait(timeout=300)
+    assert job.wait(timeout=300), "aggregate comparison still running after 300 s"
     assert job.state.error is None, job.state.log
     assert job.state.message.startswith("Compared 1 reviewed photo: "), job.state.message
     assert "1 reviewed photo;" in job.result.to_text()
@@ -517,7 +517,7 @@ def test_runs_are_refused_while_the_models_are_busy(session: CompareSession) -> 
     job.state = JobState()
     message = job.try_start(SMALL, LARGE)
     assert message not in (BUSY_AGGREGATE, ALREADY_RUNNING) and message.startswith(("Working", "Compared"))
-    job.wait(timeout=300)
+    assert job.wait(timeout=300), "aggregate comparison still running after 300 s"
     assert job.state.error is None, job.state.log
     assert job.result is not None and job.result.metrics.n == 6
     *_, comp = list(guarded.compare_photo(image_id, SMALL, SMALL))  # not busy any more: runs

@@ -155,6 +155,7 @@ def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_cli_import_predict_list_json(settings, photos: Path) -> None:
     env = {**os.environ, "CATREVIEW_DEMO_DIR": str(settings.demo_dir), "HF_HUB_OFFLINE": "1"}
     db = ["--db", settings.database_url]

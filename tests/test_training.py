@@ -21,7 +21,8 @@ from catreview.adapters.runfolder import BEST_DIR, CHECKPOINT_DIR, PROGRESS_FILE
 from catreview.adapters.train_config import DEFAULT_TARGET_MODULES, TrainConfig, add_config_arguments, config_from_args
 from catreview.models.vlm import prompts
 from tests.conftest import shared_photos_dir
-from training.data import Collator, TrainDataset, answer_end_token, eval_items, read_export, write_export
+from tests.export_builder import write_export
+from training.data import Collator, TrainDataset, answer_end_token, eval_items, read_export
 from training.evaluation import evaluate, evaluate_adapter, make_scorer
 from training.lora import train_round
 from training.loss import answer_loss, batch_loss
@@ -443,7 +444,8 @@ def learned_round(llava_14m, tmp_path_factory):
     return {"result": result, "export": export, "run": tmp / "run", "base": llava_14m, "cfg": cfg, "tmp": tmp}
 
 
-def test_round_learns_on_real_photos(learned_round):
+@pytest.mark.slow
+def test_round_learns_on_real_photos(learned_round, capsys):
     """Validation loss must fall and the app's candidate scoring must get better than with the
     untrained adapter (= the base model: LoRA's B starts at zero).
 
@@ -492,7 +494,22 @@ def test_round_learns_on_real_photos(learned_round):
         assert app["loss"] == pytest.approx(got["loss"], rel=1e-4)
     assert test["balanced_accuracy"] > base_test["balanced_accuracy"], (base_test, test)
 
+    # The same held-out numbers from the command line (python -m training --evaluate ADAPTER).
+    from training.__main__ import main as training_main
 
+    cfg_file = run.parent / "eval-config.json"
+    cfg.save(cfg_file)
+    argv = ["--export", str(export), "--base", str(base), "--config-json", str(cfg_file), "--split", "test"]
+    capsys.readouterr()
+    assert training_main([*argv, "--evaluate", str(run / BEST_DIR)]) == 0
+    cli = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert cli["predicted"] == test["predicted"] and cli["balanced_accuracy"] == pytest.approx(
+        test["balanced_accuracy"]
+    )
+    assert training_main([*argv, "--evaluate", str(run / "no-such-adapter")]) == 2
+
+
+@pytest.mark.slow
 def test_gate_blocks_a_worse_adapter_and_keeps_the_active_one(learned_round):
     """The learned adapter beats the base model on the held-out test photos, so it is activated; a
     deliberately worse round (one step at a negligible learning rate: the base model's behaviour)

@@ -5,6 +5,9 @@ Usage::
     python -m training --export db/exports/E --base llava-hf/llava-1.5-7b-hf --out db/runs/R \\
         [--config-json FILE] [--baseline-adapter DIR] [--no-resume] [--epochs 3 --lr 2e-4 ...]
 
+    python -m training --export db/exports/E --base llava-hf/llava-1.5-7b-hf \\
+        --evaluate db/adapters/A [--split test]     # score an adapter ('none': the base model), no training
+
     accelerate launch --num_processes 4 -m training --export ... --base ... --out ... \\
         --mixed-precision bf16
 
@@ -38,12 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training", description="One LoRA round of the catreview VLM.")
     p.add_argument("--export", required=True, type=Path, help="curated export folder (llava/*.jsonl)")
     p.add_argument("--base", required=True, help="base VLM: hub id or local folder")
-    p.add_argument("--out", required=True, type=Path, help="run folder (progress, checkpoints, best/, result.json)")
+    p.add_argument("--out", type=Path, help="run folder (progress, checkpoints, best/, result.json); required to train")
     p.add_argument("--config-json", type=Path, help="TrainConfig as JSON (flags override it)")
     p.add_argument(
         "--baseline-adapter", type=Path, help="the active adapter, evaluated on the same validation and test items"
     )
     p.add_argument("--no-resume", action="store_true", help="ignore OUT/checkpoint-last and start over")
+    p.add_argument(
+        "--evaluate",
+        metavar="ADAPTER",
+        help="no training: score this adapter folder ('none': the base model) on --split through the app's "
+        "loading path and print its metrics as one JSON object",
+    )
+    p.add_argument("--split", choices=("validation", "test"), default="validation", help="split scored by --evaluate")
     add_config_arguments(p)
     return p
 
@@ -53,12 +63,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     from catreview.adapters.train_config import TrainConfig, config_from_args
     from training.data import ExportFormatError
     from training.errors import TrainingError
+    from training.evaluation import evaluate_adapter
     from training.lora import train_round
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.evaluate is None and args.out is None:
+        parser.error("--out is required to train (or give --evaluate ADAPTER)")
     try:
         base = TrainConfig.load(args.config_json) if args.config_json else TrainConfig()
         cfg = config_from_args(args, base)
+        if args.evaluate is not None:
+            adapter = None if args.evaluate.lower() == "none" else Path(args.evaluate)
+            if adapter is not None and not adapter.is_dir():
+                raise FileNotFoundError(f"adapter folder not found: {adapter}")
+            metrics = evaluate_adapter(args.base, adapter, args.export, cfg, split=args.split)
+            print(json.dumps(metrics))
+            return 0
         result = train_round(
             args.export,
             args.base,

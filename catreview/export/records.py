@@ -14,7 +14,7 @@ is one :class:`ConversationRecord`, the seed schema of :mod:`catreview.export.co
 Writers build the models and write :meth:`ConversationRecord.to_json` (the fields they set, in
 this order, ``null`` included where they set ``None``), so a record written by the exporter keeps
 its exact bytes and a minimal record (``metadata = {"breed": ...}``, see
-``training.data.write_export``) stays minimal. Readers (``training.data.read_export``,
+the tests' ``write_export``) stays minimal. Readers (``training.data.read_export``,
 :func:`catreview.export.llava_import.import_llava_jsonl`) parse lines with
 :meth:`ConversationRecord.parse`: types are checked strictly (no ``"1"`` for a number), unknown
 keys are kept. :func:`check_record` adds the rules a type cannot say (turn order, one ``<image>``,
