@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from catreview.adapters.runfolder import BEST_DIR, CHECKPOINT_DIR, PROGRESS_FILE, RESULT_FILE, read_progress
-from catreview.adapters.train_config import DEFAULT_TARGET_MODULES, TrainConfig, add_config_arguments, config_from_args
+from catreview.adapters.train_config import DEFAULT_TARGET_MODULES, TrainConfig
+from catreview.cli.train_flags import add_config_arguments, config_from_args
 from catreview.models.vlm import prompts
 from tests.conftest import shared_photos_dir
 from tests.export_builder import write_export

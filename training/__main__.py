@@ -36,7 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def build_parser() -> argparse.ArgumentParser:
     """Argument parser of ``python -m training``."""
-    from catreview.adapters.train_config import add_config_arguments
+    from catreview.cli.train_flags import add_config_arguments
 
     p = argparse.ArgumentParser(prog="python -m training", description="One LoRA round of the catreview VLM.")
     p.add_argument("--export", required=True, type=Path, help="curated export folder (llava/*.jsonl)")
@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status."""
-    from catreview.adapters.train_config import TrainConfig, config_from_args
+    from catreview.adapters.train_config import TrainConfig
+    from catreview.cli.train_flags import config_from_args
     from training.data import ExportFormatError
     from training.errors import TrainingError
     from training.evaluation import evaluate_adapter

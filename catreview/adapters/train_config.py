@@ -3,8 +3,8 @@
 Every field has a default that suits a 7B LLaVA on one GPU; the tests and the benchmark override a
 few (steps, evaluation interval, learning rate). The same model is
 
-* turned into command-line flags (:func:`add_config_arguments` / :func:`config_from_args`, built
-  from ``TrainConfig.model_fields``, so a field ``grad_accum`` is the flag ``--grad-accum``),
+* turned into command-line flags by :mod:`catreview.cli.train_flags` (built from
+  ``TrainConfig.model_fields``, so a field ``grad_accum`` is the flag ``--grad-accum``),
 * written to ``run_dir/train_config.json`` and stored with every adapter version (its
   ``hyperparams_json``), so a version says exactly how it was made.
 
@@ -16,10 +16,7 @@ arXiv:2106.09685): rank ``r``, scaling ``alpha / r``; the common ``alpha = 2 r``
 
 from __future__ import annotations
 
-import argparse
 import json
-import types
-import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,9 +33,6 @@ DEFAULT_TARGET_MODULES = r".*language_model.*\.(q_proj|v_proj)"
 #: The projector between vision tower and language model (LLaVA family). Trained as a full copy
 #: (peft ``modules_to_save``) when :attr:`TrainConfig.train_projector` is set.
 PROJECTOR_MODULE = "multi_modal_projector"
-
-#: Fields that are not command-line flags.
-_NOT_FLAGS = ("extra",)
 
 
 class TrainConfig(ConfigModel):
@@ -217,75 +211,4 @@ class TrainConfig(ConfigModel):
         return type(self)(**{**self.model_dump(), **changes})
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _scalar_type(tp: Any) -> tuple[Any, bool]:
-    """``(base type, optional)`` of a field annotation (``int | None`` -> ``(int, True)``)."""
-    args = typing.get_args(tp)
-    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
-        return next(a for a in args if a is not type(None)), True
-    return tp, False
-
-
-class _NoneValue:
-    """Marker for an optional flag given as ``none`` (argparse's ``None`` means "not given")."""
-
-    def __repr__(self) -> str:
-        return "none"
-
-
-NONE_VALUE = _NoneValue()
-
-
-def _optional(tp: Any) -> Any:
-    def convert(text: str) -> Any:
-        return NONE_VALUE if text.lower() == "none" else tp(text)
-
-    convert.__name__ = tp.__name__
-    return convert
-
-
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per :class:`TrainConfig` field (default ``None`` = keep the model's default).
-
-    ``bool`` fields become ``--name/--no-name``; ``Literal`` fields get ``choices``; optional
-    numbers accept ``none``. Values are checked by :class:`TrainConfig` itself.
-    """
-    group = parser.add_argument_group("training hyper-parameters (see catreview.adapters.train_config.TrainConfig)")
-    for name, info in TrainConfig.model_fields.items():
-        if name in _NOT_FLAGS:
-            continue
-        tp, optional = _scalar_type(info.annotation)
-        help_text = f"default {info.default}"
-        if tp is bool:
-            group.add_argument(_flag(name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        elif typing.get_origin(tp) is Literal:
-            group.add_argument(_flag(name), choices=typing.get_args(tp), default=None, help=help_text)
-        else:
-            conv = _optional(tp) if optional else tp
-            group.add_argument(_flag(name), type=conv, default=None, metavar=tp.__name__.upper(), help=help_text)
-
-
-def config_from_args(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
-    """:class:`TrainConfig` from ``base`` (default: the defaults) with every flag that was given.
-
-    An optional field given as ``none`` is set to ``None``.
-
-    Raises:
-        catreview.adapters.validation.InvalidConfigError: a value out of range.
-    """
-    changes: dict[str, Any] = {}
-    for name in TrainConfig.model_fields:
-        if name in _NOT_FLAGS or not hasattr(args, name):
-            continue
-        value = getattr(args, name)
-        if value is NONE_VALUE:
-            changes[name] = None
-        elif value is not None:
-            changes[name] = value
-    return (base or TrainConfig()).replace(**changes)
-
-
-__all__ = ["DEFAULT_TARGET_MODULES", "PROJECTOR_MODULE", "TrainConfig", "add_config_arguments", "config_from_args"]
+__all__ = ["DEFAULT_TARGET_MODULES", "PROJECTOR_MODULE", "TrainConfig"]

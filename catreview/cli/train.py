@@ -21,10 +21,10 @@ from catreview.adapters.gate import DEFAULT_POLICY, GateDecision, GatePolicy
 from catreview.adapters.jobs import TrainJobs
 from catreview.adapters.runfolder import LOG_FILE
 from catreview.adapters.status import RunStatus
-from catreview.adapters.train_config import add_config_arguments, config_from_args
 from catreview.adapters.versions import activate, rollback, version_metrics, version_rows
 from catreview.app.presenters.train import run_status_line
 from catreview.cli.common import add_common_options, settings_from_args
+from catreview.cli.train_flags import add_config_arguments, config_from_args
 from catreview.config import Settings
 from catreview.data.db import make_engine
 
