@@ -14,6 +14,7 @@ from pathlib import Path
 from sqlalchemy.engine import Engine
 
 from catreview.errors import CatreviewError
+from catreview.export.records import ConversationRecord
 from catreview.files import iter_jsonl_lines
 
 #: A round learns to tell breeds apart and is gated per breed: fewer reviewed breeds is refused.
@@ -97,8 +98,8 @@ def check_export_for_training(export_dir: str | Path) -> None:
         for _, line in iter_jsonl_lines(path) if path.is_file() else []:
             if line.strip():
                 try:
-                    breed = str(json.loads(line)["metadata"]["breed"])
-                except (ValueError, KeyError, TypeError):
+                    breed = ConversationRecord.parse(json.loads(line)).metadata.breed
+                except ValueError:  # json.JSONDecodeError, RecordFormatError
                     continue  # the round reports malformed records with file and line
                 c[breed] = c.get(breed, 0) + 1
         counts[split] = c
