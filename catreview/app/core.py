@@ -11,23 +11,29 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlmodel import Session
 
+from catreview.adapters.versions import activate, deactivate, version_rows
+from catreview.compare.session import CompareSession
 from catreview.config import Settings
-from catreview.data.db import get_image, make_engine
+from catreview.data.db import AdapterVersion, get_image, make_engine
 from catreview.data.images import load_rgb
 from catreview.data.importer import import_folder
 from catreview.data.labels import BreedVocabulary
 from catreview.data.reviews import record_review
+from catreview.evaluate.calibration import CalibrationReport
+from catreview.evaluate.store import fit_and_store
+from catreview.export.archive import zip_export
+from catreview.export.dataset import ExportSummary, export_dataset
 from catreview.jobs import BackgroundJob, JobState
 from catreview.models.registry import ModelRegistry
 from catreview.predict.runner import cached_predictions, candidates_key, run_predictions, store_reasoning
 from catreview.query import photos
-from catreview.query.photos import PhotoView, model_snapshot
+from catreview.query.photos import PhotoView, RoutingStats, model_snapshot
 
 if TYPE_CHECKING:
     from catreview.adapters.jobs import TrainJobs
@@ -160,6 +166,63 @@ class ReviewApp:
         with Session(self.engine) as s:
             record_review(s, image_id, label, annotator, vocabulary=self.vocabulary, note=note, model_snapshot=snapshot)
         return self.view(image_id)
+
+    # ------------------------------------------------------------------ calibration, export, adapters
+    def calibrate(self) -> tuple[CalibrationReport, int | None]:
+        """Fit and store the calibration on the reviewed photos (:func:`catreview.evaluate.store.fit_and_store`).
+
+        Returns ``(report, stored calibration id)``.
+
+        Raises:
+            ValueError: too few reviewed photos (``CalibrationError``) or invalid stored predictions.
+        """
+        return fit_and_store(self.settings, self.registry)
+
+    def routing(self) -> RoutingStats:
+        """Photos routed to / past the VLM under the current threshold (:func:`catreview.query.photos.routing_stats`)."""
+        return photos.routing_stats(self.engine, self.registry)
+
+    def export(
+        self, out_dir: Path, *, progress: Callable[[int, int], None] | None = None, **options: Any
+    ) -> tuple[ExportSummary, Path]:
+        """Export the reviews as a curated dataset into ``out_dir`` (checked against the active VLM's
+        processor) and zip it; returns ``(summary, zip path)``. ``options`` are those of
+        :func:`catreview.export.dataset.export_dataset` (seed, image_size, cap_per_breed, ...).
+
+        Raises:
+            catreview.export.dataset.ExportError: nothing could be exported; nothing was written.
+            ValueError: bad options or an unknown VLM profile.
+        """
+        summary = export_dataset(
+            self.engine,
+            out_dir,
+            processor=self.registry.base_model(),
+            vocabulary=self.vocabulary,
+            progress=progress,
+            **options,
+        )
+        return summary, zip_export(summary.out_dir)
+
+    def adapter_versions(self) -> list[dict[str, Any]]:
+        """The active base model's adapter versions as table rows (:func:`catreview.adapters.versions.version_rows`)."""
+        return version_rows(self.engine, self.registry.base_model())
+
+    def promote(self, adapter_id: int) -> AdapterVersion:
+        """Activate an adapter version by hand (promote or roll back; no gate).
+
+        Raises:
+            catreview.adapters.versions.AdapterError: no such version, or its files are gone.
+        """
+        return activate(self.engine, adapter_id)
+
+    def no_adapter(self) -> None:
+        """Deactivate every adapter of the active base model: the base model predicts alone."""
+        deactivate(self.engine, self.registry.base_model())
+
+    def compare_session(self) -> CompareSession:
+        """A :class:`catreview.compare.session.CompareSession` on this app's models and database;
+        it refuses to run while the background predictions hold the models."""
+        return CompareSession(self.settings, self.registry, self.engine, self.vocabulary, busy=lambda: self.job.running)
 
     # ------------------------------------------------------------------ reasoning
     def stream_reasoning(self, image_id: int, stop: threading.Event | None = None) -> Iterator[str]:

@@ -8,8 +8,6 @@ import pandas as pd
 
 from catreview.app.core import ReviewApp
 from catreview.app.presenters.calibration import cannot_calibrate, fit_notice, intro, routing_text
-from catreview.evaluate.store import fit_and_store
-from catreview.query.photos import routing_stats
 
 
 def build(app: ReviewApp) -> None:
@@ -54,7 +52,7 @@ def build(app: ReviewApp) -> None:
 
     def run() -> tuple[str, pd.DataFrame | None, pd.DataFrame | None]:
         try:
-            rep, row_id = fit_and_store(app.settings, app.registry)
+            rep, row_id = app.calibrate()
         except ValueError as exc:  # CalibrationError and invalid stored predictions
             return cannot_calibrate(exc), None, None
         return (
@@ -68,4 +66,4 @@ def build(app: ReviewApp) -> None:
     gr.Markdown("### Routing")
     routing = gr.Markdown(elem_id="routing-stats")
     refresh = gr.Button("Refresh routing counts", elem_id="refresh-routing", size="sm")
-    refresh.click(lambda: routing_text(routing_stats(app.engine, app.registry)), outputs=[routing], api_name="routing")
+    refresh.click(lambda: routing_text(app.routing()), outputs=[routing], api_name="routing")

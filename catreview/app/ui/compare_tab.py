@@ -34,7 +34,6 @@ from catreview.app.presenters.compare import (
 from catreview.compare.aggregate import SUMMARY_COLUMNS, CompareAggregate, per_breed_columns
 from catreview.compare.errors import CompareError
 from catreview.compare.pairs import known_adapters
-from catreview.compare.session import CompareSession
 from catreview.export.preferences import export_preference_pairs
 
 SIDES = ("left", "right")
@@ -72,7 +71,7 @@ def _aggregate_values(result: CompareAggregate) -> list[Any]:
 
 def build(app: ReviewApp) -> None:
     """Lay out the Compare tab and wire its events."""
-    session = CompareSession(app.settings, app.registry, app.engine, app.vocabulary, busy=lambda: app.job.running)
+    session = app.compare_session()
     job = AggregateJob(session)
     pair = session.default_pair()
     names = list(session.profiles())

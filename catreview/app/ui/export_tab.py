@@ -8,8 +8,7 @@ import gradio as gr
 
 from catreview.app.core import ReviewApp
 from catreview.app.presenters import export as text
-from catreview.export.archive import zip_export
-from catreview.export.dataset import ExportError, export_dataset
+from catreview.errors import CatreviewError
 
 
 def build(app: ReviewApp) -> None:
@@ -46,21 +45,17 @@ def build(app: ReviewApp) -> None:
         stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
         out = app.settings.data_dir / "exports" / f"export-{stamp}"
         try:
-            processor = app.registry.base_model()
-            result = export_dataset(
-                app.engine,
+            result, archive = app.export(
                 out,
                 seed=int(seed_v or 0),
                 image_size=int(size_v),
                 cap_per_breed=int(cap_v) if cap_v else None,
                 oversample_train=over,
                 resplit=re,
-                processor=processor,
-                vocabulary=app.vocabulary,
                 progress=lambda d, t: progress((d, t), desc="exporting"),
             )
-        except (ExportError, ValueError, OSError) as exc:  # ConfigError (unknown profile) is a ValueError
+        except (CatreviewError, ValueError, OSError) as exc:  # ExportError, unknown profile, disk
             return text.export_failed(exc), None
-        return text.summary_text(result), str(zip_export(result.out_dir))
+        return text.summary_text(result), str(archive)
 
     go.click(run, inputs=[seed, size, cap, oversample, resplit], outputs=[summary, download], api_name="export")

@@ -28,13 +28,12 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from catreview.adapters.checks import TrainJobError
 from catreview.adapters.gate import GateDecision
-from catreview.adapters.jobs import TrainingBusy, TrainJobs
-from catreview.adapters.versions import AdapterError, activate, deactivate, version_rows
+from catreview.adapters.jobs import TrainJobs
 from catreview.app.core import ReviewApp
 from catreview.app.presenters import train as text
 from catreview.app.presenters.train import FORM_LABELS, STARTED, config_from_form
+from catreview.errors import CatreviewError
 
 REFRESH_SECONDS = 2.0
 LOSS_COLUMNS = ["step", "loss"]
@@ -105,7 +104,7 @@ def start(
     try:
         cfg = config_from_form(epochs, lr, rank, batch_size, train_projector)
         run_id = jobs_for(app).start(base_model(app), cfg)
-    except (TrainingBusy, TrainJobError, ValueError) as exc:
+    except (CatreviewError, ValueError) as exc:  # TrainingBusy, TrainJobError, bad form values
         return text.not_started(exc)
     return STARTED.format(run_id=run_id)
 
@@ -136,15 +135,15 @@ def promote(app: ReviewApp, choice: str | None) -> str:
     if not choice:
         return text.CHOOSE_VERSION
     try:
-        row = activate(app.engine, int(choice))
-    except (AdapterError, ValueError) as exc:
+        row = app.promote(int(choice))
+    except (CatreviewError, ValueError) as exc:  # AdapterError; a choice that is not a number
         return text.not_changed(exc)
     return text.activated(row.id)
 
 
 def no_adapter(app: ReviewApp) -> str:
     """Roll back to the base model alone."""
-    deactivate(app.engine, base_model(app))
+    app.no_adapter()
     return text.NO_ADAPTER
 
 
@@ -173,7 +172,7 @@ def refresh(
     if st is not None and st.gate:
         g = GateDecision.from_dict(st.gate)
         gate_text, gate_rows = text.gate_markdown(st, g), g.rows()
-    versions = version_rows(app.engine, base_model(app))
+    versions = app.adapter_versions()
     choices = [text.version_choice(v) for v in versions]
     return (
         text.run_status_line(st),
