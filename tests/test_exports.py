@@ -779,7 +779,7 @@ def test_imported_and_reviewed_labels_mixed_keep_one_schema_in_every_split(cats_
         assert ds["test"][0]["confidence_target"] == 0.8 and ds["test"][0]["review"] == "imported"
 
 
-def test_import_llava_command_seeds_a_new_database(first: dict, tmp_path: Path):
+def test_import_llava_command_seeds_a_new_database(first: dict, tmp_path: Path, capsys):
     """``python -m catreview import-llava`` records every record of a split as an import review."""
     from catreview.cli import main as cli
 
@@ -794,4 +794,8 @@ def test_import_llava_command_seeds_a_new_database(first: dict, tmp_path: Path):
         by_id = {Path(img.path).stem: latest[img.id].label for img in s.exec(select(ImageRecord))}
     assert by_id == {r["id"]: r["metadata"]["breed"] for r in records}  # the exported (resized) photos, by record id
     missing = cli.main(["import-llava", str(tmp_path / "absent.jsonl"), "--images-root", str(out), "--db", url])
-    assert missing == 2
+    assert missing == 2 and "LLaVA JSONL file not found" in capsys.readouterr().err
+    not_records = tmp_path / "not-records.jsonl"
+    not_records.write_text('{"id": 1}\n', encoding="utf-8")
+    assert cli.main(["import-llava", str(not_records), "--images-root", str(out), "--db", url]) == 1
+    assert "1 errors" in capsys.readouterr().out

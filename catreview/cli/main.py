@@ -21,6 +21,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
@@ -46,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder")
     g = p.add_mutually_exclusive_group()
     g.add_argument(
-        "--labels", metavar="FILE.csv", help="existing labels: CSV with columns path,label (paths relative to FOLDER)"
+        "--labels",
+        metavar="FILE.csv",
+        help="existing labels: CSV with columns path,label or path,breed (paths relative to FOLDER)",
     )
     g.add_argument(
         "--labels-from-folders", action="store_true", help="existing labels: the parent folder name of each photo"
@@ -137,12 +140,15 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_import_llava(args: argparse.Namespace) -> int:
-    """``import-llava FILE``: record each record's breed as an ``import`` review (photos added when new); prints the summary. Returns 0."""
+    """``import-llava FILE``: record each record's breed as an ``import`` review (photos added when
+    new); prints the summary. Returns 0, or 1 when some records could not be imported (each is listed)."""
     from catreview.data.db import make_engine
     from catreview.data.labels import BreedVocabulary
     from catreview.export.llava_import import import_llava_jsonl
 
     settings = settings_from_args(args)
+    if not Path(args.jsonl).is_file():
+        raise CLIError(f"LLaVA JSONL file not found: {args.jsonl}")
     summary = import_llava_jsonl(
         make_engine(settings.database_url),
         args.jsonl,
@@ -150,7 +156,7 @@ def cmd_import_llava(args: argparse.Namespace) -> int:
         vocabulary=BreedVocabulary.from_labels_file(settings.classifier.labels_file),
     )
     print("\n".join(summary.lines()))
-    return 0
+    return 1 if summary.errors else 0  # the records that could be read are recorded either way
 
 
 def _registry(settings: Settings):

@@ -83,7 +83,9 @@ def add_adapters_parser(sub: Any) -> argparse.ArgumentParser:
     add_common_options(p)
     p.add_argument("action", choices=["list", "promote", "rollback"])
     p.add_argument("target", nargs="?", help="version id (promote/rollback) or 'none' (rollback to no adapter)")
-    p.add_argument("--vlm", metavar="PROFILE")
+    p.add_argument(
+        "--vlm", metavar="PROFILE", help="VLM profile whose adapter versions to show or change (default: active_vlm)"
+    )
     p.add_argument("--base", metavar="MODEL", help="base model id/folder (overrides --vlm)")
     return p
 
