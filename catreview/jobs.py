@@ -77,6 +77,11 @@ class BackgroundJob:
         self._lock = threading.Lock()
 
     @property
+    def thread(self) -> threading.Thread | None:
+        """The latest run's thread (``None`` before the first start)."""
+        return self._thread
+
+    @property
     def running(self) -> bool:
         """True while a run is going on."""
         return self.state.running

@@ -38,7 +38,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from catreview.config import Settings
-from catreview.data.db import AdapterVersion, SplitAssignment
+from catreview.data.db import AdapterVersion, SplitAssignment, active_adapter_version
 from catreview.errors import CatreviewError
 
 ADAPTERS_DIRNAME = "adapters"
@@ -198,11 +198,10 @@ def training_photo_hashes(session: Session, adapter: str | Path | None) -> set[s
 
 def active_version(engine_or_session: Engine | Session, base_model: str) -> AdapterVersion | None:
     """The active version of ``base_model`` or ``None``."""
-    q = select(AdapterVersion).where(AdapterVersion.base_model == base_model, AdapterVersion.active == True)  # noqa: E712
     if isinstance(engine_or_session, Session):
-        return engine_or_session.exec(q).first()
+        return active_adapter_version(engine_or_session, base_model)
     with Session(engine_or_session) as s:
-        return s.exec(q).first()
+        return active_adapter_version(s, base_model)
 
 
 def active_adapter(engine: Engine, base_model: str) -> Path | None:

@@ -46,7 +46,7 @@ class AggregateJob:
     @property
     def _thread(self) -> threading.Thread | None:
         """The last run's thread (``None`` before the first start)."""
-        return self._job._thread
+        return self._job.thread
 
     def start(self, name_a: str, name_b: str, *, one_at_a_time: bool = False) -> bool:
         """Start a run; ``False`` (nothing started) when one is already running."""

@@ -282,3 +282,13 @@ def get_image(session: Session, image_id: int) -> ImageRecord:
 def image_by_sha(session: Session, sha256: str) -> ImageRecord | None:
     """The image row for a content hash, or ``None``."""
     return session.exec(select(ImageRecord).where(ImageRecord.sha256 == sha256)).first()
+
+
+def active_adapter_version(session: Session, base_model: str) -> AdapterVersion | None:
+    """The active LoRA adapter row of ``base_model`` (at most one is active), or ``None``.
+
+    The one read of "which adapter is active": the registry (to load it) and
+    :mod:`catreview.adapters.versions` (to gate and flip it) both call this.
+    """
+    q = select(AdapterVersion).where(AdapterVersion.base_model == base_model, AdapterVersion.active == True)  # noqa: E712
+    return session.exec(q).first()

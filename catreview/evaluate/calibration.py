@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, TypedDict
 
 import numpy as np
@@ -50,7 +50,6 @@ __all__ = [
     "PerBreedRow",
     "ReviewRecord",
     "StageMetrics",
-    "SummaryRow",
     "calibrate",
 ]
 
@@ -99,23 +98,6 @@ STAGES = ("stage1", "vlm", "fused")
 """Stage keys of :class:`CalibrationReport` (attributes, ``per_breed`` and ``reliability`` keys)."""
 STAGE_TITLES = {"stage1": "stage 1", "vlm": "VLM", "fused": "fused"}
 """Each stage's name in :meth:`CalibrationReport.summary_rows` (stored in the fit's ``report_json``)."""
-
-
-class SummaryRow(TypedDict):
-    """One stage of :meth:`CalibrationReport.summary_rows`: ``stage`` (a :data:`STAGE_TITLES` value)
-    and the fields of :class:`StageMetrics`."""
-
-    stage: str
-    n: int
-    ece_before: float
-    ece_after: float
-    accuracy_before: float
-    accuracy_after: float
-    balanced_accuracy_before: float
-    balanced_accuracy_after: float
-    ece_after_cv: float | None
-    accuracy_after_cv: float | None
-    balanced_accuracy_after_cv: float | None
 
 
 class PerBreedRow(TypedDict):
@@ -175,28 +157,14 @@ class CalibrationReport:
     cv_note: str | None = None
     data_note: str | None = None
 
-    def summary_rows(self) -> list[SummaryRow]:
-        """One row per stage that has metrics, in :data:`STAGES` order (see :class:`SummaryRow`)."""
+    def summary_rows(self) -> list[dict[str, Any]]:
+        """One row per stage that has metrics, in :data:`STAGES` order: ``stage`` (a
+        :data:`STAGE_TITLES` value) and the fields of :class:`StageMetrics`."""
         rows = []
         for key in STAGES:
             m: StageMetrics | None = getattr(self, key)
-            if m is None:
-                continue
-            rows.append(
-                SummaryRow(
-                    stage=STAGE_TITLES[key],
-                    n=m.n,
-                    ece_before=m.ece_before,
-                    ece_after=m.ece_after,
-                    accuracy_before=m.accuracy_before,
-                    accuracy_after=m.accuracy_after,
-                    balanced_accuracy_before=m.balanced_accuracy_before,
-                    balanced_accuracy_after=m.balanced_accuracy_after,
-                    ece_after_cv=m.ece_after_cv,
-                    accuracy_after_cv=m.accuracy_after_cv,
-                    balanced_accuracy_after_cv=m.balanced_accuracy_after_cv,
-                )
-            )
+            if m is not None:
+                rows.append({"stage": STAGE_TITLES[key], **asdict(m)})
         return rows
 
     def per_breed_rows(self) -> list[PerBreedRow]:

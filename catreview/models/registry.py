@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, select
+from sqlmodel import Session
 
 from catreview.config import DEMO_PROFILE, ConfigError, Settings, VLMProfile
-from catreview.data.db import AdapterVersion, make_engine
+from catreview.data.db import active_adapter_version, make_engine
 from catreview.models.classifier import Stage1Classifier
 from catreview.models.demo import DemoModels, ensure_demo_models
 
@@ -161,13 +161,8 @@ class ModelRegistry:
 
 
 def active_adapter_path(engine: Engine, base_model: str) -> Path | None:
-    """Folder of the active LoRA adapter of ``base_model`` (an ``adapters`` row with ``active``), or ``None``.
-
-    The read side of :mod:`catreview.adapters.versions` (which registers, gates and activates
-    versions), done here on the table of :mod:`catreview.data.db` so that ``models`` does not
-    import ``adapters`` (the layer above it).
-    """
-    q = select(AdapterVersion).where(AdapterVersion.base_model == base_model, AdapterVersion.active == True)  # noqa: E712
+    """Folder of the active LoRA adapter of ``base_model``, or ``None``
+    (:func:`catreview.data.db.active_adapter_version`; ``models`` does not import ``adapters``)."""
     with Session(engine) as s:
-        row = s.exec(q).first()
+        row = active_adapter_version(s, base_model)
     return Path(row.path) if row is not None else None
