@@ -6,7 +6,13 @@ Tables and their rules:
 - ``images``: one row per photo *content* (sha256); failed decodes are rows too, with ``error``.
 - ``predictions``: one row per (image, kind, model id, model version, input key). A new model
   version adds rows and never overwrites history; the row for a key is the cache.
-- ``reviews``: append-only human decisions; an image's current label is its latest review.
+- ``reviews``: append-only human decisions. Each review names the review it replaces
+  (``replaces_review_id``, unique: the history of a photo is a chain that cannot fork); the
+  image row keeps its current review id and label (denormalised, written in the same
+  transaction), so "the current label of photo X" and "the next unreviewed photo" are indexed
+  lookups at any collection size.
+- ``collection_counts``: one row of running totals (decodable, failed, reviewed photos), kept in
+  the same transactions as the rows they count.
 - ``exports``, ``split_assignments``: curated dataset versions and each photo's sticky split.
 - ``adapters``, ``training_runs``: LoRA adapter versions and the rounds that made them.
 - ``preferences``: blind A/B choices between two VLM outputs.
@@ -20,7 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Column, Text, UniqueConstraint, event
+from sqlalchemy import Column, Index, Text, UniqueConstraint, event, text
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import DatabaseError, NoSuchModuleError
 from sqlmodel import Field, Session, SQLModel, create_engine, select
@@ -32,9 +38,29 @@ def utcnow() -> datetime:
 
 
 class ImageRecord(SQLModel, table=True):
-    """A photo, identified by the sha256 of its bytes. ``path`` is absolute, as last imported."""
+    """A photo, identified by the sha256 of its bytes. ``path`` is absolute, as last imported.
+
+    ``current_review_id``/``current_label`` mirror the photo's newest review (``None`` while
+    unreviewed); only :func:`catreview.data.reviews.record_review` writes them, in the transaction
+    that appends the review. Two partial indexes serve the review order (decodable photos by id)
+    and the next unreviewed photo.
+    """
 
     __tablename__ = "images"
+    __table_args__ = (
+        Index(
+            "ix_images_decodable",
+            "id",
+            sqlite_where=text("error IS NULL"),
+            postgresql_where=text("error IS NULL"),
+        ),
+        Index(
+            "ix_images_unreviewed",
+            "id",
+            sqlite_where=text("error IS NULL AND current_review_id IS NULL"),
+            postgresql_where=text("error IS NULL AND current_review_id IS NULL"),
+        ),
+    )
     id: int | None = Field(default=None, primary_key=True)
     sha256: str = Field(index=True, unique=True, max_length=64)
     path: str
@@ -43,6 +69,8 @@ class ImageRecord(SQLModel, table=True):
     height: int | None = None
     error: str | None = Field(default=None, sa_column=Column(Text))
     imported_at: datetime = Field(default_factory=utcnow)
+    current_review_id: int | None = None
+    current_label: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -80,7 +108,9 @@ class Prediction(SQLModel, table=True):
 class Review(SQLModel, table=True):
     """One human decision (append-only). ``label`` is a class name or a special label
     (``Not a cat``/``Unsure``); ``previous_label`` is the image's label before this review
-    (``None`` for the first). ``model_snapshot_json`` records what the models said then."""
+    (``None`` for the first) and ``replaces_review_id`` the review it replaced (``None`` for the
+    first; unique, so two reviews can never replace the same one). ``model_snapshot_json``
+    records what the models said then. ``created_at`` never decreases along a photo's chain."""
 
     __tablename__ = "reviews"
     id: int | None = Field(default=None, primary_key=True)
@@ -88,10 +118,23 @@ class Review(SQLModel, table=True):
     annotator: str
     label: str
     previous_label: str | None = None
+    replaces_review_id: int | None = Field(default=None, unique=True)
     note: str | None = Field(default=None, sa_column=Column(Text))
     source: str = "ui"
     model_snapshot_json: str | None = Field(default=None, sa_column=Column(Text))
     created_at: datetime = Field(default_factory=utcnow, index=True)
+
+
+class CollectionCounts(SQLModel, table=True):
+    """Running totals over ``images`` (a single row, ``id`` 1): decodable photos, photos that
+    failed to decode, and decodable photos with at least one review. Every writer that changes
+    one of them updates this row in the same transaction (:mod:`catreview.data.counts`)."""
+
+    __tablename__ = "collection_counts"
+    id: int = Field(default=1, primary_key=True)
+    photos: int = 0
+    failed: int = 0
+    reviewed: int = 0
 
 
 class ExportRecord(SQLModel, table=True):
@@ -292,3 +335,22 @@ def active_adapter_version(session: Session, base_model: str) -> AdapterVersion 
     """
     q = select(AdapterVersion).where(AdapterVersion.base_model == base_model, AdapterVersion.active == True)  # noqa: E712
     return session.exec(q).first()
+
+
+def insert_ignoring_conflicts(session: Session, model: type[SQLModel], index_elements: list[str]) -> Any:
+    """``INSERT ... ON CONFLICT (index_elements) DO NOTHING`` for ``model``'s table in the
+    session's dialect (SQLite and PostgreSQL both have it), the race-free get-or-create.
+
+    Raises:
+        ValueError: the database is neither SQLite nor PostgreSQL.
+    """
+    name = session.get_bind().dialect.name
+    if name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        return sqlite_insert(model).on_conflict_do_nothing(index_elements=index_elements)
+    if name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert(model).on_conflict_do_nothing(index_elements=index_elements)
+    raise ValueError(f"database type {name!r} is not supported; use SQLite or PostgreSQL")

@@ -15,6 +15,7 @@ from pathlib import Path
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
+from catreview.data import counts
 from catreview.data.db import ImageRecord, image_by_sha
 from catreview.data.images import ImageDecodeError, iter_image_files, load_rgb
 from catreview.data.labels import BreedVocabulary
@@ -182,6 +183,7 @@ def get_or_create_image(session: Session, path: Path, sha: str) -> tuple[ImageRe
         return row, False
     row = new_image_row(path, sha)
     session.add(row)
+    counts.bump(session, photos=int(row.error is None), failed=int(row.error is not None))
     session.commit()
     session.refresh(row)
     return row, True
@@ -205,6 +207,7 @@ def refresh_image_row(session: Session, row: ImageRecord, path: Path) -> str | N
         if fresh.error is None:
             row.path, row.width, row.height, row.error = str(path), fresh.width, fresh.height, None
             session.add(row)
+            counts.bump(session, photos=1, failed=-1)
             session.commit()
             return "recovered"
         return None

@@ -1,14 +1,28 @@
-"""Human reviews: append-only decisions; an image's current label is its latest review."""
+"""Human reviews: append-only decisions chained per photo; an image's current label is its newest review.
+
+Writing a review is a compare-and-set on the image row: the review names the review it replaces
+(``replaces_review_id``, unique) and the image's ``current_review_id`` moves from that review to
+the new one only if it still points there, all in one transaction. Two concurrent saves of one
+photo therefore never fork the history: the second one sees that the head moved and is either
+chained after the first (default) or refused with :class:`ReviewConflictError` (when the caller
+says which review it was looking at). The first statement of the transaction is that conditional
+``UPDATE``, so SQLite takes its write lock (waiting up to the busy timeout) before the review's
+time is read, and PostgreSQL locks the photo's row: times never decrease along a chain.
+"""
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any, Final
 
-from sqlalchemy import func
+from sqlalchemy import update
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from catreview.data.db import ImageRecord, Review, get_image
+from catreview.data import counts
+from catreview.data.db import ImageRecord, Review, utcnow
 from catreview.data.labels import BreedVocabulary
 from catreview.errors import CatreviewError
 
@@ -17,18 +31,119 @@ class ReviewError(CatreviewError, ValueError):
     """A review that cannot be recorded (unknown label, missing annotator, failed image)."""
 
 
+class ReviewConflictError(ReviewError):
+    """Someone else reviewed the photo after the review the caller was looking at.
+
+    Attributes:
+        current: the photo's newest review now.
+    """
+
+    def __init__(self, image_id: int, current: Review | None) -> None:
+        self.current = current
+        if current is None:
+            msg = f"photo {image_id} changed while you were saving; reload it and decide again"
+        else:
+            when = current.created_at.strftime("%Y-%m-%d %H:%M:%S")
+            msg = (
+                f"photo {image_id} was reviewed meanwhile: {current.annotator} chose {current.label!r} "
+                f"at {when} UTC; reload it and decide again"
+            )
+        super().__init__(msg)
+
+
+class _Unset:
+    pass
+
+
+HEAD: Final = _Unset()
+"""``replaces=HEAD``: chain the new review after whatever the photo's newest review is."""
+
+MAX_ATTEMPTS = 8
+"""Retries of a compare-and-set that lost a race (each loss means another save landed)."""
+
+
 def latest_review(session: Session, image_id: int) -> Review | None:
-    """The newest review of an image (highest id), or ``None``."""
-    return session.exec(
-        select(Review).where(Review.image_id == image_id).order_by(Review.id.desc())  # type: ignore[union-attr]
-    ).first()
+    """The photo's newest review (through ``images.current_review_id``: one primary-key read), or ``None``."""
+    head = session.exec(select(ImageRecord.current_review_id).where(ImageRecord.id == image_id)).first()
+    return session.get(Review, head) if head is not None else None
 
 
 def current_reviews(session: Session) -> dict[int, Review]:
-    """``{image_id: latest Review}`` for every reviewed image, in one query."""
-    newest = select(Review.image_id, func.max(Review.id).label("rid")).group_by(col(Review.image_id)).subquery()
-    rows = session.exec(select(Review).join(newest, Review.id == newest.c.rid)).all()  # type: ignore[arg-type]
-    return {r.image_id: r for r in rows}
+    """``{image_id: newest Review}`` for every reviewed image, in one query (whole-collection
+    reads only: calibration fits, exports; see :func:`iter_current_reviews` to stream)."""
+    return {r.image_id: r for r in iter_current_reviews(session)}
+
+
+def iter_current_reviews(session: Session, *, batch_size: int = 1000) -> Iterator[Review]:
+    """Each reviewed photo's newest review, by image id, fetched ``batch_size`` rows at a time."""
+    q = (
+        select(Review)
+        .join(ImageRecord, col(ImageRecord.current_review_id) == col(Review.id))
+        .order_by(col(Review.image_id))
+        .execution_options(yield_per=batch_size)
+    )
+    yield from session.exec(q)
+
+
+def history(session: Session, image_id: int) -> list[Review]:
+    """Every review of one photo, oldest first (indexed by ``image_id``)."""
+    return list(session.exec(select(Review).where(Review.image_id == image_id).order_by(col(Review.id))))
+
+
+def _aware_utc(t: datetime) -> datetime:
+    """``t`` as an aware UTC time (SQLite hands stored times back naive, in UTC)."""
+    return t.astimezone(UTC) if t.tzinfo is not None else t.replace(tzinfo=UTC)
+
+
+def append_review(
+    session: Session,
+    image_id: int,
+    label: str,
+    annotator: str,
+    *,
+    replaces: int | None,
+    note: str | None = None,
+    source: str = "ui",
+    model_snapshot: dict[str, Any] | None = None,
+) -> Review | None:
+    """Append a review of ``image_id`` that replaces review ``replaces`` (``None``: the photo's
+    first), in the session's transaction, not committed. ``label`` must already be canonical.
+
+    Returns:
+        The new review, flushed (it has an id), or ``None`` when the photo's newest review is no
+        longer ``replaces`` (nothing was written; roll back or carry on with other photos).
+    """
+    cond = (
+        col(ImageRecord.current_review_id).is_(None)
+        if replaces is None
+        else col(ImageRecord.current_review_id) == replaces
+    )
+    moved = session.exec(
+        update(ImageRecord).where(col(ImageRecord.id) == image_id, cond).values(current_label=label)
+    ).rowcount
+    if moved != 1:
+        return None
+    prev = session.get(Review, replaces) if replaces is not None else None
+    now = utcnow()
+    if prev is not None and _aware_utc(prev.created_at) > now:
+        now = _aware_utc(prev.created_at)  # a clock step back never reorders a chain
+    review = Review(
+        image_id=image_id,
+        annotator=annotator,
+        label=label,
+        previous_label=prev.label if prev is not None else None,
+        replaces_review_id=replaces,
+        note=(note or None),
+        source=source,
+        model_snapshot_json=json.dumps(model_snapshot, ensure_ascii=False) if model_snapshot else None,
+        created_at=now,
+    )
+    session.add(review)
+    session.flush()
+    session.exec(update(ImageRecord).where(col(ImageRecord.id) == image_id).values(current_review_id=review.id))
+    if replaces is None:
+        counts.bump(session, reviewed=1)
+    return review
 
 
 def record_review(
@@ -41,42 +156,60 @@ def record_review(
     note: str | None = None,
     source: str = "ui",
     model_snapshot: dict[str, Any] | None = None,
-    commit: bool = True,
+    replaces: int | None | _Unset = HEAD,
 ) -> Review:
-    """Append a review. ``label`` is canonicalised through ``vocabulary`` (aliases accepted).
+    """Append a review and commit it. ``label`` is canonicalised through ``vocabulary`` (aliases accepted).
+
+    Args:
+        replaces: the review id the caller was looking at (``None``: it saw no review). The
+            default :data:`HEAD` chains after the newest review, whatever it is.
 
     Raises:
         ReviewError: empty annotator, unknown label, or an image that failed to decode.
+        ReviewConflictError: ``replaces`` was given and the photo's newest review is another one.
         KeyError: no image with ``image_id``.
     """
     annotator = (annotator or "").strip()
     if not annotator:
         raise ReviewError("enter your annotator name before reviewing")
-    image: ImageRecord = get_image(session, image_id)
-    if image.error is not None:
-        raise ReviewError(f"image {image.path} could not be decoded ({image.error}); it cannot be labelled")
     if label not in vocabulary:
         raise ReviewError(f"unknown label {label!r}: pick one from the breed list")
     canonical = vocabulary.canonical(label)
-    prev = latest_review(session, image_id)
-    review = Review(
-        image_id=image_id,
-        annotator=annotator,
-        label=canonical,
-        previous_label=prev.label if prev else None,
-        note=(note or None),
-        source=source,
-        model_snapshot_json=json.dumps(model_snapshot, ensure_ascii=False) if model_snapshot else None,
-    )
-    session.add(review)
-    if commit:
-        session.commit()
-        session.refresh(review)
-    return review
+    for _ in range(MAX_ATTEMPTS):
+        row = session.exec(
+            select(ImageRecord.current_review_id, ImageRecord.error, ImageRecord.path).where(
+                ImageRecord.id == image_id
+            )
+        ).first()
+        if row is None:
+            raise KeyError(f"no image with id {image_id}")
+        head, error, path = row
+        if error is not None:
+            raise ReviewError(f"image {path} could not be decoded ({error}); it cannot be labelled")
+        if not isinstance(replaces, _Unset) and head != replaces:
+            raise ReviewConflictError(image_id, session.get(Review, head) if head is not None else None)
+        try:
+            review = append_review(
+                session,
+                image_id,
+                canonical,
+                annotator,
+                replaces=head,
+                note=note,
+                source=source,
+                model_snapshot=model_snapshot,
+            )
+        except IntegrityError:  # another transaction appended after ``head`` first (unique replaces_review_id)
+            review = None
+        if review is not None:
+            session.commit()
+            session.refresh(review)
+            return review
+        session.rollback()
+    raise ReviewConflictError(image_id, latest_review(session, image_id))
 
 
 def review_counts(session: Session) -> tuple[int, int]:
-    """``(reviewed, total)`` over images that decoded."""
-    total = session.exec(select(func.count()).select_from(ImageRecord).where(ImageRecord.error.is_(None))).one()  # type: ignore[union-attr]
-    reviewed = session.exec(select(func.count(func.distinct(Review.image_id)))).one()
-    return int(reviewed), int(total)
+    """``(reviewed, total)`` over images that decoded (the stored running totals: constant time)."""
+    t = counts.totals(session)
+    return t.reviewed, t.photos

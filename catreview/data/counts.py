@@ -1,0 +1,72 @@
+"""Running totals of the collection (decodable, failed and reviewed photos) in constant time.
+
+Counting rows of a 127K-photo table on every click grows with the collection; the totals live in
+one row of ``collection_counts`` instead, changed by :func:`bump` inside the transaction that
+inserts or changes the rows they count (the importer, :func:`catreview.data.reviews.record_review`).
+:func:`recount` computes them from the tables (one full scan), for migrations and checks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import func, update
+from sqlmodel import Session, select
+
+from catreview.data.db import CollectionCounts, ImageRecord, insert_ignoring_conflicts
+
+
+@dataclass(frozen=True)
+class Totals:
+    """Photo counts: ``photos`` decodable, ``failed`` to decode, ``reviewed`` decodable photos
+    with at least one review (all >= 0)."""
+
+    photos: int
+    failed: int
+    reviewed: int
+
+
+def bump(session: Session, *, photos: int = 0, failed: int = 0, reviewed: int = 0) -> None:
+    """Add to the totals in the session's open transaction (not committed here). The row is
+    created at 0 first if it is missing."""
+    if not (photos or failed or reviewed):
+        return
+    session.exec(insert_ignoring_conflicts(session, CollectionCounts, ["id"]).values(id=1))
+    session.exec(
+        update(CollectionCounts)
+        .where(CollectionCounts.id == 1)  # type: ignore[arg-type]
+        .values(
+            photos=CollectionCounts.photos + photos,
+            failed=CollectionCounts.failed + failed,
+            reviewed=CollectionCounts.reviewed + reviewed,
+        )
+    )
+
+
+def totals(session: Session) -> Totals:
+    """The stored totals (one primary-key read); zeros for an empty database."""
+    row = session.get(CollectionCounts, 1)
+    return Totals(row.photos, row.failed, row.reviewed) if row is not None else Totals(0, 0, 0)
+
+
+def recount(session: Session) -> Totals:
+    """The totals computed from ``images`` (a full scan; migrations and consistency checks)."""
+    ok = ImageRecord.error.is_(None)  # type: ignore[union-attr]
+    photos = session.exec(select(func.count()).select_from(ImageRecord).where(ok)).one()
+    failed = session.exec(select(func.count()).select_from(ImageRecord).where(~ok)).one()
+    reviewed = session.exec(
+        select(func.count()).select_from(ImageRecord).where(ok, ImageRecord.current_review_id.is_not(None))  # type: ignore[union-attr]
+    ).one()
+    return Totals(int(photos), int(failed), int(reviewed))
+
+
+def store_recount(session: Session) -> Totals:
+    """Replace the stored totals by :func:`recount` (not committed here)."""
+    t = recount(session)
+    session.exec(insert_ignoring_conflicts(session, CollectionCounts, ["id"]).values(id=1))
+    session.exec(
+        update(CollectionCounts)
+        .where(CollectionCounts.id == 1)  # type: ignore[arg-type]
+        .values(photos=t.photos, failed=t.failed, reviewed=t.reviewed)
+    )
+    return t
