@@ -156,7 +156,7 @@ def record_review(
     note: str | None = None,
     source: str = "ui",
     model_snapshot: dict[str, Any] | None = None,
-    replaces: int | None | _Unset = HEAD,
+    replaces: int | _Unset | None = HEAD,
 ) -> Review:
     """Append a review and commit it. ``label`` is canonicalised through ``vocabulary`` (aliases accepted).
 
@@ -177,9 +177,7 @@ def record_review(
     canonical = vocabulary.canonical(label)
     for _ in range(MAX_ATTEMPTS):
         row = session.exec(
-            select(ImageRecord.current_review_id, ImageRecord.error, ImageRecord.path).where(
-                ImageRecord.id == image_id
-            )
+            select(ImageRecord.current_review_id, ImageRecord.error, ImageRecord.path).where(ImageRecord.id == image_id)
         ).first()
         if row is None:
             raise KeyError(f"no image with id {image_id}")
