@@ -49,8 +49,9 @@ def test_review_over_api_survives_restart(settings, photos: Path) -> None:
     with running_app(settings, [photos]) as (_app, url):
         client = Client(url, verbose=False)
         shown = client.predict(api_name="/show")
-        image_id, counter = int(shown[0]), shown[2]
-        assert "0 / 4 reviewed" in counter
+        image_id, photo, counter = int(shown[0]), shown[1], shown[2]
+        assert "0 / 4 reviewed" in counter and f"photo #{image_id}" in counter
+        assert Path(photo).read_bytes() == Path(_app.view(image_id)["path"]).read_bytes()  # the file, not a re-encoding
         stage1 = shown[4]
         assert len(stage1["confidences"]) == 3
         failed = client.predict(api_name="/failed")
@@ -95,26 +96,45 @@ def test_review_over_api_survives_restart(settings, photos: Path) -> None:
     assert snapshot["model_versions"] == {"stage1": clf.model_version, "vlm": vlm.model_version}
 
 
-def test_next_unreviewed_wraps_and_skips_reviewed_photos(settings, photos: Path) -> None:
-    """The core behind "Next unreviewed" and the first page load (no predictions needed)."""
+def test_navigation_and_next_unreviewed_by_photo_id(settings, photos: Path) -> None:
+    """The core behind Previous/Next, "Next unreviewed" and the first page load (no predictions needed)."""
     from catreview.data.importer import import_folder
-    from catreview.data.reviews import record_review
+    from catreview.query.photos import page
 
     app = ReviewApp(settings)
-    assert app.next_unreviewed(-1) is None  # no photos at all
+    assert app.next_unreviewed(None) is None and app.first_photo() is None  # no photos at all
+    assert app.neighbour(None, 1) is None
+    summary = import_folder(app.engine, photos, vocabulary=app.vocabulary)
+    ids = page(app.engine)
+    assert len(ids) == 4 and ids == sorted(summary.image_ids)  # the broken file is not in the review order
+    assert app.first_photo() == ids[0] and app.neighbour(None, 1) == ids[0]
+    assert [app.neighbour(i, 1) for i in ids] == [*ids[1:], ids[3]]  # stays on the last photo
+    assert [app.neighbour(i, -1) for i in ids] == [ids[0], *ids[:3]]
+    assert page(app.engine, after=ids[1], limit=1) == [ids[2]]
+    assert [app.next_unreviewed(a) for a in (None, *ids)] == [ids[0], ids[1], ids[2], ids[3], ids[0]]
+    for i in (ids[0], ids[2]):
+        app.review(i, "Birman", "alice")
+    assert [app.next_unreviewed(a) for a in (None, *ids)] == [ids[1], ids[1], ids[3], ids[3], ids[1]]
+    assert app.next_unreviewed(10_000) == ids[1]  # past the end: from the start
+    assert page(app.engine, unreviewed_only=True) == [ids[1], ids[3]]
+    for i in (ids[1], ids[3]):
+        app.review(i, "Not a cat", "alice")  # any review counts
+    assert app.next_unreviewed(None) is None and app.next_unreviewed(ids[2]) is None
+    assert app.counts() == (4, 4)
+
+
+def test_photo_is_served_by_path_from_the_display_folder(settings, photos: Path) -> None:
+    """A browser-ready JPEG is linked by content hash; the same photo twice is one file."""
+    from catreview.data.importer import import_folder
+    from catreview.query.photos import page
+
+    app = ReviewApp(settings)
     import_folder(app.engine, photos, vocabulary=app.vocabulary)
-    ids = app.image_ids()
-    assert len(ids) == 4  # the broken file has no position
-    assert [app.next_unreviewed(p) for p in (-1, 0, 1, 2, 3)] == [0, 1, 2, 3, 0]
-    with Session(app.engine) as s:
-        for i in (ids[0], ids[2]):
-            record_review(s, i, "Birman", "alice", vocabulary=app.vocabulary)
-    assert [app.next_unreviewed(p) for p in (-1, 0, 1, 2, 3)] == [1, 1, 3, 3, 1]
-    assert app.next_unreviewed(10) == 1 and app.next_unreviewed(-5) == 1  # out of range: from the start
-    with Session(app.engine) as s:
-        for i in (ids[1], ids[3]):
-            record_review(s, i, "Not a cat", "alice", vocabulary=app.vocabulary)  # any review counts
-    assert app.next_unreviewed(-1) is None and app.next_unreviewed(2) is None
+    first = page(app.engine)[0]
+    shown = app.display_path(first)
+    assert shown.parent.parent == app.display_dir and shown.name.startswith(app.view(first)["sha256"])
+    assert shown.read_bytes() == Path(app.view(first)["path"]).read_bytes()
+    assert app.display_path(first) == shown
 
 
 def test_train_jobs_belong_to_the_app(settings) -> None:

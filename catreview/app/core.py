@@ -20,11 +20,11 @@ from sqlmodel import Session
 from catreview.adapters.versions import activate, deactivate, version_rows
 from catreview.compare.session import CompareSession
 from catreview.config import Settings
-from catreview.data.db import AdapterVersion, get_image, make_engine
+from catreview.data.db import AdapterVersion, ImageRecord, Review, get_image, make_engine
 from catreview.data.images import load_rgb
 from catreview.data.importer import import_folder
 from catreview.data.labels import BreedVocabulary
-from catreview.data.reviews import record_review
+from catreview.data.reviews import HEAD, Head, ReviewError, record_review
 from catreview.evaluate.calibration import CalibrationReport
 from catreview.evaluate.store import fit_and_store
 from catreview.export.archive import zip_export
@@ -33,6 +33,7 @@ from catreview.jobs import BackgroundJob, JobState
 from catreview.models.registry import ModelRegistry
 from catreview.predict.runner import cached_predictions, candidates_key, run_predictions, store_reasoning
 from catreview.query import photos
+from catreview.query.display import display_file
 from catreview.query.photos import PhotoView, RoutingStats, model_snapshot
 
 if TYPE_CHECKING:
@@ -125,18 +126,23 @@ class ReviewApp:
         """Ask the background job to stop after its current batch."""
         self._background.stop()
 
-    # ------------------------------------------------------------------ reading
-    def image_ids(self) -> list[int]:
-        """Ids of decodable photos, in review order (:func:`catreview.query.photos.image_ids`)."""
-        return photos.image_ids(self.engine)
+    # ------------------------------------------------------------------ reading (constant time per click)
+    def first_photo(self) -> int | None:
+        """Id of the first photo in review order, or ``None`` (:func:`catreview.query.photos.first_photo`)."""
+        return photos.first_photo(self.engine)
 
-    def failed_images(self) -> list[tuple[str, str]]:
-        """(path, reason) of photos that could not be decoded."""
-        return photos.failed_images(self.engine)
+    def neighbour(self, image_id: int | None, step: int) -> int | None:
+        """The photo after (``step`` +1) or before (-1) ``image_id`` (:func:`catreview.query.photos.neighbour`)."""
+        return photos.neighbour(self.engine, image_id, step)
 
-    def next_unreviewed(self, position: int) -> int | None:
-        """Position of the next photo without a review (:func:`catreview.query.photos.next_unreviewed`)."""
-        return photos.next_unreviewed(self.engine, position)
+    def next_unreviewed(self, after: int | None = None) -> int | None:
+        """Id of the next photo without a review after photo ``after``, wrapping around
+        (:func:`catreview.query.photos.next_unreviewed`)."""
+        return photos.next_unreviewed(self.engine, after)
+
+    def failed_images(self, limit: int = 1000) -> list[tuple[str, str]]:
+        """(path, reason) of up to ``limit`` photos that could not be decoded."""
+        return photos.failed_images(self.engine, limit=limit)
 
     def counts(self) -> tuple[int, int]:
         """(reviewed, total) photos."""
@@ -155,17 +161,58 @@ class ReviewApp:
         with Session(self.engine) as s:
             return load_rgb(get_image(s, image_id).path)
 
+    def display_path(self, image_id: int) -> Path:
+        """A file the browser can show for the photo: the stored file itself when browsers display
+        it as is, else a cached, content-addressed JPEG (:func:`catreview.query.display.display_file`).
+
+        Raises:
+            catreview.data.reviews.ReviewError: no photo with ``image_id``.
+            catreview.data.images.ImageDecodeError: the file is gone or cannot be decoded.
+        """
+        with Session(self.engine) as s:
+            img = s.get(ImageRecord, image_id)
+            if img is None:
+                raise ReviewError(f"no photo with id {image_id}")
+            path, sha = img.path, img.sha256
+        return display_file(path, sha, self.display_dir)
+
+    @property
+    def display_dir(self) -> Path:
+        """The folder of display files (``data_dir/display-cache``): the only one the UI serves."""
+        return self.settings.data_dir / "display-cache"
+
     # ------------------------------------------------------------------ writing
-    def review(self, image_id: int, label: str, annotator: str, note: str | None = None) -> PhotoView:
-        """Record a review (with the models' outputs at review time); returns the new view.
+    def review(
+        self,
+        image_id: int,
+        label: str,
+        annotator: str,
+        note: str | None = None,
+        *,
+        replaces: int | Head | None = HEAD,
+    ) -> Review:
+        """Record a review (with the models' outputs at review time) and return it.
+
+        Args:
+            replaces: the review id the annotator was looking at (``None``: none); the default
+                chains after the newest review (see :func:`catreview.data.reviews.record_review`).
 
         Raises:
             catreview.data.reviews.ReviewError: no annotator, unknown label, failed image, unknown id.
+            catreview.data.reviews.ReviewConflictError: ``replaces`` is no longer the newest review.
         """
         snapshot = model_snapshot(self.view(image_id))
         with Session(self.engine) as s:
-            record_review(s, image_id, label, annotator, vocabulary=self.vocabulary, note=note, model_snapshot=snapshot)
-        return self.view(image_id)
+            return record_review(
+                s,
+                image_id,
+                label,
+                annotator,
+                vocabulary=self.vocabulary,
+                note=note,
+                model_snapshot=snapshot,
+                replaces=replaces,
+            )
 
     # ------------------------------------------------------------------ calibration, export, adapters
     def calibrate(self) -> tuple[CalibrationReport, int | None]:

@@ -42,8 +42,8 @@ class ImageRecord(SQLModel, table=True):
 
     ``current_review_id``/``current_label`` mirror the photo's newest review (``None`` while
     unreviewed); only :func:`catreview.data.reviews.record_review` writes them, in the transaction
-    that appends the review. Two partial indexes serve the review order (decodable photos by id)
-    and the next unreviewed photo.
+    that appends the review. Partial indexes serve the review order (decodable photos by id), the
+    list of photos that failed to decode, and the next unreviewed photo.
     """
 
     __tablename__ = "images"
@@ -53,6 +53,12 @@ class ImageRecord(SQLModel, table=True):
             "id",
             sqlite_where=text("error IS NULL"),
             postgresql_where=text("error IS NULL"),
+        ),
+        Index(
+            "ix_images_failed",
+            "id",
+            sqlite_where=text("error IS NOT NULL"),
+            postgresql_where=text("error IS NOT NULL"),
         ),
         Index(
             "ix_images_unreviewed",
@@ -340,6 +346,8 @@ def active_adapter_version(session: Session, base_model: str) -> AdapterVersion 
 def insert_ignoring_conflicts(session: Session, model: type[SQLModel], index_elements: list[str]) -> Any:
     """``INSERT ... ON CONFLICT (index_elements) DO NOTHING`` for ``model``'s table in the
     session's dialect (SQLite and PostgreSQL both have it), the race-free get-or-create.
+    The result's ``rowcount`` is 1 when the row was inserted and 0 when it already existed, on both
+    databases (``preserve_rowcount``: SQLAlchemy with psycopg otherwise reports -1 for an INSERT).
 
     Raises:
         ValueError: the database is neither SQLite nor PostgreSQL.
@@ -348,9 +356,11 @@ def insert_ignoring_conflicts(session: Session, model: type[SQLModel], index_ele
     if name == "sqlite":
         from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-        return sqlite_insert(model).on_conflict_do_nothing(index_elements=index_elements)
+        stmt = sqlite_insert(model).on_conflict_do_nothing(index_elements=index_elements)
+        return stmt.execution_options(preserve_rowcount=True)
     if name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-        return pg_insert(model).on_conflict_do_nothing(index_elements=index_elements)
+        pg_stmt = pg_insert(model).on_conflict_do_nothing(index_elements=index_elements)
+        return pg_stmt.execution_options(preserve_rowcount=True)
     raise ValueError(f"database type {name!r} is not supported; use SQLite or PostgreSQL")

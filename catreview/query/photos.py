@@ -1,8 +1,12 @@
 """What the app and the CLI show for a photo, and which photo comes next.
 
 The one place that answers the per-click questions: a photo's view (stored predictions + the
-current blend + the latest review, as a :class:`PhotoView`), the photo list in review order,
-the next unreviewed photo, counts and the photos that failed to decode. The UI
+current blend + the latest review, as a :class:`PhotoView`), the photo before/after in review
+order, the next unreviewed photo, a page of the list, counts and the photos that failed to
+decode. Every per-click answer is a fixed number of indexed queries (primary key, the
+prediction key's unique index, the partial indexes on ``images``, the stored running totals), so
+it costs the same at 127,000 photos as at 300; whole-collection reads (:func:`iter_views`,
+:func:`routing_stats`) stream in batches. The UI
 (:class:`catreview.app.core.ReviewApp`), the CLI (``predictions --json``) and calibration read
 photos only through here.
 
@@ -13,15 +17,16 @@ one exists, else the configured weight and temperature 1).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
+from sqlalchemy import func
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
-from catreview.data.db import CalibrationRecord, ImageRecord, Prediction, Review
-from catreview.data.reviews import ReviewError, current_reviews, review_counts
+from catreview.data.db import CalibrationRecord, ImageRecord, Prediction, Review, stored_id
+from catreview.data.reviews import ReviewError, review_counts
 from catreview.predict.fusion import fuse, should_route_to_vlm, top_label
 from catreview.predict.runner import candidates_key, stage1_topk
 from catreview.predict.temperature import scale_probabilities
@@ -198,81 +203,171 @@ def image_view(
     }
 
 
+BATCH_SIZE = 500
+"""Photos per query when views are streamed (one query each for images, predictions and reviews)."""
+
+
+def _views_of(session: Session, images: list[ImageRecord], clf: Any, vlm: Any, blend: Blend) -> Iterator[PhotoView]:
+    """Views of a batch of image rows: one indexed query per prediction kind and one for reviews."""
+    if not images:
+        return
+    ids = [stored_id(img) for img in images]
+
+    def rows(kind: str, model_id: str, version: str) -> dict[tuple[int, str], Prediction]:
+        q = select(Prediction).where(
+            col(Prediction.image_id).in_(ids),
+            Prediction.kind == kind,
+            Prediction.model_id == model_id,
+            Prediction.model_version == version,
+        )
+        return {(p.image_id, p.input_key): p for p in session.exec(q)}
+
+    s1 = {img_id: p for (img_id, _), p in rows("stage1", clf.model_id, clf.model_version).items()}
+    verdicts = rows("vlm", vlm.model_id, vlm.model_version)
+    reasons = rows("reasoning", vlm.model_id, vlm.model_version)
+    review_ids = [img.current_review_id for img in images if img.current_review_id is not None]
+    reviews = (
+        {r.image_id: r for r in session.exec(select(Review).where(col(Review.id).in_(review_ids)))}
+        if review_ids
+        else {}
+    )
+    for img, iid in zip(images, ids):
+        p1 = s1.get(iid)
+        key = candidates_key([lab for lab, _ in stage1_topk(p1)]) if p1 else ""
+        yield image_view(img, p1, verdicts.get((iid, key)), reasons.get((iid, key)), reviews.get(iid), blend)
+
+
 def iter_views(
-    engine: Engine, registry: Any, *, vlm_name: str | None = None, image_ids: list[int] | None = None
+    engine: Engine,
+    registry: Any,
+    *,
+    vlm_name: str | None = None,
+    image_ids: Iterable[int] | None = None,
+    batch_size: int = BATCH_SIZE,
 ) -> Iterator[PhotoView]:
-    """Views of all imported photos (failed ones included, with their error), by image id."""
+    """Views of all imported photos (failed ones included, with their error) by image id, or of
+    ``image_ids`` (in id order; unknown ids are left out), streamed ``batch_size`` photos at a
+    time: memory stays flat and each batch costs a fixed number of indexed queries."""
     clf = registry.classifier()
     vlm = registry.vlm(vlm_name)
     with Session(engine) as session:
         blend = current_blend(session, registry.settings, clf.model_version, vlm.model_version)
-        q = select(ImageRecord).order_by(ImageRecord.id)  # type: ignore[arg-type]
         if image_ids is not None:
-            q = q.where(ImageRecord.id.in_(image_ids))  # type: ignore[union-attr]
-        images = list(session.exec(q))
-
-        def by_key(kind: str, model_id: str, version: str) -> dict[tuple[int, str], Prediction]:
-            rows = session.exec(
-                select(Prediction).where(
-                    Prediction.kind == kind, Prediction.model_id == model_id, Prediction.model_version == version
-                )
-            )
-            return {(p.image_id, p.input_key): p for p in rows}
-
-        s1 = {img_id: p for (img_id, _), p in by_key("stage1", clf.model_id, clf.model_version).items()}
-        verdicts = by_key("vlm", vlm.model_id, vlm.model_version)
-        reasons = by_key("reasoning", vlm.model_id, vlm.model_version)
-        reviews = current_reviews(session)
-        for img in images:
-            iid = int(img.id)  # type: ignore[arg-type]  # stored rows always have an id
-            p1 = s1.get(iid)
-            key = candidates_key([lab for lab, _ in stage1_topk(p1)]) if p1 else ""
-            yield image_view(img, p1, verdicts.get((iid, key)), reasons.get((iid, key)), reviews.get(iid), blend)
+            wanted = sorted(set(image_ids))
+            for i in range(0, len(wanted), batch_size):
+                chunk = wanted[i : i + batch_size]
+                q = select(ImageRecord).where(col(ImageRecord.id).in_(chunk)).order_by(col(ImageRecord.id))
+                yield from _views_of(session, list(session.exec(q)), clf, vlm, blend)
+            return
+        last = 0
+        while True:  # keyset pagination: WHERE id > last ORDER BY id LIMIT batch
+            q = select(ImageRecord).where(col(ImageRecord.id) > last).order_by(col(ImageRecord.id)).limit(batch_size)
+            batch = list(session.exec(q))
+            if not batch:
+                return
+            yield from _views_of(session, batch, clf, vlm, blend)
+            last = stored_id(batch[-1])
 
 
 def photo_view(engine: Engine, registry: Any, image_id: int, *, vlm_name: str | None = None) -> PhotoView:
-    """The :class:`PhotoView` of one photo.
+    """The :class:`PhotoView` of one photo: a primary-key read, one indexed read per prediction
+    kind and the current review by id (cost independent of the collection size).
 
     Raises:
         catreview.data.reviews.ReviewError: no photo with ``image_id``.
     """
-    view = next(iter_views(engine, registry, vlm_name=vlm_name, image_ids=[image_id]), None)
-    if view is None:
-        raise ReviewError(f"no photo with id {image_id}")
-    return view
+    clf = registry.classifier()
+    vlm = registry.vlm(vlm_name)
+    with Session(engine) as session:
+        img = session.get(ImageRecord, image_id)
+        if img is None:
+            raise ReviewError(f"no photo with id {image_id}")
+        blend = current_blend(session, registry.settings, clf.model_version, vlm.model_version)
+        return next(_views_of(session, [img], clf, vlm, blend))
 
 
-def image_ids(engine: Engine) -> list[int]:
-    """Ids of decodable photos, in review order (import order)."""
+def _decodable() -> Any:
+    return col(ImageRecord.error).is_(None)
+
+
+def first_photo(engine: Engine) -> int | None:
+    """Id of the first decodable photo in review order (import order), or ``None`` if there is none."""
     with Session(engine) as s:
-        q = select(ImageRecord.id).where(ImageRecord.error.is_(None)).order_by(ImageRecord.id)  # type: ignore[union-attr, arg-type]
-        return [int(i) for i in s.exec(q) if i is not None]
+        return s.exec(select(ImageRecord.id).where(_decodable()).order_by(col(ImageRecord.id)).limit(1)).first()
 
 
-def failed_images(engine: Engine) -> list[tuple[str, str]]:
-    """``(path, reason)`` of photos that could not be decoded."""
-    with Session(engine) as s:
-        rows = s.exec(select(ImageRecord).where(ImageRecord.error.is_not(None)))  # type: ignore[union-attr]
-        return [(r.path, r.error or "") for r in rows]
+def neighbour(engine: Engine, image_id: int | None, step: int) -> int | None:
+    """The decodable photo ``step`` (+1 next, -1 previous) from ``image_id`` in review order.
+    Past either end it stays at the last/first photo; ``image_id`` ``None`` gives the first photo;
+    ``None`` when there are no photos. One or two indexed ``LIMIT 1`` queries.
 
-
-def next_unreviewed(engine: Engine, position: int) -> int | None:
-    """Position (in :func:`image_ids`) of the first photo without any review after ``position``,
-    wrapping around to the start; ``None`` when every photo is reviewed.
-
-    ``position`` -1 (or less) searches from the first photo; a position at or past the last
-    photo searches from the first photo too.
+    Raises:
+        ValueError: ``step`` is not +1 or -1.
     """
-    ids = image_ids(engine)
+    if step not in (1, -1):
+        raise ValueError(f"step must be +1 or -1, not {step}")
+    if image_id is None:
+        return first_photo(engine)
+    ident = col(ImageRecord.id)
+    ok = select(ImageRecord.id).where(_decodable())
     with Session(engine) as s:
-        done = set(current_reviews(s))
-    start = min(max(position + 1, 0), len(ids))
-    order = list(range(start, len(ids))) + list(range(0, start))
-    return next((i for i in order if ids[i] not in done), None)
+        if step > 0:
+            found = s.exec(ok.where(ident > image_id).order_by(ident).limit(1)).first()
+            edge = ok.order_by(ident.desc())
+        else:
+            found = s.exec(ok.where(ident < image_id).order_by(ident.desc()).limit(1)).first()
+            edge = ok.order_by(ident)
+        return found if found is not None else s.exec(edge.limit(1)).first()
+
+
+def next_unreviewed(engine: Engine, after: int | None = None) -> int | None:
+    """Id of the first decodable photo without a review after photo ``after`` (``None``: from the
+    start), wrapping around to the start; ``None`` when every photo is reviewed. At most two
+    ``LIMIT 1`` queries on the partial index ``ix_images_unreviewed``."""
+    ident = col(ImageRecord.id)
+    open_ = select(ImageRecord.id).where(_decodable(), col(ImageRecord.current_review_id).is_(None))
+    with Session(engine) as s:
+        if after is not None:
+            found = s.exec(open_.where(ident > after).order_by(ident).limit(1)).first()
+            if found is not None:
+                return found
+        return s.exec(open_.order_by(ident).limit(1)).first()
+
+
+def page(engine: Engine, *, after: int | None = None, limit: int = 100, unreviewed_only: bool = False) -> list[int]:
+    """Ids of up to ``limit`` decodable photos after photo ``after`` in review order (keyset
+    pagination: pass the last id of one page to get the next).
+
+    Raises:
+        ValueError: ``limit`` is not in 1..10000.
+    """
+    if not 1 <= limit <= 10_000:
+        raise ValueError(f"limit must be in 1..10000, not {limit}")
+    ident = col(ImageRecord.id)
+    q = select(ImageRecord.id).where(_decodable())
+    if unreviewed_only:
+        q = q.where(col(ImageRecord.current_review_id).is_(None))
+    if after is not None:
+        q = q.where(ident > after)
+    with Session(engine) as s:
+        return [int(i) for i in s.exec(q.order_by(ident).limit(limit)) if i is not None]
+
+
+def failed_images(engine: Engine, *, limit: int = 1000) -> list[tuple[str, str]]:
+    """``(path, reason)`` of up to ``limit`` photos that could not be decoded, oldest first
+    (served by the partial index ``ix_images_failed``)."""
+    with Session(engine) as s:
+        q = (
+            select(ImageRecord.path, ImageRecord.error)
+            .where(col(ImageRecord.error).is_not(None))
+            .order_by(col(ImageRecord.id))
+            .limit(limit)
+        )
+        return [(path, error or "") for path, error in s.exec(q)]
 
 
 def counts(engine: Engine) -> tuple[int, int]:
-    """``(reviewed, total)`` over photos that decoded."""
+    """``(reviewed, total)`` over photos that decoded (stored running totals: one primary-key read)."""
     with Session(engine) as s:
         return review_counts(s)
 
@@ -307,24 +402,29 @@ class RoutingStats:
 
 
 def routing_stats(engine: Engine, registry: Any, *, vlm_name: str | None = None) -> RoutingStats:
-    """Count photos routed to / past the VLM for the current models and threshold."""
+    """Count photos routed to / past the VLM for the current models and threshold (stage-1 rows
+    streamed in batches; the mean VLM time is one SQL ``AVG``)."""
     clf, vlm = registry.classifier(), registry.vlm(vlm_name)
     thr = registry.settings.fusion.routing_threshold
+    photos_n = skipped = 0
     with Session(engine) as session:
-        s1 = session.exec(
-            select(Prediction).where(
+        q = (
+            select(Prediction)
+            .where(
                 Prediction.kind == "stage1",
                 Prediction.model_id == clf.model_id,
                 Prediction.model_version == clf.model_version,
             )
-        ).all()
-        secs = session.exec(
-            select(Prediction.seconds).where(
+            .execution_options(yield_per=BATCH_SIZE)
+        )
+        for p in session.exec(q):
+            photos_n += 1
+            skipped += not should_route_to_vlm(stage1_topk(p)[0][1], thr)
+        mean = session.exec(
+            select(func.avg(Prediction.seconds)).where(
                 Prediction.kind == "vlm",
                 Prediction.model_id == vlm.model_id,
                 Prediction.model_version == vlm.model_version,
             )
-        ).all()
-    skipped = sum(not should_route_to_vlm(stage1_topk(p)[0][1], thr) for p in s1)
-    mean = float(sum(secs) / len(secs)) if secs else 0.0
-    return RoutingStats(len(s1), len(s1) - skipped, skipped, mean, thr)
+        ).one()
+    return RoutingStats(photos_n, photos_n - skipped, skipped, float(mean or 0.0), thr)

@@ -37,10 +37,10 @@ def reasoning_label(uses_demo_models: bool) -> str:
     )
 
 
-def counter(reviewed: int, total: int, position: int | None = None, n_photos: int = 0) -> str:
-    """``**R / T reviewed** · photo P of N`` (``position`` 0-based; left out when ``None``)."""
+def counter(reviewed: int, total: int, image_id: int | None = None) -> str:
+    """``**R / T reviewed** · photo #ID`` (the id left out when ``None``)."""
     text = f"**{reviewed} / {total} reviewed**"
-    return text if position is None else text + f" · photo {position + 1} of {n_photos}"
+    return text if image_id is None else text + f" · photo #{image_id}"
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,8 @@ def build_ui(app: ReviewApp) -> gr.Blocks:
     flow (review -> calibration -> export -> train -> compare)."""
     from catreview.app.ui import calibration_tab, compare_tab, export_tab, review_tab, train_tab
 
+    app.display_dir.mkdir(parents=True, exist_ok=True)
+    gr.set_static_paths([app.display_dir])  # photos are served from here by path, never re-encoded per request
     with gr.Blocks(title="catreview") as demo:
         gr.Markdown("# catreview — cat-breed review with a VLM in the loop")
         demo_classifier, demo_vlm = app.settings.classifier.model is None, not app.settings.vlm_profiles

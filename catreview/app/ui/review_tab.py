@@ -9,38 +9,47 @@ import gradio as gr
 
 from catreview.app.core import ReviewApp
 from catreview.app.presenters import review as present
+from catreview.data.images import ImageDecodeError
 from catreview.data.labels import NOT_A_CAT, UNSURE
 from catreview.data.reviews import ReviewError
 
 N_CANDIDATES = 3
 
 
-def render(app: ReviewApp, pos: int) -> list[Any]:
-    """Everything the tab shows for the photo at position ``pos`` (clamped) of the photo list.
+def render(app: ReviewApp, image_id: int | None) -> list[Any]:
+    """Everything the tab shows for photo ``image_id`` (``None`` or an unknown id: the first photo).
 
-    Returns values for: pos, image_id, photo, counter, status, stage1, vlm, vlm_info, fused,
-    review_info, then the candidate buttons.
+    A fixed number of indexed queries, whatever the collection's size. Returns values for:
+    image_id, photo (a file path), counter, status, stage1, vlm, vlm_info, fused, review_info,
+    then the candidate buttons.
     """
-    ids = app.image_ids()
     reviewed, total = app.counts()
-    if not ids:
-        empty = [0, None, None, present.counter(reviewed, total), present.NO_PHOTOS, None, None, "", None, ""]
+    if image_id is None:
+        image_id = app.first_photo()
+    try:
+        v = app.view(int(image_id)) if image_id is not None else None
+    except ReviewError:  # an id that is not (or no longer) there: show the first photo instead
+        first = app.first_photo()
+        v = app.view(first) if first is not None else None
+    if v is None:
+        empty = [None, None, present.counter(reviewed, total), present.NO_PHOTOS, None, None, "", None, ""]
         return empty + [gr.update(value="—", interactive=False)] * N_CANDIDATES
-    pos = max(0, min(int(pos or 0), len(ids) - 1))
-    image_id = ids[pos]
-    v = app.view(image_id)
     panels = present.prediction_panels(v)
+    try:
+        photo: str | None = str(app.display_path(v["id"]))
+        status = panels.status
+    except ImageDecodeError as exc:
+        photo, status = None, f"The photo cannot be shown: {exc}"
     cands = [d["label"] for d in (v["stage1"] or [])]
     buttons = [
         gr.update(value=cands[i], interactive=True) if i < len(cands) else gr.update(value="—", interactive=False)
         for i in range(N_CANDIDATES)
     ]
     return [
-        pos,
-        image_id,
-        app.image(image_id),
-        present.counter(reviewed, total, pos, len(ids)),
-        panels.status,
+        v["id"],
+        photo,
+        present.counter(reviewed, total, v["id"]),
+        status,
         panels.stage1,
         panels.vlm,
         panels.vlm_info,
@@ -52,14 +61,13 @@ def render(app: ReviewApp, pos: int) -> list[Any]:
 
 def build(app: ReviewApp, demo: gr.Blocks) -> None:
     """Lay out the Review tab and wire its events."""
-    pos = gr.State(0)
     with gr.Row():
         annotator = gr.Textbox(label="Annotator", value=app.settings.annotator, elem_id="annotator", scale=1)
         counter = gr.Markdown(elem_id="counter")
         job = gr.Markdown(app.job.text(), elem_id="bg-progress")
     with gr.Row():
         with gr.Column(scale=3):
-            photo = gr.Image(label="Photo", type="pil", interactive=False, elem_id="photo", height=420)
+            photo = gr.Image(label="Photo", type="filepath", interactive=False, elem_id="photo", height=420)
             image_id = gr.Number(label="Photo id in the database", precision=0, elem_id="image-id", interactive=False)
             with gr.Row():
                 prev_btn = gr.Button("◀ Previous", elem_id="prev")
@@ -104,10 +112,16 @@ def build(app: ReviewApp, demo: gr.Blocks) -> None:
     with gr.Accordion("Photos that could not be read", open=False):
         failed = gr.Dataframe(headers=["path", "reason"], elem_id="failed-list", interactive=False)
 
-    view_out = [pos, image_id, photo, counter, status, stage1, vlm, vlm_info, fused, review_info, *confirm]
+    view_out = [image_id, photo, counter, status, stage1, vlm, vlm_info, fused, review_info, *confirm]
 
-    def show(p: int) -> list[Any]:
-        return render(app, p)
+    def current(img_id: float | None) -> int | None:
+        return None if img_id is None else int(img_id)
+
+    def show(img_id: float | None) -> list[Any]:
+        return render(app, current(img_id))
+
+    def step(img_id: float | None, direction: int) -> list[Any]:
+        return render(app, app.neighbour(current(img_id), direction))
 
     def stream(img_id: float | None):
         if img_id is None:
@@ -119,40 +133,43 @@ def build(app: ReviewApp, demo: gr.Blocks) -> None:
         finally:
             stop.set()  # the page moved on or "Stop" was pressed: end generation
 
-    def do_review(p: int, img_id: float | None, label: str | None, who: str, text: str | None) -> list[Any]:
+    def do_review(img_id: float | None, label: str | None, who: str, text: str | None) -> list[Any]:
         if img_id is None or not label or label == "—":
-            return [*render(app, p), present.NOTHING_TO_LABEL]
+            return [*show(img_id), present.NOTHING_TO_LABEL]
         try:
             app.review(int(img_id), label, who, text)
         except ReviewError as exc:
-            return [*render(app, p), present.refused(exc)]
-        return [*render(app, p + 1), present.saved(label, int(img_id))]
+            return [*show(img_id), present.refused(exc)]
+        return [*step(img_id, 1), present.saved(label, int(img_id))]
 
-    def show_next_unreviewed(p: int) -> list[Any]:
-        nxt = app.next_unreviewed(int(p or 0))
+    def show_next_unreviewed(img_id: float | None) -> list[Any]:
+        nxt = app.next_unreviewed(current(img_id))
         if nxt is None:
-            return [*show(p), present.ALL_REVIEWED]
-        return [*show(nxt), ""]
+            return [*show(img_id), present.ALL_REVIEWED]
+        return [*render(app, nxt), ""]
 
-    def first_view(p: int) -> list[Any]:
-        nxt = app.next_unreviewed(-1)
-        return show(p if nxt is None else nxt)
+    def first_view(img_id: float | None = None) -> list[Any]:
+        if img_id is not None:  # scripted clients open a given photo
+            return show(img_id)
+        return render(app, app.next_unreviewed(None))
 
-    ev = demo.load(first_view, inputs=[pos], outputs=view_out, api_name="show")
+    ev = demo.load(first_view, inputs=[image_id], outputs=view_out, api_name="show")
     first_stream = ev.then(stream, inputs=[image_id], outputs=[reasoning], api_name="reasoning")
     ev.then(lambda: app.failed_images(), outputs=[failed], api_name="failed")
     nav = [
-        prev_btn.click(lambda p: show(p - 1), inputs=[pos], outputs=view_out, api_visibility="private"),
-        next_btn.click(lambda p: show(p + 1), inputs=[pos], outputs=view_out, api_visibility="private"),
-        skip.click(lambda p: show(p + 1), inputs=[pos], outputs=view_out, api_visibility="private"),
-        refresh.click(show, inputs=[pos], outputs=view_out, api_visibility="private"),
-        next_open.click(show_next_unreviewed, inputs=[pos], outputs=[*view_out, message], api_visibility="private"),
+        prev_btn.click(lambda i: step(i, -1), inputs=[image_id], outputs=view_out, api_visibility="private"),
+        next_btn.click(lambda i: step(i, 1), inputs=[image_id], outputs=view_out, api_visibility="private"),
+        skip.click(lambda i: step(i, 1), inputs=[image_id], outputs=view_out, api_visibility="private"),
+        refresh.click(show, inputs=[image_id], outputs=view_out, api_visibility="private"),
+        next_open.click(
+            show_next_unreviewed, inputs=[image_id], outputs=[*view_out, message], api_name="next_unreviewed"
+        ),
     ]
     review_inputs_tail = [annotator, note]
     reviews = [
         b.click(
             do_review,
-            inputs=[pos, image_id, b, *review_inputs_tail],
+            inputs=[image_id, b, *review_inputs_tail],
             outputs=[*view_out, message],
             api_visibility="private",
         )
@@ -162,7 +179,7 @@ def build(app: ReviewApp, demo: gr.Blocks) -> None:
     reviews.append(
         set_label.click(
             do_review,
-            inputs=[pos, image_id, pick, *review_inputs_tail],
+            inputs=[image_id, pick, *review_inputs_tail],
             outputs=[*view_out, message],
             api_name="review",
         )
@@ -170,7 +187,7 @@ def build(app: ReviewApp, demo: gr.Blocks) -> None:
     reviews += [
         b.click(
             do_review,
-            inputs=[pos, image_id, b, *review_inputs_tail],
+            inputs=[image_id, b, *review_inputs_tail],
             outputs=[*view_out, message],
             api_visibility="private",
         )
