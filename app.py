@@ -23,6 +23,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default: a free one from 7860)")
     p.add_argument("--annotator", help="default annotator name shown in the page")
+    p.add_argument(
+        "--no-predict",
+        action="store_true",
+        help="do not run predictions in the background at start (run `python -m catreview predict` instead, "
+        "e.g. on a GPU machine or with accelerate launch)",
+    )
     return p.parse_args(argv)
 
 
@@ -64,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    app.start_background(folders)
+    if folders or not args.no_predict:
+        app.start_background(folders, predict=not args.no_predict)
     demo.block_thread()
     return 0
 

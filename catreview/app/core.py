@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +26,7 @@ from catreview.data.images import load_rgb
 from catreview.data.importer import import_folder
 from catreview.data.labels import BreedVocabulary
 from catreview.data.reviews import HEAD, Head, ReviewError, record_review
+from catreview.errors import CatreviewError
 from catreview.evaluate.calibration import CalibrationReport
 from catreview.evaluate.store import fit_and_store
 from catreview.export.archive import zip_export
@@ -96,23 +98,30 @@ class ReviewApp:
         """Progress of the background import + predictions (read by the UI's timer)."""
         return self._background.state
 
-    def start_background(self, folders: list[Path] | None = None) -> bool:
-        """Import ``folders`` (if any), then predict every photo, in a daemon thread.
+    def start_background(self, folders: list[Path] | None = None, *, predict: bool = True) -> bool:
+        """Import ``folders`` (if any), then (unless ``predict`` is false) predict every photo
+        still lacking predictions, in a daemon thread.
 
         Returns ``False`` (and starts nothing) when a job is already running.
         """
-        return self._background.start(lambda state, stop: self._work(list(folders or []), state, stop))
+        return self._background.start(lambda state, stop: self._work(list(folders or []), state, stop, predict))
 
-    def _work(self, folders: list[Path], state: JobState, stop: threading.Event) -> str:
+    def _work(self, folders: list[Path], state: JobState, stop: threading.Event, predict: bool = True) -> str:
         for folder in folders:
             state.stage = f"importing {folder}"
-            summary = import_folder(
-                self.engine,
-                folder,
-                vocabulary=self.vocabulary,
-                progress=lambda d, t: state.progress("import", d, t),
-            )
+            try:  # unreadable files are listed in the summary; a folder that fails as a whole is logged
+                summary = import_folder(
+                    self.engine,
+                    folder,
+                    vocabulary=self.vocabulary,
+                    progress=lambda d, t: state.progress("import", d, t),
+                )
+            except (OSError, CatreviewError, BrokenProcessPool) as exc:  # gone, unlistable, a worker killed
+                state.log.append(f"import of {folder} stopped (what was imported is kept): {exc}")
+                continue
             state.log += summary.lines()
+        if not predict:
+            return f"Imported {len(folders)} folder(s); predictions not run (started with --no-predict)."
         state.stage = "loading models"
         predicted = run_predictions(self.engine, self.registry, progress=state.progress, stop=stop)
         state.log += predicted.lines()

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sqlalchemy import func, update
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from catreview.data.db import CollectionCounts, ImageRecord, insert_ignoring_conflicts
 
@@ -31,16 +31,18 @@ def bump(session: Session, *, photos: int = 0, failed: int = 0, reviewed: int = 
     created at 0 first if it is missing."""
     if not (photos or failed or reviewed):
         return
-    session.exec(insert_ignoring_conflicts(session, CollectionCounts, ["id"]).values(id=1))
-    session.exec(
+    change = (
         update(CollectionCounts)
-        .where(CollectionCounts.id == 1)  # type: ignore[arg-type]
+        .where(col(CollectionCounts.id) == 1)
         .values(
             photos=CollectionCounts.photos + photos,
             failed=CollectionCounts.failed + failed,
             reviewed=CollectionCounts.reviewed + reviewed,
         )
     )
+    if session.exec(change).rowcount == 0:  # first use of this database: create the row, then add
+        session.exec(insert_ignoring_conflicts(session, CollectionCounts, ["id"]).values(id=1))
+        session.exec(change)
 
 
 def totals(session: Session) -> Totals:

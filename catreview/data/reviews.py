@@ -17,12 +17,12 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from sqlalchemy import update
+from sqlalchemy import insert, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from catreview.data import counts
-from catreview.data.db import ImageRecord, Review, utcnow
+from catreview.data.db import CollectionCounts, ImageRecord, Review, utcnow
 from catreview.data.labels import BreedVocabulary
 from catreview.errors import CatreviewError
 
@@ -51,11 +51,11 @@ class ReviewConflictError(ReviewError):
         super().__init__(msg)
 
 
-class _Unset:
-    pass
+class Head:
+    """The type of :data:`HEAD` (a marker, not a review id)."""
 
 
-HEAD: Final = _Unset()
+HEAD: Final = Head()
 """``replaces=HEAD``: chain the new review after whatever the photo's newest review is."""
 
 MAX_ATTEMPTS = 8
@@ -146,6 +146,61 @@ def append_review(
     return review
 
 
+def lock_for_review_batch(session: Session) -> None:
+    """Start the session's transaction with the locks :func:`append_first_reviews` needs: on
+    SQLite the database write lock (a no-op ``UPDATE``: SQLite takes its write lock at the first
+    write statement, waiting up to the busy timeout); on PostgreSQL nothing (rows are locked by
+    ``SELECT ... FOR UPDATE`` there)."""
+    if session.get_bind().dialect.name == "sqlite":
+        session.exec(update(CollectionCounts).where(col(CollectionCounts.id) == 1).values(id=1))
+
+
+def append_first_reviews(
+    session: Session, items: list[tuple[int, str]], annotator: str, *, source: str
+) -> dict[int, int]:
+    """Append the first review of many photos at once, in the session's transaction, not committed.
+
+    ``items`` are ``(image_id, canonical label)``; a photo that already has a review (or does not
+    exist, or failed to decode) is left out, for the caller to decide one by one. Race-free: the
+    candidate rows are locked first (PostgreSQL ``FOR UPDATE``; SQLite's write lock, see
+    :func:`lock_for_review_batch`), so no other writer can give them a first review meanwhile.
+    Costs a fixed number of statements per batch (bulk ``INSERT ... RETURNING``, bulk ``UPDATE``).
+
+    Returns:
+        ``{image_id: new review id}`` of the photos reviewed.
+    """
+    if not items:
+        return {}
+    lock_for_review_batch(session)
+    wanted = dict(items)
+    free = set(
+        session.exec(
+            select(ImageRecord.id)
+            .where(
+                col(ImageRecord.id).in_(list(wanted)),
+                col(ImageRecord.current_review_id).is_(None),
+                col(ImageRecord.error).is_(None),
+            )
+            .with_for_update()
+        )
+    )
+    todo = [(i, wanted[i]) for i in wanted if i in free]
+    if not todo:
+        return {}
+    now = utcnow()
+    rows = [
+        {"image_id": i, "annotator": annotator, "label": lab, "source": source, "created_at": now} for i, lab in todo
+    ]
+    made = session.exec(insert(Review).returning(col(Review.id), col(Review.image_id)), params=rows).all()
+    ids = {int(image_id): int(rid) for rid, image_id in made}
+    session.exec(  # ORM bulk UPDATE by primary key: one executemany
+        update(ImageRecord),
+        params=[{"id": i, "current_review_id": ids[i], "current_label": lab} for i, lab in todo],
+    )
+    counts.bump(session, reviewed=len(todo))
+    return ids
+
+
 def record_review(
     session: Session,
     image_id: int,
@@ -156,7 +211,7 @@ def record_review(
     note: str | None = None,
     source: str = "ui",
     model_snapshot: dict[str, Any] | None = None,
-    replaces: int | _Unset | None = HEAD,
+    replaces: int | Head | None = HEAD,
 ) -> Review:
     """Append a review and commit it. ``label`` is canonicalised through ``vocabulary`` (aliases accepted).
 
@@ -184,7 +239,7 @@ def record_review(
         head, error, path = row
         if error is not None:
             raise ReviewError(f"image {path} could not be decoded ({error}); it cannot be labelled")
-        if not isinstance(replaces, _Unset) and head != replaces:
+        if not isinstance(replaces, Head) and head != replaces:
             raise ReviewConflictError(image_id, session.get(Review, head) if head is not None else None)
         try:
             review = append_review(
