@@ -6,14 +6,20 @@
   skipped with a message -- except under CI (``$CI`` set), where a missing data set is a failure.
 * :func:`load_photos` opens photos as PIL images; the path (which contains the breed) is never
   passed to a model.
+* ``postgres_server`` (one throwaway PostgreSQL cluster per session, :mod:`tests.postgres`),
+  ``postgres_url`` (a fresh database on it per test) and ``db_url`` (parametrized: a fresh SQLite
+  file, then a fresh PostgreSQL database) run the database tests on both databases.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.postgres import PostgresServer, PostgresUnavailable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -82,3 +88,40 @@ def settings(tmp_path: Path, demo_dir: Path):
     return load_settings(
         database_url=f"sqlite:///{tmp_path / 'test.db'}", demo_dir=demo_dir, data_dir=tmp_path / "data"
     )
+
+
+# ---------------------------------------------------------------------- PostgreSQL (tests/postgres.py)
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A throwaway PostgreSQL server for the whole session (started on first use, stopped and
+    deleted at the end, also after failures). Missing binaries fail every test that needs it with
+    one line saying to install Debian's ``postgresql`` package (never a silent skip)."""
+    problem = None
+    try:
+        server = PostgresServer().start()
+    except PostgresUnavailable as exc:
+        problem = str(exc)
+    if problem is not None:
+        pytest.fail(problem, pytrace=False)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
+    """URL of a fresh, empty database on :func:`postgres_server` (``postgresql+psycopg://...``), dropped after the test."""
+    name = postgres_server.create_database()
+    try:
+        yield postgres_server.url(name)
+    finally:
+        postgres_server.drop_database(name)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh database URL of each kind: a SQLite file in ``tmp_path``, then a new PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'test.db'}"
+    return request.getfixturevalue("postgres_url")

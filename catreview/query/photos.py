@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
-from sqlalchemy import func
+from sqlalchemy import and_, func, or_
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
@@ -208,23 +208,34 @@ BATCH_SIZE = 500
 
 
 def _views_of(session: Session, images: list[ImageRecord], clf: Any, vlm: Any, blend: Blend) -> Iterator[PhotoView]:
-    """Views of a batch of image rows: one indexed query per prediction kind and one for reviews."""
+    """Views of a batch of image rows: one indexed query for their predictions, one for their reviews."""
     if not images:
         return
     ids = [stored_id(img) for img in images]
 
-    def rows(kind: str, model_id: str, version: str) -> dict[tuple[int, str], Prediction]:
-        q = select(Prediction).where(
-            col(Prediction.image_id).in_(ids),
-            Prediction.kind == kind,
-            Prediction.model_id == model_id,
-            Prediction.model_version == version,
-        )
-        return {(p.image_id, p.input_key): p for p in session.exec(q)}
-
-    s1 = {img_id: p for (img_id, _), p in rows("stage1", clf.model_id, clf.model_version).items()}
-    verdicts = rows("vlm", vlm.model_id, vlm.model_version)
-    reasons = rows("reasoning", vlm.model_id, vlm.model_version)
+    q = select(Prediction).where(
+        col(Prediction.image_id).in_(ids),
+        or_(
+            and_(
+                col(Prediction.kind) == "stage1",
+                col(Prediction.model_id) == clf.model_id,
+                col(Prediction.model_version) == clf.model_version,
+            ),
+            and_(
+                col(Prediction.kind).in_(("vlm", "reasoning")),
+                col(Prediction.model_id) == vlm.model_id,
+                col(Prediction.model_version) == vlm.model_version,
+            ),
+        ),
+    )
+    s1: dict[int, Prediction] = {}
+    verdicts: dict[tuple[int, str], Prediction] = {}
+    reasons: dict[tuple[int, str], Prediction] = {}
+    for p in session.exec(q):
+        if p.kind == "stage1":
+            s1[p.image_id] = p
+        else:
+            (verdicts if p.kind == "vlm" else reasons)[(p.image_id, p.input_key)] = p
     review_ids = [img.current_review_id for img in images if img.current_review_id is not None]
     reviews = (
         {r.image_id: r for r in session.exec(select(Review).where(col(Review.id).in_(review_ids)))}
@@ -270,8 +281,8 @@ def iter_views(
 
 
 def photo_view(engine: Engine, registry: Any, image_id: int, *, vlm_name: str | None = None) -> PhotoView:
-    """The :class:`PhotoView` of one photo: a primary-key read, one indexed read per prediction
-    kind and the current review by id (cost independent of the collection size).
+    """The :class:`PhotoView` of one photo: a primary-key read, one read of its predictions on the
+    prediction key's index and the current review by id (cost independent of the collection size).
 
     Raises:
         catreview.data.reviews.ReviewError: no photo with ``image_id``.
