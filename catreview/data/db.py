@@ -26,8 +26,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Column, Index, Text, UniqueConstraint, event, text
-from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy import Column, Index, Text, UniqueConstraint, event, inspect, text
+from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import DatabaseError, NoSuchModuleError
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
@@ -237,13 +237,19 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 
 def make_engine(url: str) -> Engine:
-    """Create an engine and the tables. For SQLite: the folder is created, WAL mode, foreign
-    keys on, a 10 s busy timeout so the app and a CLI can share one file.
+    """Create an engine and bring the database's schema up to date. For SQLite: the folder is
+    created, WAL mode, foreign keys on, a 10 s busy timeout so the app and a CLI can share one file.
+
+    The schema is migrated by :func:`catreview.data.migrate.upgrade` (Alembic, one process at a
+    time under a lock; a fresh database gets every revision, a pre-Alembic one its missing
+    columns and then the revisions after release 0.4).
 
     Raises:
         ValueError: the URL cannot be parsed, names an unknown database type or a driver that is
-            not installed, or the database cannot be opened.
+            not installed, the database cannot be opened, or it was made by a newer catreview.
     """
+    from catreview.data.migrate import upgrade  # migrate imports this module
+
     try:
         parsed = make_url(url)
     except Exception as exc:  # sqlalchemy.exc.ArgumentError
@@ -268,35 +274,43 @@ def make_engine(url: str) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     try:
-        SQLModel.metadata.create_all(engine)
-        add_missing_columns(engine)
+        upgrade(engine)
     except DatabaseError as exc:  # cannot open (OperationalError), or not a database file
         raise ValueError(
             f"cannot open the database {engine.url.render_as_string(hide_password=True)}: {exc.orig}"
         ) from None
+    except OSError as exc:  # the SQLite migration lock file cannot be created next to the database
+        raise ValueError(f"cannot open the database {engine.url.render_as_string(hide_password=True)}: {exc}") from None
     return engine
 
 
 ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (("calibrations", "temperature_fused", "FLOAT NOT NULL DEFAULT 1.0"),)
-"""Columns added to existing tables after their first release: ``(table, column, SQL type and
-default)``. ``create_all`` creates missing tables but never alters existing ones."""
+"""Columns that releases before Alembic added to existing tables: ``(table, column, SQL type and
+default)``. Such a database is brought to the release-0.4 schema by :func:`add_missing_columns`
+before the migrations run; later schema changes are Alembic revisions
+(``catreview/data/migrations/versions``), never entries here."""
 
 
-def add_missing_columns(engine: Engine) -> list[str]:
+def add_missing_columns(bind: Engine | Connection) -> list[str]:
     """Add the :data:`ADDED_COLUMNS` an older database lacks (``ALTER TABLE ... ADD COLUMN``,
-    valid in SQLite and PostgreSQL). Existing rows get the default; nothing else is touched.
+    valid in SQLite and PostgreSQL). Existing rows get the default; nothing else is touched; a
+    table the database does not have is skipped (the first migration creates it whole).
+
+    Args:
+        bind: an engine (each column added in its own transaction) or a connection (added in
+            its open transaction, not committed here).
 
     Returns:
         ``"table.column"`` of each column added (empty when the schema is current).
     """
-    from sqlalchemy import inspect, text
-
+    if isinstance(bind, Engine):
+        with bind.begin() as conn:
+            return add_missing_columns(conn)
     added = []
-    inspector = inspect(engine)
+    tables = set(inspect(bind).get_table_names())
     for table, column, ddl in ADDED_COLUMNS:
-        if column not in {c["name"] for c in inspector.get_columns(table)}:
-            with engine.begin() as conn:
-                conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}"))
+        if table in tables and column not in {c["name"] for c in inspect(bind).get_columns(table)}:
+            bind.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}"))
             added.append(f"{table}.{column}")
     return added
 
