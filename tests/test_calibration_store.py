@@ -14,7 +14,7 @@ from catreview.config import VLMProfile
 from catreview.data.db import AdapterVersion, CalibrationRecord, SplitAssignment, make_engine, utcnow
 from catreview.data.importer import import_folder
 from catreview.data.labels import BreedVocabulary
-from catreview.evaluate.store import fit_and_store, review_records
+from catreview.evaluate.store import fit_and_store, review_arrays, review_records
 from catreview.models.registry import ModelRegistry
 from catreview.predict.runner import run_predictions
 from catreview.query.photos import iter_views
@@ -36,6 +36,10 @@ def labelled_photos(settings, cats_dir: Path, tmp_path: Path):
 
 def test_fit_store_and_use(settings, cats_dir: Path, tmp_path: Path) -> None:
     engine, reg = labelled_photos(settings, cats_dir, tmp_path)
+    # the compact arrays the fit streams into give back exactly the records of the views
+    vocab = BreedVocabulary.default()
+    arrays = review_arrays(iter_views(engine, reg), 36, vocab)
+    assert len(arrays) == 36 and arrays.records() == review_records(list(iter_views(engine, reg)), vocab)
     before = {v["id"]: v["fused"] for v in iter_views(engine, reg)}
     assert all(f["blend"] == "config" for f in before.values())
 
@@ -123,5 +127,16 @@ def test_checkpoint_spellings_match_review_labels() -> None:
     ]
     (rec,) = review_records(views, BreedVocabulary.default())
     assert rec.human_label == "Maine Coon"
+    # a wider top-k than the first photo's, no verdict, a photo without a breed label: the arrays
+    # pad and keep every record as it was
+    views += [
+        {"review": {"label": "Bengal"}, "stage1": [{"label": f"b{i}", "probability": 0.25} for i in range(4)]},
+        {"review": {"label": "Unsure"}, "stage1": views[0]["stage1"]},
+    ]
+    arrays = review_arrays(views, len(views), BreedVocabulary.default())
+    assert arrays.records() == review_records(views, BreedVocabulary.default()) and len(arrays) == 2
+    assert arrays.stage1_labels.shape == (2, 4) and list(arrays.has_vlm) == [True, False]
+    with pytest.raises(ValueError, match="more records than the 1 allocated"):
+        review_arrays(views, 1)
     assert [label for label, _ in rec.stage1_topk] == ["Maine Coon", "Norwegian Forest Cat"]
     assert rec.vlm_probs == {"Maine Coon": 0.5, "Norwegian Forest Cat": 0.3, "other": 0.2}

@@ -407,7 +407,12 @@ def test_redact_url():
 
 
 def test_second_export_has_the_same_ids_splits_and_hash(base: dict, first: dict):
-    again = export_dataset(base["engine"], base["tmp"] / "export2", seed=0, vocabulary=VOCAB)
+    # the first export resized in a pool of worker processes, this one in this process: same bytes
+    seen: list[tuple[int, int]] = []
+    again = export_dataset(
+        base["engine"], base["tmp"] / "export2", seed=0, vocabulary=VOCAB, workers=1, progress=lambda *a: seen.append(a)
+    )
+    assert seen == [(i, 256) for i in range(1, 257)]
     assert again.version == first["summary"].version + 1
     assert again.content_hash == first["summary"].content_hash
     assert again.kept_assignments == 256 and again.new_assignments == again.changed_assignments == 0
@@ -494,7 +499,8 @@ def test_failures_are_reported_and_never_corrupt(base: dict, tmp_path: Path):
         torn.model_snapshot_json = torn.model_snapshot_json[:20]  # a damaged stored snapshot
         s.add(torn)
         s.commit()
-        torn_sha, torn_source = s.get(ImageRecord, torn.image_id).sha256, torn.source
+        torn_id = torn.image_id
+        torn_sha, torn_source = s.get(ImageRecord, torn_id).sha256, torn.source
     summary = export_dataset(engine, tmp_path / "out", vocabulary=VOCAB)
     reasons = dict(summary.failed)
     assert summary.n_photos == 254 and len(reasons) == 2
@@ -519,6 +525,16 @@ def test_failures_are_reported_and_never_corrupt(base: dict, tmp_path: Path):
         export_dataset(engine, tmp_path / "out")
     replaced = export_dataset(engine, tmp_path / "out", overwrite=True, seed=0)
     assert replaced.content_hash == summary.content_hash
+
+    # a stored current label that disagrees with the review it names: refused, nothing written
+    with Session(engine) as s:
+        img = s.get(ImageRecord, torn_id)
+        img.current_label = "Ocicat" if img.current_label != "Ocicat" else "Bengal"
+        s.add(img)
+        s.commit()
+    with pytest.raises(ExportError, match="disagrees with its review"):
+        export_dataset(engine, tmp_path / "tampered", vocabulary=VOCAB, workers=2)
+    assert not (tmp_path / "tampered").exists()
 
     empty = make_engine(f"sqlite:///{tmp_path / 'empty.db'}")
     with pytest.raises(ExportError, match="nothing to export"):

@@ -18,7 +18,9 @@ one profile built by :func:`~catreview.compare.pairs.adapter_variant`):
 * **In aggregate** (:meth:`CompareSession.run_aggregate`, or
   :class:`catreview.app.compare_job.AggregateJob` in the background): the metrics of
   :mod:`catreview.compare.aggregate` over photos whose latest review is a breed. Routing is off:
-  every reviewed photo gets both verdicts.
+  every reviewed photo gets both verdicts. The photos are read :data:`BATCH_SIZE` at a time
+  (their rows, stage-1 and verdict predictions: one indexed query each per batch); between side
+  A and side B only each photo's verdict label, confidence and seconds are kept.
 * **Blind** (:func:`~catreview.compare.pairs.blind_swapped`, :meth:`CompareSession.record_preference`):
   the sides are shown as "Model 1"/"Model 2" in a per-photo order derived deterministically from
   ``(seed, image id, the two profile names)``; names, model ids, versions, latency and memory
@@ -36,13 +38,22 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Generator, Iterator, Sequence
+from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
+from sqlalchemy import func
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
-from catreview.compare.aggregate import CompareAggregate, SideRun, aggregate_metrics, photo_outcomes, plural
+from catreview.compare.aggregate import (
+    CompareAggregate,
+    PhotoOutcome,
+    SideRun,
+    aggregate_metrics,
+    photo_outcomes,
+    plural,
+)
 from catreview.compare.blind import CHOICES, BlindTrial, PreferenceResult, preference_refusal
 from catreview.compare.errors import BUSY_PHOTO, CompareError, ModelsBusy
 from catreview.compare.memory import MemoryMeter
@@ -50,8 +61,7 @@ from catreview.compare.pairs import PairChoice, adapter_variant, blind_swapped, 
 from catreview.compare.photo import PhotoComparison, PhotoPick, SideState
 from catreview.config import Settings, VLMProfile
 from catreview.data.db import ImageRecord, Preference, get_image
-from catreview.data.labels import BreedVocabulary, is_breed
-from catreview.data.reviews import current_reviews
+from catreview.data.labels import SPECIAL_LABELS, BreedVocabulary, is_breed
 from catreview.models.vlm import prompts
 from catreview.predict.runner import (
     PredictSummary,
@@ -59,6 +69,7 @@ from catreview.predict.runner import (
     candidates_key,
     run_stage1,
     run_vlm,
+    stage1_topk,
     store_reasoning,
 )
 
@@ -70,6 +81,39 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]
 """``progress(stage, done, total)``: ``done`` of ``total`` items (photos) of ``stage``."""
+
+BATCH_SIZE = 500
+"""Photos per batch of an aggregate run (one query each for their rows and predictions)."""
+
+
+class _Verdict(NamedTuple):
+    """What an aggregate keeps of a side's verdict on a photo until the other side has run
+    (the fields :func:`catreview.compare.aggregate.photo_outcomes` reads)."""
+
+    payload: dict[str, Any]  # {"label", "confidence"}
+    seconds: float
+
+
+def _decodable() -> Any:
+    return col(ImageRecord.error).is_(None)
+
+
+def _breed_reviewed() -> Any:
+    """Photos whose current review names a breed (the denormalised ``images.current_label``)."""
+    return col(ImageRecord.current_review_id).is_not(None) & col(ImageRecord.current_label).not_in(SPECIAL_LABELS)
+
+
+def _offset(progress: Progress | None, base: int, total: int) -> Progress | None:
+    """``progress`` for one batch: the batch's own counts moved by ``base`` photos done before it, of ``total``."""
+    if progress is None:
+        return None
+    report = progress
+    return lambda stage, done, _total: report(stage, base + done, total)
+
+
+def _batches(ids: Sequence[int]) -> Iterator[list[int]]:
+    for start in range(0, len(ids), BATCH_SIZE):
+        yield list(ids[start : start + BATCH_SIZE])
 
 
 class CompareSession:
@@ -181,17 +225,24 @@ class CompareSession:
 
     # Photos.
 
-    def _human_labels(self, session: Session) -> dict[int, str]:
-        return {i: r.label for i, r in current_reviews(session).items() if is_breed(r.label)}
+    @staticmethod
+    def _human_labels(session: Session) -> dict[int, str]:
+        q = select(col(ImageRecord.id), col(ImageRecord.current_label)).where(_breed_reviewed())
+        return {int(i): str(label) for i, label in session.exec(q) if i is not None}
+
+    @staticmethod
+    def _human_label(session: Session, image_id: int) -> str | None:
+        label = session.exec(select(ImageRecord.current_label).where(ImageRecord.id == image_id)).first()
+        return label if is_breed(label) else None
 
     def human_labels(self) -> dict[int, str]:
-        """``{image id: breed}`` of photos whose latest review is a breed."""
+        """``{image id: breed}`` of photos whose latest review is a breed (one query on ``images``)."""
         with Session(self.engine) as s:
             return self._human_labels(s)
 
     @staticmethod
     def _photo_ids(session: Session) -> list[int]:
-        q = select(col(ImageRecord.id)).where(col(ImageRecord.error).is_(None)).order_by(col(ImageRecord.id))
+        q = select(col(ImageRecord.id)).where(_decodable()).order_by(col(ImageRecord.id))
         return [i for i in session.exec(q) if i is not None]
 
     def photo_ids(self) -> list[int]:
@@ -203,26 +254,40 @@ class CompareSession:
     def reviewed_image_ids(self) -> list[int]:
         """Decodable photos whose latest review is a breed, by id."""
         with Session(self.engine) as s:
-            human = self._human_labels(s)
-            return [i for i in self._photo_ids(s) if i in human]
+            q = select(col(ImageRecord.id)).where(_decodable(), _breed_reviewed()).order_by(col(ImageRecord.id))
+            return [i for i in s.exec(q) if i is not None]
+
+    @staticmethod
+    def _count(session: Session, *where: Any) -> int:
+        return int(session.exec(select(func.count()).select_from(ImageRecord).where(_decodable(), *where)).one())
+
+    def _pick(self, session: Session, image_id: int) -> PhotoPick | None:
+        """The pick of a decodable photo by id (its position: the decodable photos before it), or ``None``."""
+        if session.exec(select(ImageRecord.id).where(ImageRecord.id == image_id, _decodable())).first() is None:
+            return None
+        return PhotoPick(self._count(session, col(ImageRecord.id) < image_id), image_id, self._count(session))
 
     def pick_photo(self, image_id: float | None, position: int | None = 0) -> PhotoPick:
         """The photo a request means: ``image_id`` when given (not ``None`` or 0), else the photo
-        at ``position`` (clamped to the photo list; ``None`` counts as 0).
+        at ``position`` (clamped to the photo list; ``None`` counts as 0). Indexed queries (a
+        count and an offset on the decodable photos), no list of all photos.
 
         Raises:
             CompareError: no photos yet (``"No photos yet."``), or no decodable photo with
                 ``image_id`` (``"No photo with id 7."``).
         """
-        ids = self.photo_ids()
-        if not image_id:
-            if not ids:
-                raise CompareError("No photos yet.")
-            pos = max(0, min(int(position or 0), len(ids) - 1))
-            return PhotoPick(pos, ids[pos], len(ids))
-        if int(image_id) not in ids:
+        with Session(self.engine) as s:
+            if not image_id:
+                total = self._count(s)
+                if not total:
+                    raise CompareError("No photos yet.")
+                pos = max(0, min(int(position or 0), total - 1))
+                q = select(ImageRecord.id).where(_decodable()).order_by(col(ImageRecord.id)).offset(pos).limit(1)
+                return PhotoPick(pos, int(s.exec(q).one() or 0), total)
+            pick = self._pick(s, int(image_id))
+        if pick is None:
             raise CompareError(f"No photo with id {int(image_id)}.")
-        return PhotoPick(ids.index(int(image_id)), int(image_id), len(ids))
+        return pick
 
     def typed_photo(self, image_id: float | None) -> PhotoPick:
         """The photo whose id was typed (no fallback to a position).
@@ -232,21 +297,22 @@ class CompareSession:
                 unknown one (``"No photo with id 99 (ids run from 1 to 9)."``; "no photos are
                 imported yet" instead of the range when there are none).
         """
-        ids = self.photo_ids()
-        span = f"ids run from {ids[0]} to {ids[-1]}" if ids else "no photos are imported yet"
+        with Session(self.engine) as s:
+            low, high = s.exec(select(func.min(ImageRecord.id), func.max(ImageRecord.id)).where(_decodable())).one()
+            pick = self._pick(s, int(image_id)) if image_id is not None else None
+        span = f"ids run from {low} to {high}" if low is not None else "no photos are imported yet"
         if image_id is None:
             raise CompareError(f"Type a photo id first ({span}).")
-        if int(image_id) not in ids:
+        if pick is None:
             raise CompareError(f"No photo with id {int(image_id)} ({span}).")
-        return PhotoPick(ids.index(int(image_id)), int(image_id), len(ids))
+        return pick
 
     def first_reviewed_position(self) -> int:
         """Position (in :meth:`photo_ids`) of the first photo whose latest review is a breed;
         0 when none is."""
         with Session(self.engine) as s:
-            human = self._human_labels(s)
-            ids = self._photo_ids(s)
-        return next((p for p, i in enumerate(ids) if i in human), 0)
+            first = s.exec(select(func.min(ImageRecord.id)).where(_decodable(), _breed_reviewed())).one()
+            return self._count(s, col(ImageRecord.id) < first) if first is not None else 0
 
     def photo_notice(self, pick: PhotoPick) -> str:
         """Markdown under a photo before it is compared: where it is, its human label, what to do.
@@ -254,10 +320,11 @@ class CompareSession:
         E.g. ``"Photo 3 of 4 (id 7; 1 reviewed photo in all) · human label: **Sphynx**. Press
         **Compare this photo** to run both models on it."``
         """
-        human = self.human_labels()
-        label = human.get(pick.image_id)
+        with Session(self.engine) as s:
+            n = int(s.exec(select(func.count()).select_from(ImageRecord).where(_breed_reviewed())).one())
+            label = self._human_label(s, pick.image_id)
         return (
-            f"Photo {pick.position + 1} of {pick.total} (id {pick.image_id}; {plural(len(human), 'reviewed photo')} in all) · "
+            f"Photo {pick.position + 1} of {pick.total} (id {pick.image_id}; {plural(n, 'reviewed photo')} in all) · "
             + (f"human label: **{label}**" if label else "not reviewed yet")
             + ". Press **Compare this photo** to run both models on it."
         )
@@ -309,7 +376,7 @@ class CompareSession:
             if rec.error is not None:
                 raise CompareError(f"photo #{image_id} could not be decoded: {rec.error}")
             topk = self._stage1(s, rec)
-            human = self._human_labels(s).get(image_id)
+            human = self._human_label(s, image_id)
         candidates = [lab for lab, _ in topk]
         vlms = (self.vlm(name_a), self.vlm(name_b))
         comp = PhotoComparison(
@@ -479,8 +546,24 @@ class CompareSession:
 
     # Aggregate.
 
+    @staticmethod
+    def _images(session: Session, ids: Sequence[int]) -> list[ImageRecord]:
+        """The rows of ``ids`` (one batch), by id, detached from ``session`` so that the commits
+        of the prediction runner do not expire them (no reload per photo)."""
+        rows = list(session.exec(select(ImageRecord).where(col(ImageRecord.id).in_(ids)).order_by(col(ImageRecord.id))))
+        for row in rows:
+            session.expunge(row)
+        return rows
+
+    def _cached_topk(self, session: Session, ids: Sequence[int]) -> dict[int, list[tuple[str, float]]]:
+        """Stored stage-1 top-k of ``ids`` (those with the configured ``top_k``; nothing is computed)."""
+        clf = self.registry.classifier()
+        k = min(self.settings.classifier.top_k, len(clf.labels))
+        cache = cached_predictions(session, "stage1", clf.model_id, clf.model_version, ids)
+        return {i: stage1_topk(p) for (i, _), p in cache.items() if len(p.payload["topk"]) == k}
+
+    @staticmethod
     def _missing_verdicts(
-        self,
         session: Session,
         vlm: VLMPostClassifier,
         images: Sequence[ImageRecord],
@@ -489,28 +572,68 @@ class CompareSession:
         have = cached_predictions(session, "vlm", vlm.model_id, vlm.model_version, [i.id for i in images])  # type: ignore[misc]
         return sum(1 for r in images if r.id in topk and (r.id, candidates_key([c for c, _ in topk[r.id]])) not in have)
 
+    def _stage1_pass(
+        self, ids: Sequence[int], summary: PredictSummary, progress: Progress | None, stop: threading.Event | None
+    ) -> None:
+        """Stage 1 on every photo of ``ids`` (cached rows reused, missing ones computed and stored), a batch at a time."""
+        done = 0
+        for batch in _batches(ids):
+            with Session(self.engine) as s:
+                run_stage1(
+                    s,
+                    self.registry.classifier(),
+                    self._images(s, batch),
+                    summary,
+                    top_k=self.settings.classifier.top_k,
+                    progress=_offset(progress, done, len(ids)),
+                    stop=stop,
+                )
+            done += len(batch)
+            if progress:
+                progress("stage 1", done, len(ids))
+
     def _aggregate_side(
         self,
-        session: Session,
         name: str,
-        images: Sequence[ImageRecord],
-        topk: dict[int, list[tuple[str, float]]],
+        ids: Sequence[int],
         one_at_a_time: bool,
         progress: Progress | None,
         stop: threading.Event | None,
-    ) -> tuple[SideRun, dict[int, Any], bool]:
+        on_batch: Callable[[list[ImageRecord], dict[int, list[tuple[str, float]]], dict[int, Any]], None],
+    ) -> tuple[SideRun, bool]:
+        """One side's verdicts on ``ids``, a batch at a time; ``on_batch(images, topk, verdicts)``
+        sees each batch. The model is loaded (and its memory measured) only if a verdict is
+        missing and the run is not stopped."""
         vlm = self.vlm(name)
         summary = PredictSummary()
         load_s = memory = None
-        if self._missing_verdicts(session, vlm, images, topk):
-            vlm, load_s = self._prepare_model(name, one_at_a_time)
-            with MemoryMeter(vlm.device) as meter:
-                preds = run_vlm(
-                    session, vlm, images, topk, summary, routing_threshold=None, progress=progress, stop=stop
-                )
+        meter: MemoryMeter | None = None
+        done = 0
+        with ExitStack() as stack:
+            for batch in _batches(ids):
+                with Session(self.engine) as s:
+                    images = self._images(s, batch)
+                    topk = self._cached_topk(s, batch)
+                    stopped = stop is not None and stop.is_set()
+                    if meter is None and not stopped and self._missing_verdicts(s, vlm, images, topk):
+                        vlm, load_s = self._prepare_model(name, one_at_a_time)
+                        meter = stack.enter_context(MemoryMeter(vlm.device))
+                    preds = run_vlm(
+                        s,
+                        vlm,
+                        images,
+                        topk,
+                        summary,
+                        routing_threshold=None,
+                        progress=_offset(progress, done, len(ids)),
+                        stop=stop,
+                    )
+                    on_batch(images, topk, preds)
+                done += len(batch)
+                if progress:
+                    progress("", done, len(ids))
+        if meter is not None:
             memory = meter.reading(vlm.model)
-        else:
-            preds = run_vlm(session, vlm, images, topk, summary, routing_threshold=None)
         run = SideRun(
             name,
             vlm.model_id,
@@ -521,7 +644,7 @@ class CompareSession:
             load_s,
             memory,
         )
-        return run, preds, summary.cancelled
+        return run, summary.cancelled
 
     def run_aggregate(
         self,
@@ -535,50 +658,67 @@ class CompareSession:
         """Both profiles' verdicts on every reviewed photo (breed labels), and their metrics.
 
         Stage 1 and verdicts come from the prediction cache when present and are stored when
-        computed, so a second run computes nothing. ``progress(stage, done, total)`` is called
-        per batch; ``stop`` ends the run after the current batch (metrics then cover the photos
-        done, ``cancelled`` is set).
+        computed, so a second run computes nothing. Stage 1 runs on every photo first, then side
+        A, then side B, each :data:`BATCH_SIZE` photos at a time. ``progress(stage, done, total)``
+        counts photos of the whole run and is called per batch; ``stop`` ends the computing after
+        the current batch (metrics then cover the photos done, the others are listed as skipped,
+        ``cancelled`` is set).
 
         Raises:
             CompareError: unknown profile, or no reviewed photo has both verdicts.
         """
         for n in (name_a, name_b):
             self.vlm(n)  # unknown names fail before any work
-        with self.run_lock, Session(self.engine) as s:
-            human = self._human_labels(s)
-            q = select(ImageRecord).where(ImageRecord.error.is_(None)).order_by(ImageRecord.id)  # type: ignore[union-attr, arg-type]
-            images = [r for r in s.exec(q) if r.id in human]
-            images, notes = self._leave_out_trained(s, images, (name_a, name_b))
-            if not images:
+        with self.run_lock:
+            with Session(self.engine) as s:
+                q = (
+                    select(col(ImageRecord.id), col(ImageRecord.sha256), col(ImageRecord.current_label))
+                    .where(_decodable(), _breed_reviewed())
+                    .order_by(col(ImageRecord.id))
+                )
+                photos = [(int(i), sha, str(label)) for i, sha, label in s.exec(q) if i is not None]
+                photos, notes = self._leave_out_trained(s, photos, (name_a, name_b))
+            if not photos:
                 raise CompareError(
                     "no reviewed photos with a breed label yet: review some photos (or import labels) first"
                     + (f" ({' '.join(notes)})" if notes else "")
                 )
+            human = {i: label for i, _, label in photos}
+            ids = [i for i, _, _ in photos]
             summary = PredictSummary()
-            topk = run_stage1(
-                s,
-                self.registry.classifier(),
-                images,
-                summary,
-                top_k=self.settings.classifier.top_k,
-                progress=progress,
-                stop=stop,
+            self._stage1_pass(ids, summary, progress, stop)
+
+            def side_progress(tag: str) -> Progress | None:
+                return (lambda _st, d, t: progress(f"VLM {tag}", d, t)) if progress else None
+
+            verdicts_a: dict[int, _Verdict] = {}
+
+            def keep_a(_images: list[ImageRecord], _topk: dict[int, Any], preds: dict[int, Any]) -> None:
+                for i, p in preds.items():
+                    verdicts_a[i] = _Verdict({k: p.payload[k] for k in ("label", "confidence")}, p.seconds)
+
+            outcomes: list[PhotoOutcome] = []
+            skipped: list[tuple[int, str]] = []
+
+            def join_b(images: list[ImageRecord], topk: dict[int, Any], preds: dict[int, Any]) -> None:
+                mine = {r.id: verdicts_a[r.id] for r in images if r.id in verdicts_a}
+                got, missed = photo_outcomes(images, human, topk, mine, preds, self.canonical)
+                outcomes.extend(got)
+                skipped.extend(missed)
+
+            run_a, cancel_a = self._aggregate_side(
+                name_a, ids, one_at_a_time, side_progress(f"A ({name_a})"), stop, keep_a
             )
-            side_progress = lambda tag: (lambda _st, d, t: progress(f"VLM {tag}", d, t)) if progress else None  # noqa: E731
-            run_a, preds_a, cancel_a = self._aggregate_side(
-                s, name_a, images, topk, one_at_a_time, side_progress(f"A ({name_a})"), stop
+            run_b, cancel_b = self._aggregate_side(
+                name_b, ids, one_at_a_time, side_progress(f"B ({name_b})"), stop, join_b
             )
-            run_b, preds_b, cancel_b = self._aggregate_side(
-                s, name_b, images, topk, one_at_a_time, side_progress(f"B ({name_b})"), stop
-            )
-            outcomes, skipped = photo_outcomes(images, human, topk, preds_a, preds_b, self.canonical)
         cancelled = summary.cancelled or cancel_a or cancel_b
         return CompareAggregate(run_a, run_b, outcomes, aggregate_metrics(outcomes), skipped, cancelled, notes)
 
     def _leave_out_trained(
-        self, session: Session, images: list[ImageRecord], names: Sequence[str]
-    ) -> tuple[list[ImageRecord], list[str]]:
-        """``images`` without the photos either side's adapter was trained on
+        self, session: Session, photos: list[tuple[int, str, str]], names: Sequence[str]
+    ) -> tuple[list[tuple[int, str, str]], list[str]]:
+        """``photos`` (``(id, sha256, label)``) without those either side's adapter was trained on
         (:func:`catreview.adapters.versions.training_photo_hashes`), and notes saying what was left out."""
         from catreview.adapters.versions import training_photo_hashes
 
@@ -594,11 +734,11 @@ class CompareSession:
                 )
             else:
                 trained |= hashes
-        kept = [r for r in images if r.sha256 not in trained]
-        if len(kept) < len(images):
+        kept = [p for p in photos if p[1] not in trained]
+        if len(kept) < len(photos):
             notes.insert(
                 0,
-                f"Left out {plural(len(images) - len(kept), 'reviewed photo')} of the train split an adapter "
+                f"Left out {plural(len(photos) - len(kept), 'reviewed photo')} of the train split an adapter "
                 "was trained on (not a fair test of it).",
             )
         return kept, notes

@@ -25,6 +25,13 @@ An export folder::
 
 Split rules, the per-breed cap and oversampling: :mod:`catreview.export.splits`; image resizing:
 :mod:`catreview.export.images`; the processor / chat-template check: :mod:`catreview.export.validate`.
+
+Scale (the users' 127K photos): nothing is held per photo but its sha256, label, review id and
+split. A first pass reads only image columns (:func:`catreview.export.rows.reviewed_labels`) and
+assigns the splits; the second reads the chosen reviews a batch at a time
+(:func:`catreview.export.rows.rows_for_reviews`), sends the photos to a process pool that checks,
+resizes and writes them (:func:`catreview.export.images.process_images`), and appends each record
+to its files as its image comes back, in id order (:class:`catreview.export.layout.ExportWriter`).
 Oversampled copies (``oversample_train=True``) get ids ``<id>-o<k>`` and their own
 question/answer templates, point at the same image file, and appear in ``train/metadata.jsonl``
 and every train JSONL.
@@ -39,28 +46,32 @@ the target model's processor) is reported with its reason and never written.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
 import shutil
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import insert, update
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from catreview.data.db import ExportRecord, SplitAssignment, redact_url, utcnow
 from catreview.data.labels import BreedVocabulary
 from catreview.errors import CatreviewError
 from catreview.export.card import dataset_card
 from catreview.export.conversations import IMPORTED_CONFIDENCE, build_record, record_id
-from catreview.export.images import IMAGE_SIZE, JPEG_QUALITY, Progress, process_images
+from catreview.export.images import CHUNK, IMAGE_SIZE, JPEG_QUALITY, ImageJob, Progress, default_workers, process_images
 from catreview.export.info import FORMAT_VERSION, tree_hash
-from catreview.export.layout import write_files
-from catreview.export.rows import ReviewedRow, collect_reviewed_rows
+from catreview.export.layout import ExportWriter
+from catreview.export.rows import BATCH_SIZE, LabelledPhoto, ReviewedRow, reviewed_labels, rows_for_reviews
 from catreview.export.splits import (
     DB_SPLIT,
     FRACTIONS,
@@ -177,8 +188,11 @@ def export_dataset(
         traits: trait table for answers (default ``assets/breed_traits.json``).
         fractions: train/validation/test shares (three numbers summing to 1).
         overwrite: replace an existing export in ``out_dir`` (only a catreview export).
-        workers: image threads (default ``min(4, cpu count)``).
-        progress: ``progress(done, total)`` while images are written.
+        workers: image processes (default: the CPU cores available,
+            :func:`~catreview.export.images.default_workers`); ``1`` resizes in this process. Never
+            more than one per :data:`~catreview.export.images.CHUNK` photos, so a small export
+            starts no pool.
+        progress: ``progress(done, total)`` while images are written (``total``: photos planned).
 
     Returns:
         :class:`ExportSummary`; ``version`` is the new :class:`~catreview.data.db.ExportRecord` id.
@@ -188,9 +202,11 @@ def export_dataset(
             export).
         ValueError: invalid options.
         ProcessorMismatchError: the processor cannot serve the model (checked before any work).
-        ExportError: nothing to export, or every photo failed.
+        ExportError: nothing to export, every photo failed, or an image worker process died.
     """
     _check_options(fractions, image_size, cap_per_breed)
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
     out = Path(out_dir).resolve()
     _prepare_out_dir(out, overwrite)
     if isinstance(processor, (str, Path)):
@@ -222,41 +238,39 @@ def export_dataset(
     plan = _plan_export(
         engine, vocabulary=vocabulary, seed=seed, cap=cap_per_breed, resplit=resplit, fractions=fractions
     )
+    n_workers = max(1, min(workers or default_workers(), len(plan.photos) // CHUNK))
 
     tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
-        built = _build_photos(
-            plan, tmp, make, validator, image_size=image_size, quality=jpeg_quality,
-            workers=workers or min(4, os.cpu_count() or 1), progress=progress,
+        built = _build(
+            engine, plan, tmp, make, validator, vocabulary=vocabulary, image_size=image_size, quality=jpeg_quality,
+            workers=n_workers, progress=progress,
+            oversample=(seed, oversample_max_factor) if oversample_train else None,
         )  # fmt: skip
-        copies = _copies(built, seed=seed, max_factor=oversample_max_factor) if oversample_train else {}
-        by_split = _with_copies(built, copies, make)
-        write_files(tmp, by_split, built.records, built.split, built.size, copies)
-        info = _export_info(engine, tmp, options, built, by_split, plan.skipped)
-        backup = _commit_export(engine, tmp, out, info, built.assignments_to_store(plan.sticky), seed)
+        info = _export_info(engine, tmp, options, built, plan.skipped)
+        backup = _commit_export(engine, tmp, out, info, built.to_store, seed)
         if backup is not None:
             shutil.rmtree(backup, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
-    new, changed = built.assignment_changes(plan.sticky)
     rows_per_split = info["rows_per_split"]
     return ExportSummary(
         version=int(info["version"]),
         out_dir=out,
         content_hash=info["content_hash"],
-        n_photos=len(built.records),
+        n_photos=built.n_photos,
         rows_per_split=rows_per_split,
         counts=info["counts"],
         skipped=dict(plan.skipped),
         failed=built.failed,
-        new_assignments=len(new),
-        changed_assignments=len(changed),
-        kept_assignments=len(built.records) - len(new) - len(changed),
-        oversampled_rows=sum(rows_per_split.values()) - len(built.records),
+        new_assignments=built.new,
+        changed_assignments=built.changed,
+        kept_assignments=built.n_photos - built.new - built.changed,
+        oversampled_rows=sum(rows_per_split.values()) - built.n_photos,
         created_at=info["created_at"],
-        unreadable_snapshots=sum(r.snapshot_unreadable for r in plan.rows),
+        unreadable_snapshots=built.unreadable_snapshots,
     )
 
 
@@ -271,10 +285,10 @@ def _check_options(fractions: Sequence[float], image_size: int, cap: int | None)
 
 @dataclass
 class _Plan:
-    """Which photos go where: ``rows`` (after the cap), ``splits`` ``{sha256: split}``,
-    ``sticky`` (valid stored assignments) and ``skipped`` counts."""
+    """Which photos go where: ``photos`` (after the cap, by sha256), ``splits`` ``{sha256:
+    split}``, ``sticky`` (valid stored assignments) and ``skipped`` counts."""
 
-    rows: list[ReviewedRow]
+    photos: list[LabelledPhoto]
     splits: dict[str, str]
     sticky: dict[str, str]
     skipped: Counter[str]
@@ -290,19 +304,22 @@ def _plan_export(
     fractions: Sequence[float],
 ) -> _Plan:
     with Session(engine) as session:
-        rows, skipped = collect_reviewed_rows(session, vocabulary)
-        stored = {a.sha256: FROM_DB_SPLIT.get(a.split, a.split) for a in session.exec(select(SplitAssignment))}
+        photos, skipped = reviewed_labels(session, vocabulary)
+        q = select(col(SplitAssignment.sha256), col(SplitAssignment.split)).execution_options(yield_per=BATCH_SIZE)
+        stored = {sha: FROM_DB_SPLIT.get(split, split) for sha, split in session.execute(q)}
     sticky = {sha: split for sha, split in stored.items() if split in SPLITS}  # unknown values: reassigned
-    rows, n_capped = cap_rows(rows, cap, seed=seed)
+    photos, n_capped = cap_rows(photos, cap, seed=seed)
     if n_capped:
         skipped["capped"] += n_capped
-    if not rows:
+    if not photos:
         raise ExportError("nothing to export: no photo's latest review names a breed")
-    ids = [record_id(r.sha256) for r in rows]
-    if len(set(ids)) != len(ids):
+    ids = [record_id(p.sha256) for p in photos]  # sorted, so a shared id prefix is a neighbour
+    if any(a == b for a, b in itertools.pairwise(ids)):
         raise ExportError("two photos share an id prefix; this needs a longer id (please report)")
-    splits = assign_splits({r.sha256: r.label for r in rows}, {} if resplit else sticky, seed=seed, fractions=fractions)
-    return _Plan(rows, splits, sticky, skipped)
+    splits = assign_splits(
+        {p.sha256: p.label for p in photos}, {} if resplit else sticky, seed=seed, fractions=fractions
+    )
+    return _Plan(photos, splits, sticky, skipped)
 
 
 def preview_splits(
@@ -326,108 +343,119 @@ def preview_splits(
         engine, vocabulary=vocabulary, seed=seed, cap=cap_per_breed, resplit=resplit, fractions=fractions
     )
     counts: dict[str, Counter[str]] = {s: Counter() for s in SPLITS}
-    for row in plan.rows:
-        counts[plan.splits[row.sha256]][row.label] += 1
+    for photo in plan.photos:
+        counts[plan.splits[photo.sha256]][photo.label] += 1
     return {s: dict(sorted(c.items())) for s, c in counts.items()}
 
 
 @dataclass
 class _Built:
-    """Photos written to the temporary folder: their ``records`` (seed schema), and by record id
-    the ``row``, ``split`` and ``size`` (W, H px); ``failed`` lists ``(sha256 prefix, reason)``."""
+    """What was written to the temporary folder: ``n_photos`` exported photos, ``counts[split][breed]``,
+    records per split, ``failed`` ``(sha256 prefix, reason)``, and the split assignments to store
+    (``to_store``: ``new`` ones and ``changed`` ones)."""
 
-    records: list[dict[str, Any]] = field(default_factory=list)
-    row: dict[str, ReviewedRow] = field(default_factory=dict)
-    split: dict[str, str] = field(default_factory=dict)
-    size: dict[str, tuple[int, int]] = field(default_factory=dict)
+    n_photos: int = 0
+    counts: dict[str, Counter[str]] = field(default_factory=lambda: {s: Counter() for s in SPLITS})
+    rows_per_split: dict[str, int] = field(default_factory=dict)
     failed: list[tuple[str, str]] = field(default_factory=list)
-
-    def assignment_changes(self, sticky: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
-        """``(new, changed)`` split assignments ``{sha256: split}`` of the exported photos."""
-        exported = {self.row[rid].sha256: s for rid, s in self.split.items()}
-        new = {sha: s for sha, s in exported.items() if sha not in sticky}
-        changed = {sha: s for sha, s in exported.items() if sha in sticky and sticky[sha] != s}
-        return new, changed
-
-    def assignments_to_store(self, sticky: Mapping[str, str]) -> dict[str, str]:
-        new, changed = self.assignment_changes(sticky)
-        return {**new, **changed}
+    to_store: dict[str, str] = field(default_factory=dict)
+    new: int = 0
+    changed: int = 0
+    unreadable_snapshots: int = 0
 
 
-def _build_photos(
+def _planned_rows(
+    engine: Engine, plan: _Plan, vocabulary: BreedVocabulary | None, built: _Built
+) -> Iterator[tuple[tuple[LabelledPhoto, ReviewedRow], ImageJob]]:
+    """The image job of every planned photo, its full row read a batch at a time (a short
+    session per batch), in the plan's (id) order. A review no longer stored is a failure."""
+    for start in range(0, len(plan.photos), BATCH_SIZE):
+        batch = plan.photos[start : start + BATCH_SIZE]
+        with Session(engine) as session:
+            rows = list(rows_for_reviews(session, [p.review_id for p in batch], vocabulary))
+        for photo, row in zip(batch, rows):
+            if isinstance(row, int):
+                built.failed.append((photo.sha256[:12], f"its review #{row} is no longer in the database"))
+                continue
+            if row.label != photo.label:
+                raise ExportError(
+                    f"photo {photo.sha256[:12]}: the stored current label {photo.label!r} disagrees with its review "
+                    f"#{photo.review_id} ({row.label!r}); the database needs repair (please report)"
+                )
+            built.unreadable_snapshots += row.snapshot_unreadable
+            rel = f"{plan.splits[photo.sha256]}/{record_id(photo.sha256)}.jpg"
+            yield (photo, row), ImageJob(row.path, row.sha256, rel)
+
+
+def _build(
+    engine: Engine,
     plan: _Plan,
     tmp: Path,
     make: Callable[..., dict[str, Any]],
     validator: RecordValidator | None,
     *,
+    vocabulary: BreedVocabulary | None,
     image_size: int,
     quality: int,
     workers: int,
     progress: Progress | None,
+    oversample: tuple[int, int] | None,
 ) -> _Built:
-    """Write every planned photo into ``tmp/<split>/<id>.jpg`` and build its record; photos that
-    fail (image or template check) are reported and leave no file."""
+    """Write every planned photo into ``tmp/<split>/<id>.jpg`` and its records into the split's
+    files; photos that fail (image or template check) are reported and leave no file.
+    ``oversample``: ``(seed, max_factor)`` of the train copies, or ``None``."""
     for s in SPLITS:
         (tmp / s).mkdir(parents=True)
-    jobs = [(r, f"{plan.splits[r.sha256]}/{record_id(r.sha256)}.jpg") for r in plan.rows]
     built = _Built()
-    for row, rel, img, error in process_images(
-        jobs, tmp, image_size=image_size, quality=quality, workers=workers, progress=progress
-    ):
-        if img is None:
-            built.failed.append((row.sha256[:12], error or "image failed"))
-            continue
-        rec = make(row, rel)
-        if validator is not None:
-            check = validator(rec, image=img)
-            if not check.ok:
-                (tmp / rel).unlink()
-                built.failed.append((row.sha256[:12], f"template check: {check.reason}"))
+    writer = ExportWriter(tmp, spool_train=oversample is not None)
+    train: dict[str, list[str]] = defaultdict(list)  # breed -> sha256 of exported train photos
+    results = process_images(
+        _planned_rows(engine, plan, vocabulary, built), tmp, image_size=image_size, quality=quality,
+        workers=workers, progress=progress, total=len(plan.photos),
+    )  # fmt: skip
+    try:
+        for (photo, row), job, size, error in results:
+            if size is None:
+                built.failed.append((photo.sha256[:12], error or "image failed"))
                 continue
-        built.records.append(rec)
-        built.row[rec["id"]] = row
-        built.split[rec["id"]] = plan.splits[row.sha256]
-        built.size[rec["id"]] = img.size
-    if not built.records:
-        raise ExportError(f"every photo failed; first: {built.failed[0][0]}: {built.failed[0][1]}")
-    built.records.sort(key=lambda r: r["id"])
+            rec = make(row, job.rel)
+            if validator is not None:
+                check = validator(rec, images_root=tmp, image_size=size)
+                if not check.ok:
+                    (tmp / job.rel).unlink()
+                    built.failed.append((photo.sha256[:12], f"template check: {check.reason}"))
+                    continue
+            split = plan.splits[photo.sha256]
+            writer.add(rec, split, size, row)
+            built.n_photos += 1
+            built.counts[split][photo.label] += 1
+            if photo.sha256 not in plan.sticky:
+                built.new += 1
+                built.to_store[photo.sha256] = split
+            elif plan.sticky[photo.sha256] != split:
+                built.changed += 1
+                built.to_store[photo.sha256] = split
+            if oversample is not None and split == "train":
+                train[photo.label].append(photo.sha256)
+        if not built.n_photos:
+            raise ExportError(f"every photo failed; first: {built.failed[0][0]}: {built.failed[0][1]}")
+        copies = oversample_copies(train, seed=oversample[0], max_factor=oversample[1]) if oversample else {}
+        built.rows_per_split = writer.finish(copies, lambda row, image, k: make(row, image, copy=k))
+    except BrokenProcessPool as exc:
+        raise ExportError(
+            f"an image worker process stopped unexpectedly ({exc}); nothing was exported. Out of memory? Try fewer "
+            "workers. (A script calling export_dataset needs the `if __name__ == '__main__':` guard.)"
+        ) from exc
+    finally:
+        results.close()  # stops the pool now, also on an error
+        writer.close()
     return built
 
 
-def _copies(built: _Built, *, seed: int, max_factor: int) -> dict[str, int]:
-    train: dict[str, list[str]] = defaultdict(list)
-    for r in built.records:
-        if built.split[r["id"]] == "train":
-            train[r["metadata"]["breed"]].append(r["metadata"]["sha256"])
-    return oversample_copies(train, seed=seed, max_factor=max_factor)
-
-
-def _with_copies(
-    built: _Built, copies: Mapping[str, int], make: Callable[..., dict[str, Any]]
-) -> dict[str, list[dict[str, Any]]]:
-    """Records per split, each followed by its oversampled copies (own ids and templates)."""
-    by_split: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
-    for r in built.records:
-        out = by_split[built.split[r["id"]]]
-        out.append(r)
-        row = built.row[r["id"]]
-        out += [make(row, r["image"], copy=k) for k in range(1, copies.get(row.sha256, 0) + 1)]
-    return by_split
-
-
 def _export_info(
-    engine: Engine,
-    tmp: Path,
-    options: dict[str, Any],
-    built: _Built,
-    by_split: Mapping[str, list[dict[str, Any]]],
-    skipped: Counter[str],
+    engine: Engine, tmp: Path, options: dict[str, Any], built: _Built, skipped: Counter[str]
 ) -> dict[str, Any]:
     """The ``export.json`` content (without ``version``); computes the content hash of ``tmp``."""
-    counts = {
-        s: dict(sorted(Counter(r["metadata"]["breed"] for r in built.records if built.split[r["id"]] == s).items()))
-        for s in SPLITS
-    }
     return {
         "format": "catreview-export",
         "format_version": FORMAT_VERSION,
@@ -435,16 +463,16 @@ def _export_info(
         "source_db": redact_url(engine.url),
         "content_hash": tree_hash(tmp),
         "options": options,
-        "n_photos": len(built.records),
-        "rows_per_split": {s: len(by_split[s]) for s in SPLITS},
-        "counts": counts,
+        "n_photos": built.n_photos,
+        "rows_per_split": built.rows_per_split,
+        "counts": {s: dict(sorted(built.counts[s].items())) for s in SPLITS},
         "skipped": dict(skipped),
         "failed": [list(f) for f in built.failed],
     }
 
 
 def _commit_export(
-    engine: Engine, tmp: Path, out: Path, info: dict[str, Any], assignments: Mapping[str, str], seed: int
+    engine: Engine, tmp: Path, out: Path, info: dict[str, Any], assignments: dict[str, str], seed: int
 ) -> Path | None:
     """Record the version and the split assignments, move ``tmp`` to ``out``, then commit.
 
@@ -454,13 +482,7 @@ def _commit_export(
     """
     now = utcnow()
     with Session(engine) as session:
-        for sha, split in assignments.items():
-            a = session.get(SplitAssignment, sha)
-            if a is None:
-                a = SplitAssignment(sha256=sha, split=DB_SPLIT[split], assigned_at=now)
-            else:
-                a.split, a.assigned_at = DB_SPLIT[split], now
-            session.add(a)
+        _store_assignments(session, assignments, now)
         summary = {k: info[k] for k in ("rows_per_split", "skipped")} | {"n_failed": len(info["failed"])}
         rec = ExportRecord(
             out_dir=str(out),
@@ -482,6 +504,25 @@ def _commit_export(
             _swap_back(out, backup)
             raise
     return backup
+
+
+def _store_assignments(session: Session, assignments: dict[str, str], now: datetime) -> None:
+    """Insert or update ``{sha256: split}`` in ``split_assignments``, :data:`BATCH_SIZE` rows a
+    statement (bulk INSERT of the new rows, bulk UPDATE by primary key of the stored ones), in the
+    session's transaction (not committed)."""
+    items = list(assignments.items())
+    for start in range(0, len(items), BATCH_SIZE):
+        batch = items[start : start + BATCH_SIZE]
+        stored = set(
+            session.exec(select(SplitAssignment.sha256).where(col(SplitAssignment.sha256).in_([s for s, _ in batch])))
+        )
+        values = [{"sha256": sha, "split": DB_SPLIT[split], "assigned_at": now} for sha, split in batch]
+        fresh = [v for v in values if v["sha256"] not in stored]
+        known = [v for v in values if v["sha256"] in stored]
+        if fresh:
+            session.execute(insert(SplitAssignment), fresh)
+        if known:
+            session.execute(update(SplitAssignment), known)
 
 
 def _swap_in(tmp: Path, out: Path) -> Path | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,8 +43,10 @@ def write_llava_jsonl(
     """Fast path: one LLaVA JSONL record per row, pointing at the original photos (no copying).
 
     Args:
-        rows: reviewed rows (e.g. ``collect_reviewed_rows(session)[0]``); rows whose label is
-            not a breed are skipped and counted.
+        rows: reviewed rows (e.g. :func:`catreview.export.rows.iter_reviewed_rows`); rows whose
+            label is not a breed are skipped and counted. Streamed when ``image_root`` is given
+            (or ``rows`` is a sequence); an iterator without ``image_root`` is read into a list
+            first, since the default root needs every path.
         path: output file (written atomically).
         image_root: folder the ``image`` paths are made relative to; default the deepest folder
             holding every photo. Photos outside it raise.
@@ -61,12 +63,12 @@ def write_llava_jsonl(
     Raises:
         ValueError: a photo lies outside ``image_root``.
     """
-    rows = [r for r in rows]
-    good = [r for r in rows if is_breed(r.label)]
-    skipped = dict(Counter(r.label for r in rows if not is_breed(r.label)))
+    skipped: Counter[str] = Counter()
     table = traits or load_breed_traits()
     if image_root is None:
-        root = os.path.commonpath([os.path.dirname(os.path.abspath(r.path)) for r in good]) if good else "."
+        rows = rows if isinstance(rows, Sequence) else list(rows)
+        folders = {os.path.dirname(os.path.abspath(r.path)) for r in rows if is_breed(r.label)}
+        root = os.path.commonpath(list(folders)) if folders else "."
     else:
         root = os.path.abspath(image_root)
     prefix = root.rstrip(os.sep) + os.sep
@@ -79,7 +81,10 @@ def write_llava_jsonl(
         return real[len(real_prefix) :] if real.startswith(real_prefix) else None
 
     def records() -> Iterator[dict[str, Any]]:
-        for r in good:
+        for r in rows:
+            if not is_breed(r.label):
+                skipped[r.label] += 1
+                continue
             p = os.path.abspath(r.path)
             rel = relative(p)
             if rel is None:
@@ -88,7 +93,7 @@ def write_llava_jsonl(
             yield build_record(r, rel, traits=table, vocabulary=vocabulary, imported_confidence=imported_confidence)
 
     n = write_jsonl(records(), path)
-    return JsonlResult(Path(path), n, Path(root), skipped)
+    return JsonlResult(Path(path), n, Path(root), dict(skipped))
 
 
 __all__ = ["JsonlResult", "write_llava_jsonl"]

@@ -18,8 +18,7 @@ import hashlib
 import math
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
-
-from catreview.export.rows import ReviewedRow
+from typing import Protocol, TypeVar
 
 SPLITS = ("train", "validation", "test")
 #: Folder split name -> value stored in ``SplitAssignment.split`` (an 8-character column).
@@ -27,6 +26,19 @@ DB_SPLIT = {"train": "train", "validation": "val", "test": "test"}
 FROM_DB_SPLIT = {v: k for k, v in DB_SPLIT.items()}
 FRACTIONS = (0.8, 0.1, 0.1)
 OVERSAMPLE_MAX_FACTOR = 10
+
+
+class Labelled(Protocol):
+    """Anything with a photo's ``sha256`` and its ``label`` (a ``ReviewedRow``, a ``LabelledPhoto``)."""
+
+    @property
+    def sha256(self) -> str: ...
+
+    @property
+    def label(self) -> str: ...
+
+
+P = TypeVar("P", bound=Labelled)
 
 
 def _rank(seed: int, sha256: str, purpose: str) -> bytes:
@@ -90,14 +102,15 @@ def assign_splits(
     return out
 
 
-def cap_rows(rows: Sequence[ReviewedRow], cap: int | None, *, seed: int = 0) -> tuple[list[ReviewedRow], int]:
-    """Keep at most ``cap`` photos per breed (seeded hash order); returns ``(kept, n_dropped)``."""
+def cap_rows(rows: Sequence[P], cap: int | None, *, seed: int = 0) -> tuple[list[P], int]:
+    """Keep at most ``cap`` photos per breed (seeded hash order); returns ``(kept, n_dropped)``,
+    ``kept`` sorted by sha256 (``rows`` as given when ``cap`` is ``None``)."""
     if cap is None:
         return list(rows), 0
-    by_breed: dict[str, list[ReviewedRow]] = defaultdict(list)
+    by_breed: dict[str, list[P]] = defaultdict(list)
     for r in rows:
         by_breed[r.label].append(r)
-    kept: list[ReviewedRow] = []
+    kept: list[P] = []
     for members in by_breed.values():
         kept += sorted(members, key=lambda r: _rank(seed, r.sha256, "cap"))[:cap]
     kept.sort(key=lambda r: r.sha256)
@@ -142,6 +155,7 @@ __all__ = [
     "FROM_DB_SPLIT",
     "OVERSAMPLE_MAX_FACTOR",
     "SPLITS",
+    "Labelled",
     "assign_splits",
     "cap_rows",
     "largest_remainder",

@@ -134,6 +134,14 @@ def _template_errors() -> tuple[type[BaseException], ...]:
     return (ValueError, TypeError, KeyError, TemplateError)
 
 
+def _load(images_root: str | Path | None, record: Mapping[str, Any]) -> Image.Image | TemplateCheck:
+    """The record's image from ``images_root``, or a failed check saying why it cannot be decoded."""
+    try:
+        return load_rgb(Path(images_root or ".") / record["image"])
+    except ImageDecodeError as exc:
+        return TemplateCheck(False, f"image: {exc}")
+
+
 class RecordValidator:
     """Checks seed-schema records against one target model's processor and chat template.
 
@@ -172,21 +180,29 @@ class RecordValidator:
         self._need: dict[tuple[int, int], int] = {}
 
     def __call__(
-        self, record: Mapping[str, Any], *, image: Image.Image | None = None, images_root: str | Path | None = None
+        self,
+        record: Mapping[str, Any],
+        *,
+        image: Image.Image | None = None,
+        images_root: str | Path | None = None,
+        image_size: tuple[int, int] | None = None,
     ) -> TemplateCheck:
         """Check ``record`` with ``image`` (the resized image; loaded from ``images_root /
-        record["image"]`` when omitted). Returns :class:`TemplateCheck`, never raises for a bad
-        record; raises ``ValueError`` when neither ``image`` nor ``images_root`` is given."""
+        record["image"]`` when omitted). With ``image_size`` (``(width, height)`` px of that file)
+        the file is only loaded when the check needs its pixels (the first record of a size, with
+        ``cache``). Returns :class:`TemplateCheck`, never raises for a bad record; raises
+        ``ValueError`` when neither ``image`` nor ``images_root`` is given."""
         errors = check_record(record)
         if errors:
             return TemplateCheck(False, "record: " + "; ".join(errors))
-        if image is None:
-            if images_root is None:
-                raise ValueError("give image= or images_root=")
-            try:
-                image = load_rgb(Path(images_root) / record["image"])
-            except ImageDecodeError as exc:
-                return TemplateCheck(False, f"image: {exc}")
+        if image is None and images_root is None:
+            raise ValueError("give image= or images_root=")
+        size = image.size if image is not None else image_size
+        if size is None:  # load now to learn the size
+            loaded = _load(images_root, record)
+            if isinstance(loaded, TemplateCheck):
+                return loaded
+            image, size = loaded, loaded.size
         try:
             text = self.processor.apply_chat_template(
                 to_messages(record)["messages"], tokenize=False, add_generation_prompt=False
@@ -197,13 +213,15 @@ class RecordValidator:
             return TemplateCheck(
                 False, f"chat template renders {self.placeholder} {text.count(self.placeholder)} times, expected once"
             )
-        size = image.size
         ids = self._text_ids(text) if self.cache and size in self._per_size else None
         if ids is not None:
             n, first, length = self._per_size[size], ids.index(self.token_id), len(ids) - 1 + self._per_size[size]
         else:
+            loaded = image if image is not None else _load(images_root, record)
+            if isinstance(loaded, TemplateCheck):
+                return loaded
             try:
-                enc = self.processor(images=[image], text=[text], return_tensors=None)
+                enc = self.processor(images=[loaded], text=[text], return_tensors=None)
             except ValueError as exc:
                 return TemplateCheck(False, f"processor: {exc}")
             full = list(enc["input_ids"][0])
@@ -218,7 +236,7 @@ class RecordValidator:
                 else:
                     self.cache = False
         if size not in self._need:
-            self._need[size] = expected_image_tokens(self.processor, image.height, image.width, self.model_config)
+            self._need[size] = expected_image_tokens(self.processor, size[1], size[0], self.model_config)
         need = self._need[size]
         if n != need:
             return TemplateCheck(
