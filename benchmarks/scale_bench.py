@@ -138,7 +138,7 @@ def build_database(url: str, n: int, settings_kwargs: dict[str, Any], seed: int 
             if not ids:
                 break
             chosen = [(i, rng.choice(names)) for i in ids if rng.random() < REVIEWED_SHARE]
-            append_first_reviews(s, chosen, "import", source="import")
+            append_first_reviews(s, dict(chosen), "import", source="import")
             s.commit()
             last = ids[-1]
     engine.dispose()

@@ -61,7 +61,7 @@ def grow(app: ReviewApp, extra: int) -> None:
         s.commit()
         new = list(s.exec(select(ImageRecord.id).where(col(ImageRecord.id) > first.id + 11)))
         insert_predictions(s, [{**row, "image_id": i} for i in new for row in template])
-        append_first_reviews(s, [(i, "Persian") for k, i in enumerate(new) if k % 10], "import", source="import")
+        append_first_reviews(s, {i: "Persian" for k, i in enumerate(new) if k % 10}, "import", source="import")
         s.commit()
         assert counts.totals(s) == counts.recount(s)
 

@@ -17,12 +17,12 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from sqlalchemy import insert, update
+from sqlalchemy import bindparam, insert, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from catreview.data import counts
-from catreview.data.db import CollectionCounts, ImageRecord, Review, utcnow
+from catreview.data.db import ImageRecord, Review, utcnow
 from catreview.data.labels import BreedVocabulary
 from catreview.errors import CatreviewError
 
@@ -146,59 +146,62 @@ def append_review(
     return review
 
 
-def lock_for_review_batch(session: Session) -> None:
-    """Start the session's transaction with the locks :func:`append_first_reviews` needs: on
-    SQLite the database write lock (a no-op ``UPDATE``: SQLite takes its write lock at the first
-    write statement, waiting up to the busy timeout); on PostgreSQL nothing (rows are locked by
-    ``SELECT ... FOR UPDATE`` there)."""
-    if session.get_bind().dialect.name == "sqlite":
-        session.exec(update(CollectionCounts).where(col(CollectionCounts.id) == 1).values(id=1))
+def append_first_reviews(session: Session, labels: dict[int, str], annotator: str, *, source: str) -> dict[int, int]:
+    """Append the first review of many photos (``{image id: canonical label}``) in the session's
+    transaction, not committed, in a few statements whatever their number.
 
-
-def append_first_reviews(
-    session: Session, items: list[tuple[int, str]], annotator: str, *, source: str
-) -> dict[int, int]:
-    """Append the first review of many photos at once, in the session's transaction, not committed.
-
-    ``items`` are ``(image_id, canonical label)``; a photo that already has a review (or does not
-    exist, or failed to decode) is left out, for the caller to decide one by one. Race-free: the
-    candidate rows are locked first (PostgreSQL ``FOR UPDATE``; SQLite's write lock, see
-    :func:`lock_for_review_batch`), so no other writer can give them a first review meanwhile.
-    Costs a fixed number of statements per batch (bulk ``INSERT ... RETURNING``, bulk ``UPDATE``).
+    The same compare-and-set as :func:`append_review` with ``replaces=None``: a photo is claimed
+    only while its ``current_review_id`` is still ``NULL`` (one ``UPDATE ... RETURNING`` per label,
+    which also takes SQLite's write lock / PostgreSQL's row locks), then the reviews are inserted
+    (bulk ``INSERT ... RETURNING``), the photos pointed at them and the reviewed total bumped.
 
     Returns:
-        ``{image_id: new review id}`` of the photos reviewed.
+        ``{image_id: new review id}``; a photo left out was reviewed already (or meanwhile), or
+        does not exist: nothing was written for it.
     """
-    if not items:
+    if not labels:
         return {}
-    lock_for_review_batch(session)
-    wanted = dict(items)
-    free = set(
-        session.exec(
-            select(ImageRecord.id)
-            .where(
-                col(ImageRecord.id).in_(list(wanted)),
-                col(ImageRecord.current_review_id).is_(None),
-                col(ImageRecord.error).is_(None),
-            )
-            .with_for_update()
+    conn = session.connection()
+    by_label: dict[str, list[int]] = {}
+    for image_id, label in labels.items():
+        by_label.setdefault(label, []).append(image_id)
+    claimed: set[int] = set()
+    for label, ids in by_label.items():
+        claim = (
+            update(ImageRecord)
+            .where(col(ImageRecord.id).in_(ids), col(ImageRecord.current_review_id).is_(None))
+            .values(current_label=label)
+            .returning(col(ImageRecord.id))
         )
-    )
-    todo = [(i, wanted[i]) for i in wanted if i in free]
-    if not todo:
+        claimed.update(i for i in conn.execute(claim).scalars() if i is not None)
+    if not claimed:
         return {}
     now = utcnow()
     rows = [
-        {"image_id": i, "annotator": annotator, "label": lab, "source": source, "created_at": now} for i, lab in todo
+        {
+            "image_id": image_id,
+            "annotator": annotator,
+            "label": label,
+            "previous_label": None,
+            "replaces_review_id": None,
+            "note": None,
+            "source": source,
+            "model_snapshot_json": None,
+            "created_at": now,
+        }
+        for image_id, label in labels.items()
+        if image_id in claimed
     ]
-    made = session.exec(insert(Review).returning(col(Review.id), col(Review.image_id)), params=rows).all()
-    ids = {int(image_id): int(rid) for rid, image_id in made}
-    session.exec(  # ORM bulk UPDATE by primary key: one executemany
-        update(ImageRecord),
-        params=[{"id": i, "current_review_id": ids[i], "current_label": lab} for i, lab in todo],
+    inserted = conn.execute(insert(Review).returning(col(Review.id), col(Review.image_id)), rows)
+    made = {int(image_id): int(rid) for rid, image_id in inserted if rid is not None}
+    point = (
+        update(ImageRecord)
+        .where(col(ImageRecord.id) == bindparam("b_image"))
+        .values(current_review_id=bindparam("b_review"))
     )
-    counts.bump(session, reviewed=len(todo))
-    return ids
+    conn.execute(point, [{"b_image": i, "b_review": r} for i, r in made.items()])
+    counts.bump(session, reviewed=len(made))
+    return made
 
 
 def record_review(
