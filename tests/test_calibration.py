@@ -1,4 +1,5 @@
-"""Tests for catreview.evaluate.calibration on hand-worked and seeded synthetic fixtures."""
+"""Tests for catreview.evaluate.calibration on hand-worked and seeded synthetic fixtures, and of its
+array implementation against the per-record one it replaced (tests/calibration_reference.py)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import numpy as np
 import pytest
 
 from catreview.app.presenters.calibration import report_text
-from catreview.evaluate.calibration import CalibrationReport, ReviewRecord, calibrate
-from catreview.evaluate.folds import stratified_folds
+from catreview.data.labels import BreedVocabulary
+from catreview.evaluate.calibration import CalibrationReport, CandidateArrays, ReviewRecord, calibrate
+from catreview.evaluate.folds import deal_folds, stratified_folds
 from catreview.evaluate.fusion_weight import fit_fusion_weight, fusion_weight_curve
-from catreview.evaluate.temperature import fit_temperature, temperature_nll
+from catreview.evaluate.temperature import _bisect, _NllGradient, fit_temperature, temperature_nll
 from catreview.metrics import (
     balanced_accuracy,
     expected_calibration_error,
@@ -22,6 +24,14 @@ from catreview.metrics import (
 )
 from catreview.predict.fusion import OTHER
 from catreview.predict.temperature import apply_temperature, log_probabilities, scale_probabilities
+from tests.calibration_reference import (
+    assert_reports_equal,
+    ref_fit_fusion_weight,
+    ref_fit_temperature,
+    ref_fusion_weight_curve,
+    ref_stratified_folds,
+    reference_calibrate,
+)
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -447,3 +457,184 @@ def test_top1_only_stage1_keeps_its_temperature():
     ]
     rep = calibrate(records, min_reviews=30)
     assert rep.stage1_temperature == 1.0 and rep.vlm_temperature is not None and rep.vlm_temperature != 1.0
+
+
+# --------------------------------------------------------------------------- arrays vs the per-record fit
+# calibrate() runs on arrays; tests/calibration_reference.py is the per-record implementation it
+# replaced. Counts, accuracies, the weight and bin counts must be equal, and floats within 1e-12
+# (the brief allows 1e-6; the two share their arithmetic, so they agree to the bit on this data).
+
+
+def users_like_records(n: int, seed: int) -> list[ReviewRecord]:
+    """Records over the users' 67 classes, long-tailed (weight 1/rank^1.1), stage-1 top 3 (every
+    37th photo top 4), VLM over the candidates + other; every 5th photo skipped the VLM, and some
+    verdicts are stored in another order, lack "other", or hold exact ties and zeros."""
+    names = BreedVocabulary.default().names
+    rng = np.random.default_rng(seed)
+    freq = 1.0 / np.arange(1, len(names) + 1) ** 1.1
+    records = []
+    for i in range(n):
+        truth = int(rng.choice(len(names), p=freq / freq.sum()))
+        g = rng.normal(0.0, 1.0, len(names))
+        g[truth] += rng.normal(2.5, 1.0)
+        p = softmax(g / 0.5)
+        top = np.argsort(-p)[: 4 if i % 37 == 0 else 3]
+        probs = [float(p[j]) for j in top]
+        if i % 53 == 0:
+            probs[1] = probs[2]  # an exact tie
+        if i % 71 == 0:
+            probs[-1] = 0.0  # a zero probability
+        cands = [names[j] for j in top]
+        topk = list(zip(cands, probs))
+        vlm = None
+        if i % 5 != 4:
+            x = rng.normal(0.0, 1.0, len(cands) + 1)
+            x[cands.index(names[truth]) if names[truth] in cands else len(cands)] += 1.5
+            keys, v = [*cands, OTHER], softmax(x / 2.0)
+            if i % 11 == 0:  # stored in another order
+                order = rng.permutation(len(keys))
+                keys, v = [keys[k] for k in order], v[order]
+            vlm = {k: float(q) for k, q in zip(keys, v)}
+            if i % 13 == 0:
+                vlm.pop(OTHER)
+            if i % 29 == 0:
+                vlm[cands[0]] = vlm[cands[1]]
+        records.append(ReviewRecord(names[truth], topk if i % 3 else dict(topk), vlm))
+    return records
+
+
+def both(records, **kw):
+    """calibrate() and the reference on the same records, warnings of temperatures at a bound ignored."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return calibrate(records, **kw), reference_calibrate(records, **kw)
+
+
+@pytest.mark.parametrize(
+    "seed, n, kw",
+    [
+        (1, 400, {}),
+        (2, 300, {"current_weight": 0.3, "n_folds": 3}),
+        (3, 250, {"current_weight": 1.0, "n_weight_steps": 21, "n_bins": 10}),
+        (4, 60, {"n_folds": 25}),  # too few photos: no cross-validation
+    ],
+)
+def test_arrays_equal_the_per_record_fit_on_users_like_records(seed, n, kw):
+    new, old = both(users_like_records(n, seed), **kw)
+    assert_reports_equal(new, old, tol=1e-12)
+    assert len(new.per_breed) > 15  # many of the 67 classes, rare ones included
+
+
+def test_arrays_equal_the_per_record_fit_on_the_fixtures_data():
+    for records, kw in [
+        (synthetic_records(300, seed=5), {}),
+        ([ReviewRecord(r.human_label, r.stage1_topk, None) for r in synthetic_records(200, seed=7)], {}),
+        ([ReviewRecord(r.human_label, r.stage1_topk[:1], None) for r in synthetic_records(100, seed=2)], {}),
+        ([ReviewRecord(h, s, v) for s, v, h in zip(*complementary_fixture())], {"min_reviews": 2, "n_folds": 2}),
+        (
+            [ReviewRecord(h, s, v) for s, v, h in zip(*complementary_fixture())],
+            {"min_reviews": 2, "current_weight": 0.0},
+        ),
+    ]:
+        new, old = both(records, **kw)
+        assert_reports_equal(new, old, tol=1e-12)
+
+
+def test_candidate_arrays_give_the_fit_of_their_records():
+    records = users_like_records(200, seed=8)
+    arrays = CandidateArrays.from_records(records)
+    assert arrays.records() == [
+        ReviewRecord(r.human_label, list(dict(r.stage1_topk).items()), r.vlm_probs) for r in records
+    ]
+    assert arrays.stage1_labels.shape == (200, 4) and int(arrays.has_vlm.sum()) == 160
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        new, old = calibrate(arrays), reference_calibrate(records)
+    assert_reports_equal(new, old, tol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"stage1_topk": []}, "record 3: stage-1 top-k is empty"),
+        ({"stage1_topk": [("Bengal", 0.5), ("Bengal", 0.2)]}, "record 3: duplicate stage-1 label"),
+        ({"stage1_topk": [("Bengal", 0.5), (OTHER, 0.2)]}, "record 3: 'other' is reserved"),
+        ({"stage1_topk": [("Bengal", -0.5), ("Ocicat", 0.2)]}, "record 3: stage-1 probability"),
+        ({"stage1_topk": [("Bengal", float("nan"))]}, "record 3: stage-1 probability"),
+        ({"stage1_topk": [("Bengal", 0.0), ("Ocicat", 0.0)]}, "record 3: stage-1 top-k probabilities are all zero"),
+        ({"vlm_probs": {"Siamese": 1.0}}, "record 3: VLM labels \\['Siamese'\\] are not stage-1 candidates"),
+        ({"vlm_probs": {"Bengal": 0.5, OTHER: 0.5}}, "record 3: VLM probabilities lack candidates"),
+        ({"vlm_probs": {"Bengal": 0.5, "Ocicat": float("inf"), "Savannah": 0.1}}, "record 3: VLM probability"),
+        ({"vlm_probs": {"Bengal": 0.0, "Ocicat": 0.0, "Savannah": 0.0}}, "record 3: VLM probabilities are all zero"),
+        ({"stage1_topk": [("Bengal", "x")]}, "record 3: could not convert"),
+    ],
+)
+def test_invalid_records_are_named_as_before(bad, message):
+    base = {"human_label": "Bengal", "stage1_topk": [("Bengal", 0.5), ("Ocicat", 0.3), ("Savannah", 0.2)]}
+    good = ReviewRecord(**base, vlm_probs={"Bengal": 0.6, "Ocicat": 0.2, "Savannah": 0.1, OTHER: 0.1})
+    # record 4's verdict is bad too: the first bad record is named, and a bad stage-1 top-k
+    # anywhere wins over a bad verdict, as before
+    records = [good] * 3 + [ReviewRecord(**{**base, "vlm_probs": good.vlm_probs, **bad})]
+    records.append(ReviewRecord(**base, vlm_probs={"Siamese": 1.0}))
+
+    def from_arrays(recs, **kw):  # fit_and_store's input: the record is rebuilt from the arrays
+        return calibrate(CandidateArrays.from_records(recs), **kw)
+
+    for fit in (calibrate, reference_calibrate, from_arrays):
+        with pytest.raises(ValueError, match=message):
+            fit(records, min_reviews=2)
+
+
+def test_bad_record_types_and_weights_raise_as_before():
+    records = synthetic_records(40, seed=9)
+    with pytest.raises(TypeError, match="record 1: expected ReviewRecord"):
+        calibrate([records[0], 42, *records[2:]])
+    with pytest.raises(ValueError, match="record 2: missing keys \\['human_label'\\]"):
+        calibrate([*records[:2], {"stage1_topk": records[2].stage1_topk}, *records[3:]])
+    with pytest.raises(ValueError, match="current_weight must be in"):
+        calibrate(records, current_weight=1.5)
+    with pytest.raises(ValueError, match="n_folds must be an integer"):
+        calibrate(records, n_folds=1)
+
+
+def test_temperature_search_is_the_plain_bisection_in_fewer_passes():
+    # fit_temperature replays the bisection after a Newton search has bracketed the root: the
+    # same temperature, bit for bit, as bisecting 37 times (the reference's fit).
+    rng = np.random.default_rng(11)
+    for trial in range(40):
+        n, c = int(rng.integers(20, 3000)), int(rng.integers(2, 6))
+        z = rng.normal(0.0, rng.uniform(0.3, 4.0), (n, c))
+        if trial % 3 == 0:
+            z[rng.random((n, c)) < 0.25] = -np.inf
+            z[:, 0] = np.where(np.isinf(z[:, 0]), 0.0, z[:, 0])
+        y = sample_labels(rng, softmax(np.where(np.isinf(z), -np.inf, z / rng.uniform(0.3, 3.0))))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            assert fit_temperature(z, y) == ref_fit_temperature(z, y), trial
+    z = rng.normal(0.0, 3.0, (5000, 4))
+    y = sample_labels(rng, softmax(z / 2.0))
+    grad = _NllGradient(z, z[np.arange(5000), y])
+    lo, hi = math.log(1e-2), math.log(1e2)
+    assert grad(lo) < 0 < grad(hi)
+    grad.calls = 0
+    assert _bisect(grad, lo, hi, 1e-10) == ref_fit_temperature(z, y)
+    assert grad.calls <= 15  # plain bisection: 37
+
+
+def test_folds_and_weight_curve_arrays_equal_the_per_record_versions():
+    rng = np.random.default_rng(12)
+    labels = [
+        str(x)
+        for x in rng.choice(["Bengal", "Ocicat", "Bombay", "Siamese", "Sphynx"], 500, p=[0.5, 0.3, 0.1, 0.08, 0.02])
+    ]
+    assert stratified_folds(labels, 5).tolist() == ref_stratified_folds(labels, 5).tolist()
+    with pytest.raises(ValueError, match="n_folds"):
+        deal_folds(np.zeros(3, dtype=np.int64), 4)
+    records = users_like_records(300, seed=13)
+    args = ([r.stage1_topk for r in records], [r.vlm_probs for r in records], [r.human_label for r in records])
+    for n_steps in (101, 7):
+        weights, scores = fusion_weight_curve(*args, n_steps=n_steps)
+        ref_weights, ref_scores = ref_fusion_weight_curve(*args, n_steps=n_steps)
+        assert weights.tolist() == ref_weights.tolist() and scores.tolist() == ref_scores.tolist()
+    for w in (0.0, 0.37, 1.0):
+        assert fit_fusion_weight(*args, current_weight=w) == ref_fit_fusion_weight(*args, current_weight=w)

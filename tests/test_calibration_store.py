@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from catreview.evaluate.store import fit_and_store, review_arrays, review_record
 from catreview.models.registry import ModelRegistry
 from catreview.predict.runner import run_predictions
 from catreview.query.photos import iter_views
+from tests.calibration_reference import assert_reports_equal, reference_calibrate
 
 
 def labelled_photos(settings, cats_dir: Path, tmp_path: Path):
@@ -51,6 +53,16 @@ def test_fit_store_and_use(settings, cats_dir: Path, tmp_path: Path) -> None:
 
     report, row_id = fit_and_store(settings, reg)
     assert row_id is not None and report.n_reviews == 36
+    # the fit on the streamed arrays is the per-record fit of their records (the old code path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the demo models' T may reach a bound
+        expected = reference_calibrate(
+            arrays.records(),
+            min_reviews=settings.fusion.calibration_min_reviews,
+            current_weight=settings.fusion.weight,
+            n_folds=settings.fusion.calibration_folds,
+        )
+    assert_reports_equal(report, expected, tol=1e-12)
     # cross-validated numbers on the real photos, stratified over the 4 breeds
     assert report.n_folds == settings.fusion.calibration_folds == 5 and report.cv_note is None
     assert 0.0 <= report.fused.ece_after_cv <= 1.0 and 0.0 <= report.stage1.balanced_accuracy_after_cv <= 1.0

@@ -6,7 +6,37 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["stratified_folds"]
+__all__ = ["deal_folds", "stratified_folds"]
+
+
+def _check_n_folds(n_folds: int, n: int) -> int:
+    if int(n_folds) != n_folds or not 2 <= n_folds <= n:
+        raise ValueError(f"n_folds must be an integer in [2, {n}], got {n_folds!r}")
+    return int(n_folds)
+
+
+def deal_folds(label_rank: np.ndarray, n_folds: int) -> np.ndarray:
+    """:func:`stratified_folds` of items given as label ranks (array form, no per-item Python work).
+
+    Args:
+        label_rank: ``(N,)`` int, each item's label as its position among the labels in sorted
+            order (equal labels, equal rank).
+        n_folds: number of folds, ``2 <= n_folds <= N``.
+
+    Returns:
+        ``(N,)`` int64, the fold of each item, in ``[0, n_folds)``: the items sorted by rank, ties
+        in input order, are dealt to the folds round-robin.
+
+    Raises:
+        ValueError: ``n_folds`` out of range, or ``label_rank`` not one-dimensional.
+    """
+    rank = np.asarray(label_rank)
+    if rank.ndim != 1:
+        raise ValueError(f"label_rank must have shape (N,), got {rank.shape}")
+    k = _check_n_folds(n_folds, rank.shape[0])
+    folds = np.empty(rank.shape[0], dtype=np.int64)
+    folds[np.argsort(rank, kind="stable")] = np.arange(rank.shape[0], dtype=np.int64) % k
+    return folds
 
 
 def stratified_folds(labels: Sequence[str], n_folds: int) -> np.ndarray:
@@ -30,16 +60,7 @@ def stratified_folds(labels: Sequence[str], n_folds: int) -> np.ndarray:
     Raises:
         ValueError: ``n_folds`` out of range.
     """
-    n = len(labels)
-    if int(n_folds) != n_folds or not 2 <= n_folds <= n:
-        raise ValueError(f"n_folds must be an integer in [2, {n}], got {n_folds!r}")
-    by_label: dict[str, list[int]] = {}
-    for i, label in enumerate(labels):
-        by_label.setdefault(label, []).append(i)
-    folds = np.empty(n, dtype=np.int64)
-    deal = 0
-    for label in sorted(by_label, key=str):
-        for i in by_label[label]:
-            folds[i] = deal % n_folds
-            deal += 1
-    return folds
+    items = list(labels)
+    _check_n_folds(n_folds, len(items))
+    rank = {label: r for r, label in enumerate(sorted(dict.fromkeys(items), key=str))}
+    return deal_folds(np.fromiter((rank[x] for x in items), dtype=np.int64, count=len(items)), n_folds)

@@ -12,7 +12,8 @@ accurate than it is on new photos.
 
 Scale: only reviewed photos with a breed label are read (ids from ``images.current_label``), their
 views streamed in batches (:func:`catreview.query.photos.iter_views`) into :class:`ReviewArrays`,
-a few numbers per photo; the adapter's training photos are only counted (one query per batch).
+a few numbers per photo, which :func:`~catreview.evaluate.calibration.calibrate` fits on as they are
+(no record per photo); the adapter's training photos are only counted (one query per batch).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from sqlmodel import Session, col, select
 from catreview.adapters.versions import training_photo_hashes
 from catreview.data.db import CalibrationRecord, ImageRecord, Prediction, make_engine
 from catreview.data.labels import SPECIAL_LABELS, BreedVocabulary, is_breed
-from catreview.evaluate.calibration import CalibrationReport, ReviewRecord, calibrate
+from catreview.evaluate.calibration import CalibrationReport, CandidateArrays, ReviewRecord, calibrate
 from catreview.predict.fusion import OTHER
 from catreview.query.photos import PhotoView, current_blend, iter_views
 
@@ -73,8 +74,10 @@ def review_records(
 
 
 @dataclass(frozen=True)
-class ReviewArrays:
-    """What a calibration fit needs of N reviewed photos, as arrays (a few dozen bytes a photo).
+class ReviewArrays(CandidateArrays):
+    """What a calibration fit needs of N reviewed photos, as arrays (a few dozen bytes a photo):
+    the :class:`~catreview.evaluate.calibration.CandidateArrays` that
+    :func:`~catreview.evaluate.calibration.calibrate` fits on directly.
 
     Labels are integer codes into ``labels`` (canonical breed names, and
     :data:`~catreview.predict.fusion.OTHER`); ``K`` is the widest stage-1 top-k, ``V`` the widest
@@ -89,33 +92,10 @@ class ReviewArrays:
             (the whole row without a verdict).
         vlm_probs: ``(N, V)`` float64 in [0, 1], NaN padding.
         has_vlm: ``(N,)`` bool, the photo has a VLM verdict.
+
+    :meth:`~catreview.evaluate.calibration.CandidateArrays.records` gives the photos back as
+    :class:`ReviewRecord` values, equal to those they were built from.
     """
-
-    labels: list[str]
-    human: np.ndarray
-    stage1_labels: np.ndarray
-    stage1_probs: np.ndarray
-    vlm_labels: np.ndarray
-    vlm_probs: np.ndarray
-    has_vlm: np.ndarray
-
-    def __len__(self) -> int:
-        return int(self.human.shape[0])
-
-    def records(self) -> list[ReviewRecord]:
-        """The photos as :class:`ReviewRecord` values (the input of
-        :func:`~catreview.evaluate.calibration.calibrate`), equal to those they were built from."""
-        names = self.labels
-        out = []
-        for i in range(len(self)):
-            k = self.stage1_labels[i] >= 0
-            topk = [(names[c], float(p)) for c, p in zip(self.stage1_labels[i][k], self.stage1_probs[i][k])]
-            vlm = None
-            if self.has_vlm[i]:
-                v = self.vlm_labels[i] >= 0
-                vlm = {names[c]: float(p) for c, p in zip(self.vlm_labels[i][v], self.vlm_probs[i][v])}
-            out.append(ReviewRecord(names[self.human[i]], topk, vlm))
-        return out
 
 
 class _ArrayBuilder:
@@ -253,7 +233,7 @@ def fit_and_store(
     with Session(engine) as session:  # the weight in force: the last fit's, else the configured one
         in_force = current_blend(session, settings, clf.model_version, vlm.model_version).weight
     report = calibrate(
-        arrays.records(),
+        arrays,
         min_reviews=settings.fusion.calibration_min_reviews,
         current_weight=in_force,
         n_folds=settings.fusion.calibration_folds,
