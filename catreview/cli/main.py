@@ -35,6 +35,25 @@ class CLIError(CatreviewError):
     """An error reported to the user as one line, exit status 2."""
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    value = _non_negative_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    """argparse type: a whole number >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with all sub-commands."""
     parser = argparse.ArgumentParser(
@@ -54,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--labels-from-folders", action="store_true", help="existing labels: the parent folder name of each photo"
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="processes hashing and decoding photos (default: every usable core; 1: no extra processes)",
+    )
+    p.add_argument("--batch-size", type=int, metavar="N", help="photos written per transaction (default 256)")
 
     p = sub.add_parser(
         "import-llava", help="seed labels from a LLaVA JSONL file of a catreview export (e.g. another database's)"
@@ -71,6 +97,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-reasoning",
         action="store_true",
         help="skip generating the reasoning texts (the slow part; the app streams them on demand)",
+    )
+    p.add_argument(
+        "--workers",
+        type=_non_negative_int,
+        default=None,
+        metavar="N",
+        help="DataLoader processes decoding photos (default: CPUs / processes - 1, at most 16, for 512+ photos; 0: decode "
+        "in the main process)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="stage-1 photos per batch (default: classifier.batch_size of the settings)",
     )
 
     p = sub.add_parser("predictions", help="list photos with their predictions and reviews")
@@ -108,9 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    """``import DIR``: add photos (and labels from a CSV or folder names) to the database; prints the summary. Returns 0."""
+    """``import DIR``: add photos (and labels from a CSV or folder names) to the database; prints the summary.
+    Returns 0, or 1 when some files or folders could not be read at all (each is listed; nothing is stored for them)."""
     from catreview.data.db import make_engine
-    from catreview.data.importer import import_folder
+    from catreview.data.importer import BATCH_SIZE, import_folder
     from catreview.data.labels import BreedVocabulary
 
     settings = settings_from_args(args)
@@ -130,13 +172,15 @@ def cmd_import(args: argparse.Namespace) -> int:
             labels_csv=args.labels,
             labels_from_folders=args.labels_from_folders,
             progress=progress,
+            workers=args.workers,
+            batch_size=args.batch_size if args.batch_size is not None else BATCH_SIZE,
         )
     except (NotADirectoryError, FileNotFoundError) as exc:
         raise CLIError(str(exc)) from exc
     finally:
         bar.close()
     print("\n".join(summary.lines()))
-    return 0
+    return 1 if summary.not_stored else 0
 
 
 def cmd_import_llava(args: argparse.Namespace) -> int:
@@ -166,20 +210,45 @@ def _registry(settings: Settings):
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    """``predict``: stage 1, VLM verdicts (and reasoning unless ``--no-reasoning``) for every photo not cached yet. Returns 0."""
+    """``predict``: stage 1, VLM verdicts (and reasoning unless ``--no-reasoning``) for every photo
+    not cached yet; a stopped run resumes where it stopped. Returns 0.
+
+    Under ``accelerate launch`` each process (``accelerate.PartialState``: index, count; its own
+    GPU) predicts its share of the photos (ids ``% count == index``) and writes its own rows;
+    launched plainly it is the only process and predicts everything.
+    """
+    from accelerate import PartialState
+
     from catreview.data.db import make_engine
-    from catreview.predict.runner import run_predictions
+    from catreview.predict.runner import Shard, run_predictions
 
     settings = settings_from_args(args)
+    if args.batch_size is not None:
+        settings = settings.model_copy(
+            update={"classifier": settings.classifier.model_copy(update={"batch_size": args.batch_size})}
+        )
+    state = PartialState()
+    shard = Shard(state.process_index, state.num_processes)
     engine = make_engine(settings.database_url)
-    update, close = progress_bar()
+    update, close = progress_bar() if state.is_local_main_process else (None, lambda: None)
     try:
         summary = run_predictions(
-            engine, _registry(settings), vlm_name=args.vlm, reasoning=not args.no_reasoning, progress=update
+            engine,
+            _registry(settings),
+            vlm_name=args.vlm,
+            reasoning=not args.no_reasoning,
+            progress=update,
+            num_workers=args.workers,
+            shard=shard,
         )
     finally:
         close()
-    print("\n".join(summary.lines()))
+    lines = summary.lines()
+    if shard.count > 1:
+        lines = [f"process {shard.index + 1} of {shard.count}: {line}" for line in lines]
+        state.wait_for_everyone()
+        state.destroy_process_group()
+    print("\n".join(lines))
     return 0
 
 

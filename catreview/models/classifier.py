@@ -18,8 +18,9 @@ import json
 import pickle
 import zipfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -170,6 +171,12 @@ class Stage1Classifier:
         model_id: architecture name (or ``hf-hub:`` id).
         model_version: ``"<checkpoint digest or 'pretrained'>-labels<8 hex>"``: a new file, or
             new class names (order included), is a new version.
+        batch_size: photos per forward.
+        data_config: the model's preprocessing as ``timm.data.resolve_data_config`` gives it
+            (``input_size``, ``interpolation``, ``mean``, ``std``, ``crop_pct``, ``crop_mode``);
+            ``timm.data.create_transform(**data_config)`` rebuilds :attr:`transform`, which is how
+            DataLoader workers get it without pickling the model
+            (:mod:`catreview.predict.loader`).
     """
 
     model: torch.nn.Module
@@ -179,6 +186,7 @@ class Stage1Classifier:
     model_id: str
     model_version: str
     batch_size: int = 32
+    data_config: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def load(
@@ -255,7 +263,7 @@ class Stage1Classifier:
         weights = sha256_file(ckpt)[:12] if ckpt is not None else "pretrained"  # 12 hex of the file's sha256
         # The class names are part of the output: a corrected labels file is a new version.
         names = hashlib.sha256("\n".join(labels).encode("utf-8")).hexdigest()[:8]
-        return cls(model, labels, transform, dev, model_name, f"{weights}-labels{names}", batch_size)
+        return cls(model, labels, transform, dev, model_name, f"{weights}-labels{names}", batch_size, dict(data_cfg))
 
     @classmethod
     def from_config(cls, cfg: ClassifierConfig, *, model_name: str | None = None) -> Stage1Classifier:
@@ -268,26 +276,41 @@ class Stage1Classifier:
         )
 
     @torch.inference_mode()
+    def forward_batch(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Logits of one preprocessed batch: ``pixels`` (N, 3, H, W) float32 as :attr:`transform`
+        makes them (on CPU, pinned or not, or already on :attr:`device`) -> (N, C) float32 on CPU.
+
+        The copy to the device is ``non_blocking`` (it overlaps when ``pixels`` is in pinned
+        memory, as the stage-1 DataLoader gives it on CUDA).
+        """
+        return self.model(pixels.to(self.device, non_blocking=True)).float().cpu()
+
+    @torch.inference_mode()
     def logits(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Logits for RGB images, batched by ``batch_size``: (N, C) float32 on CPU."""
         out = []
         for i in range(0, len(images), self.batch_size):
-            batch = torch.stack([self.transform(im) for im in images[i : i + self.batch_size]]).to(self.device)
-            out.append(self.model(batch).float().cpu())
+            out.append(self.forward_batch(torch.stack([self.transform(im) for im in images[i : i + self.batch_size]])))
         if not out:
             return torch.empty(0, len(self.labels))
         return torch.cat(out)
 
-    def topk(self, images: Sequence[Image.Image], k: int = 3) -> list[list[tuple[str, float]]]:
-        """Top-``k`` (label, softmax probability) pairs per image, most probable first.
-
-        Probabilities are over all C classes (so the k values sum to <= 1).
-        """
-        if not images:
+    def topk_from_logits(self, logits: torch.Tensor, k: int = 3) -> list[list[tuple[str, float]]]:
+        """Top-``k`` (label, softmax probability) pairs per row of ``logits`` (N, C), most
+        probable first; ``k`` is capped at C. Probabilities are over all C classes (so the k
+        values sum to <= 1)."""
+        if logits.shape[0] == 0:
             return []
-        probs = torch.softmax(self.logits(images), dim=-1)
+        probs = torch.softmax(logits.float(), dim=-1)
         values, indices = probs.topk(min(k, probs.shape[-1]), dim=-1)
         return [
             [(self.labels[j], float(p)) for p, j in zip(vals.tolist(), idx.tolist())]
             for vals, idx in zip(values, indices)
         ]
+
+    def topk(self, images: Sequence[Image.Image], k: int = 3) -> list[list[tuple[str, float]]]:
+        """Top-``k`` (label, softmax probability) pairs per image, most probable first
+        (:meth:`topk_from_logits` of :meth:`logits`)."""
+        if not images:
+            return []
+        return self.topk_from_logits(self.logits(images), k)

@@ -1,9 +1,23 @@
 """Running both stages over imported photos and caching every output in the database.
 
-Cache keys (table ``predictions``): stage 1 by (image, classifier id, checkpoint digest); VLM
-verdicts and reasoning by (image, VLM profile's model id, ``model_version`` = weights + adapter +
-prompt version, candidate list). Re-running, reopening a photo or restarting recomputes nothing;
-changing any part of a key recomputes only what it changes.
+Cache keys (table ``predictions``, constraint ``uq_prediction_key``): stage 1 by (image,
+classifier id, checkpoint digest); VLM verdicts and reasoning by (image, VLM profile's model id,
+``model_version`` = weights + adapter + prompt version, candidate list). Re-running, reopening a
+photo or restarting recomputes nothing; changing any part of a key recomputes only what it changes.
+
+Over the whole collection (:func:`run_predictions`) each pass first lists what is missing for the
+current model versions, reading the tables in pages in id order (never every prediction row at
+once), then computes it in batches: stage 1 through a ``torch.utils.data.DataLoader`` whose
+workers decode and transform (:mod:`catreview.predict.loader`), the VLM verdicts and reasoning
+texts batched likewise. Every batch is written (and committed) as soon as it is computed, with
+``INSERT ... ON CONFLICT DO NOTHING`` (:func:`catreview.data.db.insert_ignoring_conflicts`), so a
+stopped or killed run resumes where it stopped, and another process storing the same key (the app
+and a CLI run, or two ``accelerate launch`` processes) is harmless: both computed the same output
+and the first row stays.
+
+Data parallel: a :class:`Shard` (under ``accelerate launch``, one per process: the ``predict``
+command builds it from ``accelerate.PartialState``) restricts every pass to the photos whose id
+falls in it, so each process computes and writes its own rows.
 """
 
 from __future__ import annotations
@@ -11,25 +25,37 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy import JSON, and_, cast, func, or_, update
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import Session, col, select
 
-from catreview.data.db import ImageRecord, Prediction, stored_id
-from catreview.data.images import ImageDecodeError, load_rgb
+from catreview.data.db import ImageRecord, Prediction, insert_ignoring_conflicts, stored_id, utcnow
 from catreview.models.classifier import Stage1Classifier
 from catreview.predict.fusion import should_route_to_vlm
+from catreview.predict.loader import PhotoBatch, PhotoItem, default_workers, photo_loader
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+#: The columns of the ``uq_prediction_key`` constraint (the cache key of a prediction row).
+PREDICTION_KEY = ["image_id", "kind", "model_id", "model_version", "input_key"]
+#: Rows read per query when listing what is missing (keyset pages by image id).
+PAGE_SIZE = 2000
+#: Fewest photos in a pass for which DataLoader workers start when their number is not given:
+#: a spawned worker imports torch and timm first (seconds on a busy 2-core machine), which only
+#: pays off over a few hundred photos (decoding one takes ~5-10 ms).
+AUTO_WORKERS_MIN_PHOTOS = 512
+#: Ids per ``IN (...)`` list (below SQLite's default limit of 32766 bound variables).
+IN_CHUNK = 10_000
 
 
 @dataclass
 class PredictSummary:
-    """Counts and timings of one prediction run (seconds are wall time)."""
+    """Counts and timings of one prediction run (seconds are wall time of each pass)."""
 
     images: int = 0
     stage1_computed: int = 0
@@ -59,85 +85,334 @@ class PredictSummary:
         return out
 
 
+@dataclass(frozen=True)
+class Shard:
+    """The photos one of ``count`` processes predicts: those with ``id % count == index``.
+
+    Sharding by id (not by position in a to-do list) gives every pass of a process the same
+    photos, so its VLM pass finds the stage-1 rows its own stage-1 pass wrote.
+
+    Raises:
+        ValueError: ``count`` < 1 or ``index`` outside ``0..count-1``.
+    """
+
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or not 0 <= self.index < self.count:
+            raise ValueError(f"shard {self.index} of {self.count}: need count >= 1 and 0 <= index < count")
+
+    def condition(self) -> ColumnElement[bool] | None:
+        """The SQL condition on ``images.id`` (``None`` for a single shard)."""
+        if self.count == 1:
+            return None
+        return col(ImageRecord.id) % self.count == self.index
+
+
 def candidates_key(candidates: Sequence[str]) -> str:
     """The VLM cache's input key: the stage-1 candidate list as compact JSON."""
     return json.dumps(list(candidates), ensure_ascii=False, separators=(",", ":"))
 
 
+def _chunks(ids: Sequence[int], size: int = IN_CHUNK) -> Iterator[list[int]]:
+    for i in range(0, len(ids), size):
+        yield list(ids[i : i + size])
+
+
 def cached_predictions(
     session: Session, kind: str, model_id: str, model_version: str, image_ids: Iterable[int] | None = None
 ) -> dict[tuple[int, str], Prediction]:
-    """``{(image_id, input_key): Prediction}`` for one model version."""
+    """``{(image_id, input_key): Prediction}`` for one model version (``image_ids``: only those
+    photos, queried in chunks of :data:`IN_CHUNK`; ``None``: every photo, for small databases)."""
     q = select(Prediction).where(
         Prediction.kind == kind, Prediction.model_id == model_id, Prediction.model_version == model_version
     )
-    if image_ids is not None:
-        q = q.where(Prediction.image_id.in_(list(image_ids)))  # type: ignore[attr-defined]
-    return {(p.image_id, p.input_key): p for p in session.exec(q)}
-
-
-def _store(session: Session, rows: list[Prediction]) -> None:
-    """Insert prediction rows. A row whose key (``uq_prediction_key``) another process stored
-    meanwhile (the app and a CLI ``predict`` on one database) is skipped: both computed the same
-    model output, and the first stays. Any other integrity error is raised.
-    """
-    session.add_all(rows)
-    try:
-        session.commit()
-        return
-    except IntegrityError:
-        session.rollback()
-    for row in rows:  # one by one, to keep the rows that are not duplicates
-        session.add(row)
-        try:
-            session.commit()
-        except IntegrityError:
-            session.rollback()
-            kind, model_id, version, key = row.kind, row.model_id, row.model_version, row.input_key
-            if (row.image_id, key) not in cached_predictions(session, kind, model_id, version, [row.image_id]):
-                raise
-
-
-def _replace(session: Session, rows: list[Prediction], stale: dict[int, Prediction]) -> None:
-    """Store freshly computed ``rows``: overwrite the payload of the ``stale`` row of the same
-    photo (already loaded, same key), insert the others with :func:`_store`."""
-    new = []
-    for row in rows:
-        old = stale.get(row.image_id)
-        if old is None:
-            new.append(row)
-        else:
-            old.payload_json, old.seconds, old.created_at = row.payload_json, row.seconds, row.created_at
-            session.add(old)
-    session.commit()
-    _store(session, new)
-
-
-def _load_batch(images: Sequence[ImageRecord], summary: PredictSummary) -> list[tuple[ImageRecord, Any]]:
-    out = []
-    for rec in images:
-        try:
-            out.append((rec, load_rgb(rec.path)))
-        except ImageDecodeError as exc:  # file changed or vanished since import
-            summary.failed.append((rec.path, str(exc)))
+    if image_ids is None:
+        return {(p.image_id, p.input_key): p for p in session.exec(q)}
+    out = {}
+    for chunk in _chunks(list(image_ids)):
+        out.update({(p.image_id, p.input_key): p for p in session.exec(q.where(col(Prediction.image_id).in_(chunk)))})
     return out
 
 
-def _batches(
-    todo: Sequence[ImageRecord], size: int, summary: PredictSummary, stop: threading.Event | None
-) -> Iterator[tuple[int, list[tuple[ImageRecord, Any]]]]:
-    """Yield ``(done_so_far, [(record, PIL image), ...])`` batches of ``size``, decoding each
-    batch just in time; stops early (``summary.cancelled``) when ``stop`` is set."""
-    for start in range(0, len(todo), size):
-        if stop is not None and stop.is_set():
-            summary.cancelled = True
-            return
-        yield min(start + size, len(todo)), _load_batch(todo[start : start + size], summary)
+def _stored_keys(
+    session: Session, kind: str, model_id: str, model_version: str, image_ids: list[int]
+) -> set[tuple[int, str]]:
+    """``{(image_id, input_key)}`` of the stored rows of one model version for ``image_ids``
+    (keys only, no payloads)."""
+    q = select(Prediction.image_id, Prediction.input_key).where(
+        Prediction.kind == kind, Prediction.model_id == model_id, Prediction.model_version == model_version
+    )
+    out: set[tuple[int, str]] = set()
+    for chunk in _chunks(image_ids):
+        out.update((i, k) for i, k in session.exec(q.where(col(Prediction.image_id).in_(chunk))))
+    return out
+
+
+def _row(
+    image_id: int, kind: str, model_id: str, model_version: str, input_key: str, payload: Any, seconds: float
+) -> dict[str, Any]:
+    """The column values of one prediction row (for :func:`insert_predictions`)."""
+    return {
+        "image_id": image_id,
+        "kind": kind,
+        "model_id": model_id,
+        "model_version": model_version,
+        "input_key": input_key,
+        "payload_json": json.dumps(payload, ensure_ascii=False),
+        "seconds": seconds,
+        "created_at": utcnow(),
+    }
+
+
+def insert_predictions(session: Session, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Insert prediction rows (column-value mappings) and commit. A row whose key
+    (:data:`PREDICTION_KEY`) is stored already, by this or another process, is skipped: both
+    computed the same model output and the first stays.
+
+    Raises:
+        sqlalchemy.exc.IntegrityError: any other constraint failed (e.g. the photo does not
+            exist); nothing of ``rows`` is stored then.
+    """
+    if not rows:
+        return
+    try:
+        session.exec(insert_ignoring_conflicts(session, Prediction, PREDICTION_KEY), params=list(rows))
+        session.commit()
+    except Exception:
+        session.rollback()
+        raise
+
+
+def store_predictions(session: Session, rows: Sequence[Prediction]) -> None:
+    """:func:`insert_predictions` for :class:`Prediction` objects (their ``id`` is not used)."""
+    insert_predictions(session, [r.model_dump(exclude={"id"}) for r in rows])
+
+
+_store = store_predictions  # the earlier name (tests/test_pipeline.py)
 
 
 def stage1_topk(pred: Prediction) -> list[tuple[str, float]]:
     """The stored top-k of a stage-1 prediction as (label, probability) pairs."""
-    return [(lab, float(p)) for lab, p in pred.payload["topk"]]
+    return _topk_of(pred.payload_json)
+
+
+def _topk_of(payload_json: str) -> list[tuple[str, float]]:
+    return [(lab, float(p)) for lab, p in json.loads(payload_json)["topk"]]
+
+
+def _topk_length(session: Session) -> ColumnElement[int]:
+    """SQL: the number of entries in a stage-1 row's ``topk`` (SQLite ``json_array_length(x,
+    '$.topk')``; PostgreSQL ``json_array_length(CAST(x AS JSON) -> 'topk')``).
+
+    Raises:
+        ValueError: the database is neither SQLite nor PostgreSQL.
+    """
+    name = session.get_bind().dialect.name
+    if name == "sqlite":
+        return func.json_array_length(Prediction.payload_json, "$.topk")
+    if name == "postgresql":
+        return func.json_array_length(cast(Prediction.payload_json, JSON)["topk"])
+    raise ValueError(f"database type {name!r} is not supported; use SQLite or PostgreSQL")
+
+
+def _stage1_row_of_photo(clf: Stage1Classifier) -> ColumnElement[bool]:
+    """Join condition: the photo's stage-1 row of ``clf``'s version (its ``uq_prediction_key``)."""
+    return and_(
+        col(Prediction.image_id) == col(ImageRecord.id),
+        col(Prediction.kind) == "stage1",
+        col(Prediction.model_id) == clf.model_id,
+        col(Prediction.model_version) == clf.model_version,
+        col(Prediction.input_key) == "",
+    )
+
+
+def _photos(shard: Shard, image_ids: Sequence[int] | None) -> list[ColumnElement[bool]]:
+    """Conditions on ``images``: decodable, in ``shard``, among ``image_ids`` (when given)."""
+    conds: list[ColumnElement[bool]] = [col(ImageRecord.error).is_(None)]
+    if (c := shard.condition()) is not None:
+        conds.append(c)
+    if image_ids is not None:
+        conds.append(col(ImageRecord.id).in_(list(image_ids)))
+    return conds
+
+
+def count_photos(session: Session, shard: Shard = Shard(), image_ids: Sequence[int] | None = None) -> int:
+    """Decodable photos in ``shard`` (and ``image_ids``)."""
+    return int(session.exec(select(func.count()).select_from(ImageRecord).where(*_photos(shard, image_ids))).one())
+
+
+def stage1_todo(
+    session: Session,
+    clf: Stage1Classifier,
+    *,
+    top_k: int,
+    shard: Shard = Shard(),
+    image_ids: Sequence[int] | None = None,
+    page_size: int = PAGE_SIZE,
+) -> tuple[list[PhotoItem], dict[int, int]]:
+    """Decodable photos (in ``shard``) lacking a current stage-1 row of ``clf``'s version, in id order.
+
+    A row is current when its top-k has ``min(top_k, classes)`` entries; a row with another count
+    (the setting changed) is stale: recomputed and overwritten in place. Read in keyset pages of
+    ``page_size`` rows (a LEFT JOIN on the ``uq_prediction_key`` index per photo).
+
+    Returns:
+        ``(photos to compute, {image id: id of its stale row})``.
+    """
+    k = min(top_k, len(clf.labels))
+    on = _stage1_row_of_photo(clf)
+    missing = or_(col(Prediction.id).is_(None), _topk_length(session) != k)
+    base = (
+        select(ImageRecord.id, ImageRecord.path, Prediction.id)
+        .outerjoin(Prediction, on)
+        .where(*_photos(shard, image_ids), missing)
+        .order_by(col(ImageRecord.id))
+        .limit(page_size)
+    )
+    items: list[PhotoItem] = []
+    stale: dict[int, int] = {}
+    after = 0
+    while True:
+        page = list(session.exec(base.where(col(ImageRecord.id) > after)))
+        for image_id, path, row_id in page:
+            items.append(PhotoItem(int(image_id or 0), path))
+            if row_id is not None:
+                stale[int(image_id or 0)] = row_id
+        if len(page) < page_size:
+            break
+        after = items[-1].image_id
+    session.commit()  # end the read transaction before the writes
+    return items, stale
+
+
+def _stage1_pages(
+    session: Session, clf: Stage1Classifier, shard: Shard, image_ids: Sequence[int] | None, page_size: int
+) -> Iterator[list[tuple[PhotoItem, list[tuple[str, float]]]]]:
+    """Decodable photos (in ``shard``) with a stage-1 row of ``clf``'s version, with their top-k, in
+    keyset pages of ``page_size`` by id."""
+    on = _stage1_row_of_photo(clf)
+    base = (
+        select(ImageRecord.id, ImageRecord.path, Prediction.payload_json)
+        .join(Prediction, on)
+        .where(*_photos(shard, image_ids))
+        .order_by(col(ImageRecord.id))
+        .limit(page_size)
+    )
+    after = 0
+    while True:
+        page = list(session.exec(base.where(col(ImageRecord.id) > after)))
+        rows = [(PhotoItem(int(i or 0), path), _topk_of(payload)) for i, path, payload in page]
+        yield rows
+        if len(page) < page_size:
+            return
+        after = rows[-1][0].image_id
+
+
+def _workers(requested: int | None, n_items: int, processes: int = 1) -> int:
+    """DataLoader workers: ``requested`` when given; else :func:`default_workers` (shared among
+    ``processes`` model processes) for passes of at least :data:`AUTO_WORKERS_MIN_PHOTOS` photos
+    and 0 (decode here) for smaller ones."""
+    if requested is not None:
+        return requested
+    return default_workers(processes) if n_items >= AUTO_WORKERS_MIN_PHOTOS else 0
+
+
+def _batches(
+    items: Sequence[PhotoItem],
+    *,
+    batch_size: int,
+    num_workers: int | None,
+    data_config: Mapping[str, Any] | None,
+    summary: PredictSummary,
+    stop: threading.Event | None,
+) -> Iterator[tuple[int, PhotoBatch]]:
+    """``(photos done so far, batch)`` from a :func:`photo_loader` over ``items``; failed decodes
+    go to ``summary.failed``. Stops before the next batch when ``stop`` is set
+    (``summary.cancelled``); the workers end with the iteration."""
+    if not items:
+        return
+    if stop is not None and stop.is_set():
+        summary.cancelled = True
+        return
+    loader = photo_loader(
+        items,
+        batch_size=batch_size,
+        num_workers=_workers(num_workers, len(items)),
+        data_config=data_config,
+    )
+    done = 0
+    for batch in loader:
+        if stop is not None and stop.is_set():
+            summary.cancelled = True
+            return
+        done += len(batch.items) + len(batch.failed)
+        summary.failed += [(item.path, reason) for item, reason in batch.failed]
+        yield done, batch
+
+
+#: Columns of a stale stage-1 row that a recomputation overwrites (its key stays).
+_REFRESHED = ("payload_json", "seconds", "created_at")
+
+
+def compute_stage1(
+    session: Session,
+    clf: Stage1Classifier,
+    items: Sequence[PhotoItem],
+    summary: PredictSummary,
+    *,
+    top_k: int,
+    stale: Mapping[int, int] | None = None,
+    num_workers: int | None = None,
+    progress: Progress | None = None,
+    stop: threading.Event | None = None,
+    results: dict[int, list[tuple[str, float]]] | None = None,
+) -> None:
+    """Stage 1 for ``items``: DataLoader workers decode and transform, this process runs the model
+    (``clf.forward_batch`` under ``torch.inference_mode``), each batch is stored and committed.
+
+    Args:
+        stale: ``{image id: row id}`` of outdated rows of the same key, overwritten in place.
+        num_workers: DataLoader workers (``None``: :func:`_workers` decides).
+        results: when given, filled with ``{image id: top-k}`` of the computed photos.
+
+    ``summary``: ``stage1_computed``, ``stage1_seconds`` (wall time of the pass) and ``failed``
+    (photos that no longer decode) are added to; ``progress("stage 1", done, len(items))`` per batch.
+    """
+    stale = stale or {}
+    t_start = time.perf_counter()
+    for done, batch in _batches(
+        items,
+        batch_size=clf.batch_size,
+        num_workers=num_workers,
+        data_config=clf.data_config,
+        summary=summary,
+        stop=stop,
+    ):
+        if batch.pixels is not None:
+            t0 = time.perf_counter()
+            topk = clf.topk_from_logits(clf.forward_batch(batch.pixels), top_k)
+            per_photo = (time.perf_counter() - t0) / len(batch.items)
+            new, changed = [], []
+            for item, tk in zip(batch.items, topk):
+                row = _row(item.image_id, "stage1", clf.model_id, clf.model_version, "", {"topk": tk}, per_photo)
+                if item.image_id in stale:
+                    changed.append({"id": stale[item.image_id]} | {k: row[k] for k in _REFRESHED})
+                else:
+                    new.append(row)
+                if results is not None:
+                    results[item.image_id] = tk
+            if changed:  # ORM bulk UPDATE by primary key, committed with the inserts
+                session.exec(update(Prediction), params=changed)
+            if new:
+                insert_predictions(session, new)
+            else:
+                session.commit()
+            summary.stage1_computed += len(batch.items)
+        if progress:
+            progress("stage 1", done, len(items))
+    summary.stage1_seconds += time.perf_counter() - t_start
 
 
 def run_stage1(
@@ -149,41 +424,85 @@ def run_stage1(
     top_k: int = 3,
     progress: Progress | None = None,
     stop: threading.Event | None = None,
+    num_workers: int | None = 0,
 ) -> dict[int, list[tuple[str, float]]]:
-    """Stage-1 top-k for ``images`` (cached rows reused, missing ones computed in batches).
+    """Stage-1 top-k for the given ``images`` (cached rows reused, missing ones computed in
+    batches by :func:`compute_stage1`; ``num_workers`` 0 by default: these are small sets).
 
     A cached row with another number of entries than ``top_k`` (capped at the number of
-    classes; the setting changed) is recomputed and overwritten.
+    classes; the setting changed) is recomputed and overwritten. Photos that no longer decode
+    are missing from the result (and listed in ``summary.failed``).
     """
     cache = cached_predictions(session, "stage1", clf.model_id, clf.model_version, [stored_id(i) for i in images])
     k = min(top_k, len(clf.labels))
     out = {img_id: stage1_topk(p) for (img_id, _), p in cache.items() if len(p.payload["topk"]) == k}
-    stale = {img_id: p for (img_id, _), p in cache.items() if img_id not in out}
+    stale = {img_id: p.id for (img_id, _), p in cache.items() if img_id not in out and p.id is not None}
     summary.stage1_cached += len(out)
-    todo = [i for i in images if stored_id(i) not in out]
-    for done, loaded in _batches(todo, clf.batch_size, summary, stop):
-        t0 = time.perf_counter()
-        results = clf.topk([im for _, im in loaded], k=top_k)
-        dt = time.perf_counter() - t0
-        rows = []
-        for (rec, _), topk in zip(loaded, results):
-            out[stored_id(rec)] = topk
-            rows.append(
-                Prediction(
-                    image_id=stored_id(rec),
-                    kind="stage1",
-                    model_id=clf.model_id,
-                    model_version=clf.model_version,
-                    payload_json=json.dumps({"topk": topk}),
-                    seconds=dt / max(len(loaded), 1),
-                )
-            )
-        _replace(session, rows, stale)
-        summary.stage1_computed += len(rows)
-        summary.stage1_seconds += dt
-        if progress:
-            progress("stage 1", done, len(todo))
+    todo = [PhotoItem(stored_id(i), i.path) for i in images if stored_id(i) not in out]
+    compute_stage1(
+        session,
+        clf,
+        todo,
+        summary,
+        top_k=k,
+        stale=stale,
+        num_workers=num_workers,
+        progress=progress,
+        stop=stop,
+        results=out,
+    )
     return out
+
+
+def compute_vlm(
+    session: Session,
+    vlm: Any,
+    todo: Sequence[tuple[PhotoItem, list[str]]],
+    summary: PredictSummary,
+    *,
+    num_workers: int | None = None,
+    progress: Progress | None = None,
+    stop: threading.Event | None = None,
+    results: dict[int, Prediction] | None = None,
+) -> None:
+    """VLM verdicts for ``(photo, stage-1 candidates)`` pairs: DataLoader workers decode,
+    ``vlm.score_candidates`` scores ``vlm.profile.batch_size`` photos per prefill, each batch is
+    stored and committed. ``results`` (when given) gets the new rows by image id;
+    ``summary.vlm_computed``/``vlm_seconds``/``failed`` are added to."""
+    candidates = {item.image_id: cands for item, cands in todo}
+    t_start = time.perf_counter()
+    for done, batch in _batches(
+        [item for item, _ in todo],
+        batch_size=vlm.profile.batch_size,
+        num_workers=num_workers,
+        data_config=None,
+        summary=summary,
+        stop=stop,
+    ):
+        if batch.items:
+            cands = [candidates[item.image_id] for item in batch.items]
+            t0 = time.perf_counter()
+            verdicts = vlm.score_candidates(batch.images, cands)
+            per_photo = (time.perf_counter() - t0) / len(batch.items)
+            rows = [
+                _row(
+                    item.image_id,
+                    "vlm",
+                    vlm.model_id,
+                    vlm.model_version,
+                    candidates_key(c),
+                    verdict_payload(v),
+                    per_photo,
+                )
+                for item, c, v in zip(batch.items, cands, verdicts)
+            ]
+            insert_predictions(session, rows)
+            if results is not None:
+                results.update({r["image_id"]: Prediction(**r) for r in rows})
+            summary.vlm_computed += len(rows)
+        if progress:
+            progress("VLM", done, len(todo))
+    summary.vlm_seconds += time.perf_counter() - t_start
 
 
 def run_vlm(
@@ -196,8 +515,10 @@ def run_vlm(
     routing_threshold: float | None,
     progress: Progress | None = None,
     stop: threading.Event | None = None,
+    num_workers: int | None = 0,
 ) -> dict[int, Prediction]:
-    """VLM verdicts for photos that stage 1 does not route past the VLM (cached where possible)."""
+    """VLM verdicts for the given ``images`` that stage 1 does not route past the VLM (cached
+    where possible, the rest by :func:`compute_vlm`; ``num_workers`` 0 by default: small sets)."""
     routed = []
     for rec in images:
         if stored_id(rec) not in topk:
@@ -212,35 +533,14 @@ def run_vlm(
     out: dict[int, Prediction] = {}
     todo = []
     for rec in routed:
-        key = candidates_key([lab for lab, _ in topk[stored_id(rec)]])
-        if (stored_id(rec), key) in cache:
-            out[stored_id(rec)] = cache[(stored_id(rec), key)]
+        cands = [lab for lab, _ in topk[stored_id(rec)]]
+        hit = cache.get((stored_id(rec), candidates_key(cands)))
+        if hit is not None:
+            out[stored_id(rec)] = hit
         else:
-            todo.append(rec)
+            todo.append((PhotoItem(stored_id(rec), rec.path), cands))
     summary.vlm_cached += len(out)
-    for done, loaded in _batches(todo, vlm.profile.batch_size, summary, stop):
-        cands = [[lab for lab, _ in topk[stored_id(rec)]] for rec, _ in loaded]
-        t0 = time.perf_counter()
-        verdicts = vlm.score_candidates([im for _, im in loaded], cands)
-        dt = time.perf_counter() - t0
-        rows = []
-        for (rec, _), cand, v in zip(loaded, cands, verdicts):
-            row = Prediction(
-                image_id=stored_id(rec),
-                kind="vlm",
-                model_id=vlm.model_id,
-                model_version=vlm.model_version,
-                input_key=candidates_key(cand),
-                payload_json=json.dumps(verdict_payload(v)),
-                seconds=dt / max(len(loaded), 1),
-            )
-            rows.append(row)
-            out[stored_id(rec)] = row
-        _store(session, rows)
-        summary.vlm_computed += len(rows)
-        summary.vlm_seconds += dt
-        if progress:
-            progress("VLM", done, len(todo))
+    compute_vlm(session, vlm, todo, summary, num_workers=num_workers, progress=progress, stop=stop, results=out)
     return out
 
 
@@ -258,24 +558,57 @@ def verdict_payload(v: Any) -> dict[str, Any]:
 def store_reasoning(
     session: Session, vlm: Any, image_id: int, candidates: Sequence[str], text: str, seconds: float
 ) -> None:
-    """Cache a reasoning text (skipped if the same key was stored meanwhile, see :func:`_store`)."""
-    key = candidates_key(candidates)
-    if cached_predictions(session, "reasoning", vlm.model_id, vlm.model_version, [image_id]).get((image_id, key)):
-        return
-    _store(
-        session,
-        [
-            Prediction(
-                image_id=image_id,
-                kind="reasoning",
-                model_id=vlm.model_id,
-                model_version=vlm.model_version,
-                input_key=key,
-                payload_json=json.dumps({"text": text}, ensure_ascii=False),
-                seconds=seconds,
-            )
-        ],
+    """Cache a reasoning text (skipped if the same key was stored meanwhile, see :func:`insert_predictions`)."""
+    row = _row(
+        image_id, "reasoning", vlm.model_id, vlm.model_version, candidates_key(candidates), {"text": text}, seconds
     )
+    insert_predictions(session, [row])
+
+
+def compute_reasoning(
+    session: Session,
+    vlm: Any,
+    todo: Sequence[tuple[PhotoItem, list[str]]],
+    summary: PredictSummary,
+    *,
+    num_workers: int | None = None,
+    progress: Progress | None = None,
+    stop: threading.Event | None = None,
+) -> None:
+    """Generate (``vlm.reasoning_batch``: batched, left-padded) and store the reasoning texts of
+    ``(photo, candidates)`` pairs, one committed batch at a time."""
+    candidates = {item.image_id: cands for item, cands in todo}
+    t_start = time.perf_counter()
+    for done, batch in _batches(
+        [item for item, _ in todo],
+        batch_size=vlm.profile.batch_size,
+        num_workers=num_workers,
+        data_config=None,
+        summary=summary,
+        stop=stop,
+    ):
+        if batch.items:
+            cands = [candidates[item.image_id] for item in batch.items]
+            t0 = time.perf_counter()
+            texts = vlm.reasoning_batch(batch.images, cands)
+            per_photo = (time.perf_counter() - t0) / len(batch.items)
+            rows = [
+                _row(
+                    item.image_id,
+                    "reasoning",
+                    vlm.model_id,
+                    vlm.model_version,
+                    candidates_key(c),
+                    {"text": t},
+                    per_photo,
+                )
+                for item, c, t in zip(batch.items, cands, texts)
+            ]
+            insert_predictions(session, rows)
+            summary.reasoning_computed += len(rows)
+        if progress:
+            progress("reasoning", done, len(todo))
+    summary.reasoning_seconds += time.perf_counter() - t_start
 
 
 def run_reasoning(
@@ -287,34 +620,80 @@ def run_reasoning(
     *,
     progress: Progress | None = None,
     stop: threading.Event | None = None,
+    num_workers: int | None = 0,
 ) -> None:
-    """Generate (batched, left-padded) and cache the reasoning texts that are not cached yet."""
+    """Generate and cache the reasoning texts of the given ``images`` that are not cached yet."""
     cands = {stored_id(rec): [lab for lab, _ in topk[stored_id(rec)]] for rec in images}
-    cache = cached_predictions(session, "reasoning", vlm.model_id, vlm.model_version, list(cands))
-    todo = [rec for rec in images if (stored_id(rec), candidates_key(cands[stored_id(rec)])) not in cache]
-    for done, loaded in _batches(todo, vlm.profile.batch_size, summary, stop):
-        t0 = time.perf_counter()
-        texts = vlm.reasoning_batch([im for _, im in loaded], [cands[stored_id(rec)] for rec, _ in loaded])
-        dt = time.perf_counter() - t0
-        _store(
-            session,
-            [
-                Prediction(
-                    image_id=stored_id(rec),
-                    kind="reasoning",
-                    model_id=vlm.model_id,
-                    model_version=vlm.model_version,
-                    input_key=candidates_key(cands[stored_id(rec)]),
-                    payload_json=json.dumps({"text": text}, ensure_ascii=False),
-                    seconds=dt / max(len(loaded), 1),
-                )
-                for (rec, _), text in zip(loaded, texts)
-            ],
-        )
-        summary.reasoning_computed += len(loaded)
-        summary.reasoning_seconds += dt
-        if progress:
-            progress("reasoning", done, len(todo))
+    have = _stored_keys(session, "reasoning", vlm.model_id, vlm.model_version, list(cands))
+    todo = [
+        (PhotoItem(stored_id(rec), rec.path), cands[stored_id(rec)])
+        for rec in images
+        if (stored_id(rec), candidates_key(cands[stored_id(rec)])) not in have
+    ]
+    compute_reasoning(session, vlm, todo, summary, num_workers=num_workers, progress=progress, stop=stop)
+
+
+def vlm_todo(
+    session: Session,
+    clf: Stage1Classifier,
+    vlm: Any,
+    summary: PredictSummary,
+    *,
+    top_k: int,
+    routing_threshold: float | None,
+    shard: Shard = Shard(),
+    image_ids: Sequence[int] | None = None,
+    page_size: int = PAGE_SIZE,
+) -> list[tuple[PhotoItem, list[str]]]:
+    """Photos (in ``shard``) with a current stage-1 row that routing sends to the VLM and that
+    lack a verdict of ``vlm``'s version for their candidate list, in id order, read in pages.
+    Counts ``summary.vlm_skipped`` (routed past the VLM) and ``vlm_cached``."""
+    k = min(top_k, len(clf.labels))
+    todo = []
+    for page in _stage1_pages(session, clf, shard, image_ids, page_size):
+        routed = []
+        for item, topk in page:
+            if len(topk) != k:
+                continue  # stale stage 1 (it failed to decode this run): no candidates yet
+            if should_route_to_vlm(topk[0][1], routing_threshold):
+                routed.append((item, [lab for lab, _ in topk]))
+            else:
+                summary.vlm_skipped += 1
+        have = _stored_keys(session, "vlm", vlm.model_id, vlm.model_version, [i.image_id for i, _ in routed])
+        for item, cands in routed:
+            if (item.image_id, candidates_key(cands)) in have:
+                summary.vlm_cached += 1
+            else:
+                todo.append((item, cands))
+    session.commit()  # end the read transaction before the writes
+    return todo
+
+
+def reasoning_todo(
+    session: Session,
+    clf: Stage1Classifier,
+    vlm: Any,
+    *,
+    top_k: int,
+    shard: Shard = Shard(),
+    image_ids: Sequence[int] | None = None,
+    page_size: int = PAGE_SIZE,
+) -> list[tuple[PhotoItem, list[str]]]:
+    """Photos (in ``shard``) with a verdict of ``vlm``'s version for their current stage-1
+    candidates and no reasoning text for them yet, in id order, read in pages."""
+    k = min(top_k, len(clf.labels))
+    todo = []
+    for page in _stage1_pages(session, clf, shard, image_ids, page_size):
+        cands = {item.image_id: (item, [lab for lab, _ in topk]) for item, topk in page if len(topk) == k}
+        ids = list(cands)
+        verdicts = _stored_keys(session, "vlm", vlm.model_id, vlm.model_version, ids)
+        texts = _stored_keys(session, "reasoning", vlm.model_id, vlm.model_version, ids)
+        for image_id, (item, c) in cands.items():
+            key = (image_id, candidates_key(c))
+            if key in verdicts and key not in texts:
+                todo.append((item, c))
+    session.commit()
+    return todo
 
 
 def run_predictions(
@@ -326,41 +705,70 @@ def run_predictions(
     reasoning: bool = False,
     progress: Progress | None = None,
     stop: threading.Event | None = None,
+    num_workers: int | None = None,
+    shard: Shard = Shard(),
+    page_size: int = PAGE_SIZE,
 ) -> PredictSummary:
-    """Run stage 1, then the VLM, (then reasoning if asked) over decodable images.
+    """Run stage 1, then the VLM, (then reasoning if asked) over the decodable photos.
 
-    ``registry`` is a :class:`catreview.models.registry.ModelRegistry`. ``stop`` cancels between batches.
+    Each pass lists what is missing for the current model versions (:func:`stage1_todo`,
+    :func:`vlm_todo`, :func:`reasoning_todo`) and computes only that, storing each batch as it
+    is done, so a run that was stopped or killed resumes where it stopped.
+
+    Args:
+        registry: a :class:`catreview.models.registry.ModelRegistry`.
+        image_ids: only these photos (``None``: all).
+        vlm_name: VLM profile (default: the active one).
+        reasoning: also generate the reasoning texts.
+        progress: ``progress(stage, done, total)`` after every batch.
+        stop: when set, the run ends before its next batch (``summary.cancelled``).
+        num_workers: DataLoader decoding workers (``None``: CPUs / processes - 1, at most 16, for
+            passes of at least :data:`AUTO_WORKERS_MIN_PHOTOS` photos, else none; 0: decode in
+            this process).
+        shard: this process's share of the photos (one per ``accelerate launch`` process).
+        page_size: rows per query when listing what is missing.
+
+    Raises:
+        catreview.errors.CatreviewError: a model cannot be loaded (its own subclass).
     """
     summary = PredictSummary()
     clf = registry.classifier()
     vlm = registry.vlm(vlm_name)
+    top_k = registry.settings.classifier.top_k
     with Session(engine) as session:
-        q = select(ImageRecord).where(col(ImageRecord.error).is_(None)).order_by(col(ImageRecord.id))
-        if image_ids is not None:
-            q = q.where(col(ImageRecord.id).in_(list(image_ids)))
-        images = list(session.exec(q))
-        summary.images = len(images)
-        topk = run_stage1(
-            session, clf, images, summary, top_k=registry.settings.classifier.top_k, progress=progress, stop=stop
-        )
-        verdicts = run_vlm(
+        summary.images = count_photos(session, shard, image_ids)
+        todo, stale = stage1_todo(session, clf, top_k=top_k, shard=shard, image_ids=image_ids, page_size=page_size)
+        summary.stage1_cached = summary.images - len(todo)
+        compute_stage1(
             session,
-            vlm,
-            images,
-            topk,
+            clf,
+            todo,
             summary,
-            routing_threshold=registry.settings.fusion.routing_threshold,
+            top_k=top_k,
+            stale=stale,
+            num_workers=_workers(num_workers, len(todo), shard.count),
             progress=progress,
             stop=stop,
         )
-        if reasoning:
-            run_reasoning(
-                session,
-                vlm,
-                [rec for rec in images if stored_id(rec) in verdicts],
-                topk,
-                summary,
-                progress=progress,
-                stop=stop,
+        if summary.cancelled:
+            return summary
+        pairs = vlm_todo(
+            session,
+            clf,
+            vlm,
+            summary,
+            top_k=top_k,
+            routing_threshold=registry.settings.fusion.routing_threshold,
+            shard=shard,
+            image_ids=image_ids,
+            page_size=page_size,
+        )
+        workers = _workers(num_workers, len(pairs), shard.count)
+        compute_vlm(session, vlm, pairs, summary, num_workers=workers, progress=progress, stop=stop)
+        if reasoning and not summary.cancelled:
+            pairs = reasoning_todo(
+                session, clf, vlm, top_k=top_k, shard=shard, image_ids=image_ids, page_size=page_size
             )
+            workers = _workers(num_workers, len(pairs), shard.count)
+            compute_reasoning(session, vlm, pairs, summary, num_workers=workers, progress=progress, stop=stop)
     return summary
