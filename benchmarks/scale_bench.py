@@ -20,10 +20,11 @@ with ``gradio_client``, as a script or a browser's page would: ``/show`` (open a
 ``--calls`` times on random photos (after 10 warm-up calls). One JSON line per N::
 
     {"photos": N, "db": "sqlite", "show_p50_ms": .., "show_p95_ms": .., "review_p50_ms": ..,
-     "review_p95_ms": .., "next_unreviewed_p95_ms": .., "build_s": ..}
+     "review_p95_ms": .., "next_unreviewed_p95_ms": .., "build_s": .., "echo_p50_ms": .., "echo_p95_ms": ..}
 
-then, with two or more sizes, a line with the p95 ratios largest/smallest (goal: every p95 <= 100
-ms at 127,000 photos and within 1.5x of the 1,000-photo p95, measured in the same run). With
+(``echo_*``: an endpoint that only echoes, on a bare Gradio app measured right after: Gradio's
+and the client's own cost per call on this machine), then, with two or more sizes, a line with
+the p95 ratios largest/smallest (goal: every p95 <= 100 ms at 127,000 photos and within 1.5x of the 1,000-photo p95, measured in the same run). With
 ``--clients K`` it also runs K concurrent clients x ``--client-saves`` saves on overlapping photos
 of the largest database and prints acknowledged saves, review rows stored, client errors and
 "database is locked" messages (goal: acknowledged == stored, 0 errors, 0 locked).
@@ -238,6 +239,25 @@ def measure(base: str, ids: list[int], calls: int, seed: int) -> dict[str, float
         "review_p95_ms": _p(rev, 95),
         "next_unreviewed_p95_ms": _p(nxt, 95),
     }
+
+
+def gradio_floor(calls: int) -> dict[str, float]:
+    """p50/p95 (ms) of an endpoint that only echoes its input, on a bare Gradio app in this
+    process: what Gradio and its client cost per call on this machine, whatever the app does."""
+    import gradio as gr
+    from gradio_client import Client
+
+    with gr.Blocks() as demo:
+        box, out = gr.Textbox(), gr.Textbox()
+        box.submit(lambda x: x, box, out, api_name="echo")
+    demo.queue(default_concurrency_limit=4)
+    _, base, _ = demo.launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(base, verbose=False, download_files=False)
+        echo = _timed(lambda: client.predict("x", api_name="/echo"), calls)
+    finally:
+        demo.close()
+    return {"echo_p50_ms": _p(echo, 50), "echo_p95_ms": _p(echo, 95)}
 
 
 def concurrency(base: str, url: str, ids: list[int], clients: int, saves: int) -> dict[str, Any]:

@@ -7,10 +7,6 @@ import argparse
 from typing import Any
 
 from catreview.cli.common import add_common_options, progress_bar, settings_from_args
-from catreview.compare.errors import CompareError
-from catreview.compare.session import CompareSession
-from catreview.data.labels import BreedVocabulary
-from catreview.export.preferences import export_preference_pairs
 
 
 def add_compare_parser(sub: Any) -> argparse.ArgumentParser:
@@ -35,7 +31,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
         CompareError / ConfigError (both ``ValueError``): bad profiles, adapters or config, or a
             model that cannot be loaded.
     """
+    # Imported here, not at the top: building the parser must not load torch (every CLI start,
+    # e.g. eight parallel `import` runs, would pay for it).
+    from catreview.compare.errors import CompareError
+    from catreview.compare.session import CompareSession
     from catreview.data.db import make_engine
+    from catreview.data.labels import BreedVocabulary
+    from catreview.export.preferences import export_preference_pairs
     from catreview.models.registry import ModelRegistry
     from catreview.models.vlm.types import VLMError
 
