@@ -14,6 +14,7 @@ from sqlmodel import Session, select
 
 from catreview.compare.pairs import blind_swapped, split_model_label
 from catreview.data.db import Preference
+from catreview.query import photos
 from tests.conftest import ARTIFACTS_DIR
 from tests.test_app import running_app
 from tests.test_browser import browser  # noqa: F401  (the Chromium fixture)
@@ -60,7 +61,7 @@ def test_blind_preference_with_a_click(demo_dir: Path, tiny_models, cats_dir: Pa
         page.locator("#compare-pref-message").get_by_text("Saved preference").wait_for(timeout=30000)
 
         # Aggregate in the background over the (now) reviewed photos: table, plot and CSV appear.
-        for i in app.image_ids():
+        for i in photos.page(app.engine):
             app.review(i, "Bengal", "browser-carol")
         page.locator("#compare-aggregate-run").click()
         page.locator("#compare-aggregate-progress").get_by_text("Compared 2 reviewed photos").wait_for(timeout=60000)
@@ -73,7 +74,7 @@ def test_blind_preference_with_a_click(demo_dir: Path, tiny_models, cats_dir: Pa
         page.screenshot(path=str(ARTIFACTS_DIR / "compare_tab.png"), full_page=True)
         page.close()
 
-    image_id = app.image_ids()[0]
+    image_id = photos.page(app.engine)[0]
     with Session(app.engine) as s:
         rows = list(s.exec(select(Preference)))
     assert [(r.image_id, r.annotator, r.choice) for r in rows] == [(image_id, "browser-carol", "b")]
@@ -91,7 +92,7 @@ def test_demo_alone_opens_on_a_reviewed_photo_and_refuses_a_preference(
         for p in sorted((cats_dir / breed).glob("*.jpg"))[:2]:
             shutil.copy(p, root / breed / p.name)
     with running_app(settings, [root]) as (app, url):
-        ids = app.image_ids()
+        ids = photos.page(app.engine)
         reviewed = ids[2]
         app.review(reviewed, "Sphynx", "someone")
         page = browser.new_page(viewport={"width": 1500, "height": 1200})
