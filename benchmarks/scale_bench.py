@@ -369,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
                             "db": kind,
                             **measure(base, ids, args.calls, seed=n),
                             "build_s": round(build_s, 1),
+                            **gradio_floor(args.calls),
                         }
                         print(json.dumps(row), flush=True)
                         results.append(row)
