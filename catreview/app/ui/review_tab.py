@@ -26,18 +26,20 @@ def render(app: ReviewApp, image_id: int | None) -> list[Any]:
     reviewed, total = app.counts()
     if image_id is None:
         image_id = app.first_photo()
+    notice = ""
     try:
         v = app.view(int(image_id)) if image_id is not None else None
-    except ReviewError:  # an id that is not (or no longer) there: show the first photo instead
+    except ReviewError as exc:  # an id that is not (or no longer) there: say so, show the first photo
         first = app.first_photo()
         v = app.view(first) if first is not None else None
+        notice = f"{exc}; showing the first photo instead."
     if v is None:
         empty = [None, None, present.counter(reviewed, total), present.NO_PHOTOS, None, None, "", None, ""]
         return empty + [gr.update(value="—", interactive=False)] * N_CANDIDATES
     panels = present.prediction_panels(v)
     try:
         photo: str | None = str(app.display_path(v["id"]))
-        status = panels.status
+        status = " ".join(t for t in (notice, panels.status) if t)
     except ImageDecodeError as exc:
         photo, status = None, f"The photo cannot be shown: {exc}"
     cands = [d["label"] for d in (v["stage1"] or [])]
