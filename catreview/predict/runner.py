@@ -469,8 +469,40 @@ def compute_vlm(
     ``vlm.score_candidates`` scores ``vlm.profile.batch_size`` photos per prefill, each batch is
     stored and committed. ``results`` (when given) gets the new rows by image id;
     ``summary.vlm_computed``/``vlm_seconds``/``failed`` are added to."""
+    t0 = time.perf_counter()
+    for rows in _candidate_batches(
+        vlm,
+        todo,
+        "vlm",
+        lambda imgs, cands: [verdict_payload(v) for v in vlm.score_candidates(imgs, cands)],
+        num_workers=num_workers,
+        summary=summary,
+        progress=progress,
+        stop=stop,
+    ):
+        insert_predictions(session, rows)
+        if results is not None:
+            results.update({r["image_id"]: Prediction(**r) for r in rows})
+        summary.vlm_computed += len(rows)
+    summary.vlm_seconds += time.perf_counter() - t0
+
+
+def _candidate_batches(
+    vlm: Any,
+    todo: Sequence[tuple[PhotoItem, list[str]]],
+    kind: str,
+    compute: Callable[[list[Any], list[list[str]]], list[Any]],
+    *,
+    num_workers: int | None,
+    summary: PredictSummary,
+    progress: Progress | None,
+    stop: threading.Event | None,
+) -> Iterator[list[dict[str, Any]]]:
+    """The one loop of the VLM passes: DataLoader workers decode ``vlm.profile.batch_size``
+    photos, ``compute(images, candidate lists)`` gives one payload per photo, and the rows of
+    ``kind`` (keyed by the candidate list, seconds divided per photo) are yielded per batch."""
     candidates = {item.image_id: cands for item, cands in todo}
-    t_start = time.perf_counter()
+    label = {"vlm": "VLM"}.get(kind, kind)
     for done, batch in _batches(
         [item for item, _ in todo],
         batch_size=vlm.profile.batch_size,
@@ -482,27 +514,14 @@ def compute_vlm(
         if batch.items:
             cands = [candidates[item.image_id] for item in batch.items]
             t0 = time.perf_counter()
-            verdicts = vlm.score_candidates(batch.images, cands)
+            payloads = compute(batch.images, cands)
             per_photo = (time.perf_counter() - t0) / len(batch.items)
-            rows = [
-                _row(
-                    item.image_id,
-                    "vlm",
-                    vlm.model_id,
-                    vlm.model_version,
-                    candidates_key(c),
-                    verdict_payload(v),
-                    per_photo,
-                )
-                for item, c, v in zip(batch.items, cands, verdicts)
+            yield [
+                _row(item.image_id, kind, vlm.model_id, vlm.model_version, candidates_key(c), payload, per_photo)
+                for item, c, payload in zip(batch.items, cands, payloads)
             ]
-            insert_predictions(session, rows)
-            if results is not None:
-                results.update({r["image_id"]: Prediction(**r) for r in rows})
-            summary.vlm_computed += len(rows)
         if progress:
-            progress("VLM", done, len(todo))
-    summary.vlm_seconds += time.perf_counter() - t_start
+            progress(label, done, len(todo))
 
 
 def run_vlm(
@@ -577,38 +596,20 @@ def compute_reasoning(
 ) -> None:
     """Generate (``vlm.reasoning_batch``: batched, left-padded) and store the reasoning texts of
     ``(photo, candidates)`` pairs, one committed batch at a time."""
-    candidates = {item.image_id: cands for item, cands in todo}
-    t_start = time.perf_counter()
-    for done, batch in _batches(
-        [item for item, _ in todo],
-        batch_size=vlm.profile.batch_size,
+    t0 = time.perf_counter()
+    for rows in _candidate_batches(
+        vlm,
+        todo,
+        "reasoning",
+        lambda imgs, cands: [{"text": t} for t in vlm.reasoning_batch(imgs, cands)],
         num_workers=num_workers,
-        data_config=None,
         summary=summary,
+        progress=progress,
         stop=stop,
     ):
-        if batch.items:
-            cands = [candidates[item.image_id] for item in batch.items]
-            t0 = time.perf_counter()
-            texts = vlm.reasoning_batch(batch.images, cands)
-            per_photo = (time.perf_counter() - t0) / len(batch.items)
-            rows = [
-                _row(
-                    item.image_id,
-                    "reasoning",
-                    vlm.model_id,
-                    vlm.model_version,
-                    candidates_key(c),
-                    {"text": t},
-                    per_photo,
-                )
-                for item, c, t in zip(batch.items, cands, texts)
-            ]
-            insert_predictions(session, rows)
-            summary.reasoning_computed += len(rows)
-        if progress:
-            progress("reasoning", done, len(todo))
-    summary.reasoning_seconds += time.perf_counter() - t_start
+        insert_predictions(session, rows)
+        summary.reasoning_computed += len(rows)
+    summary.reasoning_seconds += time.perf_counter() - t0
 
 
 def run_reasoning(
