@@ -234,14 +234,7 @@ def record_review(
         raise ReviewError(f"unknown label {label!r}: pick one from the breed list")
     canonical = vocabulary.canonical(label)
     for _ in range(MAX_ATTEMPTS):
-        row = session.exec(
-            select(ImageRecord.current_review_id, ImageRecord.error, ImageRecord.path).where(ImageRecord.id == image_id)
-        ).first()
-        if row is None:
-            raise KeyError(f"no image with id {image_id}")
-        head, error, path = row
-        if error is not None:
-            raise ReviewError(f"image {path} could not be decoded ({error}); it cannot be labelled")
+        head = _locked_head(session, image_id, canonical) if isinstance(replaces, Head) else _head(session, image_id)
         if not isinstance(replaces, Head) and head != replaces:
             raise ReviewConflictError(image_id, session.get(Review, head) if head is not None else None)
         try:
@@ -263,6 +256,36 @@ def record_review(
             return review
         session.rollback()
     raise ReviewConflictError(image_id, latest_review(session, image_id))
+
+
+def _head(session: Session, image_id: int) -> int | None:
+    """The photo's newest review id, read without a lock (the compare-and-set checks it again)."""
+    row = session.exec(
+        select(ImageRecord.current_review_id, ImageRecord.error, ImageRecord.path).where(ImageRecord.id == image_id)
+    ).first()
+    if row is None:
+        raise KeyError(f"no image with id {image_id}")
+    head, error, path = row
+    if error is not None:
+        raise ReviewError(f"image {path} could not be decoded ({error}); it cannot be labelled")
+    return head
+
+
+def _locked_head(session: Session, image_id: int, label: str) -> int | None:
+    """The photo's newest review id, read by an ``UPDATE ... RETURNING`` that first locks the row
+    (PostgreSQL row lock, SQLite write lock) until the transaction ends, so the compare-and-set that
+    follows cannot lose a race however many annotators save the photo at once."""
+    head = session.exec(
+        update(ImageRecord)
+        .where(col(ImageRecord.id) == image_id, col(ImageRecord.error).is_(None))
+        .values(current_label=label)
+        .returning(col(ImageRecord.current_review_id))
+    ).first()
+    if head is None:
+        session.rollback()
+        _head(session, image_id)  # raises KeyError or ReviewError with the reason
+        raise ReviewConflictError(image_id, None)  # it failed to decode, then was re-imported meanwhile
+    return head[0]
 
 
 def review_counts(session: Session) -> tuple[int, int]:
