@@ -198,6 +198,55 @@ def _ids(url: str) -> list[int]:
     return ids
 
 
+class HttpApi:
+    """Gradio's documented REST API (``POST /gradio_api/call/<name>``, then the event's SSE stream),
+    through one keep-alive ``httpx`` connection and one session hash, as one browser tab (or one
+    ``gradio_client.Client``) keeps: the same queue and endpoints ``gradio_client`` uses, without
+    the client's 50 ms polling sleeps (``gradio_client/utils.py``, ``time.sleep(0.05)`` while
+    waiting for the next SSE message), which alone cost it ~150 ms per call here. (Without a
+    session hash Gradio builds a fresh session state, the config of every component of the app,
+    on each call.)
+
+    Raises:
+        RuntimeError: the endpoint answered with an ``error`` event.
+    """
+
+    def __init__(self, base: str) -> None:
+        import httpx
+
+        self.base = base.rstrip("/") + "/gradio_api/call/"
+        self.http = httpx.Client(timeout=60)
+        self.session_hash = uuid.uuid4().hex[:11]
+
+    def predict(self, *args: Any, api_name: str) -> Any:
+        name = api_name.lstrip("/")
+        event_id = (
+            self.http.post(self.base + name, json={"data": list(args), "session_hash": self.session_hash})
+            .raise_for_status()
+            .json()["event_id"]
+        )
+        event = None
+        with self.http.stream("GET", f"{self.base}{name}/{event_id}") as r:
+            for line in r.iter_lines():
+                if line.startswith("event: "):
+                    event = line[7:]
+                elif line.startswith("data: ") and event in ("complete", "error"):
+                    if event == "error":
+                        raise RuntimeError(f"{api_name}: {line[6:]}")
+                    out = json.loads(line[6:])
+                    return out[0] if len(out) == 1 else out
+        raise RuntimeError(f"{api_name}: the event stream ended without a result")
+
+
+def _client(base: str, transport: str) -> Any:
+    """An API client for ``base``: :class:`HttpApi` (``http``) or ``gradio_client.Client``."""
+    if transport == "http":
+        return HttpApi(base)
+    from gradio_client import Client
+
+    return Client(base, verbose=False, download_files=False)
+
+
 def _timed(fn: Callable[[], Any], calls: int) -> list[float]:
     for _ in range(10):
         fn()
@@ -213,11 +262,9 @@ def _p(values: list[float], q: float) -> float:
     return round(statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1], 1)
 
 
-def measure(base: str, ids: list[int], calls: int, seed: int) -> dict[str, float]:
+def measure(base: str, ids: list[int], calls: int, seed: int, transport: str) -> dict[str, float]:
     """p50/p95 (ms) of ``/show``, ``/review`` and ``/next_unreviewed`` on random photos."""
-    from gradio_client import Client
-
-    client = Client(base, verbose=False, download_files=False)
+    client = _client(base, transport)
     rng = random.Random(seed)
     names = BreedVocabulary.default().names
     show = _timed(lambda: client.predict(rng.choice(ids), api_name="/show"), calls)
@@ -241,19 +288,21 @@ def measure(base: str, ids: list[int], calls: int, seed: int) -> dict[str, float
     }
 
 
-def gradio_floor(calls: int) -> dict[str, float]:
+def gradio_floor(calls: int, transport: str) -> dict[str, float]:
     """p50/p95 (ms) of an endpoint that only echoes its input, on a bare Gradio app in this
     process: what Gradio and its client cost per call on this machine, whatever the app does."""
     import gradio as gr
-    from gradio_client import Client
 
+    from catreview.app.ui import ANALYTICS_SUMMARY_EVERY
+
+    os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", str(ANALYTICS_SUMMARY_EVERY))  # as the app sets it
     with gr.Blocks() as demo:
         box, out = gr.Textbox(), gr.Textbox()
         box.submit(lambda x: x, box, out, api_name="echo")
     demo.queue(default_concurrency_limit=4)
     _, base, _ = demo.launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True, quiet=True)
     try:
-        client = Client(base, verbose=False, download_files=False)
+        client = _client(base, transport)
         echo = _timed(lambda: client.predict("x", api_name="/echo"), calls)
     finally:
         demo.close()
@@ -337,6 +386,13 @@ def main(argv: list[str] | None = None) -> int:
         "--postgres", action="store_true", help="start a throwaway local PostgreSQL server (tests/postgres.py)"
     )
     p.add_argument("--calls", type=int, default=200, help="timed calls per endpoint (default 200)")
+    p.add_argument(
+        "--transport",
+        choices=("http", "gradio_client"),
+        default="http",
+        help="how the timed calls reach the app: Gradio's REST API over one keep-alive connection (default), "
+        "or gradio_client, whose SSE reader sleeps 50 ms between polls (~150 ms a call)",
+    )
     p.add_argument("--clients", type=int, default=0, help="concurrent clients for the concurrency run (0: none)")
     p.add_argument("--client-saves", type=int, default=200, help="saves per concurrent client (default 200)")
     p.add_argument("--demo-dir", type=Path, help="where the demo models are cached (default: the settings' demo_dir)")
@@ -367,9 +423,10 @@ def main(argv: list[str] | None = None) -> int:
                         row = {
                             "photos": n,
                             "db": kind,
-                            **measure(base, ids, args.calls, seed=n),
+                            **measure(base, ids, args.calls, seed=n, transport=args.transport),
+                            "transport": args.transport,
                             "build_s": round(build_s, 1),
-                            **gradio_floor(args.calls),
+                            **gradio_floor(args.calls, args.transport),
                         }
                         print(json.dumps(row), flush=True)
                         results.append(row)

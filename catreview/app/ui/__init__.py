@@ -6,10 +6,18 @@ Every interactive component has a stable ``elem_id`` for browser tests; every ha
 
 from __future__ import annotations
 
+import os
+
 import gradio as gr
 
 from catreview.app.core import ReviewApp
 from catreview.app.presenters.review import demo_banner
+
+ANALYTICS_SUMMARY_EVERY = 1000
+"""Events between two recomputations of Gradio's monitoring summary. Gradio's default (1,
+``GRADIO_ANALYTICS_CACHE_FREQUENCY`` in ``gradio/queueing.py``) builds a pandas frame of the last
+10,000 events after every event: measured here, 24 -> 29 ms per echo call over 4,000 calls,
+against a flat 14-15 ms with this setting."""
 
 
 def build_ui(app: ReviewApp) -> gr.Blocks:
@@ -17,6 +25,8 @@ def build_ui(app: ReviewApp) -> gr.Blocks:
     flow (review -> calibration -> export -> train -> compare)."""
     from catreview.app.ui import calibration_tab, compare_tab, export_tab, review_tab, train_tab
 
+    # read when the queue is made (Blocks.queue / launch); an explicit environment setting wins
+    os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", str(ANALYTICS_SUMMARY_EVERY))
     app.display_dir.mkdir(parents=True, exist_ok=True)
     gr.set_static_paths([app.display_dir])  # photos are served from here by path, never re-encoded per request
     with gr.Blocks(title="catreview") as demo:
