@@ -163,3 +163,13 @@ def test_app_refuses_to_start_with_a_model_it_cannot_load(tmp_path: Path, demo_d
     assert app_main.main(["--config", str(cfg), "--db", f"sqlite:///{tmp_path / 'a.db'}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "no-such-model" in err and "Traceback" not in err
+
+
+def test_gradio_monitoring_summary_is_not_rebuilt_after_every_event(settings) -> None:
+    """Gradio's default rebuilds a pandas summary of up to 10,000 past events after each event (a
+    per-click cost that grows with use); the app's queue recomputes it every ANALYTICS_SUMMARY_EVERY."""
+    from catreview.app.ui import ANALYTICS_SUMMARY_EVERY
+
+    demo = build_ui(ReviewApp(settings))
+    demo.queue(default_concurrency_limit=4)  # as app.py does
+    assert demo._queue.ANAYLTICS_CACHE_FREQUENCY == ANALYTICS_SUMMARY_EVERY  # (sic: Gradio's attribute name)
