@@ -468,3 +468,61 @@ __all__ = [
     "build_tiny_pixtral",
     "build_tiny_qwen2_vl",
 ]
+
+
+FASTVLM_IMAGE_SIZE = 128
+"""Input side of :func:`build_tiny_fastvlm` (timm ``test_efficientnet``, stride 32 -> 4x4 = 16 image tokens)."""
+
+
+def build_tiny_fastvlm(out_dir: str | Path, *, seed: int = 0) -> Path:
+    """Build and save a tiny FastVLM (timm tower + Llama text) into ``out_dir``.
+
+    The classes of the built-in VLMs (``catreview.models.fastvlm``): ``TimmWrapperConfig`` around
+    timm's ``test_efficientnet`` (0.1M params, 256 output channels, BatchNorm, stride 32; random
+    weights, ``do_pooling=False`` so the tower returns channels-first ``(B, 256, 4, 4)``),
+    ``FastVlmConfig`` + ``FastVlmForConditionalGeneration`` (projector ``linear_1``/``linear_2``
+    flattening the 4x4 grid into 16 image tokens), ``LlavaProcessor`` with a ``CLIPImageProcessor``
+    (128 px, timm's 0.5/0.5 normalisation of the EfficientNet-Lite towers), ``patch_size=32``,
+    ``vision_feature_select_strategy="full"`` and the llava-1.5 chat template. ~0.4M params.
+
+    Returns:
+        ``out_dir`` as a :class:`~pathlib.Path` (``AutoProcessor`` / ``AutoModelForImageTextToText``).
+    """
+    from transformers import (
+        CLIPImageProcessor,
+        FastVlmConfig,
+        FastVlmForConditionalGeneration,
+        LlavaProcessor,
+        TimmWrapperConfig,
+    )
+
+    from catreview.models.tiny_llava import LLAVA_15_CHAT_TEMPLATE
+
+    s = TinySize(FASTVLM_IMAGE_SIZE, 32, 256, 0, 0, 96, 3, 4, 256, 1024)
+    tokenizer = llama_style_tokenizer(s.vocab_size, chat_template=LLAVA_15_CHAT_TEMPLATE)
+    vision = TimmWrapperConfig(architecture="test_efficientnet", do_pooling=False, hidden_size=s.v_hidden)
+    config = FastVlmConfig(
+        vision_config=vision,
+        text_config=llama_config(s, len(tokenizer), tokenizer),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=(s.image_size // s.patch_size) ** 2,
+    )
+    mark_build(config, family="fast_vlm", size="tiny", seed=seed)
+    seed_everything(seed)
+    model = FastVlmForConditionalGeneration(config).eval()
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": s.image_size},
+        crop_size={"height": s.image_size, "width": s.image_size},
+        resample=3,
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=s.patch_size,
+        vision_feature_select_strategy="full",
+        num_additional_image_tokens=0,
+        chat_template=LLAVA_15_CHAT_TEMPLATE,
+    )
+    return save_model(Path(out_dir), model, processor)
