@@ -156,7 +156,12 @@ def _free_port() -> int:
 def running_app(url: str, data_dir: Path, demo_dir: Path | None) -> Iterator[str]:
     """``app.py --no-predict`` on ``url`` in a child process; yields its base URL."""
     port = _free_port()
-    env = {**os.environ, "CATREVIEW_DATA_DIR": str(data_dir), "GRADIO_ANALYTICS_ENABLED": "False"}
+    env = {
+        **os.environ,
+        "CATREVIEW_DATA_DIR": str(data_dir),
+        "CATREVIEW_BUILTIN_MODELS": "random",  # the stored predictions come from the tiny random models
+        "GRADIO_ANALYTICS_ENABLED": "False",
+    }
     if demo_dir is not None:
         env["CATREVIEW_DEMO_DIR"] = str(demo_dir)
     log = open(data_dir / "app.log", "wb")  # noqa: SIM115  (closed below)
@@ -407,7 +412,11 @@ def main(argv: list[str] | None = None) -> int:
     kind = "postgresql" if server_url and server_url.startswith("postgresql") else "sqlite"
     if server_url and kind == "sqlite":
         raise SystemExit("error: --db takes a PostgreSQL URL; SQLite databases are made in a temporary folder")
-    settings_kwargs: dict[str, Any] = {"demo_dir": args.demo_dir} if args.demo_dir else {}
+    # What is measured is the database and the query layer, so the predictions stored for every row
+    # come from the tiny random built-in models (seconds to build, no training needed).
+    settings_kwargs: dict[str, Any] = {"builtin_models": "random"}
+    if args.demo_dir:
+        settings_kwargs["demo_dir"] = args.demo_dir
     results = []
     try:
         with tempfile.TemporaryDirectory(prefix="scale-bench-") as tmp_s:
