@@ -33,6 +33,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 ASSETS_DIR = REPO_ROOT / "assets"
 DEFAULT_DB_PATH = REPO_ROOT / "db" / "catreview.db"
 DEMO_PROFILE = "demo"
+#: The built-in VLM profiles with ``builtin_models="pretrained"`` and no ``vlm_profiles``
+#: (FastVLMs built offline by :mod:`catreview.models.offline`): EfficientNet-Lite0 + SmolLM2-135M-Instruct
+#: (the default, active one) and EfficientNet-Lite2 + SmolLM2-135M-Instruct (a larger image tower).
+BUILTIN_VLM_SMALL = "smollm2-lite0"
+BUILTIN_VLM_LARGE = "smollm2-lite2"
+BUILTIN_VLM_PROFILES = (BUILTIN_VLM_SMALL, BUILTIN_VLM_LARGE)
 
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 BuiltinModels = Literal["pretrained", "random"]
@@ -118,9 +124,12 @@ class Settings(BaseSettings):
     database_url: str = f"sqlite:///{DEFAULT_DB_PATH}"
     classifier: ClassifierConfig = ClassifierConfig()
     vlm_profiles: dict[str, VLMProfile] = Field(default_factory=dict)
-    #: Name of the VLM profile used by default: a key of ``vlm_profiles``, or ``"demo"`` (the
-    #: built-in tiny LLaVA), which is allowed only while no profiles are configured.
+    #: Name of the VLM profile used by default: a key of ``vlm_profiles``; while none is
+    #: configured, a built-in profile (:func:`builtin_vlm_profiles`), by default the first
+    #: (``"smollm2-lite0"``, or ``"demo"``, the tiny LLaVA, with ``builtin_models="random"``).
     active_vlm: str = DEMO_PROFILE
+    #: The two profiles the Compare tab starts with; while no profiles are configured and
+    #: ``builtin_models="pretrained"``, the two built-in ones by default.
     compare_profiles: tuple[str, str] = ("7B", "13B")
     fusion: FusionConfig = FusionConfig()
     demo_dir: Path = REPO_ROOT / ".cache" / "demo-models"
@@ -150,18 +159,27 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_active_vlm(self) -> Settings:
-        """``active_vlm`` must name a configured profile; ``"demo"`` only when none is configured.
+        """``active_vlm`` must name a configured profile; a built-in one only when none is configured.
 
-        A typo must not silently switch to the random-weight demo VLM.
+        With no profiles configured and ``active_vlm``/``compare_profiles`` not set, they become
+        the built-in defaults of ``builtin_models``. A typo must not silently switch to a
+        built-in VLM.
         """
         if self.active_vlm in self.vlm_profiles:
             return self
         if not self.vlm_profiles:
-            if self.active_vlm == DEMO_PROFILE:
+            builtin = builtin_vlm_profiles(self.builtin_models)
+            if "active_vlm" not in self.model_fields_set:
+                self.active_vlm = builtin[0]
+            if "compare_profiles" not in self.model_fields_set and len(builtin) == 2:
+                self.compare_profiles = (builtin[0], builtin[1])
+            if self.active_vlm in builtin:
                 return self
+            names = " or ".join(map(repr, builtin))
             raise ValueError(
                 f"active_vlm {self.active_vlm!r} names no VLM profile: no vlm_profiles are configured "
-                f"(add a [vlm_profiles.{self.active_vlm}] section, or use {DEMO_PROFILE!r} for the built-in demo model)"
+                f"(add a [vlm_profiles.{self.active_vlm}] section, or use {names} for the built-in "
+                f"{self.builtin_models} models)"
             )
         configured = ", ".join(repr(n) for n in self.vlm_profiles)
         if self.active_vlm == DEMO_PROFILE:
@@ -193,6 +211,12 @@ class Settings(BaseSettings):
         """True when stage 1 or the active VLM is a built-in demo model (no classifier model, or
         no VLM profiles configured)."""
         return self.classifier.model is None or self.active_vlm not in self.vlm_profiles
+
+
+def builtin_vlm_profiles(builtin_models: BuiltinModels) -> tuple[str, ...]:
+    """Names of the built-in VLM profiles used while no ``vlm_profiles`` are configured:
+    :data:`BUILTIN_VLM_PROFILES` (``"pretrained"``) or ``("demo",)`` (``"random"``)."""
+    return BUILTIN_VLM_PROFILES if builtin_models == "pretrained" else (DEMO_PROFILE,)
 
 
 class ConfigError(CatreviewError, ValueError):

@@ -14,7 +14,7 @@ from pathlib import Path
 from tests.conftest import REPO_ROOT
 
 FOUNDATION = ["errors", "files", "config", "jobs", "metrics"]
-STAGES = ["data", "models", "predict", "query", "export", "adapters", "evaluate", "compare", "app", "cli"]
+STAGES = ["data", "models", "predict", "query", "export", "adapters", "heads", "evaluate", "compare", "app", "cli"]
 RANK = {name: i for i, name in enumerate([*FOUNDATION, *STAGES])}
 PACKAGE = REPO_ROOT / "catreview"
 

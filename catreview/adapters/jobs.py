@@ -45,7 +45,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -58,7 +58,7 @@ from sqlmodel import Session, col, select
 from catreview.adapters.checks import TrainJobError, check_export_for_training, check_reviews_for_training
 from catreview.adapters.gate import DEFAULT_POLICY, GatePolicy
 from catreview.adapters.processes import process_alive, process_create_time, terminate_group
-from catreview.adapters.rounds import register_round
+from catreview.adapters.rounds import RoundOutcome, register_round
 from catreview.adapters.runfolder import (
     CONFIG_FILE,
     LOG_FILE,
@@ -144,6 +144,10 @@ class TrainJobs:
         self.auto_activate = auto_activate
         self.launcher = list(launcher) if launcher else [sys.executable]
         self.data_dir = Path(settings.data_dir)
+        #: Called with the :class:`~catreview.adapters.rounds.RoundOutcome` of every round this
+        #: object registers (the app re-predicts when it activated a version). A hook that raises
+        #: is logged in the run's log; the registered version stays.
+        self.on_registered: list[Callable[[RoundOutcome], None]] = []
         if reconcile:
             self.reconcile()
 
@@ -186,7 +190,7 @@ class TrainJobs:
         run_dir = Path(run.run_dir)
         if (run_dir / RESULT_FILE).is_file():
             try:
-                register_round(
+                outcome = register_round(
                     self.engine,
                     self.settings,
                     run_dir,
@@ -194,6 +198,7 @@ class TrainJobs:
                     policy=self.policy,
                     auto_activate=self.auto_activate,
                 )
+                self._registered(outcome, run_dir)
                 return
             except (ValueError, OSError, KeyError) as exc:  # AdapterError, ResultFileError are ValueErrors
                 self._mark(run.id, "failed", f"finished round could not be registered: {exc!r}")  # type: ignore[arg-type]
@@ -202,6 +207,15 @@ class TrainJobs:
         summary = f"training process {run.pid} ended without finishing (killed or crashed); log kept at {log}"
         reason = log_error_summary(log)
         self._mark(run.id, "failed", failure_text(f"{reason}\n{summary}" if reason else summary, log))  # type: ignore[arg-type]
+
+    def _registered(self, outcome: RoundOutcome, run_dir: Path) -> None:
+        """Run the :attr:`on_registered` hooks; a failing hook's traceback goes to the run's log."""
+        for hook in list(self.on_registered):
+            try:
+                hook(outcome)
+            except Exception:  # noqa: BLE001 -- logged; the version is registered and must stay so
+                with open(run_dir / LOG_FILE, "a", encoding="utf-8") as log:
+                    log.write(f"after registering: hook {hook!r} failed\n{traceback.format_exc()}")
 
     def _mark(self, run_id: int, status: str, error: str | None = None) -> None:
         with Session(self.engine) as s:
@@ -451,9 +465,10 @@ class TrainJobs:
                 run_id, "cancelled", f"cancelled by the user (exit status {rc}); checkpoint and log kept in {run_dir}"
             )
         elif rc == 0 and (run_dir / RESULT_FILE).is_file():
-            register_round(
+            outcome = register_round(
                 self.engine, self.settings, run_dir, run_id=run_id, policy=self.policy, auto_activate=self.auto_activate
             )
+            self._registered(outcome, run_dir)
         else:
             log = run_dir / LOG_FILE
             summary = f"training process exited with status {rc}; log kept at {log}"

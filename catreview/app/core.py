@@ -2,7 +2,14 @@
 
 :class:`ReviewApp` owns the engine, the models (lazily), a background worker that imports
 folders and runs predictions with visible progress, so the page is usable at once, and the
-app's LoRA training rounds (:attr:`ReviewApp.train_jobs`). The UI (:mod:`catreview.app.ui`) sits on
+app's LoRA training rounds (:attr:`ReviewApp.train_jobs`).
+
+Predictions follow the active versions: :meth:`ReviewApp.schedule_predictions` (called after an
+adapter is promoted, rolled back or switched off, after a training round that activated a version,
+and by whoever activates a stage-1 version) re-runs the cached predictions in the background for the
+versions now active, the review queue first (the photo on screen and the next unreviewed ones, then
+the other unreviewed photos, then the rest); a pass in progress for the old versions is cut short
+after its current batch (what it stored is kept). The UI (:mod:`catreview.app.ui`) sits on
 top of it; core modules never import it (:class:`~catreview.jobs.JobState` lives in
 :mod:`catreview.jobs` and is re-exported here).
 """
@@ -28,20 +35,50 @@ from catreview.data.labels import BreedVocabulary
 from catreview.data.reviews import HEAD, Head, ReviewError, record_review
 from catreview.errors import CatreviewError
 from catreview.evaluate.calibration import CalibrationReport
+from catreview.evaluate.report import EvaluationReport, active_versions, evaluation_report
 from catreview.evaluate.store import fit_and_store
 from catreview.export.archive import zip_export
 from catreview.export.dataset import ExportSummary, export_dataset
 from catreview.jobs import BackgroundJob, JobState
+from catreview.models.classifier import ClassifierNotTrainedError
 from catreview.models.registry import ModelRegistry
-from catreview.predict.runner import cached_predictions, candidates_key, run_predictions, store_reasoning
+from catreview.predict.runner import (
+    PredictSummary,
+    cached_predictions,
+    candidates_key,
+    run_predictions,
+    store_reasoning,
+)
 from catreview.query import photos
 from catreview.query.display import display_file
 from catreview.query.photos import PhotoView, RoutingStats, model_snapshot
 
 if TYPE_CHECKING:
     from catreview.adapters.jobs import TrainJobs
+    from catreview.adapters.rounds import RoundOutcome
 
-__all__ = ["JobState", "ReviewApp"]
+__all__ = ["QUEUE_FIRST", "QUEUE_PAGE", "JobState", "ReviewApp"]
+
+QUEUE_FIRST = 32
+"""Unreviewed photos after the one on screen predicted first (what a reviewer sees next)."""
+QUEUE_PAGE = 5000
+"""Unreviewed photo ids per prediction call after those (an ``IN`` list well below SQLite's 32,766
+bound variables)."""
+
+
+def _add_summary(total: PredictSummary, part: PredictSummary, *, whole: bool) -> None:
+    """Add the counts of one chunk's run to ``total``. The last chunk (every photo, ``whole``
+    true) counts ``images`` and the cached rows; earlier chunks only add what they computed."""
+    for name in ("stage1_computed", "vlm_computed", "vlm_skipped", "reasoning_computed"):
+        setattr(total, name, getattr(total, name) + getattr(part, name))
+    for name in ("stage1_seconds", "vlm_seconds", "reasoning_seconds"):
+        setattr(total, name, getattr(total, name) + getattr(part, name))
+    total.failed += part.failed
+    total.cancelled = total.cancelled or part.cancelled
+    total.vlm_not_run = total.vlm_not_run or part.vlm_not_run
+    total.stage1_skipped = total.stage1_skipped or part.stage1_skipped
+    if whole:
+        total.images, total.stage1_cached, total.vlm_cached = part.images, part.stage1_cached, part.vlm_cached
 
 
 class ReviewApp:
@@ -58,6 +95,14 @@ class ReviewApp:
         self.registry = ModelRegistry(settings, engine=self.engine)
         self.vocabulary = BreedVocabulary.from_labels_file(settings.classifier.labels_file)
         self._background = BackgroundJob("catreview-predict")
+        # Prediction scheduling (schedule_predictions): requests not yet taken by the loop, whether
+        # a loop (the background job) is taking them, the current pass's interrupt.
+        self._schedule_lock = threading.Lock()
+        self._pending: list[str] = []
+        self._looping = False
+        self._pass_stop = threading.Event()
+        self._predict_enabled = True
+        self._last_viewed: int | None = None
         self._train_jobs: TrainJobs | None = None
         self._train_jobs_lock = threading.Lock()
 
@@ -70,7 +115,10 @@ class ReviewApp:
             catreview.models.classifier.ClassifierError: the classifier cannot be loaded.
             catreview.models.vlm.types.VLMError: the VLM's config is not found (missing folder, offline hub id).
         """
-        self.registry.classifier()
+        try:
+            self.registry.classifier()
+        except ClassifierNotTrainedError:  # the built-in backbone before its first head: the app
+            self.registry.stage1_backbone()  # starts and says so; the backbone itself must load
         _ = self.registry.vlm().model_version
 
     # ------------------------------------------------------------------ training rounds
@@ -84,13 +132,23 @@ class ReviewApp:
             if self._train_jobs is None:
                 from catreview.adapters.jobs import TrainJobs
 
-                self._train_jobs = TrainJobs(self.engine, self.settings)
+                jobs = TrainJobs(self.engine, self.settings, reconcile=False)
+                jobs.on_registered.append(self._round_registered)
+                jobs.reconcile()  # after the hook: a round that finished meanwhile is predicted too
+                self._train_jobs = jobs
             return self._train_jobs
 
     @train_jobs.setter
     def train_jobs(self, jobs: TrainJobs) -> None:
         with self._train_jobs_lock:
+            if self._round_registered not in jobs.on_registered:
+                jobs.on_registered.append(self._round_registered)
             self._train_jobs = jobs
+
+    def _round_registered(self, outcome: RoundOutcome) -> None:
+        """:attr:`TrainJobs.on_registered` hook: a round that activated its version is predicted."""
+        if outcome.activated:
+            self.schedule_predictions(f"training round activated adapter #{outcome.adapter_id}")
 
     # ------------------------------------------------------------------ background work
     @property
@@ -100,13 +158,60 @@ class ReviewApp:
 
     def start_background(self, folders: list[Path] | None = None, *, predict: bool = True) -> bool:
         """Import ``folders`` (if any), then (unless ``predict`` is false) predict every photo
-        still lacking predictions, in a daemon thread.
+        still lacking predictions, review queue first, in a daemon thread.
 
+        ``predict=False`` (``app.py --no-predict``) also turns :meth:`schedule_predictions` off.
         Returns ``False`` (and starts nothing) when a job is already running.
         """
-        return self._background.start(lambda state, stop: self._work(list(folders or []), state, stop, predict))
+        folders = list(folders or [])
+        with self._schedule_lock:
+            self._predict_enabled = predict
+            claimed = predict and not self._looping
+            if claimed:
+                self._looping = True  # requests made while importing are taken by this job's loop
+        started = self._background.start(lambda state, stop: self._work(folders, state, stop, claimed))
+        if not started and claimed:
+            with self._schedule_lock:
+                self._looping = False
+        return started
+
+    def schedule_predictions(self, reason: str) -> None:
+        """Predict the versions that are active now, in the background: call it after activating
+        a version (an adapter, a stage-1 head), rolling back or switching an adapter off.
+
+        The photos go review queue first: the photo last shown, the next :data:`QUEUE_FIRST`
+        unreviewed photos after it (wrapping around), then the other unreviewed photos in review
+        order, then all the rest (cached outputs are reused, see
+        :func:`catreview.predict.runner.run_predictions`). A pass already running is cut short after
+        its current batch and the loop starts over for the new versions; during an import the
+        request waits for the import. Nothing happens when the app was started with
+        ``predict=False``. Never blocks on the predictions; ``reason`` goes into the job's log.
+        """
+        with self._schedule_lock:
+            if not self._predict_enabled:
+                return
+            self._pending.append(reason)
+            if self._looping:
+                self._pass_stop.set()  # the running loop takes the request after its current batch
+                return
+            self._looping = True
+        while not self._background.start(lambda state, stop: self._work([], state, stop, True)):
+            # The previous run has left its loop and is returning (an instant): wait for it.
+            self._background.wait(0.05)
 
     def _work(self, folders: list[Path], state: JobState, stop: threading.Event, predict: bool = True) -> str:
+        try:
+            imported = self._import(folders, state)
+            if not predict:
+                return f"Imported {imported} folder(s); predictions not run (started with --no-predict)."
+            return self._predict_loop(state, stop)  # it releases the loop itself, under the lock
+        except BaseException:
+            if predict:  # a bug: the job keeps the traceback; the next request starts a new loop
+                with self._schedule_lock:
+                    self._looping = False
+            raise
+
+    def _import(self, folders: list[Path], state: JobState) -> int:
         for folder in folders:
             state.stage = f"importing {folder}"
             try:  # unreadable files are listed in the summary; a folder that fails as a whole is logged
@@ -120,20 +225,88 @@ class ReviewApp:
                 state.log.append(f"import of {folder} stopped (what was imported is kept): {exc}")
                 continue
             state.log += summary.lines()
-        if not predict:
-            return f"Imported {len(folders)} folder(s); predictions not run (started with --no-predict)."
+        return len(folders)
+
+    def _predict_loop(self, state: JobState, stop: threading.Event) -> str:
+        """Prediction passes until no request is pending (the first pass always runs)."""
+        message = ""
+        first = True
+        while True:
+            with self._schedule_lock:
+                if stop.is_set() or (not first and not self._pending):
+                    self._pending.clear()
+                    self._looping = False  # from here on, a request starts a new job
+                    return message or "Predictions stopped."
+                reasons, self._pending = self._pending, []
+                self._pass_stop = threading.Event()
+                pass_stop = self._pass_stop
+            first = False
+            if reasons:
+                state.log.append("predicting again: " + "; ".join(reasons))
+            try:
+                message = self._predict_pass(state, pass_stop)
+            except CatreviewError as exc:  # a model that cannot load: said, and the loop goes on
+                message = f"Predictions not run: {exc}"
+                state.log.append(message)
+
+    def _predict_pass(self, state: JobState, stop: threading.Event) -> str:
+        """One pass over the photos in queue order (:meth:`schedule_predictions`)."""
         state.stage = "loading models"
-        predicted = run_predictions(self.engine, self.registry, progress=state.progress, stop=stop)
-        state.log += predicted.lines()
-        return "Predictions ready. " + "; ".join(predicted.lines()[:2])
+        total = PredictSummary()
+        for label, ids in self._queue_order():
+            if stop.is_set():
+                break
+
+            def progress(stage: str, done: int, n: int, label: str = label) -> None:
+                state.progress(f"{stage} ({label})", done, n)
+
+            summary = run_predictions(self.engine, self.registry, image_ids=ids, progress=progress, stop=stop)
+            _add_summary(total, summary, whole=ids is None)
+            if summary.cancelled:
+                break
+        state.log += total.lines()
+        if total.cancelled or stop.is_set():
+            return "Predictions interrupted: " + "; ".join(total.lines()[:2])
+        return "Predictions ready. " + "; ".join(total.lines()[:2])
+
+    def _queue_order(self) -> Iterator[tuple[str, list[int] | None]]:
+        """``(label, image ids)`` chunks in prediction order; the last chunk (``None``) is every
+        photo. Each chunk is predicted in id order, so the order across chunks is the queue's: the
+        photo on screen, the next unreviewed after it, those before it (wrapping around), the
+        other unreviewed photos, the rest."""
+        shown = self._last_viewed
+        done: set[int] = set()
+        if shown is not None:
+            done.add(shown)
+            yield "photo on screen", [shown]
+        after = photos.page(self.engine, after=shown, limit=QUEUE_FIRST, unreviewed_only=True)
+        wrapped = [i for i in photos.page(self.engine, limit=QUEUE_FIRST, unreviewed_only=True) if i not in after]
+        for chunk in (after, wrapped[: QUEUE_FIRST - len(after)]):
+            chunk = [i for i in chunk if i not in done]
+            if chunk:
+                done.update(chunk)
+                yield "next photos", chunk
+        last = None
+        while True:
+            page = photos.page(self.engine, after=last, limit=QUEUE_PAGE, unreviewed_only=True)
+            if not page:
+                break
+            rest = [i for i in page if i not in done]
+            if rest:
+                yield "review queue", rest
+            last = page[-1]
+        yield "all photos", None
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the background job ends or ``timeout`` s pass; ``True`` when it has ended."""
         return self._background.wait(timeout)
 
     def stop(self) -> None:
-        """Ask the background job to stop after its current batch."""
-        self._background.stop()
+        """Ask the background job to stop after its current batch (scheduled requests are dropped)."""
+        with self._schedule_lock:
+            self._pending.clear()
+            self._background.stop()
+            self._pass_stop.set()
 
     # ------------------------------------------------------------------ reading (constant time per click)
     def first_photo(self) -> int | None:
@@ -163,7 +336,9 @@ class ReviewApp:
         Raises:
             catreview.data.reviews.ReviewError: no photo with ``image_id``.
         """
-        return photos.photo_view(self.engine, self.registry, image_id)
+        view = photos.photo_view(self.engine, self.registry, image_id)
+        self._last_viewed = image_id  # background predictions start from here
+        return view
 
     def image(self, image_id: int):
         """The photo decoded by :func:`catreview.data.images.load_rgb` (PIL RGB)."""
@@ -264,16 +439,32 @@ class ReviewApp:
         return version_rows(self.engine, self.registry.base_model())
 
     def promote(self, adapter_id: int) -> AdapterVersion:
-        """Activate an adapter version by hand (promote or roll back; no gate).
+        """Activate an adapter version by hand (promote or roll back; no gate); its predictions
+        start in the background (:meth:`schedule_predictions`).
 
         Raises:
             catreview.adapters.versions.AdapterError: no such version, or its files are gone.
         """
-        return activate(self.engine, adapter_id)
+        row = activate(self.engine, adapter_id)
+        self.schedule_predictions(f"adapter #{row.id} activated")
+        return row
 
     def no_adapter(self) -> None:
-        """Deactivate every adapter of the active base model: the base model predicts alone."""
+        """Deactivate every adapter of the active base model: the base model predicts alone
+        (its missing predictions start in the background, :meth:`schedule_predictions`)."""
         deactivate(self.engine, self.registry.base_model())
+        self.schedule_predictions("no adapter")
+
+    def evaluation(self) -> EvaluationReport:
+        """Every stored model version scored on the held-out reviewed photos, the active versions
+        marked (:func:`catreview.evaluate.report.evaluation_report`).
+
+        Raises:
+            ValueError: stored predictions that are not valid probabilities.
+        """
+        return evaluation_report(
+            self.engine, self.settings, vocabulary=self.vocabulary, active=active_versions(self.registry)
+        )
 
     def compare_session(self) -> CompareSession:
         """A :class:`catreview.compare.session.CompareSession` on this app's models and database;

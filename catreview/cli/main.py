@@ -4,7 +4,7 @@ Commands: ``import`` (photos and existing labels), ``predict`` (both stages, cac
 ``predictions --json`` (one JSON object per photo per line), ``calibrate`` (fit temperatures and
 the fusion weight on reviewed photos), ``export`` (curated dataset), ``train`` (a LoRA round),
 ``adapters`` (list, promote, roll back LoRA adapter versions), ``compare`` (two VLM profiles on
-the reviewed photos).
+the reviewed photos), ``evaluate`` (every model version on the held-out reviewed photos).
 
 Errors a user can fix (bad paths, bad config, unknown labels) print one line on stderr and exit
 with status 2; nothing stored is changed by a failed command.
@@ -140,11 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace DIR when it holds an earlier catreview export")
 
     from catreview.cli.compare import add_compare_parser
+    from catreview.cli.evaluate import add_evaluate_parser
     from catreview.cli.train import add_adapters_parser, add_train_parser
 
     add_train_parser(sub)
     add_adapters_parser(sub)
     add_compare_parser(sub)
+    add_evaluate_parser(sub)
     return parser
 
 
@@ -359,6 +361,12 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return cmd_compare(args)
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from catreview.cli.evaluate import cmd_evaluate
+
+    return cmd_evaluate(args)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "import": cmd_import,
     "import-llava": cmd_import_llava,
@@ -369,6 +377,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "compare": _cmd_compare,
     "train": _cmd_train,
     "adapters": _cmd_adapters,
+    "evaluate": _cmd_evaluate,
 }
 
 

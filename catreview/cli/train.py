@@ -3,7 +3,9 @@
 ``python -m catreview train`` runs a round in a background process (:class:`catreview.adapters.jobs.TrainJobs`)
 with a progress bar, then prints the metrics table (validation numbers, the gate decision, per-breed
 test accuracy); Ctrl-C cancels it (``--resume-run ID`` continues). ``python -m catreview adapters
-list | promote ID | rollback ID|none`` manages versions. :mod:`catreview.cli.main` wires both.
+list | promote ID | rollback ID|none`` manages versions. ``--stage classifier`` does the same for
+stage 1: ``train`` refits the linear head on the frozen backbone (:mod:`catreview.heads`) and
+``adapters`` lists / promotes / rolls back its head versions. :mod:`catreview.cli.main` wires both.
 """
 
 from __future__ import annotations
@@ -31,8 +33,19 @@ from catreview.data.db import make_engine
 
 def add_train_parser(sub: Any) -> argparse.ArgumentParser:
     """Add ``train`` to an ``add_subparsers()`` object; returns the sub-parser."""
-    p = sub.add_parser("train", help="LoRA round on the reviewed photos: export, train, register, gate, maybe activate")
+    p = sub.add_parser(
+        "train",
+        help="LoRA round on the reviewed photos (export, train, register, gate, maybe activate); "
+        "--stage classifier refits the stage-1 head instead",
+    )
     add_common_options(p)
+    p.add_argument(
+        "--stage",
+        choices=["vlm", "classifier"],
+        default="vlm",
+        help="vlm (default): a LoRA round of the VLM; classifier: refit the stage-1 linear head on the frozen "
+        "backbone's cached features (seconds once features are cached), gated on the held-out test split",
+    )
     p.add_argument("--vlm", metavar="PROFILE", help="VLM profile whose model is adapted (default: active_vlm)")
     p.add_argument("--base", metavar="MODEL", help="base model id/folder (overrides --vlm)")
     p.add_argument(
@@ -87,6 +100,13 @@ def add_adapters_parser(sub: Any) -> argparse.ArgumentParser:
         "--vlm", metavar="PROFILE", help="VLM profile whose adapter versions to show or change (default: active_vlm)"
     )
     p.add_argument("--base", metavar="MODEL", help="base model id/folder (overrides --vlm)")
+    p.add_argument(
+        "--stage",
+        choices=["vlm", "classifier"],
+        default="vlm",
+        help="vlm (default): LoRA adapters of the VLM; classifier: the stage-1 head versions of the configured "
+        "(or built-in) backbone ('rollback none': no head version)",
+    )
     return p
 
 
@@ -144,8 +164,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     """``train``: run a round in a background process with a progress bar; print the metrics table.
 
     Ctrl-C cancels the round (its checkpoint is kept; ``--resume-run ID`` continues it).
-    Returns 0 when the round succeeded, 1 otherwise.
+    Returns 0 when the round succeeded, 1 otherwise. ``--stage classifier``: :func:`cmd_train_classifier`.
     """
+    if getattr(args, "stage", "vlm") == "classifier":
+        return cmd_train_classifier(args)
     settings, engine = _settings_and_engine(args)
     policy = GatePolicy(
         min_breed_photos=args.min_breed_photos,
@@ -189,6 +211,95 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0 if st is not None and st.status == "succeeded" else 1
 
 
+def _policy(args: argparse.Namespace) -> GatePolicy:
+    return GatePolicy(
+        min_breed_photos=args.min_breed_photos,
+        max_breed_drop=args.max_breed_drop,
+        min_test_photos=args.min_test_photos,
+        min_p_better=args.min_p_better,
+    )
+
+
+def classifier_table(result: Any) -> str:
+    """The refit's lines: outcome, test metrics of the new head and the reference, per-breed test
+    accuracy, feature cache use and times (a :class:`catreview.heads.refit.RefitResult`)."""
+    t, r = result.test, result.reference_test
+    lines = [
+        result.message,
+        f"fitted on {result.n_train} photos (train split), scored on {result.n_test} test photos; "
+        f"features: {result.features_computed} computed, {result.features_cached} cached "
+        f"({result.feature_seconds:.1f} s of {result.seconds:.1f} s)",
+        f"test balanced accuracy {_fmt(t.get('balanced_accuracy'))}, accuracy {_fmt(t.get('accuracy'))}, "
+        f"macro-F1 {_fmt(t.get('macro_f1'))} (reference: {_fmt(r.get('balanced_accuracy'))})",
+    ]
+    if t.get("per_breed"):
+        lines.append(f"{'breed':28s} {'n':>4s} {'before':>8s} {'after':>8s}")
+        ref = r.get("per_breed") or {}
+        for breed, b in sorted(t["per_breed"].items()):
+            before = (ref.get(breed) or {}).get("accuracy")
+            lines.append(f"{breed[:28]:28s} {b['n']:4d} {_fmt(before):>8s} {_fmt(b['accuracy']):>8s}")
+    lines += [f"  failed: {p}: {why}" for p, why in result.failed]
+    return "\n".join(lines)
+
+
+def _classifier_versions(action: str, target: str | None, settings: Settings, engine: Engine) -> int:
+    """``adapters --stage classifier list | promote ID | rollback ID|none``: the stage-1 head versions."""
+    from catreview.heads.versions import head_rows, promote, rollback
+    from catreview.models.registry import ModelRegistry
+
+    base = ModelRegistry(settings, engine=engine).stage1_backbone().base_model
+    if action == "promote" and target:
+        promote(engine, int(target))
+    elif action == "rollback" and target:
+        rollback(engine, base, None if target.lower() == "none" else int(target))
+    rows = head_rows(engine, base)
+    print(f"{'id':>4s} {'active':6s} {'name':28s} {'created':16s} {'photos':>6s} {'test balanced accuracy':>22s} gate")
+    for r in rows:
+        print(
+            f"{r['id']:4d} {'*' if r['active'] else '':6s} {r['name']:28s} {r['created']:16s} "
+            f"{_fmt(r['train_photos']):>6s} {_fmt(r['test_balanced_accuracy']):>22s} {r['gate']}"
+        )
+    if not any(r["active"] for r in rows):
+        print(f"no stage-1 head version active for {base}")
+    return 0
+
+
+def cmd_train_classifier(args: argparse.Namespace) -> int:
+    """``train --stage classifier``: refit the stage-1 head (:func:`catreview.heads.refit.refit_classifier`)
+    with a progress bar over the photos whose features are not cached yet; print the outcome.
+
+    Returns 0 (a version was stored, activated or not).
+
+    Raises:
+        ValueError: options of the VLM round given with ``--stage classifier``.
+        catreview.heads.fit.HeadFitError: fewer than two reviewed breeds.
+    """
+    given = [
+        f for f, v in (("--export", args.export), ("--resume-run", args.resume_run), ("--launcher", args.launcher)) if v
+    ]
+    if given:
+        raise ValueError(f"{', '.join(given)} belong to the VLM round; --stage classifier takes none of them")
+    from catreview.heads.refit import refit_classifier
+    from catreview.models.registry import ModelRegistry
+
+    settings, engine = _settings_and_engine(args)
+    registry = ModelRegistry(settings, engine=engine)
+    bar = tqdm(desc="stage-1 features", unit="photo", file=sys.stderr)
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if stage == "features":
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+    try:
+        result = refit_classifier(registry, policy=_policy(args), auto_activate=not args.no_activate, progress=progress)
+    finally:
+        bar.close()
+    print(classifier_table(result))
+    return 0
+
+
 def cmd_adapters(args: argparse.Namespace) -> int:
     """``adapters list | promote ID | rollback ID|none``.
 
@@ -211,6 +322,8 @@ def cmd_adapters(args: argparse.Namespace) -> int:
             else "rollback needs a version id (a number from 'adapters list') or 'none'"
         )
     settings, engine = _settings_and_engine(args)
+    if getattr(args, "stage", "vlm") == "classifier":
+        return _classifier_versions(args.action, target, settings, engine)
     base = _base_model(args, settings)
     if args.action == "promote" and target:  # target: checked above
         activate(engine, int(target))
@@ -227,4 +340,12 @@ def cmd_adapters(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["add_adapters_parser", "add_train_parser", "cmd_adapters", "cmd_train", "metrics_table"]
+__all__ = [
+    "add_adapters_parser",
+    "add_train_parser",
+    "classifier_table",
+    "cmd_adapters",
+    "cmd_train",
+    "cmd_train_classifier",
+    "metrics_table",
+]

@@ -37,6 +37,15 @@ class ClassifierError(CatreviewError, RuntimeError):
     """A stage-1 model that cannot be loaded; the message says what to fix."""
 
 
+class ClassifierNotTrainedError(ClassifierError):
+    """The built-in stage-1 backbone has no trained breed head yet (no active head version).
+
+    Its ImageNet head is never used for breeds, so there is no stage-1 model until one is trained
+    (``python -m catreview train --stage classifier`` or "Retrain classifier"); the predict runner
+    then skips stage 1 (and the VLM, which needs its candidates) and says so.
+    """
+
+
 #: Keys under which a checkpoint may carry its class names (safetensors metadata or dict key).
 LABEL_KEYS = ("label_names", "class_names", "classes")
 
@@ -157,6 +166,16 @@ def labels_from_checkpoint(path: Path) -> list[str] | None:
             if isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names):
                 return list(names)
     return None
+
+
+@torch.inference_mode()
+def pre_logit_features(model: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """``model.forward_head(model.forward_features(pixels), pre_logits=True)`` as (N, F) float32
+    on CPU: a timm model's pooled features just before its classifier (timm's ``forward_head``
+    contract, e.g. global pool (+ norm for ConvNeXt), no dropout in eval mode), so that
+    ``model.get_classifier()(features)`` is the model's logits."""
+    feats = model.forward_head(model.forward_features(pixels), pre_logits=True)
+    return feats.float().flatten(1).cpu()
 
 
 @dataclass
@@ -284,6 +303,12 @@ class Stage1Classifier:
         memory, as the stage-1 DataLoader gives it on CUDA).
         """
         return self.model(pixels.to(self.device, non_blocking=True)).float().cpu()
+
+    @torch.inference_mode()
+    def features_batch(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pooled pre-logit features of one preprocessed batch: (N, 3, H, W) float32 -> (N, F)
+        float32 on CPU (:func:`pre_logit_features`); the head maps them to :meth:`forward_batch`'s logits."""
+        return pre_logit_features(self.model, pixels.to(self.device, non_blocking=True))
 
     @torch.inference_mode()
     def logits(self, images: Sequence[Image.Image]) -> torch.Tensor:

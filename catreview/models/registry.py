@@ -1,7 +1,14 @@
 """Which models the settings select, loaded lazily and at most once per process.
 
-With no classifier configured, stage 1 is the demo ``convnext_atto``; with no VLM profiles
-configured, the profile ``"demo"`` points at the tiny demo LLaVA. A profile name that is not
+With no classifier configured, stage 1 is the built-in ImageNet ``tf_efficientnet_lite2`` with the
+active breed head fitted on the reviews (:mod:`catreview.heads`; none trained yet:
+:class:`~catreview.models.classifier.ClassifierNotTrainedError`), or with
+``builtin_models="random"`` the demo ``convnext_atto``; an active head version of the configured
+backbone wins over its own head (:meth:`ModelRegistry.classifier`); with no VLM profiles
+configured, the built-in profiles are used: with ``builtin_models="pretrained"`` two FastVLMs built
+offline from installed weight packages (:mod:`catreview.models.offline`; untrained until an
+adapter is active, :meth:`ModelRegistry.vlm_trained`), with ``"random"`` the profile ``"demo"``,
+the tiny demo LLaVA. A profile name that is not
 configured (``active_vlm``, ``--vlm``) is a :class:`~catreview.config.ConfigError`, never a silent
 switch to the demo. The demo models are built by :func:`catreview.models.demo.ensure_demo_models`
 and loaded through the same code as real checkpoints.
@@ -16,10 +23,17 @@ from typing import TYPE_CHECKING
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from catreview.config import DEMO_PROFILE, ConfigError, Settings, VLMProfile
+from catreview.config import DEMO_PROFILE, ConfigError, Settings, VLMProfile, builtin_vlm_profiles
 from catreview.data.db import active_adapter_version, make_engine
-from catreview.models.classifier import Stage1Classifier
+from catreview.models.classifier import ClassifierNotTrainedError, Stage1Classifier
 from catreview.models.demo import DemoModels, ensure_demo_models
+from catreview.models.stage1_builtin import (
+    BUILTIN_ARCH,
+    HEAD_CHECKPOINT,
+    Stage1Backbone,
+    backbone_key,
+    ensure_builtin_backbone,
+)
 
 if TYPE_CHECKING:  # the VLM module is imported on first use, in ModelRegistry.vlm
     from catreview.models.vlm.postclassifier import VLMPostClassifier
@@ -48,8 +62,11 @@ class ModelRegistry:
         self.engine = engine if engine is not None else make_engine(settings.database_url)
         self._lock = threading.RLock()
         self._classifier: Stage1Classifier | None = None
+        self._classifier_source: tuple[str, Path | None, Path | None] | None = None
+        self._backbone: Stage1Backbone | None = None
         self._vlms: dict[str, VLMPostClassifier] = {}
         self._demo: DemoModels | None = None
+        self._builtin_vlms: dict[str, Path] | None = None
 
     @property
     def demo(self) -> DemoModels:
@@ -60,17 +77,72 @@ class ModelRegistry:
             return self._demo
 
     def profiles(self) -> dict[str, VLMProfile]:
-        """Configured VLM profiles by name, in configuration order; with none configured, the
-        single profile ``"demo"`` (the tiny demo LLaVA, built on first use)."""
+        """Configured VLM profiles by name, in configuration order. With none configured, the
+        built-in ones: with ``builtin_models="pretrained"`` the FastVLMs ``"smollm2-lite0"`` and
+        ``"smollm2-lite2"`` (:mod:`catreview.models.offline`; built on first use, about two
+        minutes once, then cached on disk), with ``"random"`` the single profile ``"demo"`` (the
+        tiny demo LLaVA, seconds). Built-in profiles are plain folders, loaded like a user's.
+
+        Raises:
+            catreview.models.offline.WeightPackageError: a weight package is not installed.
+        """
         profiles = dict(self.settings.vlm_profiles)
         if not profiles:
-            profiles[DEMO_PROFILE] = VLMProfile(model=str(self.demo.vlm_dir))
+            profiles.update({name: VLMProfile(model=str(path)) for name, path in self.builtin_vlm_dirs().items()})
         return profiles
+
+    def builtin_vlm_dirs(self) -> dict[str, Path]:
+        """Folders of the built-in VLM profiles of ``settings.builtin_models`` by name (built on
+        first use, see :meth:`profiles`)."""
+        with self._lock:
+            if self._builtin_vlms is None:
+                if self.settings.builtin_models == "random":
+                    self._builtin_vlms = {DEMO_PROFILE: Path(self.demo.vlm_dir)}
+                else:
+                    from catreview.models.offline import builtin_dir, ensure_builtin_vlms
+
+                    self._builtin_vlms = ensure_builtin_vlms(builtin_dir(self.settings.demo_dir))
+            return dict(self._builtin_vlms)
+
+    def vlm_trained(self, name: str | None = None) -> bool:
+        """Whether profile ``name``'s (default: the active one) verdicts mean something.
+
+        A configured profile (a user's checkpoint) always counts as trained, and so does the
+        tiny random ``"demo"`` profile (tests of mechanics rely on its verdicts). A built-in
+        pretrained FastVLM has a random projector: it counts as trained only once an adapter
+        is active for it (:func:`active_adapter_path`). One indexed query; builds nothing.
+
+        Raises:
+            UnknownProfileError: no such profile.
+        """
+        name = name or self.active_vlm_name
+        if name in self.settings.vlm_profiles or self.settings.builtin_models == "random":
+            self.profile(name)  # raises for a name that is not there
+            return True
+        if self.settings.vlm_profiles or name not in builtin_vlm_profiles(self.settings.builtin_models):
+            raise UnknownProfileError(self._unknown_message(name))
+        from catreview.models.offline import builtin_dir
+
+        # The folder ensure_builtin_vlms builds, named without building it (this runs per click).
+        base = str(builtin_dir(self.settings.demo_dir) / name)
+        return active_adapter_path(self.engine, base) is not None
+
+    def untrained_reason(self, name: str | None = None) -> str | None:
+        """``None`` when :meth:`vlm_trained`, else the plain status line saying why its verdicts
+        are not shown: ``"VLM not trained yet: ..."``."""
+        name = name or self.active_vlm_name
+        if self.vlm_trained(name):
+            return None
+        return (
+            f"VLM not trained yet: the built-in profile {name!r} has an untrained image projector, so its "
+            "verdicts would mean nothing; review some photos and run a training round (Train tab or "
+            "`python -m catreview train`)"
+        )
 
     @property
     def active_vlm_name(self) -> str:
-        """Name of the profile used when none is given: ``settings.active_vlm``, which is
-        ``"demo"`` exactly when no profiles are configured.
+        """Name of the profile used when none is given: ``settings.active_vlm``, a built-in
+        profile (``"smollm2-lite0"`` or ``"demo"``, see :meth:`profiles`) when none is configured.
 
         Raises:
             UnknownProfileError: ``active_vlm`` names no configured profile (settings built
@@ -78,12 +150,12 @@ class ModelRegistry:
         """
         name = self.settings.active_vlm
         configured = self.settings.vlm_profiles
-        if name in configured or (not configured and name == DEMO_PROFILE):
+        if name in configured or (not configured and name in builtin_vlm_profiles(self.settings.builtin_models)):
             return name
         raise UnknownProfileError(self._unknown_message(name, " (active_vlm)"))
 
     def _unknown_message(self, name: str, source: str = "") -> str:
-        configured = list(self.settings.vlm_profiles) or [DEMO_PROFILE]
+        configured = list(self.settings.vlm_profiles) or list(builtin_vlm_profiles(self.settings.builtin_models))
         return f"no VLM profile named {name!r}{source}; configured: {', '.join(map(repr, configured))}"
 
     def profile(self, name: str | None = None) -> VLMProfile:
@@ -107,21 +179,70 @@ class ModelRegistry:
         """
         return self.profile(name).model
 
-    def classifier(self) -> Stage1Classifier:
-        """The stage-1 classifier (loaded on first call)."""
+    def stage1_backbone(self) -> Stage1Backbone:
+        """The frozen stage-1 backbone whose head :mod:`catreview.heads` refits (computed once):
+        ``classifier.model`` + ``classifier.checkpoint`` when configured; else the built-in
+        ImageNet ``tf_efficientnet_lite2`` (``builtin_models="pretrained"``, converted on first
+        use) or the demo ``convnext_atto`` (``"random"``).
+
+        Raises:
+            catreview.models.stage1_builtin.BuiltinWeightsError: the built-in weight package is missing.
+        """
         with self._lock:
-            if self._classifier is None:
+            if self._backbone is None:
                 cfg = self.settings.classifier
-                if cfg.model is None:
+                if cfg.model is not None:
+                    ckpt = Path(cfg.checkpoint) if cfg.checkpoint else None
+                    key = backbone_key(cfg.model, ckpt if ckpt is not None and ckpt.is_file() else None)
+                    self._backbone = Stage1Backbone(cfg.model, ckpt, key, False, cfg.labels_file)
+                elif self.settings.builtin_models == "random":
                     demo = self.demo
-                    self._classifier = Stage1Classifier.load(
-                        demo.classifier_arch,
-                        checkpoint=demo.classifier_checkpoint,
-                        device=cfg.device,
-                        batch_size=cfg.batch_size,
+                    ckpt = Path(demo.classifier_checkpoint)
+                    self._backbone = Stage1Backbone(
+                        demo.classifier_arch, ckpt, backbone_key(demo.classifier_arch, ckpt), False
                     )
                 else:
+                    weights = ensure_builtin_backbone(self.settings)
+                    self._backbone = Stage1Backbone(BUILTIN_ARCH, weights, backbone_key(BUILTIN_ARCH, weights), True)
+            return self._backbone
+
+    def classifier(self) -> Stage1Classifier:
+        """The stage-1 classifier, reloaded when the active head version changes.
+
+        In order: the active head version of :meth:`stage1_backbone` (a full timm checkpoint
+        fitted by :mod:`catreview.heads`, loaded by :meth:`Stage1Classifier.load` like any
+        checkpoint); else the configured classifier; else (``builtin_models="random"``) the demo
+        ``convnext_atto``; else (the built-in ImageNet backbone without a trained head)
+        :class:`ClassifierNotTrainedError`. One indexed query per call finds the active version.
+
+        Raises:
+            ClassifierNotTrainedError: the built-in backbone has no trained head version.
+            catreview.models.classifier.ClassifierError: the model cannot be loaded.
+        """
+        with self._lock:
+            backbone = self.stage1_backbone()
+            with Session(self.engine) as s:
+                row = active_adapter_version(s, backbone.base_model)
+            cfg = self.settings.classifier
+            source: tuple[str, Path | None, Path | None]
+            if row is not None:
+                source = (backbone.model_id, Path(row.path) / HEAD_CHECKPOINT, None)
+            elif backbone.builtin:
+                raise ClassifierNotTrainedError(
+                    "No stage-1 model trained yet: the built-in ImageNet backbone has no breed head; train one with "
+                    "'python -m catreview train --stage classifier' or the Train tab's \"Retrain classifier\" "
+                    "(it needs reviewed photos)"
+                )
+            else:
+                source = (backbone.model_id, backbone.weights, backbone.labels_file)
+            if self._classifier is None or self._classifier_source != source:
+                if row is None and cfg.model is not None:
                     self._classifier = Stage1Classifier.from_config(cfg)
+                else:
+                    self._classifier = Stage1Classifier.load(
+                        source[0], checkpoint=source[1], device=cfg.device, batch_size=cfg.batch_size
+                    )
+                self._classifier_source = source
             return self._classifier
 
     def vlm(self, name: str | None = None) -> VLMPostClassifier:

@@ -35,7 +35,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import Session, col, select
 
 from catreview.data.db import ImageRecord, Prediction, insert_ignoring_conflicts, stored_id, utcnow
-from catreview.models.classifier import Stage1Classifier
+from catreview.models.classifier import ClassifierNotTrainedError, Stage1Classifier
 from catreview.predict.fusion import should_route_to_vlm
 from catreview.predict.loader import PhotoBatch, PhotoItem, default_workers, photo_loader
 
@@ -65,18 +65,28 @@ class PredictSummary:
     vlm_skipped: int = 0
     reasoning_computed: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
+    #: Why stage 1 (and so the VLM, which needs its candidates) did not run, for people
+    #: (``"No stage-1 model trained yet: ..."``); ``None`` when it ran.
+    stage1_skipped: str | None = None
     stage1_seconds: float = 0.0
     vlm_seconds: float = 0.0
     reasoning_seconds: float = 0.0
     cancelled: bool = False
+    #: Why the VLM passes did not run at all (``"VLM not trained yet: ..."``,
+    #: :meth:`catreview.models.registry.ModelRegistry.untrained_reason`), else ``None``.
+    vlm_not_run: str | None = None
 
     def lines(self) -> list[str]:
+        if self.stage1_skipped is not None:
+            return [f"{self.images} photos; {self.stage1_skipped}"]
         out = [
             f"{self.images} photos; stage 1: {self.stage1_computed} computed ({self.stage1_seconds:.1f} s), "
             f"{self.stage1_cached} cached",
             f"VLM: {self.vlm_computed} computed ({self.vlm_seconds:.1f} s), {self.vlm_cached} cached, "
             f"{self.vlm_skipped} skipped by routing",
         ]
+        if self.vlm_not_run:
+            out[1] = self.vlm_not_run
         if self.reasoning_computed:
             out.append(f"reasoning: {self.reasoning_computed} generated ({self.reasoning_seconds:.1f} s)")
         out += [f"  failed: {p}: {r}" for p, r in self.failed]
@@ -729,12 +739,28 @@ def run_predictions(
         shard: this process's share of the photos (one per ``accelerate launch`` process).
         page_size: rows per query when listing what is missing.
 
+    The VLM passes are skipped when the profile is not trained yet (a built-in FastVLM without
+    an active adapter): ``summary.vlm_not_run`` says so.
+
+    With the built-in stage-1 backbone and no trained head yet
+    (:class:`~catreview.models.classifier.ClassifierNotTrainedError`), nothing is predicted:
+    ``summary.stage1_skipped`` says so (the VLM needs stage 1's candidates).
+
     Raises:
         catreview.errors.CatreviewError: a model cannot be loaded (its own subclass).
     """
     summary = PredictSummary()
-    clf = registry.classifier()
-    vlm = registry.vlm(vlm_name)
+    try:
+        clf = registry.classifier()
+    except ClassifierNotTrainedError as exc:
+        with Session(engine) as session:
+            summary.images = count_photos(session, shard, image_ids)
+        summary.stage1_skipped = str(exc)
+        return summary
+    # An untrained built-in VLM's verdicts would look like answers and mean nothing: it is not
+    # even built or loaded (registry.untrained_reason builds nothing).
+    untrained = registry.untrained_reason(vlm_name)
+    vlm = registry.vlm(vlm_name) if untrained is None else None
     top_k = registry.settings.classifier.top_k
     with Session(engine) as session:
         summary.images = count_photos(session, shard, image_ids)
@@ -752,6 +778,9 @@ def run_predictions(
             stop=stop,
         )
         if summary.cancelled:
+            return summary
+        summary.vlm_not_run = untrained
+        if vlm is None:
             return summary
         pairs = vlm_todo(
             session,

@@ -57,15 +57,22 @@ class PredictionPanels:
     fused: dict[str, float] | None
 
 
-def prediction_panels(view: PhotoView) -> PredictionPanels:
-    """Stage-1 top-k, the VLM over the candidates (or why it is missing) and the fused prediction."""
+def prediction_panels(view: PhotoView, vlm_untrained: str | None = None) -> PredictionPanels:
+    """Stage-1 top-k, the VLM over the candidates (or why it is missing) and the fused prediction.
+
+    ``vlm_untrained``: the registry's "VLM not trained yet: ..." line
+    (:meth:`catreview.models.registry.ModelRegistry.untrained_reason`), shown instead of
+    "not ready yet" while the active VLM has no verdicts because it is not trained.
+    """
     if view["stage1"] is None:
         return PredictionPanels(STAGE1_PENDING, None, None, "", None)
     stage1 = {d["label"]: d["probability"] for d in view["stage1"]} or None
     fused = dict(view["fused"]["probabilities"]) if view["fused"] else None
     vv = view["vlm"]
     if vv is None:
-        return PredictionPanels(VLM_PENDING, stage1, None, "", fused)
+        return PredictionPanels(
+            vlm_untrained + " (stage 1 shown)." if vlm_untrained else VLM_PENDING, stage1, None, "", fused
+        )
     if vv.get("skipped"):
         return PredictionPanels("", stage1, None, f"VLM skipped: {vv['reason']}.", fused)
     info = f"VLM verdict: **{vv['label']}** with confidence {vv['confidence']:.1%}"

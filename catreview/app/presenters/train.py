@@ -24,6 +24,34 @@ CANCELLING = "Cancelling the running round."
 NOT_RUNNING = "No round is running."
 CHOOSE_VERSION = "Choose a version first."
 NO_ADAPTER = "No adapter active: the base model predicts alone."
+#: Prefix of a stage-1 refit that could not be done (a :class:`~catreview.errors.CatreviewError`).
+CLASSIFIER_FAILED = "Classifier not retrained: "
+CLASSIFIER_STARTED = (
+    "Retraining the classifier: features of photos not cached yet, then the stage-1 head on the reviews."
+)
+CLASSIFIER_BUSY = "The classifier is already being retrained."
+
+
+def classifier_message(result: Any) -> str:
+    """One finished stage-1 refit for people (a :class:`catreview.heads.refit.RefitResult`): what
+    was decided, on how many photos, the test balanced accuracy and the time taken."""
+    ba = result.test.get("balanced_accuracy")
+    score = f"; test balanced accuracy {100 * ba:.1f}% on {result.n_test} photos" if ba is not None else ""
+    return (
+        f"{result.message[0].upper()}{result.message[1:]}{score} "
+        f"({result.features_computed} photos featurised, {result.features_cached} cached; {result.seconds:.1f} s)."
+    )
+
+
+def classifier_status(state: Any) -> str:
+    """The classifier job's line (a :class:`catreview.jobs.JobState`): ``"Retraining the classifier:
+    features 120/330"`` while running, the outcome once finished, ``""`` before the first run."""
+    if state.error:
+        return f"Classifier retraining failed: {state.error}"
+    if state.running:
+        pct = f" {state.done}/{state.total}" if state.total else ""
+        return f"Retraining the classifier: {state.stage}{pct}"
+    return state.message
 
 
 def _form_number(name: str, value: Any) -> float:

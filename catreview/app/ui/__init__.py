@@ -22,8 +22,8 @@ against a flat 14-15 ms with this setting."""
 
 def build_ui(app: ReviewApp) -> gr.Blocks:
     """The whole app: a banner when demo models are in use, then one tab per step of the data
-    flow (review -> calibration -> export -> train -> compare)."""
-    from catreview.app.ui import calibration_tab, compare_tab, export_tab, review_tab, train_tab
+    flow (review -> calibration -> export -> train -> compare -> evaluation)."""
+    from catreview.app.ui import calibration_tab, compare_tab, evaluate_tab, export_tab, review_tab, train_tab
 
     # read when the queue is made (Blocks.queue / launch); an explicit environment setting wins
     os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", str(ANALYTICS_SUMMARY_EVERY))
@@ -44,4 +44,6 @@ def build_ui(app: ReviewApp) -> gr.Blocks:
             train_tab.build(app)
         with gr.Tab("Compare", id="compare-tab"):
             compare_tab.build(app)
+        with gr.Tab("Evaluation", id="evaluation-tab"):
+            evaluate_tab.build(app)
     return demo

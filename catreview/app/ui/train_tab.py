@@ -147,6 +147,21 @@ def no_adapter(app: ReviewApp) -> str:
     return text.NO_ADAPTER
 
 
+def retrain_classifier(app: ReviewApp) -> str:
+    """Start a stage-1 refit in the background (:class:`catreview.app.classifier_job.ClassifierJob`);
+    returns the message shown under the buttons."""
+    from catreview.app.classifier_job import classifier_job
+
+    return text.CLASSIFIER_STARTED if classifier_job(app).start() else text.CLASSIFIER_BUSY
+
+
+def classifier_status(app: ReviewApp) -> str:
+    """The stage-1 refit's progress or outcome (``""`` before the first refit of this app)."""
+    from catreview.app.classifier_job import classifier_job
+
+    return text.classifier_status(classifier_job(app).state)
+
+
 def _frames(rows: list[dict[str, Any]]) -> tuple[pd.DataFrame, pd.DataFrame]:
     train = [{"step": r["step"], "loss": r["loss"]} for r in rows if r.get("kind") == "train"]
     evals = [
@@ -196,6 +211,7 @@ def build(app: ReviewApp) -> None:
         projector = gr.Checkbox(False, label="Also train the projector", elem_id="train-projector")
     with gr.Row():
         retrain = gr.Button("Retrain adapter", variant="primary", elem_id="retrain")
+        retrain_clf = gr.Button("Retrain classifier", elem_id="retrain-classifier")
         stop = gr.Button("Cancel training", variant="stop", elem_id="cancel-train")
     # A callable value is computed on every page load: the latest run's status shows at once (also
     # after an app restart), not only from the timer's first tick.
@@ -229,6 +245,9 @@ def build(app: ReviewApp) -> None:
         promote_btn = gr.Button("Activate this version (promote / roll back)", elem_id="promote-adapter")
         none_btn = gr.Button("No adapter", elem_id="no-adapter")
     message = gr.Markdown(elem_id="train-message")
+    clf_status = gr.Textbox(
+        lambda: classifier_status(app), label="Classifier (stage 1)", interactive=False, elem_id="classifier-status"
+    )
 
     outputs = [status, loss_plot, val_plot, gate_md, gate_table, versions, choice]
 
@@ -241,6 +260,8 @@ def build(app: ReviewApp) -> None:
 
     ticked = [*outputs, message]
     gr.Timer(REFRESH_SECONDS).tick(tick, inputs=[message], outputs=ticked, api_visibility="private")
+    gr.Timer(REFRESH_SECONDS).tick(lambda: classifier_status(app), outputs=[clf_status], api_visibility="private")
+    retrain_clf.click(lambda: retrain_classifier(app), outputs=[clf_status], api_name="retrain_classifier")
     retrain.click(
         lambda *a: start(app, *a), inputs=[epochs, lr, rank, batch, projector], outputs=[message], api_name="retrain"
     ).then(tick, inputs=[message], outputs=ticked)

@@ -113,7 +113,7 @@ def match_candidate(answer: str, labels: Sequence[str]) -> str:
     text = " ".join(answer.lower().replace("_", " ").split())
     best: tuple[int, int, str] | None = None
     for label in labels:
-        name = prompts.answer_text(label).strip().lower()
+        name = prompts.candidate_name(label).lower()
         found = re.search(rf"(?<!\w){re.escape(name)}(?!\w)", text) if name else None
         if found and (best is None or (found.start(), -len(name)) < (best[0], best[1])):
             best = (found.start(), -len(name), label)

@@ -6,10 +6,15 @@ what the VLM is asked, so bump the version with it and old and new predictions s
 
 Two prompts:
 
-* the **verdict** prompt lists the candidates (stage-1 top-k plus :data:`OTHER_LABEL`) and asks
-  for one name. Verdicts are *scored*, not generated: each candidate answer
-  (:func:`answer_text`, with its leading space) is appended after the assistant turn opener and
-  its log-likelihood measured (see :mod:`catreview.models.vlm.scoring`).
+* the **verdict** prompt lists the candidates (stage-1 top-k; :data:`OTHER_LABEL` is "a cat of
+  another breed") and asks which breed it is. The assistant's answer is prefilled with
+  :data:`ANSWER_PREFILL` (``"This is a"``) and verdicts are *scored*, not generated: each
+  candidate's completion (:func:`answer_text`: ``" Bengal cat."``, with its leading space) is
+  appended and its log-likelihood measured (see :mod:`catreview.models.vlm.scoring`). The
+  prefill puts every candidate in the same sentence, so a small model compares breed names in
+  a context it knows instead of guessing the answer's form (measured on a SmolLM2-135M FastVLM:
+  free generation without it is poor, ``../shared/NOTES.md``). The export's answers start with
+  the same sentence (``"This is a Bengal cat."``).
 * the **reasoning** prompt asks for the visible traits that decide between the candidates
   (coat, pattern, colour points, eyes, ears, muzzle, body). Its answer is free text, generated.
 
@@ -23,19 +28,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-PROMPT_VERSION = "p1"
+PROMPT_VERSION = "p2"
 """Version of every text below. A prompt change is a new prediction version."""
 
 OTHER_LABEL = "other"
 """Label added to every candidate list: "none of the stage-1 candidates"."""
 
-OTHER_ANSWER = "other"
-"""The answer text the model gives for :data:`OTHER_LABEL` (as named in the verdict prompt)."""
+OTHER_ANSWER = "cat of another breed"
+"""The completion scored for :data:`OTHER_LABEL` ("This is a cat of another breed.")."""
+
+ANSWER_PREFILL = "This is a"
+"""Start of the assistant's verdict answer, written into the prompt (after the turn opener);
+the scored completions continue it (:func:`answer_text`)."""
 
 VERDICT_TEMPLATE = (
-    "Which cat breed is shown in this photo? "
-    "Candidates: {candidates}. "
-    'Answer with exactly one candidate name; answer "{other}" if none of them fits.'
+    "Which breed is this cat: {candidates}? Answer with one sentence; if it is none of them, say that it is a {other}."
 )
 
 REASONING_TEMPLATE = (
@@ -78,21 +85,35 @@ def with_other(candidates: Sequence[str]) -> list[str]:
     return [*labels, OTHER_LABEL]
 
 
-def answer_text(label: str) -> str:
-    """The answer a candidate corresponds to, with its leading space (``" Maine Coon"``).
+def candidate_name(label: str) -> str:
+    """How a candidate is named in prompts and answers: ``"Maine Coon"``; :data:`OTHER_LABEL` ->
+    :data:`OTHER_ANSWER`."""
+    return OTHER_ANSWER if label == OTHER_LABEL else display_name(label)
 
-    The space belongs to the answer, never to the prompt: a prompt ending in ``"ASSISTANT: "``
-    makes the space its own token, which no trained model ever saw before an answer.
+
+def answer_text(label: str) -> str:
+    """The scored completion of :data:`ANSWER_PREFILL` for a candidate, with its leading space:
+    ``" Maine Coon cat."``; a name already ending in "cat" gets no second one
+    (``" Norwegian Forest Cat."``); :data:`OTHER_LABEL` -> ``" cat of another breed."``.
+
+    The space belongs to the answer, never to the prompt: a prompt ending in a space makes the
+    space its own token, which no trained model ever saw before a word.
     """
-    return " " + (OTHER_ANSWER if label == OTHER_LABEL else display_name(label))
+    name = candidate_name(label)
+    if label != OTHER_LABEL and not name.lower().endswith("cat"):
+        name += " cat"
+    return f" {name}."
 
 
 def _candidate_list(labels: Sequence[str]) -> str:
-    return ", ".join(OTHER_ANSWER if c == OTHER_LABEL else display_name(c) for c in labels)
+    """``"A, B or C"`` (breeds only, :data:`OTHER_LABEL` left out)."""
+    names = [display_name(c) for c in labels if c != OTHER_LABEL]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
 
 
 def verdict_text(labels: Sequence[str]) -> str:
-    """User text of the verdict prompt; ``labels`` already include :data:`OTHER_LABEL`."""
+    """User text of the verdict prompt; ``labels`` may include :data:`OTHER_LABEL` (offered as
+    "a cat of another breed", always)."""
     return VERDICT_TEMPLATE.format(candidates=_candidate_list(labels), other=OTHER_ANSWER)
 
 
@@ -153,9 +174,17 @@ def end_of_turn_token(processor: Any) -> str | None:
     return max(matches, key=len) if matches else None
 
 
+def with_prefill(chat: str, prefill: str = ANSWER_PREFILL) -> str:
+    """``chat`` (ending with the assistant turn opener) followed by ``prefill``, separated by a
+    space unless the opener ends in whitespace (``"ASSISTANT: This is a"``,
+    ``"<|im_start|>assistant\nThis is a"``)."""
+    return chat + ("" if chat[-1:].isspace() else " ") + prefill
+
+
 def verdict_prompt(processor: Any, labels: Sequence[str]) -> str:
-    """The verdict chat for ``labels`` (including :data:`OTHER_LABEL`)."""
-    return build_chat(processor, verdict_text(labels))
+    """The verdict chat for ``labels`` (including :data:`OTHER_LABEL`), ending with the
+    prefilled start of the answer (:data:`ANSWER_PREFILL`)."""
+    return with_prefill(build_chat(processor, verdict_text(labels)))
 
 
 def reasoning_prompt(processor: Any, labels: Sequence[str]) -> str:
