@@ -1,7 +1,9 @@
-"""Start the catreview web app: ``python app.py [--images DIR] [--config FILE] [--db URL]``.
+"""Start the catreview web app: ``python app.py [--images DIR [--labels-from-folders | --labels
+FILE.csv]] [--config FILE] [--db URL]``.
 
-With no configuration it runs on the built-in demo models (built offline once, cached) and
-opens on a free local port.
+With no configuration it runs on the built-in offline models (ImageNet EfficientNet-Lite, and
+VLMs built from EfficientNet-Lite + SmolLM2, built once and cached) and opens on a free local port;
+on a labelled folder it trains them in the background (stage 1 first, then a LoRA round).
 """
 
 from __future__ import annotations
@@ -18,6 +20,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The launcher's options (see the module docstring)."""
     p = argparse.ArgumentParser(description="catreview review app")
     p.add_argument("--images", metavar="DIR", action="append", help="import this folder at start (repeatable)")
+    labels = p.add_mutually_exclusive_group()
+    labels.add_argument(
+        "--labels-from-folders",
+        action="store_true",
+        help="with --images: each photo's folder name is its breed (Maine_Coon/x.jpg), recorded as a review",
+    )
+    labels.add_argument(
+        "--labels", metavar="FILE.csv", type=Path, help="with --images: existing labels (columns path,label)"
+    )
     p.add_argument("--config", metavar="FILE", help="TOML settings file (see assets/example_config.toml)")
     p.add_argument("--db", metavar="URL", help="database URL (default: sqlite file under db/)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -70,8 +81,16 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    if (args.labels or args.labels_from_folders) and not folders:
+        print("error: --labels and --labels-from-folders need --images DIR", file=sys.stderr)
+        return 2
+    if args.labels is not None and not args.labels.is_file():
+        print(f"error: labels file not found: {args.labels}", file=sys.stderr)
+        return 2
     if folders or not args.no_predict:
-        app.start_background(folders, predict=not args.no_predict)
+        app.start_background(
+            folders, predict=not args.no_predict, labels_csv=args.labels, labels_from_folders=args.labels_from_folders
+        )
     demo.block_thread()
     return 0
 

@@ -138,6 +138,9 @@ class Settings(BaseSettings):
     #: and VLMs built from the registry's weight packages, trained on the reviews), or
     #: ``"random"``, the tiny random-weight models that tests of mechanics use.
     builtin_models: BuiltinModels = "pretrained"
+    #: Start a first LoRA round of an untrained built-in VLM after the cold-start predictions
+    #: (``CATREVIEW_FIRST_VLM_ROUND=false``: only when asked, from the Train tab or the CLI).
+    first_vlm_round: bool = True
     data_dir: Path = REPO_ROOT / "db"
     annotator: str = "annotator"
 
@@ -208,9 +211,16 @@ class Settings(BaseSettings):
 
     @property
     def uses_demo_models(self) -> bool:
-        """True when stage 1 or the active VLM is a built-in demo model (no classifier model, or
-        no VLM profiles configured)."""
-        return self.classifier.model is None or self.active_vlm not in self.vlm_profiles
+        """True when stage 1 or the active VLM is a tiny random-weight demo model
+        (``builtin_models="random"`` and no classifier model, or no VLM profiles, configured)."""
+        return self.builtin_models == "random" and (
+            self.classifier.model is None or self.active_vlm not in self.vlm_profiles
+        )
+
+    @property
+    def builtin_stages(self) -> tuple[bool, bool]:
+        """``(stage 1, VLM)``: whether each stage is a built-in model (nothing configured for it)."""
+        return self.classifier.model is None, not self.vlm_profiles
 
 
 def builtin_vlm_profiles(builtin_models: BuiltinModels) -> tuple[str, ...]:

@@ -176,6 +176,16 @@ def test_a_version_loads_through_stage1classifier_load_with_identical_logits(lit
     tops = loaded.topk(images)
     assert all(name in BREEDS for top in tops for name, _ in top)
     assert all(abs(sum(p for _, p in top) - 1.0) < 1e-5 for top in tops)
+    # The evaluation report leaves out what this version was fitted on: its train split, no more.
+    from sqlmodel import Session
+
+    from catreview.adapters.versions import training_photo_hashes
+    from catreview.heads.versions import stage1_training_hashes
+
+    with Session(registry.engine) as s:
+        trained = stage1_training_hashes(s, loaded.model_id, loaded.model_version)
+        assert trained and trained == training_photo_hashes(s, str(folder))
+        assert stage1_training_hashes(s, loaded.model_id, "0123456789ab-labels01234567") == set()
 
 
 def test_out_of_fold_probabilities_come_from_heads_that_never_saw_the_photo(lite2):

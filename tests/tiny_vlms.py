@@ -488,6 +488,7 @@ def build_tiny_fastvlm(out_dir: str | Path, *, seed: int = 0) -> Path:
     Returns:
         ``out_dir`` as a :class:`~pathlib.Path` (``AutoProcessor`` / ``AutoModelForImageTextToText``).
     """
+    import timm
     from transformers import (
         CLIPImageProcessor,
         FastVlmConfig,
@@ -510,6 +511,10 @@ def build_tiny_fastvlm(out_dir: str | Path, *, seed: int = 0) -> Path:
     mark_build(config, family="fast_vlm", size="tiny", seed=seed)
     seed_everything(seed)
     model = FastVlmForConditionalGeneration(config).eval()
+    # transformers' weight init leaves a timm tower nearly dead (outputs ~1e-15): give it timm's
+    # own random init, so photos reach the projector with O(1) features like a real tower's.
+    tower = timm.create_model("test_efficientnet", pretrained=False, num_classes=0)
+    model.model.vision_tower.timm_model.load_state_dict(tower.state_dict(), strict=False)
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": s.image_size},
         crop_size={"height": s.image_size, "width": s.image_size},

@@ -80,6 +80,20 @@ from training.loss import batch_loss
 from training.model import add_lora, load_base_model, lora_module_names, resolve_precision
 from training.numerics import pinned_numerics
 from training.progress import ProgressLog
+from training.tower import (
+    Architecture,
+    ProjectorStandardization,
+    TowerFeatureCache,
+    active_module,
+    architecture,
+    channel_stats,
+    keep_towers_in_eval,
+    projector_linear_key,
+    set_tower_trainable,
+    tower_features,
+    wants_cache,
+    wants_standardization,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -186,6 +200,10 @@ def _train_round(
             f"launched as {launched} processes but accelerate runs {accelerator.num_processes}: every process would "
             "write the same files. On CPUs set ACCELERATE_USE_CPU=1 (gloo backend); on GPUs check the accelerate config."
         )
+    if cfg.unfreeze_tower_last_epoch and accelerator.num_processes > 1:
+        # DDP registers only the parameters that require grad when the model is wrapped; the
+        # tower copy is frozen then, so its last-epoch gradients would not be averaged.
+        raise TrainingError("unfreeze_tower_last_epoch runs in one process only (not data-parallel yet)")
     is_main, rank = accelerator.is_main_process, accelerator.process_index
     log = ProgressLog(run_dir / PROGRESS_FILE, is_main)
 
@@ -219,7 +237,10 @@ def _train_round(
     set_seed(cfg.seed)
     processor, model = load_base_model(base_model, dtype, accelerator.device)
     model = add_lora(model, cfg)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    arch = architecture(model)
+    tower = _RoundTower(model, arch, cfg)
+    tower_row = tower.prepare(processor, [e.image for e in train_examples], accelerator.device)
+    trainable = [p for p in model.parameters() if p.requires_grad] + tower.frozen_trainable
 
     ds = TrainDataset(train_examples, data.breeds, cfg)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -256,6 +277,8 @@ def _train_round(
         state.initial_metrics = evaluate(scorer, items, cfg)
         state.initial_test_metrics = evaluate_test(scorer, test_items, cfg)  # the base model (B = 0)
         emit(_eval_row(0, state.initial_metrics, time.perf_counter() - t_start))
+    if tower_row is not None:
+        emit({**tower_row, "step": state.step, "elapsed": time.perf_counter() - t_start})
 
     def checkpoint() -> None:
         if not is_main:
@@ -289,11 +312,16 @@ def _train_round(
             state.evals_since_best += 1
             if cfg.early_stopping_patience and state.evals_since_best >= cfg.early_stopping_patience:
                 state.stopped_early = True
-        model.train()
+        tower.train_mode(model)
 
-    model.train()
+    tower.train_mode(model)
+    focal_gamma = cfg.focal_gamma if cfg.loss == "focal" else None
+    tower_grad_norm = 0.0
+    last_epoch = (total - 1) // max(steps_per_epoch, 1)  # the epoch of the last optimizer step
     done = state.step >= total or state.stopped_early
     while not done:
+        if cfg.unfreeze_tower_last_epoch and state.epoch >= last_epoch:
+            tower.unfreeze()
         ds.select_epoch(state.epoch)
         generator.manual_seed(cfg.seed * 1_000_003 + state.epoch)
         epoch_loader = accelerator.skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
@@ -301,8 +329,10 @@ def _train_round(
         t_step = time.perf_counter()
         for batch in epoch_loader:
             with accelerator.accumulate(model):
-                loss, _ = batch_loss(model, batch)
+                loss, _ = batch_loss(model, batch, focal_gamma=focal_gamma)
                 accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.unfreeze_tower_last_epoch:
+                    tower_grad_norm = tower.grad_norm()
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
                 optimizer.step()
@@ -318,18 +348,19 @@ def _train_round(
             mean_loss = accelerator.reduce(torch.stack(step_losses).mean(), reduction="mean").item()
             step_losses = []
             if state.step % cfg.log_every == 0 or state.step == total:
-                emit(
-                    {
-                        "kind": "train",
-                        "step": state.step,
-                        "total_steps": total,
-                        "epoch": state.epoch,
-                        "loss": mean_loss,
-                        "lr": scheduler.get_last_lr()[0],
-                        "samples": state.samples_seen,
-                        "elapsed": time.perf_counter() - t_start,
-                    }
-                )
+                row = {
+                    "kind": "train",
+                    "step": state.step,
+                    "total_steps": total,
+                    "epoch": state.epoch,
+                    "loss": mean_loss,
+                    "lr": scheduler.get_last_lr()[0],
+                    "samples": state.samples_seen,
+                    "elapsed": time.perf_counter() - t_start,
+                }
+                if cfg.unfreeze_tower_last_epoch:  # L2 norm of the tower copy's gradient (0: none)
+                    row.update(tower_trainable=tower.unfrozen, tower_grad_norm=tower_grad_norm)
+                emit(row)
             evaluated = state.step % cfg.eval_every == 0 or state.step == total
             if evaluated:
                 run_eval()
@@ -350,7 +381,7 @@ def _train_round(
     result = _finish(
         run_dir,
         raw,
-        best_weights,
+        tower.saved_weights(raw, best_weights),
         state,
         cfg,
         data,
@@ -365,6 +396,73 @@ def _train_round(
     )
     accelerator.wait_for_everyone()
     return result
+
+
+class _RoundTower:
+    """The vision tower's part in one round (:mod:`training.tower`): eval mode while training,
+    the output cache, the projector's feature standardisation, the last-epoch unfreezing."""
+
+    def __init__(self, model: Any, arch: Architecture, cfg: TrainConfig) -> None:
+        self.arch = arch
+        self.cfg = cfg
+        self.cache: TowerFeatureCache | None = None
+        self.standardization: ProjectorStandardization | None = None
+        self.key_prefix = ""
+        self.unfrozen = False
+        self.model = model
+        #: the tower copy's parameters, given to the optimizer from the start (no gradient
+        #: before the last epoch, so AdamW leaves them alone until then)
+        self.frozen_trainable: list[Any] = (
+            list(active_module(model, arch.vision_tower).parameters()) if cfg.unfreeze_tower_last_epoch else []
+        )
+
+    def prepare(self, processor: Any, train_images: Sequence[Path], device: Any) -> dict[str, Any] | None:
+        """Install the cache and the standardisation (FastVLM); returns a progress row or ``None``."""
+        keep_towers_in_eval(self.model, self.arch)
+        if wants_cache(self.cfg, self.arch):
+            self.cache = TowerFeatureCache(active_module(self.model, self.arch.vision_tower))
+        if not wants_standardization(self.cfg, self.arch):
+            return None if self.cache is None else {"kind": "tower", "cached": True, "standardized": False}
+        linear, self.key_prefix = projector_linear_key(self.model, self.arch)
+        t0 = time.perf_counter()
+        batches = tower_features(self.model, processor, list(train_images), self.cfg.eval_batch_size, device)
+        mu, sigma = channel_stats(batches)
+        self.standardization = ProjectorStandardization(linear, mu, sigma)
+        self.standardization.install()
+        return {
+            "kind": "tower",
+            "cached": self.cache is not None,
+            "standardized": True,
+            "photos": len(train_images),
+            "stats_seconds": time.perf_counter() - t0,
+        }
+
+    def train_mode(self, model: Any) -> None:
+        """``model.train()`` with every tower kept in eval mode."""
+        model.train()
+        keep_towers_in_eval(self.model, self.arch)
+
+    def unfreeze(self) -> None:
+        """Start training the tower copy (idempotent); its outputs are no longer cached."""
+        if self.unfrozen:
+            return
+        if self.cache is not None:
+            self.cache.remove()
+            self.cache = None
+        set_tower_trainable(self.model, self.arch, True)
+        self.unfrozen = True
+
+    def grad_norm(self) -> float:
+        """L2 norm of the gradients on the tower copy's parameters (0.0 when none has one)."""
+        grads = [p.grad.detach().float().pow(2).sum() for p in self.frozen_trainable if p.grad is not None]
+        return float(sum(grads) ** 0.5) if grads else 0.0
+
+    def saved_weights(self, raw: Any, best: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+        """The adapter weights ``best/`` gets: ``best`` (or the current ones) with the
+        standardisation folded into the projector (plain weights the app loads as they are)."""
+        if self.standardization is None:
+            return best
+        return self.standardization.fold(best if best is not None else trainable_state(raw), self.key_prefix)
 
 
 def _evaluate_baseline(

@@ -3,8 +3,12 @@
 What is trained (Hu et al. 2021, LoRA; peft ``LoraConfig``/``get_peft_model``): rank-``r``
 updates ``W + (alpha / r) B A`` on the language model's ``q_proj``/``v_proj`` (regex
 :data:`catreview.adapters.train_config.DEFAULT_TARGET_MODULES`; the vision tower matches nothing and stays
-frozen), optionally a full trainable copy of the projector (``modules_to_save``). ``B`` starts
-at zero, so the untrained adapter *is* the base model.
+frozen), optionally a full trainable copy of the projector (``modules_to_save``) and of the
+vision tower (``unfreeze_tower_last_epoch``; trainable in the last epoch only, see
+:mod:`training.tower`). Module names per architecture are :func:`training.tower.architecture`'s
+(LLaVA family and FastVLM: ``model.multi_modal_projector``, ``model.vision_tower``; the default
+target regex matches their language models' ``q_proj``/``v_proj`` and nothing in a CLIP, SigLIP
+or timm tower). ``B`` starts at zero, so the untrained adapter *is* the base model.
 """
 
 from __future__ import annotations
@@ -12,8 +16,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from catreview.adapters.train_config import PROJECTOR_MODULE, TrainConfig
+from catreview.adapters.train_config import TrainConfig
 from training.errors import TrainingError
+from training.tower import Architecture
 
 if TYPE_CHECKING:
     import torch
@@ -56,34 +61,46 @@ def load_base_model(base_model: str | Path, dtype: torch.dtype, device: torch.de
     return processor, model.to(device)
 
 
-def lora_config(cfg: TrainConfig):
-    """The peft ``LoraConfig`` of ``cfg`` (rank, alpha, dropout, targets, optional projector)."""
+def lora_config(cfg: TrainConfig, arch: Architecture | None = None):
+    """The peft ``LoraConfig`` of ``cfg`` (rank, alpha, dropout, targets, optional projector and
+    vision tower copies, named as in ``arch``; default: the LLaVA names)."""
     from peft import LoraConfig
 
+    arch = arch or Architecture("llava")
+    save = [arch.projector] if cfg.train_projector else []
+    if cfg.unfreeze_tower_last_epoch:
+        save.append(arch.vision_tower)
     return LoraConfig(
         r=cfg.rank,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.dropout,
         target_modules=cfg.target_modules_arg(),
-        modules_to_save=[PROJECTOR_MODULE] if cfg.train_projector else None,
+        modules_to_save=save or None,
         bias="none",
     )
 
 
 def add_lora(model: Any, cfg: TrainConfig) -> Any:
     """Wrap ``model`` with a fresh LoRA adapter (``get_peft_model`` modifies ``model`` in place).
+    With ``unfreeze_tower_last_epoch`` the tower copy starts frozen (``requires_grad=False``).
 
     Raises:
-        TrainingError: ``target_modules`` matches no module.
+        TrainingError: ``target_modules`` matches no module, or a module to save is missing.
     """
     from peft import get_peft_model
 
+    from training.tower import architecture, set_tower_trainable
+
+    arch = architecture(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     try:
-        return get_peft_model(model, lora_config(cfg))
+        wrapped = get_peft_model(model, lora_config(cfg, arch))
     except ValueError as exc:
         raise TrainingError(f"LoRA target_modules {cfg.target_modules!r} do not fit this model: {exc}") from exc
+    if cfg.unfreeze_tower_last_epoch:
+        set_tower_trainable(wrapped, arch, False)
+    return wrapped
 
 
 def lora_module_names(model: Any) -> list[str]:

@@ -50,6 +50,21 @@ class TrainConfig(ConfigModel):
         target_modules: regex (full match) or comma-separated module-name suffixes; default
             :data:`DEFAULT_TARGET_MODULES` (language-model ``q_proj``/``v_proj`` only).
         train_projector: also train the multi-modal projector (peft ``modules_to_save``).
+        unfreeze_tower_last_epoch: also train the vision tower (a full trainable copy, peft
+            ``modules_to_save``; about 2x the tower's memory for weights, gradients and Adam
+            state) during the round's last epoch (the epoch of its last optimizer step); frozen
+            before. Default off. Its normalisation statistics stay frozen (eval-mode BatchNorm).
+            One process only (a data-parallel round refuses it).
+
+    Vision tower (FastVLM, whose timm tower output is the projector's input; see
+    :mod:`training.tower`; ignored for other architectures):
+        cache_tower_features: compute the frozen tower's output once per photo and reuse it
+            (default on; exact: the tower is frozen and in eval mode). Off from the epoch the
+            tower is unfrozen.
+        standardize_tower_features: train the projector's first linear on per-channel
+            standardised tower outputs (statistics of the training photos), folded back into
+            plain weights before saving (default on; needs ``train_projector``). Measured in
+            NOTES as what makes the projector learn fast.
 
     Optimisation (AdamW + ``transformers.get_cosine_schedule_with_warmup``):
         lr: peak learning rate (default 2e-4).
@@ -81,7 +96,15 @@ class TrainConfig(ConfigModel):
         other_rate: share of training verdict prompts whose list leaves the true breed out, with
             the answer ``"other"`` (default 0.1); teaches the app's escape answer.
         balance: ``"sampler"`` (``WeightedRandomSampler``, weights ``1 / count(breed)``),
-            ``"loss"`` (per-example loss weights ``N / (C * count(breed))``) or ``"none"``.
+            ``"loss"`` (class-weighted loss: per-example weights ``N / (C * count(breed))``) or
+            ``"none"``.
+        loss: ``"cross_entropy"`` (default) or ``"focal"``: per answer token
+            ``-(1 - p_t)^gamma * log p_t`` (Lin et al. 2017, "Focal Loss for Dense Object
+            Detection", arXiv:1708.02002, eq. 4; the paper's alpha weighting is the class
+            weights of ``balance="loss"``). An alternative to balanced sampling: use it with
+            ``balance="none"`` or ``"loss"``.
+        focal_gamma: the focusing parameter ``gamma`` (default 2, the paper's best value);
+            ``0`` is cross-entropy.
         max_train_examples / max_val_examples: keep the first N (after a seeded shuffle);
             ``None`` = all.
 
@@ -120,6 +143,9 @@ class TrainConfig(ConfigModel):
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: str = DEFAULT_TARGET_MODULES
     train_projector: bool = False
+    unfreeze_tower_last_epoch: bool = False
+    cache_tower_features: bool = True
+    standardize_tower_features: bool = True
 
     lr: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -138,6 +164,8 @@ class TrainConfig(ConfigModel):
     n_candidates: int = Field(3, ge=1)
     other_rate: float = Field(0.1, ge=0, lt=1)
     balance: Literal["sampler", "loss", "none"] = "sampler"
+    loss: Literal["cross_entropy", "focal"] = "cross_entropy"
+    focal_gamma: float = Field(2.0, ge=0)
     max_train_examples: int | None = Field(None, ge=1)
     max_val_examples: int | None = Field(None, ge=1)
 

@@ -57,6 +57,9 @@ if TYPE_CHECKING:
     from catreview.adapters.jobs import TrainJobs
     from catreview.adapters.rounds import RoundOutcome
 
+FIRST_ROUND: dict[str, Any] = {"train_projector": True}
+"""TrainConfig fields of the first round of a built-in VLM (its projector starts untrained)."""
+
 __all__ = ["QUEUE_FIRST", "QUEUE_PAGE", "JobState", "ReviewApp"]
 
 QUEUE_FIRST = 32
@@ -94,6 +97,7 @@ class ReviewApp:
         self.engine = make_engine(settings.database_url)
         self.registry = ModelRegistry(settings, engine=self.engine)
         self.vocabulary = BreedVocabulary.from_labels_file(settings.classifier.labels_file)
+        self._first_round_tried = False
         self._background = BackgroundJob("catreview-predict")
         # Prediction scheduling (schedule_predictions): requests not yet taken by the loop, whether
         # a loop (the background job) is taking them, the current pass's interrupt.
@@ -156,20 +160,33 @@ class ReviewApp:
         """Progress of the background import + predictions (read by the UI's timer)."""
         return self._background.state
 
-    def start_background(self, folders: list[Path] | None = None, *, predict: bool = True) -> bool:
-        """Import ``folders`` (if any), then (unless ``predict`` is false) predict every photo
-        still lacking predictions, review queue first, in a daemon thread.
+    def start_background(
+        self,
+        folders: list[Path] | None = None,
+        *,
+        predict: bool = True,
+        labels_csv: Path | None = None,
+        labels_from_folders: bool = False,
+    ) -> bool:
+        """Import ``folders`` (if any; existing labels from ``labels_csv`` or the folder names
+        become reviews), then (unless ``predict`` is false) predict every photo still lacking
+        predictions, review queue first, in a daemon thread.
+
+        Cold start with the built-in models (:meth:`_cold_start`): when stage 1 has no trained
+        head yet and photos are reviewed, a head is fitted first; after the predictions, a first
+        LoRA round of the built-in VLM is started when it is untrained.
 
         ``predict=False`` (``app.py --no-predict``) also turns :meth:`schedule_predictions` off.
         Returns ``False`` (and starts nothing) when a job is already running.
         """
         folders = list(folders or [])
+        labels = (labels_csv, labels_from_folders)
         with self._schedule_lock:
             self._predict_enabled = predict
             claimed = predict and not self._looping
             if claimed:
                 self._looping = True  # requests made while importing are taken by this job's loop
-        started = self._background.start(lambda state, stop: self._work(folders, state, stop, claimed))
+        started = self._background.start(lambda state, stop: self._work(folders, state, stop, claimed, labels))
         if not started and claimed:
             with self._schedule_lock:
                 self._looping = False
@@ -199,25 +216,87 @@ class ReviewApp:
             # The previous run has left its loop and is returning (an instant): wait for it.
             self._background.wait(0.05)
 
-    def _work(self, folders: list[Path], state: JobState, stop: threading.Event, predict: bool = True) -> str:
+    def _work(
+        self,
+        folders: list[Path],
+        state: JobState,
+        stop: threading.Event,
+        predict: bool = True,
+        labels: tuple[Path | None, bool] = (None, False),
+    ) -> str:
         try:
-            imported = self._import(folders, state)
+            imported = self._import(folders, state, *labels)
             if not predict:
                 return f"Imported {imported} folder(s); predictions not run (started with --no-predict)."
-            return self._predict_loop(state, stop)  # it releases the loop itself, under the lock
+            self._cold_start(state, stop)
+            message = self._predict_loop(state, stop)  # it releases the loop itself, under the lock
+            if not stop.is_set():
+                self._first_vlm_round(state)
+            return message
         except BaseException:
             if predict:  # a bug: the job keeps the traceback; the next request starts a new loop
                 with self._schedule_lock:
                     self._looping = False
             raise
 
-    def _import(self, folders: list[Path], state: JobState) -> int:
+    def _builtin_untrained(self) -> tuple[bool, bool]:
+        """``(stage 1, VLM)``: whether each stage is a built-in pretrained model still untrained."""
+        if self.settings.builtin_models != "pretrained":
+            return False, False
+        builtin_clf, builtin_vlm = self.settings.builtin_stages
+        stage1 = builtin_clf and self.registry.stage1_untrained_reason() is not None
+        return stage1, builtin_vlm and self.registry.untrained_reason() is not None
+
+    def _cold_start(self, state: JobState, stop: threading.Event) -> None:
+        """Fit the first stage-1 head of the built-in backbone on the reviews (features of every
+        photo, then a balanced logistic regression: :func:`catreview.heads.refit.refit_classifier`),
+        so that predictions can start. Nothing happens when stage 1 is configured or trained, or
+        when no photo is reviewed (the Review tab then says that stage 1 is not trained yet)."""
+        if not self._builtin_untrained()[0]:
+            return
+        from catreview.app.presenters.train import classifier_message
+        from catreview.heads.refit import refit_classifier
+
+        reviewed, _ = self.counts()
+        if reviewed == 0:
+            state.log.append("Stage 1 is not trained yet: review some photos, then press Train → Retrain classifier.")
+            return
+        state.stage = f"training stage 1: a breed head on the built-in backbone from {reviewed} reviews"
+        try:
+            result = refit_classifier(self.registry, self.engine, progress=state.progress, stop=stop)
+        except CatreviewError as exc:  # too few reviewed breeds or photos: said, predictions wait for a head
+            state.log.append(f"Stage 1 not trained: {exc}")
+            return
+        state.log.append(classifier_message(result))
+
+    def _first_vlm_round(self, state: JobState) -> None:
+        """Start the first LoRA round of the built-in VLM (a separate process, as "Retrain
+        adapter" does) when it is untrained and stage 1 is trained; when the round's version
+        passes the gate it is activated and predicted (:meth:`_round_registered`)."""
+        stage1_untrained, vlm_untrained = self._builtin_untrained()
+        if stage1_untrained or not vlm_untrained or self._first_round_tried or not self.settings.first_vlm_round:
+            return
+        self._first_round_tried = True  # once per app: a round the gate refused is not re-run unasked
+        from catreview.adapters.train_config import TrainConfig
+
+        try:
+            run_id = self.train_jobs.start(self.registry.base_model(), TrainConfig(**FIRST_ROUND))
+        except CatreviewError as exc:  # a round already running, too few reviews: said, not retried
+            state.log.append(f"VLM round not started: {exc}")
+            return
+        state.log.append(f"Training the built-in VLM (first LoRA round, run #{run_id}): see the Train tab.")
+
+    def _import(
+        self, folders: list[Path], state: JobState, labels_csv: Path | None = None, from_folders: bool = False
+    ) -> int:
         for folder in folders:
             state.stage = f"importing {folder}"
             try:  # unreadable files are listed in the summary; a folder that fails as a whole is logged
                 summary = import_folder(
                     self.engine,
                     folder,
+                    labels_csv=labels_csv,
+                    labels_from_folders=from_folders,
                     vocabulary=self.vocabulary,
                     progress=lambda d, t: state.progress("import", d, t),
                 )
@@ -462,8 +541,14 @@ class ReviewApp:
         Raises:
             ValueError: stored predictions that are not valid probabilities.
         """
+        from catreview.heads.versions import stage1_training_hashes
+
         return evaluation_report(
-            self.engine, self.settings, vocabulary=self.vocabulary, active=active_versions(self.registry)
+            self.engine,
+            self.settings,
+            vocabulary=self.vocabulary,
+            active=active_versions(self.registry),
+            stage1_trained=stage1_training_hashes,
         )
 
     def compare_session(self) -> CompareSession:

@@ -59,7 +59,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     registry = ModelRegistry(settings, engine=engine)
     if args.vlm:
         registry.profile(args.vlm)  # an unknown name is a one-line ConfigError
-    report = evaluation_report(engine, settings, active=active_versions(registry, args.vlm), batch_size=args.batch_size)
+    from catreview.heads.versions import stage1_training_hashes
+
+    report = evaluation_report(
+        engine,
+        settings,
+        active=active_versions(registry, args.vlm),
+        stage1_trained=stage1_training_hashes,
+        batch_size=args.batch_size,
+    )
     if not report.rows:
         raise NothingToEvaluateError(nothing_to_evaluate(report))
     print(json.dumps(report.to_dict(), ensure_ascii=False) if args.json else report_text(report))

@@ -332,3 +332,25 @@ __all__ = [
     "rollback",
     "save_version",
 ]
+
+
+def stage1_training_hashes(session: Session, model_id: str, model_version: str) -> set[str] | None:
+    """sha256 of the photos the stage-1 version ``model_version`` was fitted on: the ``train`` split
+    of the head version whose checkpoint it is (:func:`catreview.adapters.versions.training_photo_hashes`),
+    else an empty set (a checkpoint not fitted on this database's reviews: the user's own, the
+    demo one). The :data:`catreview.evaluate.report.Stage1Trained` callback of the evaluation report.
+
+    ``model_version`` is ``"<12 hex of the checkpoint's sha256>-labels<8 hex>"``
+    (:class:`catreview.models.classifier.Stage1Classifier`); each head checkpoint is hashed once
+    per call (a few versions of tens of MB).
+    """
+    from catreview.adapters.versions import training_photo_hashes
+    from catreview.files import sha256_file
+
+    digest = model_version.split("-labels", 1)[0]
+    rows = session.exec(select(AdapterVersion).where(col(AdapterVersion.base_model).startswith(HEAD_PREFIX)))
+    for row in rows:
+        ckpt = Path(row.path) / HEAD_CHECKPOINT
+        if ckpt.is_file() and sha256_file(ckpt)[:12] == digest:
+            return training_photo_hashes(session, row.path)
+    return set()

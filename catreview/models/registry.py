@@ -127,6 +127,19 @@ class ModelRegistry:
         base = str(builtin_dir(self.settings.demo_dir) / name)
         return active_adapter_path(self.engine, base) is not None
 
+    def stage1_untrained_reason(self) -> str | None:
+        """``None`` when stage 1 can predict, else the :class:`ClassifierNotTrainedError` line
+        (the built-in backbone has no trained head yet). Loads the classifier on first call.
+
+        Raises:
+            catreview.models.classifier.ClassifierError: the model cannot be loaded.
+        """
+        try:
+            self.classifier()
+        except ClassifierNotTrainedError as exc:
+            return str(exc)
+        return None
+
     def untrained_reason(self, name: str | None = None) -> str | None:
         """``None`` when :meth:`vlm_trained`, else the plain status line saying why its verdicts
         are not shown: ``"VLM not trained yet: ..."``."""

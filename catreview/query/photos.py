@@ -27,6 +27,7 @@ from sqlmodel import Session, col, select
 
 from catreview.data.db import CalibrationRecord, ImageRecord, Prediction, Review, stored_id
 from catreview.data.reviews import ReviewError, review_counts
+from catreview.models.classifier import ClassifierNotTrainedError
 from catreview.predict.fusion import fuse, should_route_to_vlm, top_label
 from catreview.predict.runner import candidates_key, stage1_topk
 from catreview.predict.temperature import scale_probabilities
@@ -259,7 +260,7 @@ def iter_views(
     """Views of all imported photos (failed ones included, with their error) by image id, or of
     ``image_ids`` (in id order; unknown ids are left out), streamed ``batch_size`` photos at a
     time: memory stays flat and each batch costs a fixed number of indexed queries."""
-    clf = registry.classifier()
+    clf = _stage1(registry)
     vlm = registry.vlm(vlm_name)
     with Session(engine) as session:
         blend = current_blend(session, registry.settings, clf.model_version, vlm.model_version)
@@ -280,6 +281,23 @@ def iter_views(
             last = stored_id(batch[-1])
 
 
+@dataclass(frozen=True)
+class _NoModel:
+    """Stands in for a stage-1 model that is not trained yet: it matches no stored prediction."""
+
+    model_id: str = ""
+    model_version: str = ""
+
+
+def _stage1(registry: Any) -> Any:
+    """``registry.classifier()``, or :class:`_NoModel` while the built-in backbone has no head
+    (the view then has no stage-1 predictions; the Review tab says why)."""
+    try:
+        return registry.classifier()
+    except ClassifierNotTrainedError:
+        return _NoModel()
+
+
 def photo_view(engine: Engine, registry: Any, image_id: int, *, vlm_name: str | None = None) -> PhotoView:
     """The :class:`PhotoView` of one photo: a primary-key read, one read of its predictions on the
     prediction key's index and the current review by id (cost independent of the collection size).
@@ -287,7 +305,7 @@ def photo_view(engine: Engine, registry: Any, image_id: int, *, vlm_name: str | 
     Raises:
         catreview.data.reviews.ReviewError: no photo with ``image_id``.
     """
-    clf = registry.classifier()
+    clf = _stage1(registry)
     vlm = registry.vlm(vlm_name)
     with Session(engine) as session:
         img = session.get(ImageRecord, image_id)

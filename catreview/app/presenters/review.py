@@ -30,6 +30,27 @@ def demo_banner(demo_classifier: bool, demo_vlm: bool) -> str:
     )
 
 
+def builtin_banner(builtin_classifier: bool, builtin_vlm: bool) -> str:
+    """The note shown while the built-in offline models (real ImageNet weights, trained on this
+    collection's reviews) stand in for the team's own models.
+
+    Raises:
+        KeyError: neither stage is built in (no banner is due).
+    """
+    which = {
+        (True, True): "stage 1 is an ImageNet EfficientNet-Lite2 with a breed head fitted on your reviews, and "
+        "the VLM is built from EfficientNet-Lite0 + SmolLM2-135M-Instruct and trained by LoRA rounds on them",
+        (True, False): "stage 1 is an ImageNet EfficientNet-Lite2 with a breed head fitted on your reviews",
+        (False, True): "the VLM is built from EfficientNet-Lite0 + SmolLM2-135M-Instruct and trained by LoRA "
+        "rounds on your reviews",
+    }[(builtin_classifier, builtin_vlm)]
+    return (
+        f"**Built-in offline models.** Nothing else is configured, so {which}. Until a stage is trained it "
+        "shows nothing (the status line says so). Configure your own models with `--config FILE` "
+        "(see `assets/example_config.toml`)."
+    )
+
+
 def reasoning_label(uses_demo_models: bool) -> str:
     """Label of the streamed-reasoning box (says when the text comes from random weights)."""
     return "VLM reasoning (streamed)" + (
@@ -57,15 +78,18 @@ class PredictionPanels:
     fused: dict[str, float] | None
 
 
-def prediction_panels(view: PhotoView, vlm_untrained: str | None = None) -> PredictionPanels:
+def prediction_panels(
+    view: PhotoView, vlm_untrained: str | None = None, stage1_untrained: str | None = None
+) -> PredictionPanels:
     """Stage-1 top-k, the VLM over the candidates (or why it is missing) and the fused prediction.
 
-    ``vlm_untrained``: the registry's "VLM not trained yet: ..." line
-    (:meth:`catreview.models.registry.ModelRegistry.untrained_reason`), shown instead of
-    "not ready yet" while the active VLM has no verdicts because it is not trained.
+    ``vlm_untrained`` / ``stage1_untrained``: the registry's "... not trained yet: ..." lines
+    (:meth:`catreview.models.registry.ModelRegistry.untrained_reason`,
+    :meth:`~catreview.models.registry.ModelRegistry.stage1_untrained_reason`), shown instead of
+    "not ready yet" while that stage has no predictions because it is not trained.
     """
     if view["stage1"] is None:
-        return PredictionPanels(STAGE1_PENDING, None, None, "", None)
+        return PredictionPanels(stage1_untrained + "." if stage1_untrained else STAGE1_PENDING, None, None, "", None)
     stage1 = {d["label"]: d["probability"] for d in view["stage1"]} or None
     fused = dict(view["fused"]["probabilities"]) if view["fused"] else None
     vv = view["vlm"]

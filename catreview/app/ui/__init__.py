@@ -11,7 +11,7 @@ import os
 import gradio as gr
 
 from catreview.app.core import ReviewApp
-from catreview.app.presenters.review import demo_banner
+from catreview.app.presenters.review import builtin_banner, demo_banner
 
 ANALYTICS_SUMMARY_EVERY = 1000
 """Events between two recomputations of Gradio's monitoring summary. Gradio's default (1,
@@ -31,9 +31,14 @@ def build_ui(app: ReviewApp) -> gr.Blocks:
     gr.set_static_paths([app.display_dir])  # photos are served from here by path, never re-encoded per request
     with gr.Blocks(title="catreview") as demo:
         gr.Markdown("# catreview — cat-breed review with a VLM in the loop")
-        demo_classifier, demo_vlm = app.settings.classifier.model is None, not app.settings.vlm_profiles
-        if demo_classifier or demo_vlm:
-            gr.Markdown(demo_banner(demo_classifier, demo_vlm), elem_id="demo-banner")
+        builtin_classifier, builtin_vlm = app.settings.builtin_stages
+        if builtin_classifier or builtin_vlm:
+            banner = (
+                demo_banner(builtin_classifier, builtin_vlm)
+                if app.settings.builtin_models == "random"
+                else builtin_banner(builtin_classifier, builtin_vlm)
+            )
+            gr.Markdown(banner, elem_id="demo-banner")
         with gr.Tab("Review", id="review-tab"):
             review_tab.build(app, demo)
         with gr.Tab("Calibration", id="calibration-tab"):

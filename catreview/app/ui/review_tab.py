@@ -36,7 +36,7 @@ def render(app: ReviewApp, image_id: int | None) -> list[Any]:
     if v is None:
         empty = [None, None, present.counter(reviewed, total), present.NO_PHOTOS, None, None, "", None, ""]
         return empty + [gr.update(value="—", interactive=False)] * N_CANDIDATES
-    panels = present.prediction_panels(v, app.registry.untrained_reason())
+    panels = present.prediction_panels(v, app.registry.untrained_reason(), app.registry.stage1_untrained_reason())
     try:
         photo: str | None = str(app.display_path(v["id"]))
         status = " ".join(t for t in (notice, panels.status) if t)
