@@ -37,7 +37,8 @@ def _pct(x: float | None) -> str:
     return "-" if x is None or math.isnan(x) else f"{100 * x:.1f}%"
 
 
-def _format_table(head: list[str], body: list[list[str]]) -> list[str]:
+def format_table(head: list[str], body: list[list[str]]) -> list[str]:
+    """A plain-text table: the first column left-aligned, the others right-aligned; one str per line."""
     widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
 
     def fmt(row: list[str]) -> str:
@@ -96,7 +97,7 @@ def report_text(report: CalibrationReport) -> str:
         ]
         for r in report.summary_rows()
     ]
-    lines += _format_table(head, body)
+    lines += format_table(head, body)
     lines += ["", "Per-breed accuracy (fused: after calibration)"]
     head = ["breed", "reviews", "stage 1", "VLM", "fused"]
     body = [
@@ -109,7 +110,7 @@ def report_text(report: CalibrationReport) -> str:
         ]
         for r in report.per_breed_rows()
     ]
-    lines += _format_table(head, body)
+    lines += format_table(head, body)
     return "\n".join(lines)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from catreview.app.presenters.calibration import format_table
 from catreview.evaluate.report import EvaluationReport, EvaluationRow
 
 __all__ = [
@@ -95,16 +96,6 @@ def confusion_rows(row: EvaluationRow) -> list[dict[str, Any]]:
     ]
 
 
-def _format_table(head: list[str], body: list[list[str]]) -> list[str]:
-    widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
-
-    def fmt(row: list[str]) -> str:
-        cells = (c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-        return "  ".join(cells).rstrip()
-
-    return [fmt(head), "  ".join("-" * w for w in widths), *(fmt(r) for r in body)]
-
-
 def report_text(report: EvaluationReport) -> str:
     """Plain text for a terminal: :func:`header_text`, the summary table, per-breed accuracy of
     the active rows (or of the first of each stage), and the active fused row's confusion matrix."""
@@ -123,7 +114,7 @@ def report_text(report: EvaluationReport) -> str:
         ]
         for r in report.rows
     ]
-    lines += _format_table(head, body)
+    lines += format_table(head, body)
     shown = _shown_rows(report)
     if shown:
         lines += ["", "Per-breed accuracy (" + ", ".join(r.stage for r in shown) + ")"]
@@ -135,11 +126,11 @@ def report_text(report: EvaluationReport) -> str:
                 a = r.per_breed.get(breed)
                 cells.append("-" if a is None or not a.total else f"{a.correct}/{a.total} {_pct(a.accuracy)}")
             body.append(cells)
-        lines += _format_table(head, body)
+        lines += format_table(head, body)
         last = shown[-1]
         lines += ["", f"Confusion matrix, {last.stage} (rows: true breed; columns: shown)"]
         short = [c[:12] for c in last.columns]
-        lines += _format_table(
+        lines += format_table(
             ["true \\ shown", *short],
             [[lab, *(str(int(n)) for n in counts)] for lab, counts in zip(last.labels, last.confusion)],
         )
