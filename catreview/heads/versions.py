@@ -19,6 +19,7 @@ so at most one version per backbone is active, flipped by one UPDATE
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -342,15 +343,25 @@ def stage1_training_hashes(session: Session, model_id: str, model_version: str) 
 
     ``model_version`` is ``"<12 hex of the checkpoint's sha256>-labels<8 hex>"``
     (:class:`catreview.models.classifier.Stage1Classifier`); each head checkpoint is hashed once
-    per call (a few versions of tens of MB).
+    per process (tens of MB each).
     """
     from catreview.adapters.versions import training_photo_hashes
-    from catreview.files import sha256_file
 
     digest = model_version.split("-labels", 1)[0]
     rows = session.exec(select(AdapterVersion).where(col(AdapterVersion.base_model).startswith(HEAD_PREFIX)))
     for row in rows:
         ckpt = Path(row.path) / HEAD_CHECKPOINT
-        if ckpt.is_file() and sha256_file(ckpt)[:12] == digest:
-            return training_photo_hashes(session, row.path)
+        if ckpt.is_file():
+            st = ckpt.stat()
+            if _checkpoint_digest(str(ckpt), st.st_mtime_ns, st.st_size) == digest:
+                return training_photo_hashes(session, row.path)
     return set()
+
+
+@functools.lru_cache(maxsize=256)
+def _checkpoint_digest(path: str, mtime_ns: int, size: int) -> str:
+    """12 hex of a head checkpoint's sha256, as in its ``model_version``; hashed once per file
+    version (``mtime_ns``/``size`` are the cache key's guard against a rewritten file)."""
+    from catreview.files import sha256_file
+
+    return sha256_file(Path(path))[:12]
