@@ -63,6 +63,9 @@ def test_untrained_stage1_then_siamese_in_top3_after_cold_start(cats_dir: Path, 
             timeout=60000,
         )
         candidates = [page.locator(f"#confirm-{i}").inner_text().strip() for i in range(3)]
+        status = page.locator("#pred-status").inner_text()
+        assert "no photo with id" not in status  # the page opened its photo, not a fallback
+        assert "VLM not trained yet" in status
         ARTIFACTS_DIR.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS_DIR / "cold_start_siamese.png"), full_page=True)
         page.close()

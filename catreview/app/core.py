@@ -560,10 +560,11 @@ class ReviewApp:
     def stream_reasoning(self, image_id: int, stop: threading.Event | None = None) -> Iterator[str]:
         """Yield the reasoning text as it grows; cached texts are yielded at once.
 
-        Yields nothing when stage 1 has not run yet for this photo or routing skipped the VLM.
+        Yields nothing when stage 1 has not run yet for this photo or routing skipped the VLM, and
+        nothing (the VLM is neither loaded nor run) while the active VLM is an untrained built-in one.
         """
         v = self.view(image_id)
-        if not v["stage1"] or (v["vlm"] or {}).get("skipped"):
+        if not v["stage1"] or (v["vlm"] or {}).get("skipped") or self.registry.untrained_reason() is not None:
             return
         candidates = [d["label"] for d in v["stage1"]]
         vlm = self.registry.vlm()

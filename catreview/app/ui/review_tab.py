@@ -80,7 +80,7 @@ def build(app: ReviewApp, demo: gr.Blocks) -> None:
             message = gr.Markdown(elem_id="review-message")
             status = gr.Markdown(elem_id="pred-status")
             with gr.Row():
-                stage1 = gr.Label(label="Stage 1 (ConvNeXt) top-3", num_top_classes=3, elem_id="stage1")
+                stage1 = gr.Label(label="Stage 1 top-3", num_top_classes=3, elem_id="stage1")
                 vlm = gr.Label(label="VLM over the candidates", elem_id="vlm")
                 fused = gr.Label(label="Fused prediction", num_top_classes=4, elem_id="fused")
             vlm_info = gr.Markdown(elem_id="vlm-info")
@@ -151,7 +151,7 @@ def build(app: ReviewApp, demo: gr.Blocks) -> None:
         return [*render(app, nxt), ""]
 
     def first_view(img_id: float | None = None) -> list[Any]:
-        if img_id is not None:  # scripted clients open a given photo
+        if img_id:  # scripted clients open a given photo (the page itself sends the empty field's 0)
             return show(img_id)
         return render(app, app.next_unreviewed(None))
 
