@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         app.start_background(
             folders, predict=not args.no_predict, labels_csv=args.labels, labels_from_folders=args.labels_from_folders
         )
+    if not args.no_predict:
+        app.watch_versions()  # versions promoted by the CLI or another app are predicted too
     demo.block_thread()
     return 0
 

@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 from sqlmodel import Session, col, func, select
 
-from catreview.adapters.versions import active_version
+from catreview.adapters.versions import activate, active_version
 from catreview.app.core import ReviewApp
 from catreview.app.presenters.review import prediction_panels
 from catreview.app.presenters.train import NO_ADAPTER, activated
 from catreview.app.ui import train_tab
-from catreview.data.db import ImageRecord, Prediction, TrainingRun
+from catreview.data.db import ImageRecord, Prediction, TrainingRun, make_engine
 from tests.test_adapters import REF, _fake_round, add_version, held_out, random_adapter
 
 DEADLINE_S = 240.0
@@ -152,3 +152,22 @@ def test_schedule_does_nothing_when_started_without_predictions(settings, photos
     assert not app.job.running and "predictions not run" in app.job.message
     with Session(app.engine) as s:
         assert s.exec(select(func.count()).select_from(Prediction)).one() == 0
+
+
+def test_a_version_promoted_by_another_process_is_predicted(settings, photos: Path, tmp_path: Path) -> None:
+    """``watch_versions``: a promotion written by another engine (as the CLI in another process
+    writes it) is noticed and predicted with no action in this app."""
+    app = _started(settings, photos)
+    base = app.registry.base_model()
+    old = app.registry.vlm().model_version
+    adapter = add_version(app.engine, settings, base, random_adapter(base, tmp_path / "a", seed=4))
+    app.watch_versions(interval_s=0.2)
+    try:
+        activate(make_engine(settings.database_url), adapter)  # not through this app
+        new = app.registry.vlm().model_version
+        assert new != old
+        _wait_for_version(app, new)
+        assert app.wait(timeout=DEADLINE_S) and app.job.error is None, app.job.log
+        assert "active versions changed outside this app" in " ".join(app.job.log)
+    finally:
+        app.stop()

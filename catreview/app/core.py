@@ -23,12 +23,13 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session
 
 from catreview.adapters.versions import activate, deactivate, version_rows
 from catreview.compare.session import CompareSession
 from catreview.config import Settings
-from catreview.data.db import AdapterVersion, ImageRecord, Review, get_image, make_engine
+from catreview.data.db import AdapterVersion, ImageRecord, Review, active_adapter_version, get_image, make_engine
 from catreview.data.images import load_rgb
 from catreview.data.importer import import_folder
 from catreview.data.labels import BreedVocabulary
@@ -109,6 +110,9 @@ class ReviewApp:
         self._last_viewed: int | None = None
         self._train_jobs: TrainJobs | None = None
         self._train_jobs_lock = threading.Lock()
+        # Versions activated by another process (watch_versions): the ids last predicted for.
+        self._seen_versions: tuple[int | None, int | None] | None = None
+        self._watch_stop = threading.Event()
 
     def check_models(self) -> None:
         """Load the stage-1 classifier and resolve the active VLM's version (its config, without
@@ -204,7 +208,9 @@ class ReviewApp:
         request waits for the import. Nothing happens when the app was started with
         ``predict=False``. Never blocks on the predictions; ``reason`` goes into the job's log.
         """
+        seen = self.active_version_ids()  # outside the lock: two indexed reads
         with self._schedule_lock:
+            self._seen_versions = seen
             if not self._predict_enabled:
                 return
             self._pending.append(reason)
@@ -382,10 +388,56 @@ class ReviewApp:
 
     def stop(self) -> None:
         """Ask the background job to stop after its current batch (scheduled requests are dropped)."""
+        self._watch_stop.set()
         with self._schedule_lock:
             self._pending.clear()
             self._background.stop()
             self._pass_stop.set()
+
+    # ---- versions activated by another process (issue 12)
+    def active_version_ids(self) -> tuple[int | None, int | None]:
+        """``(stage-1 head version id, active VLM adapter version id)`` active in the database now
+        (``None``: none active); two indexed reads of ``adapters``."""
+        with Session(self.engine) as s:
+            head = active_adapter_version(s, self.registry.stage1_backbone().base_model)
+            adapter = active_adapter_version(s, self.registry.base_model())
+        return (head.id if head else None, adapter.id if adapter else None)
+
+    def watch_versions(self, interval_s: float = 5.0) -> threading.Thread:
+        """Start a daemon thread that reads :meth:`active_version_ids` every ``interval_s``
+        seconds (> 0) and calls :meth:`schedule_predictions` when they differ from those of the
+        last check or schedule: a version promoted or rolled back by another process
+        (``python -m catreview adapters ...``, another app on the same database). Ends with
+        :meth:`stop`. A database error goes to the job log and the next check tries again.
+
+        Raises:
+            ValueError: ``interval_s`` is not positive.
+        """
+        if interval_s <= 0:
+            raise ValueError(f"interval_s must be positive, not {interval_s}")
+        initial = self.active_version_ids()
+        with self._schedule_lock:
+            if self._seen_versions is None:
+                self._seen_versions = initial
+
+        def loop() -> None:
+            while not self._watch_stop.wait(interval_s):
+                try:
+                    now = self.active_version_ids()
+                except SQLAlchemyError as exc:  # the database is away for a moment: say so, check again later
+                    self.job.log.append(f"checking the active versions failed ({type(exc).__name__}); retrying")
+                    continue
+                with self._schedule_lock:
+                    changed = now != self._seen_versions
+                if changed:
+                    head, adapter = now
+                    self.schedule_predictions(
+                        f"active versions changed outside this app (stage-1 head #{head}, adapter #{adapter})"
+                    )
+
+        thread = threading.Thread(target=loop, name="catreview-watch-versions", daemon=True)
+        thread.start()
+        return thread
 
     # ------------------------------------------------------------------ reading (constant time per click)
     def first_photo(self) -> int | None:
