@@ -422,6 +422,86 @@ def _checkpoint_step(run_dir: Path) -> int:
 
 
 @pytest.mark.slow
+def test_a_round_whose_cli_was_killed_is_adopted_and_registered_by_the_next_start(tmp_path, demo_llava):
+    """The CLI that started a round is SIGKILLed; the round goes on. The next start adopts it:
+    with no other call, its result is registered as soon as the round ends (before the fix it
+    stayed ``running`` until some later start)."""
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'db.sqlite'}", data_dir=tmp_path / "data")
+    engine = make_engine(settings.database_url)
+    export = write_export(export_rows({"Bombay": 4, "Abyssinian": 4, "Bengal": 4}, 2), tmp_path / "export")
+    env = {**os.environ, "CATREVIEW_DATA_DIR": str(settings.data_dir), "HF_HUB_OFFLINE": "1"}
+    flags = ["--max-steps", "12", "--batch-size", "2", "--eval-every", "6", "--candidate-source", "sampled"]
+    cmd = [sys.executable, "-m", "catreview", "train", "--db", settings.database_url, "--base", str(demo_llava)]
+    driver = subprocess.Popen(
+        [*cmd, "--export", str(export), *flags],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+
+        def spawned():
+            with Session(engine) as s:
+                run = s.exec(select(TrainingRun)).first()
+            return run if run is not None and run.pid not in (None, driver.pid) else None
+
+        run = _wait_for(spawned, 120, "the training process")
+        os.kill(driver.pid, signal.SIGKILL)  # the CLI dies; the round runs on
+        driver.wait(30)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert process_alive(run.pid), "the round ended before the CLI was killed; nothing to adopt"
+    TrainJobs(engine, settings)  # the next start (app or CLI), then nothing else
+
+    def registered():
+        with Session(engine) as s:
+            row = s.get(TrainingRun, run.id)
+        return row if row.status != "running" else None
+
+    done = _wait_for(registered, 300, "the adopted round to be registered", interval=0.5)
+    assert done.status == "succeeded" and done.adapter_id is not None, done.error
+    assert "adopted by process" in (Path(run.run_dir) / LOG_FILE).read_text()
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_cli_cancels_its_round(tmp_path, demo_llava):
+    """``kill`` (SIGTERM) of ``python -m catreview train`` cancels the round as Ctrl-C does: the
+    training process ends and the run is marked cancelled, not left running as an orphan."""
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'db.sqlite'}", data_dir=tmp_path / "data")
+    engine = make_engine(settings.database_url)
+    export = write_export(export_rows({"Bombay": 4, "Abyssinian": 4, "Bengal": 4}, 2), tmp_path / "export")
+    env = {**os.environ, "CATREVIEW_DATA_DIR": str(settings.data_dir), "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "catreview", "train", "--db", settings.database_url, "--base", str(demo_llava)]
+    driver = subprocess.Popen(
+        [*cmd, "--export", str(export), "--max-steps", "400", "--batch-size", "2", "--candidate-source", "sampled"],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+
+        def spawned():
+            with Session(engine) as s:
+                run = s.exec(select(TrainingRun)).first()
+            return run if run is not None and run.pid not in (None, driver.pid) else None
+
+        run = _wait_for(spawned, 120, "the training process")
+        driver.send_signal(signal.SIGTERM)
+        _, err = driver.communicate(timeout=90)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 130, err[-2000:]
+    _wait_for(lambda: not process_alive(run.pid), 60, "the training process to end")
+    with Session(engine) as s:
+        assert s.get(TrainingRun, run.id).status == "cancelled"
+
+
+@pytest.mark.slow
 def test_sigkill_mid_round_then_recover_cancel_and_resume_to_the_same_weights(tmp_path, demo_llava, monkeypatch):
     """A round started by the CLI is SIGKILLed (CLI and training process) mid-way: the database,
     the active adapter and every stored version are untouched, a second start is refused while

@@ -28,7 +28,9 @@
    ``result.json`` exists (it finished while the app was down), registered as ``succeeded``.
    A process counts as gone when its pid no longer exists, is a zombie, or now belongs to another
    program (the process start time recorded in ``run.json`` differs;
-   :func:`catreview.adapters.processes.process_alive`).
+   :func:`catreview.adapters.processes.process_alive`). A round still running whose starting
+   process (app or CLI) has died is **adopted**: this process watches it and registers it as soon
+   as it ends (the round keeps its progress; a new round is refused until then, as before).
 5. :meth:`TrainJobs.start` with ``resume_run=`` restarts a failed/cancelled run in its own folder;
    the round continues from ``checkpoint-last``.
 
@@ -87,7 +89,10 @@ RunKey = tuple[str, int]
 _WORKERS: dict[RunKey, threading.Thread] = {}
 _PROCS: dict[RunKey, subprocess.Popen] = {}
 _CANCELLED: set[RunKey] = set()
+_ADOPTERS: dict[RunKey, threading.Thread] = {}
 _STATE_LOCK = threading.RLock()
+ADOPT_POLL_S = 2.0
+"""Seconds between two liveness checks of an adopted round's process."""
 
 
 class TrainingBusy(CatreviewError, RuntimeError):
@@ -181,10 +186,40 @@ class TrainJobs:
             running = list(s.exec(select(TrainingRun).where(TrainingRun.status == "running")))
         for run in running:
             if self._is_live(run):
+                self._adopt_if_orphaned(run)
                 continue
             self._close_dead(run)
             closed.append(int(run.id))  # type: ignore[arg-type]
         return closed
+
+    def _adopt_if_orphaned(self, run: TrainingRun) -> None:
+        """Adopt a live round whose starting process (app or CLI) has died: a daemon thread of
+        this process checks every :data:`ADOPT_POLL_S` seconds whether the round's process still
+        runs and, once it has ended, registers it (:meth:`reconcile`), so its result does not
+        wait for the next start. A round whose starter still runs is left to that starter."""
+        key = self._key(run.id)  # type: ignore[arg-type]
+        meta = read_json(Path(run.run_dir) / RUN_META_FILE)
+        owner, owner_started = meta.get("owner_pid"), meta.get("owner_create_time")
+        if owner is None or owner == os.getpid() or process_alive(owner, owner_started):
+            return
+        started = meta.get("pid_create_time")
+        with _STATE_LOCK:
+            adopter = _ADOPTERS.get(key)
+            if adopter is not None and adopter.is_alive():
+                return
+
+            def watch() -> None:
+                while process_alive(run.pid, started):
+                    time.sleep(ADOPT_POLL_S)
+                with _STATE_LOCK:
+                    _ADOPTERS.pop(key, None)
+                self.reconcile()
+
+            adopter = threading.Thread(target=watch, name=f"catreview-adopt-{run.id}", daemon=True)
+            _ADOPTERS[key] = adopter
+        with open(Path(run.run_dir) / LOG_FILE, "a", encoding="utf-8") as log:
+            log.write(f"adopted by process {os.getpid()}: the starting process {owner} has ended\n")
+        adopter.start()
 
     def _close_dead(self, run: TrainingRun) -> None:
         run_dir = Path(run.run_dir)
@@ -436,7 +471,14 @@ class TrainJobs:
                 )
             with _STATE_LOCK:
                 _PROCS[self._key(run_id)] = proc
-            meta.update(phase="training", pid=proc.pid, pid_create_time=process_create_time(proc.pid), command=cmd)
+            meta.update(
+                phase="training",
+                pid=proc.pid,
+                pid_create_time=process_create_time(proc.pid),
+                owner_pid=os.getpid(),  # who registers it; if this process dies, the next start adopts it
+                owner_create_time=process_create_time(os.getpid()),
+                command=cmd,
+            )
             write_json(run_dir / RUN_META_FILE, meta)
             with Session(self.engine) as s:
                 run = s.get(TrainingRun, run_id)

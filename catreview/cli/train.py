@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -163,7 +164,8 @@ def metrics_table(status: RunStatus, engine: Engine) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     """``train``: run a round in a background process with a progress bar; print the metrics table.
 
-    Ctrl-C cancels the round (its checkpoint is kept; ``--resume-run ID`` continues it).
+    Ctrl-C, SIGTERM and SIGHUP cancel the round (its checkpoint is kept; ``--resume-run ID``
+    continues it); after a SIGKILL the next start adopts the round (:class:`TrainJobs`).
     Returns 0 when the round succeeded, 1 otherwise. ``--stage classifier``: :func:`cmd_train_classifier`.
     """
     if getattr(args, "stage", "vlm") == "classifier":
@@ -188,6 +190,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     started = jobs.status(run_id)
     print(f"training run #{run_id} started; log: {Path(started.run_dir) / LOG_FILE}", file=sys.stderr)  # type: ignore[union-attr]
     bar = tqdm(desc=f"run #{run_id}", unit="step", file=sys.stderr)
+    # SIGTERM (kill) and SIGHUP (the terminal closed) cancel the round like Ctrl-C, instead of
+    # leaving it running with nobody to register it (SIGKILL cannot be caught: the next start adopts it).
+    previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         while jobs.wait(run_id, timeout=1.0) == "running":
             st = jobs.status(run_id)
@@ -205,6 +210,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"\ncancelled; resume with --resume-run {run_id}", file=sys.stderr)
         return 130
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         bar.close()
     st = jobs.status(run_id)
     print(metrics_table(st, engine))  # type: ignore[arg-type]
