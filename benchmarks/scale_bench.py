@@ -17,10 +17,15 @@ of existing labels does). It then starts
 ``app.py --no-predict`` on that database in a separate process and calls the Review tab's API
 with ``gradio_client``, as a script or a browser's page would: ``/show`` (open a photo),
 ``/review`` (save a label, which also renders the next photo) and ``/next_unreviewed``, each
-``--calls`` times on random photos (after 10 warm-up calls). One JSON line per N::
+``--calls`` times on random photos (after 10 warm-up calls). The review queues' scores are
+written by :func:`catreview.query.queues.refresh_scores` (plus label-issue scores for a random
+10%), and :func:`catreview.query.queues.next_in_queue` of every queue kind is timed in this
+process after a random photo (``queue_<kind>_p95_ms``; the query the Review tab's queue
+selector runs, without Gradio). One JSON line per N::
 
     {"photos": N, "db": "sqlite", "show_p50_ms": .., "show_p95_ms": .., "review_p50_ms": ..,
-     "review_p95_ms": .., "next_unreviewed_p95_ms": .., "build_s": .., "echo_p50_ms": .., "echo_p95_ms": ..}
+     "review_p95_ms": .., "next_unreviewed_p95_ms": .., "build_s": .., "echo_p50_ms": .., "echo_p95_ms": ..,
+     "queue_import_p95_ms": .., "queue_margin_p95_ms": .., ..., "scores_s": ..}
 
 (``echo_*``: an endpoint that only echoes, on a bare Gradio app measured right after: Gradio's
 and the client's own cost per call on this machine), then, with two or more sizes, a line with
@@ -70,6 +75,7 @@ from catreview.data.labels import BreedVocabulary  # noqa: E402
 from catreview.data.reviews import append_first_reviews  # noqa: E402
 from catreview.models.registry import ModelRegistry  # noqa: E402
 from catreview.predict.runner import insert_predictions, run_predictions  # noqa: E402
+from catreview.query.queues import QUEUE_KINDS, next_in_queue, refresh_scores, store_label_issues  # noqa: E402
 
 SHARED_PHOTO = REPO.parent / "shared" / "data" / "cats" / "Abyssinian"
 BATCH = 2000
@@ -144,6 +150,37 @@ def build_database(url: str, n: int, settings_kwargs: dict[str, Any], seed: int 
             last = ids[-1]
     engine.dispose()
     return time.perf_counter() - t0
+
+
+def build_scores(url: str, settings_kwargs: dict[str, Any], seed: int = 0) -> float:
+    """Write the queue scores (:func:`catreview.query.queues.refresh_scores`, the app's own pass
+    over the stored predictions) and label-issue scores for a random 10% of the photos (as
+    ``label-errors`` stores them); returns seconds."""
+    t0 = time.perf_counter()
+    engine = make_engine(url)
+    settings = load_settings(None, database_url=url, **settings_kwargs)
+    refresh_scores(engine, ModelRegistry(settings, engine=engine))
+    rng = random.Random(seed)
+    ids = _ids(url)
+    with Session(engine) as s:
+        store_label_issues(s, [(i, rng.random(), "bench") for i in ids if rng.random() < 0.1])
+    engine.dispose()
+    return time.perf_counter() - t0
+
+
+def measure_queues(url: str, ids: list[int], calls: int, seed: int) -> dict[str, float]:
+    """p50/p95 (ms) of :func:`catreview.query.queues.next_in_queue` for every queue kind, after a
+    random photo each call, in this process (the query layer the Review tab's queue selector calls)."""
+    engine = make_engine(url)
+    rng = random.Random(seed)
+    out = {}
+    try:
+        for kind in QUEUE_KINDS:
+            times = _timed(lambda k=kind: next_in_queue(engine, k, rng.choice(ids)), calls)
+            out[f"queue_{kind}_p50_ms"], out[f"queue_{kind}_p95_ms"] = _p(times, 50), _p(times, 95)
+    finally:
+        engine.dispose()
+    return out
 
 
 def _free_port() -> int:
@@ -425,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
             for n in sizes:
                 with database(kind, server_url, n, tmp) as url:
                     build_s = build_database(url, n, settings_kwargs)
+                    scores_s = build_scores(url, settings_kwargs, seed=n)
                     data_dir = tmp / f"data-{n}"
                     data_dir.mkdir()
                     with running_app(url, data_dir, args.demo_dir) as base:
@@ -436,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
                             "transport": args.transport,
                             "build_s": round(build_s, 1),
                             **gradio_floor(args.calls, args.transport),
+                            **measure_queues(url, ids, args.calls, seed=n),  # the app is idle meanwhile
+                            "scores_s": round(scores_s, 1),
                         }
                         print(json.dumps(row), flush=True)
                         results.append(row)
@@ -455,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
     if len(results) >= 2:
         small, big = results[0], results[-1]
-        keys = ("show_p95_ms", "review_p95_ms", "next_unreviewed_p95_ms")
+        keys = ("show_p95_ms", "review_p95_ms", "next_unreviewed_p95_ms", *(f"queue_{k}_p95_ms" for k in QUEUE_KINDS))
         ratios = {k.replace("_ms", "_ratio"): round(big[k] / small[k], 2) for k in keys}
         met = all(big[k] <= GOAL_P95_MS for k in keys) and all(v <= GOAL_RATIO for v in ratios.values())
         print(json.dumps({"db": kind, "small": small["photos"], "large": big["photos"], **ratios, "goals_met": met}))

@@ -143,6 +143,13 @@ class Settings(BaseSettings):
     first_vlm_round: bool = True
     data_dir: Path = REPO_ROOT / "db"
     annotator: str = "annotator"
+    #: Largest file the app accepts in an upload, in megabytes (Gradio's ``max_file_size``).
+    max_upload_mb: int = Field(50, ge=1, le=10_000)
+    #: Trusted-header login (behind an authenticating reverse proxy): the request header holding
+    #: the user name (e.g. ``X-Forwarded-User``), honoured only from ``trusted_proxies``.
+    auth_header: str | None = None
+    #: Addresses or CIDR networks of the proxies whose ``auth_header`` is believed.
+    trusted_proxies: list[str] = Field(default_factory=list)
 
     @field_validator("database_url")
     @classmethod

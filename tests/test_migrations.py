@@ -104,7 +104,7 @@ def test_release4_database_upgrades_keeping_every_row(tmp_path: Path, cats_dir: 
     assert current_revisions(create_engine(url)) == []
 
     engine = make_engine(url)
-    assert current_revisions(engine) == [head_revision()] == ["0002_scale"]
+    assert current_revisions(engine) == [head_revision()] == ["0004_accounts"]
     assert schema_differences(url) == []
     after = table_rows(path, RELEASE4_TABLES)
     for table, rows in before.items():  # every old row, every old column, unchanged
@@ -136,7 +136,11 @@ def test_release4_database_upgrades_keeping_every_row(tmp_path: Path, cats_dir: 
             (10, 1),
             (11, 10),
         ]
-        assert counts.totals(s) == counts.recount(s) == counts.Totals(photos=10, failed=1, reviewed=9)
+        assert counts.totals(s) == counts.recount(s) == counts.Totals(photos=10, failed=1, reviewed=9, verified=3)
+        assert {i.id: i.current_source for i in images} == {
+            i.id: (newest[i.id]["source"] if i.id in newest else None) for i in images
+        }
+        assert sum(r["source"] == "import" for r in newest.values()) == 6
 
     from catreview.app.core import ReviewApp
     from catreview.config import load_settings
@@ -153,10 +157,11 @@ def test_release4_database_upgrades_keeping_every_row(tmp_path: Path, cats_dir: 
     changed = app.review(2, "Persian", "dave")
     first = app.review(1, "Birman", "dave")
     assert (changed.replaces_review_id, changed.previous_label, first.replaces_review_id) == (11, "Bengal", None)
-    assert app.view(2)["review"]["label"] == "Persian" and app.next_unreviewed() is None
+    imported_only = sorted(i for i, r in newest.items() if r["source"] == "import")
+    assert app.view(2)["review"]["label"] == "Persian" and app.next_unreviewed() == imported_only[0] == 3
     with Session(app.engine) as s:
-        assert counts.totals(s) == counts.recount(s) == counts.Totals(photos=10, failed=1, reviewed=10)
-    assert current_revisions(make_engine(url)) == ["0002_scale"]  # a second start changes nothing
+        assert counts.totals(s) == counts.recount(s) == counts.Totals(photos=10, failed=1, reviewed=10, verified=4)
+    assert current_revisions(make_engine(url)) == ["0004_accounts"]  # a second start changes nothing
 
 
 def test_downgrade_to_release4_and_back(tmp_path: Path, cats_dir: Path) -> None:
@@ -174,7 +179,7 @@ def test_downgrade_to_release4_and_back(tmp_path: Path, cats_dir: Path) -> None:
     plain.dispose()
     with Session(make_engine(url)) as s:  # up again: the chain and totals are rebuilt
         assert s.get(Review, 11).replaces_review_id == 10
-        assert counts.totals(s) == counts.Totals(photos=10, failed=1, reviewed=9)
+        assert counts.totals(s) == counts.Totals(photos=10, failed=1, reviewed=9, verified=3)
 
 
 def test_fresh_database_equals_the_models(db_url: str) -> None:
@@ -202,7 +207,7 @@ def test_database_of_an_unreleased_build_is_refused_with_the_fix(tmp_path: Path)
     plain = create_engine(url)
     SQLModel.metadata.create_all(plain)  # what builds between 5c54044 and the migrations did
     with pytest.raises(
-        ValueError, match=r"unreleased catreview build.*alembic -x url=sqlite:///.*dev\.db stamp 0002_scale"
+        ValueError, match=r"unreleased catreview build.*alembic -x url=sqlite:///.*dev\.db stamp 0004_accounts"
     ):
         make_engine(url)
     assert current_revisions(plain) == []
@@ -292,10 +297,64 @@ def test_cli_json_output_stays_clean_while_migrating(tmp_path: Path, cats_dir: P
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     assert len(rows) == 11 and "alembic" not in r.stdout.lower()
     assert {row["id"]: (row["review"] or {}).get("label") for row in rows}[2] == "Bengal"
-    assert current_revisions(create_engine(url)) == ["0002_scale"]
+    assert current_revisions(create_engine(url)) == ["0004_accounts"]
 
 
 def _base_env() -> dict[str, str]:
     import os
 
     return {k: v for k, v in os.environ.items() if not k.startswith("CATREVIEW_")}
+
+
+def test_0002_database_with_reviews_upgrades_to_0003(db_url: str) -> None:
+    engine = create_engine(db_url)
+    with engine.begin() as conn:
+        command.upgrade(alembic_config(conn), "0002_scale")
+        for i, sha in enumerate("abcd", start=1):
+            conn.execute(
+                text(
+                    "INSERT INTO images (id, sha256, path, size, imported_at, error) "
+                    "VALUES (:i, :sha, :p, 1, '2026-11-01 10:00:00+00', :err)"
+                ),
+                {"i": i, "sha": sha * 64, "p": f"/photos/{sha}.jpg", "err": "truncated" if sha == "c" else None},
+            )
+        reviews = [  # photo 1: imported, then corrected by a person; photo 2: imported only; photo 4: none
+            (1, 1, "import", "Persian", "import", None),
+            (2, 2, "import", "Bengal", "import", None),
+            (3, 1, "alice", "Birman", "ui", 1),
+        ]
+        for rid, image, annotator, label, source, replaces in reviews:
+            conn.execute(
+                text(
+                    "INSERT INTO reviews (id, image_id, annotator, label, source, replaces_review_id, created_at) "
+                    "VALUES (:r, :i, :a, :l, :s, :rep, '2026-11-01 10:00:00+00')"
+                ),
+                {"r": rid, "i": image, "a": annotator, "l": label, "s": source, "rep": replaces},
+            )
+        conn.execute(text("UPDATE images SET current_review_id = 3, current_label = 'Birman' WHERE id = 1"))
+        conn.execute(text("UPDATE images SET current_review_id = 2, current_label = 'Bengal' WHERE id = 2"))
+        conn.execute(text("UPDATE collection_counts SET photos = 3, failed = 1, reviewed = 2 WHERE id = 1"))
+    engine.dispose()
+
+    engine = make_engine(db_url)
+    assert current_revisions(engine) == ["0004_accounts"]
+    assert schema_differences(db_url) == []
+    with Session(engine) as s:
+        images = {i.id: (i.current_source, i.phash) for i in s.exec(select(ImageRecord))}
+        assert images == {1: ("ui", None), 2: ("import", None), 3: (None, None), 4: (None, None)}
+        assert [r.blind for r in s.exec(select(Review).order_by(col(Review.id)))] == [False, False, False]
+        assert counts.totals(s) == counts.recount(s) == counts.Totals(photos=3, failed=1, reviewed=2, verified=1)
+    from catreview.query import photos
+
+    assert photos.next_unreviewed(engine) == 2  # only imported: not verified yet
+    assert photos.next_unreviewed(engine, 2) == 4
+    with engine.begin() as conn:
+        command.downgrade(alembic_config(conn), "0002_scale")
+    engine.dispose()
+    plain = create_engine(db_url)
+    assert "current_source" not in {c["name"] for c in inspect(plain).get_columns("images")}
+    assert not inspect(plain).has_table("photo_scores")
+    plain.dispose()
+    with Session(make_engine(db_url)) as s:  # up again: sources and the verified count come back
+        assert s.get(ImageRecord, 1).current_source == "ui"
+        assert counts.totals(s) == counts.Totals(photos=3, failed=1, reviewed=2, verified=1)

@@ -165,7 +165,7 @@ def test_counts_follow_imports_and_reviews(engine: Engine, photo_ids: list[int])
         with pytest.raises(ReviewError, match="unknown label"):
             record_review(s, photo_ids[1], "Dragon", "alice", vocabulary=VOCAB)
     with Session(engine) as s:
-        assert counts.totals(s) == counts.recount(s) == counts.Totals(photos=5, failed=1, reviewed=2)
+        assert counts.totals(s) == counts.recount(s) == counts.Totals(photos=5, failed=1, reviewed=2, verified=2)
 
 
 def test_insert_ignoring_conflicts_keeps_the_first_row(engine: Engine) -> None:
@@ -217,7 +217,7 @@ def test_8_threads_saving_the_same_photos_chain_every_review(engine: Engine, pho
         chains = [assert_unbroken_chain(s, pid) for pid in photo_ids]
         assert sum(len(c) for c in chains) == 400
         assert {r.id for c in chains for r in c} == set(saved)
-        assert counts.totals(s) == counts.recount(s) == counts.Totals(photos=5, failed=1, reviewed=5)
+        assert counts.totals(s) == counts.recount(s) == counts.Totals(photos=5, failed=1, reviewed=5, verified=5)
 
 
 def test_8_threads_saving_what_they_saw_get_a_conflict_or_a_chained_review(

@@ -55,6 +55,12 @@ class TrainConfig(ConfigModel):
             state) during the round's last epoch (the epoch of its last optimizer step); frozen
             before. Default off. Its normalisation statistics stay frozen (eval-mode BatchNorm).
             One process only (a data-parallel round refuses it).
+        tower_lr_scale: the unfrozen tower's learning rate as a multiple of ``lr`` (default 0.1,
+            an AdamW parameter group of its own, same schedule). A pretrained tower moved at the
+            LoRA/projector rate diverged in a small round (loss 4.1 -> 8.1); lower rates for the
+            pretrained vision encoder are the usual practice (LLaVA-OneVision's training scripts:
+            ``mm_vision_tower_lr`` 2e-6 with ``learning_rate`` 1e-5). Only used with
+            ``unfreeze_tower_last_epoch``.
 
     Vision tower (FastVLM, whose timm tower output is the projector's input; see
     :mod:`training.tower`; ignored for other architectures):
@@ -144,6 +150,7 @@ class TrainConfig(ConfigModel):
     target_modules: str = DEFAULT_TARGET_MODULES
     train_projector: bool = False
     unfreeze_tower_last_epoch: bool = False
+    tower_lr_scale: float = Field(0.1, gt=0)
     cache_tower_features: bool = True
     standardize_tower_features: bool = True
 
@@ -239,4 +246,44 @@ class TrainConfig(ConfigModel):
         return type(self)(**{**self.model_dump(), **changes})
 
 
-__all__ = ["DEFAULT_TARGET_MODULES", "PROJECTOR_MODULE", "TrainConfig"]
+#: A LoRA round of a built-in FastVLM (SmolLM2-135M + EfficientNet-Lite tower) on a CPU. Every
+#: round starts from the base model, whose image projector is random, so the first round and
+#: each later one need it: the app's cold start and ``python -m catreview train`` on a built-in
+#: profile use it (:func:`builtin_first_round`); flags still override it. The defaults of
+#: :class:`TrainConfig` stay those of a 7B LLaVA on a GPU. Why each value (2-core CPU,
+#: ``benchmarks/vlm_round.py``, ``tests/test_vlm_round_real.py``):
+#:
+#: * ``train_projector``: the projector is random; without it nothing maps the image into the LM.
+#: * ``lr`` 2e-4 (the default): at 1e-3 the training loss spiked from 1.05 to 8.0 at step 4
+#:   (batch 8, shared photos; 0.64 at step 5, the run was then stopped), at 2e-4 it did not
+#:   (1.08 -> 0.72 by step 5); 2e-4 learned in session 6's round (validation accuracy 0.18 ->
+#:   0.45 by step 50, batch 4).
+#: * ``rank`` 8 (alpha 16), ``batch_size`` 8: the NOTES recipe (0.825 3-way accuracy on 217
+#:   unseen photos after 411 steps). The rank barely changes a step's cost (the 135M LM's
+#:   forward and backward dominate); batch 8 halves the optimizer steps per epoch.
+#: * ``eval_every`` 20, ``max_val_examples`` 30: each evaluation scores every validation photo
+#:   once (a forward as long as a training row); capped so evaluations stay a small share.
+#: * ``mixed_precision`` / ``dtype`` stay ``"auto"`` (fp32 on a CPU): the 2-core machine (AMD EPYC,
+#:   AVX2, no AVX512-BF16/AMX) has no native bf16 matrix product; ``benchmarks/vlm_round.py
+#:   --only profile`` measures bf16 autocast against fp32 on the machine at hand.
+BUILTIN_FIRST_ROUND: dict[str, Any] = {
+    "train_projector": True,
+    "lr": 2e-4,
+    "rank": 8,
+    "batch_size": 8,
+    "eval_batch_size": 8,
+    "eval_every": 20,
+    "max_val_examples": 30,
+}
+
+
+def builtin_first_round(**changes: Any) -> TrainConfig:
+    """:class:`TrainConfig` of :data:`BUILTIN_FIRST_ROUND` with ``changes`` applied (validated).
+
+    Raises:
+        catreview.adapters.validation.InvalidConfigError: a bad value in ``changes``.
+    """
+    return TrainConfig(**{**BUILTIN_FIRST_ROUND, **changes})
+
+
+__all__ = ["BUILTIN_FIRST_ROUND", "DEFAULT_TARGET_MODULES", "PROJECTOR_MODULE", "TrainConfig", "builtin_first_round"]

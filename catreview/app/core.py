@@ -26,16 +26,22 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session
 
+from catreview.adapters.train_config import BUILTIN_FIRST_ROUND
 from catreview.adapters.versions import activate, deactivate, version_rows
 from catreview.compare.session import CompareSession
 from catreview.config import Settings
+from catreview.data.counts import Totals
 from catreview.data.db import AdapterVersion, ImageRecord, Review, active_adapter_version, get_image, make_engine
 from catreview.data.images import load_rgb
 from catreview.data.importer import import_folder
 from catreview.data.labels import BreedVocabulary
+from catreview.data.phash import backfill_phashes
 from catreview.data.reviews import HEAD, Head, ReviewError, record_review
 from catreview.errors import CatreviewError
+from catreview.evaluate import duplicates
 from catreview.evaluate.calibration import CalibrationReport
+from catreview.evaluate.duplicates import DuplicateGroup, DuplicateMember
+from catreview.evaluate.label_errors import LabelIssueRanking, rank_label_issues
 from catreview.evaluate.report import EvaluationReport, active_versions, evaluation_report
 from catreview.evaluate.store import fit_and_store
 from catreview.export.archive import zip_export
@@ -50,16 +56,19 @@ from catreview.predict.runner import (
     run_predictions,
     store_reasoning,
 )
-from catreview.query import photos
+from catreview.query import history, photos, queues
 from catreview.query.display import display_file
+from catreview.query.history import Decision, HistoryEntry, UndoResult
 from catreview.query.photos import PhotoView, RoutingStats, model_snapshot
+from catreview.query.queues import QueueItem
 
 if TYPE_CHECKING:
     from catreview.adapters.jobs import TrainJobs
     from catreview.adapters.rounds import RoundOutcome
 
-FIRST_ROUND: dict[str, Any] = {"train_projector": True}
-"""TrainConfig fields of the first round of a built-in VLM (its projector starts untrained)."""
+FIRST_ROUND: dict[str, Any] = dict(BUILTIN_FIRST_ROUND)
+"""TrainConfig fields of the first round of a built-in VLM (its projector starts untrained): the
+CPU recipe :data:`catreview.adapters.train_config.BUILTIN_FIRST_ROUND`."""
 
 __all__ = ["QUEUE_FIRST", "QUEUE_PAGE", "JobState", "ReviewApp"]
 
@@ -350,6 +359,9 @@ class ReviewApp:
             if summary.cancelled:
                 break
         state.log += total.lines()
+        if not stop.is_set():  # a pass cut short (app stopping, versions changed): the next one scores
+            state.stage = "updating the review queues"
+            state.log.append(f"review queues: {queues.refresh_scores(self.engine, self.registry)} photos scored")
         if total.cancelled or stop.is_set():
             return "Predictions interrupted: " + "; ".join(total.lines()[:2])
         return "Predictions ready. " + "; ".join(total.lines()[:2])
@@ -505,12 +517,14 @@ class ReviewApp:
         note: str | None = None,
         *,
         replaces: int | Head | None = HEAD,
+        blind: bool = False,
     ) -> Review:
         """Record a review (with the models' outputs at review time) and return it.
 
         Args:
             replaces: the review id the annotator was looking at (``None``: none); the default
                 chains after the newest review (see :func:`catreview.data.reviews.record_review`).
+            blind: the annotator chose with the model outputs hidden (stored on the review).
 
         Raises:
             catreview.data.reviews.ReviewError: no annotator, unknown label, failed image, unknown id.
@@ -527,6 +541,7 @@ class ReviewApp:
                 note=note,
                 model_snapshot=snapshot,
                 replaces=replaces,
+                blind=blind,
             )
 
     # ------------------------------------------------------------------ calibration, export, adapters
@@ -607,6 +622,195 @@ class ReviewApp:
         """A :class:`catreview.compare.session.CompareSession` on this app's models and database;
         it refuses to run while the background predictions hold the models."""
         return CompareSession(self.settings, self.registry, self.engine, self.vocabulary, busy=lambda: self.job.running)
+
+    # ---- queues and verified counts (issue 13)
+    def next_in_queue(self, kind: str, after: int | None = None) -> QueueItem | None:
+        """The next photo without a human decision after photo ``after`` in queue ``kind``
+        (wrapping), with its "why it is here" line, or ``None`` when the queue is empty
+        (:func:`catreview.query.queues.next_in_queue`).
+
+        Raises:
+            ValueError: unknown ``kind`` (see :data:`catreview.query.queues.QUEUE_KINDS`).
+        """
+        return queues.next_in_queue(self.engine, kind, after)
+
+    def queue_items(self, kind: str, limit: int, after: int | None = None) -> list[QueueItem]:
+        """Up to ``limit`` photos of queue ``kind`` after photo ``after`` (:func:`catreview.query.queues.queue_items`).
+
+        Raises:
+            ValueError: unknown ``kind`` or ``limit`` out of 1..10000.
+        """
+        return queues.queue_items(self.engine, kind, limit=limit, after=after)
+
+    def refresh_scores(self) -> int:
+        """Rewrite the queue scores from the stored predictions of the active versions
+        (:func:`catreview.query.queues.refresh_scores`); returns the rows written."""
+        return queues.refresh_scores(self.engine, self.registry)
+
+    def review_totals(self) -> Totals:
+        """All running totals: decodable, failed, labelled (imported or human), human-verified
+        (:func:`catreview.query.photos.review_totals`; one primary-key read)."""
+        return photos.review_totals(self.engine)
+
+    # ---- review tab: history, undo, jump (issue 13)
+    def recent_decisions(self, annotator: str, limit: int = 10) -> list[Decision]:
+        """The annotator's newest ``limit`` decisions, newest first (:func:`catreview.query.history.recent_decisions`).
+
+        Raises:
+            ValueError: ``limit`` < 1.
+        """
+        return history.recent_decisions(self.engine, annotator, limit)
+
+    def undo_last(self, annotator: str) -> UndoResult:
+        """Undo the annotator's last decision still in effect by a new review that restores the
+        previous label (or no label) (:func:`catreview.query.history.undo_last`).
+
+        Raises:
+            catreview.data.reviews.ReviewError: no annotator, or nothing left to undo.
+            catreview.data.reviews.ReviewConflictError: someone reviewed the photo meanwhile.
+        """
+        return history.undo_last(self.engine, annotator)
+
+    def photo_history(self, image_id: int) -> list[HistoryEntry]:
+        """Every review of the photo, oldest first (:func:`catreview.query.history.photo_history`)."""
+        return history.photo_history(self.engine, image_id)
+
+    def find_photo(self, text: str) -> int | None:
+        """The photo id named by ``text`` (an id, ``#id``, a stored path or a file name), or ``None``
+        (:func:`catreview.query.history.find_photo`)."""
+        return history.find_photo(self.engine, text)
+
+    # ---- grid and bulk (issue 13)
+    @property
+    def thumbs_dir(self) -> Path:
+        """The folder of grid thumbnails (``data_dir/thumbs``, :mod:`catreview.query.thumbs`), served as static files."""
+        return self.settings.data_dir / "thumbs"
+
+    def grid_page(self, flt: Any, after: int | None = None, limit: int = 48) -> Any:
+        """A page of the grid (:func:`catreview.query.grid.grid_page`; ``flt`` a
+        :class:`~catreview.query.grid.GridFilter`).
+
+        Raises:
+            ValueError: a filter that cannot be served, or ``limit`` out of range.
+        """
+        from catreview.query.grid import grid_page
+
+        return grid_page(self.engine, flt, after=after, limit=limit)
+
+    def thumbnail(self, image_id: int, sha256: str, path: str) -> Path:
+        """The cached thumbnail file of a grid photo (:func:`catreview.query.thumbs.thumbnail_file`).
+
+        Raises:
+            catreview.data.images.ImageDecodeError: the file is gone or cannot be decoded.
+        """
+        from catreview.query.thumbs import thumbnail_file
+
+        return thumbnail_file(path, sha256, self.thumbs_dir)
+
+    def bulk_review(
+        self,
+        image_ids: list[int],
+        label: str,
+        annotator: str,
+        *,
+        seen: dict[int, int | None] | None = None,
+        note: str | None = None,
+    ) -> list[Review]:
+        """Give every photo in ``image_ids`` the label ``label``: one review each (source ``"grid"``,
+        with the models' outputs at review time), one transaction per photo, in the given order.
+
+        Args:
+            seen: ``{image_id: review id the annotator saw}`` (:meth:`catreview.query.grid.GridPage.seen`);
+                a photo whose newest review is another one by now is not saved but reported. Photos
+                not in ``seen`` are chained after their newest review.
+
+        Returns:
+            The stored reviews, in ``image_ids`` order (duplicates ids are reviewed once).
+
+        Raises:
+            catreview.data.reviews.ReviewError: no annotator, an unknown label, or no photo given
+                (nothing stored).
+            catreview.query.grid.BulkReviewError: some photos were not saved (reviewed meanwhile,
+                undecodable, unknown id); ``saved`` and ``failed`` say which, the others are stored.
+        """
+        from catreview.query.grid import BulkReviewError
+
+        if not (annotator or "").strip():
+            raise ReviewError("enter your annotator name before reviewing")
+        if label not in self.vocabulary:
+            raise ReviewError(f"unknown label {label!r}: pick one from the breed list")
+        ids = list(dict.fromkeys(image_ids))
+        if not ids:
+            raise ReviewError("select at least one photo")
+        seen = seen or {}
+        saved: list[Review] = []
+        failed: list[tuple[int, str]] = []
+        for image_id in ids:
+            try:
+                snapshot = model_snapshot(photos.photo_view(self.engine, self.registry, image_id))
+                with Session(self.engine) as s:
+                    saved.append(
+                        record_review(
+                            s,
+                            image_id,
+                            label,
+                            annotator,
+                            vocabulary=self.vocabulary,
+                            note=note,
+                            source="grid",
+                            model_snapshot=snapshot,
+                            replaces=seen.get(image_id, HEAD),
+                        )
+                    )
+            except ReviewError as exc:  # reviewed meanwhile (ReviewConflictError), undecodable, unknown id
+                failed.append((image_id, str(exc)))
+            except KeyError:  # the row went away between the view and the save
+                failed.append((image_id, f"no photo with id {image_id}"))
+        if failed:
+            raise BulkReviewError(saved, failed)
+        return saved
+
+    # ---- label errors and duplicates (issue 13)
+    def refresh_label_issues(self) -> LabelIssueRanking:
+        """Rank every labelled photo by how likely its label is wrong (cleanlab on the active
+        head's out-of-fold stage-1 probabilities, mixed with the VLM's) and store the flagged
+        ones as the "likely label errors" queue (:func:`catreview.evaluate.label_errors.rank_label_issues`).
+
+        Raises:
+            catreview.evaluate.label_errors.LabelIssuesUnavailable: no stage-1 head trained yet.
+        """
+        return rank_label_issues(self.engine, self.registry, vocabulary=self.vocabulary)
+
+    def duplicates_of(self, image_id: int) -> list[DuplicateMember]:
+        """Other photos with the same or a near perceptual hash (:func:`catreview.evaluate.duplicates.duplicates_of`).
+
+        Raises:
+            ValueError: no photo with ``image_id``.
+        """
+        return duplicates.duplicates_of(self.engine, image_id)
+
+    def duplicate_line(self, image_id: int) -> str:
+        """The review view's duplicates line for the photo (``""`` when it has none;
+        :func:`catreview.evaluate.duplicates.duplicate_line`), conflicts with its current label marked.
+
+        Raises:
+            ValueError: no photo with ``image_id``.
+        """
+        members = duplicates.duplicates_of(self.engine, image_id)
+        if not members:
+            return ""
+        with Session(self.engine) as s:
+            label = get_image(s, image_id).current_label
+        return duplicates.duplicate_line(members, label)
+
+    def backfill_phashes(self) -> tuple[int, list[tuple[str, str]]]:
+        """Hash photos imported before perceptual hashes existed (:func:`catreview.data.phash.backfill_phashes`);
+        returns ``(photos hashed, [(path, reason)] that no longer decode)``."""
+        return backfill_phashes(self.engine)
+
+    def conflicting_duplicates(self) -> list[DuplicateGroup]:
+        """Duplicate groups whose photos carry different breed labels (:func:`catreview.evaluate.duplicates.conflicting_duplicates`)."""
+        return duplicates.conflicting_duplicates(self.engine)
 
     # ------------------------------------------------------------------ reasoning
     def stream_reasoning(self, image_id: int, stop: threading.Event | None = None) -> Iterator[str]:

@@ -4,7 +4,10 @@ Commands: ``import`` (photos and existing labels), ``predict`` (both stages, cac
 ``predictions --json`` (one JSON object per photo per line), ``calibrate`` (fit temperatures and
 the fusion weight on reviewed photos), ``export`` (curated dataset), ``train`` (a LoRA round),
 ``adapters`` (list, promote, roll back LoRA adapter versions), ``compare`` (two VLM profiles on
-the reviewed photos), ``evaluate`` (every model version on the held-out reviewed photos).
+the reviewed photos), ``evaluate`` (every model version on the held-out reviewed photos),
+``queue`` (a review queue's photos with the reason each is there), ``label-errors`` (labelled
+photos ranked by how likely their label is wrong), ``duplicates`` (exact and near duplicate photos
+with conflicting labels), ``users`` (accounts and roles for the app's login).
 
 Errors a user can fix (bad paths, bad config, unknown labels) print one line on stderr and exit
 with status 2; nothing stored is changed by a failed command.
@@ -141,12 +144,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     from catreview.cli.compare import add_compare_parser
     from catreview.cli.evaluate import add_evaluate_parser
+    from catreview.cli.label_errors import add_duplicates_parser, add_label_errors_parser
+    from catreview.cli.queue import add_queue_parser
     from catreview.cli.train import add_adapters_parser, add_train_parser
+    from catreview.cli.users import add_users_parser
 
     add_train_parser(sub)
     add_adapters_parser(sub)
     add_compare_parser(sub)
     add_evaluate_parser(sub)
+    add_label_errors_parser(sub)
+    add_duplicates_parser(sub)
+    add_queue_parser(sub)
+    add_users_parser(sub)
     return parser
 
 
@@ -233,10 +243,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     shard = Shard(state.process_index, state.num_processes)
     engine = make_engine(settings.database_url)
     update, close = progress_bar() if state.is_local_main_process else (None, lambda: None)
+    registry = _registry(settings)
     try:
         summary = run_predictions(
             engine,
-            _registry(settings),
+            registry,
             vlm_name=args.vlm,
             reasoning=not args.no_reasoning,
             progress=update,
@@ -249,6 +260,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if shard.count > 1:
         lines = [f"process {shard.index + 1} of {shard.count}: {line}" for line in lines]
         state.wait_for_everyone()
+    if state.is_main_process:  # the review queues, from every process's predictions
+        from catreview.query.queues import refresh_scores
+
+        lines.append(f"review queues: {refresh_scores(engine, registry)} photos scored (active versions)")
+    if shard.count > 1:
         state.destroy_process_group()
     print("\n".join(lines))
     return 0
@@ -367,6 +383,30 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return cmd_evaluate(args)
 
 
+def _cmd_queue(args: argparse.Namespace) -> int:
+    from catreview.cli.queue import cmd_queue
+
+    return cmd_queue(args)
+
+
+def _cmd_label_errors(args: argparse.Namespace) -> int:
+    from catreview.cli.label_errors import cmd_label_errors
+
+    return cmd_label_errors(args)
+
+
+def _cmd_duplicates(args: argparse.Namespace) -> int:
+    from catreview.cli.label_errors import cmd_duplicates
+
+    return cmd_duplicates(args)
+
+
+def _cmd_users(args: argparse.Namespace) -> int:
+    from catreview.cli.users import cmd_users
+
+    return cmd_users(args)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "import": cmd_import,
     "import-llava": cmd_import_llava,
@@ -378,6 +418,10 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": _cmd_train,
     "adapters": _cmd_adapters,
     "evaluate": _cmd_evaluate,
+    "label-errors": _cmd_label_errors,
+    "duplicates": _cmd_duplicates,
+    "queue": _cmd_queue,
+    "users": _cmd_users,
 }
 
 

@@ -24,6 +24,7 @@ from catreview.adapters.gate import DEFAULT_POLICY, GateDecision, GatePolicy
 from catreview.adapters.jobs import TrainJobs
 from catreview.adapters.runfolder import LOG_FILE
 from catreview.adapters.status import RunStatus
+from catreview.adapters.train_config import builtin_first_round
 from catreview.adapters.versions import activate, rollback, version_metrics, version_rows
 from catreview.app.presenters.train import run_status_line
 from catreview.cli.common import add_common_options, settings_from_args
@@ -130,6 +131,13 @@ def _base_model(args: argparse.Namespace, settings: Settings) -> str:
     return ModelRegistry(settings).base_model(args.vlm)
 
 
+def _builtin_profile(settings: Settings) -> bool:
+    """Whether rounds adapt a built-in pretrained FastVLM (no ``[vlm_profiles.*]`` configured,
+    ``builtin_models="pretrained"``). Every round starts from its base model, whose image
+    projector is random, so each one needs the first-round recipe, not only the first."""
+    return not settings.vlm_profiles and settings.builtin_models == "pretrained"
+
+
 def _fmt(x: Any) -> str:
     if x is None:
         return "-"
@@ -184,8 +192,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         auto_activate=not args.no_activate,
         launcher=shlex.split(args.launcher) if args.launcher else None,
     )
-    cfg = config_from_args(args)
     base = None if args.resume_run is not None else _base_model(args, settings)
+    # A built-in profile's round starts from the CPU recipe (its projector is random); flags override it.
+    builtin = base is not None and not args.base and _builtin_profile(settings)
+    cfg = config_from_args(args, base=builtin_first_round() if builtin else None)
     run_id = jobs.start(base or "", cfg, export_dir=args.export, resume_run=args.resume_run)
     started = jobs.status(run_id)
     print(f"training run #{run_id} started; log: {Path(started.run_dir) / LOG_FILE}", file=sys.stderr)  # type: ignore[union-attr]

@@ -13,23 +13,35 @@ from dataclasses import dataclass
 from sqlalchemy import func, update
 from sqlmodel import Session, col, select
 
-from catreview.data.db import CollectionCounts, ImageRecord, insert_ignoring_conflicts
+from catreview.data.db import IMPORT_SOURCE, CollectionCounts, ImageRecord, insert_ignoring_conflicts
 
 
 @dataclass(frozen=True)
 class Totals:
     """Photo counts: ``photos`` decodable, ``failed`` to decode, ``reviewed`` decodable photos
-    with at least one review (all >= 0)."""
+    with a label (imported or a human decision), ``verified`` decodable photos whose current
+    label is a human decision (all >= 0; ``verified <= reviewed <= photos``)."""
 
     photos: int
     failed: int
     reviewed: int
+    verified: int = 0
+
+    @property
+    def imported(self) -> int:
+        """Decodable photos whose current label is only imported (unverified)."""
+        return self.reviewed - self.verified
+
+    @property
+    def unverified(self) -> int:
+        """Decodable photos without a human decision (no label, or only an imported one)."""
+        return self.photos - self.verified
 
 
-def bump(session: Session, *, photos: int = 0, failed: int = 0, reviewed: int = 0) -> None:
+def bump(session: Session, *, photos: int = 0, failed: int = 0, reviewed: int = 0, verified: int = 0) -> None:
     """Add to the totals in the session's open transaction (not committed here). The row is
     created at 0 first if it is missing."""
-    if not (photos or failed or reviewed):
+    if not (photos or failed or reviewed or verified):
         return
     change = (
         update(CollectionCounts)
@@ -38,6 +50,7 @@ def bump(session: Session, *, photos: int = 0, failed: int = 0, reviewed: int = 
             photos=CollectionCounts.photos + photos,
             failed=CollectionCounts.failed + failed,
             reviewed=CollectionCounts.reviewed + reviewed,
+            verified=CollectionCounts.verified + verified,
         )
     )
     if session.exec(change).rowcount == 0:  # first use of this database: create the row, then add
@@ -48,7 +61,7 @@ def bump(session: Session, *, photos: int = 0, failed: int = 0, reviewed: int = 
 def totals(session: Session) -> Totals:
     """The stored totals (one primary-key read); zeros for an empty database."""
     row = session.get(CollectionCounts, 1)
-    return Totals(row.photos, row.failed, row.reviewed) if row is not None else Totals(0, 0, 0)
+    return Totals(row.photos, row.failed, row.reviewed, row.verified) if row is not None else Totals(0, 0, 0, 0)
 
 
 def recount(session: Session) -> Totals:
@@ -59,7 +72,16 @@ def recount(session: Session) -> Totals:
     reviewed = session.exec(
         select(func.count()).select_from(ImageRecord).where(ok, ImageRecord.current_review_id.is_not(None))  # type: ignore[union-attr]
     ).one()
-    return Totals(int(photos), int(failed), int(reviewed))
+    verified = session.exec(
+        select(func.count())
+        .select_from(ImageRecord)
+        .where(
+            ok,
+            col(ImageRecord.current_review_id).is_not(None),
+            col(ImageRecord.current_source) != IMPORT_SOURCE,
+        )
+    ).one()
+    return Totals(int(photos), int(failed), int(reviewed), int(verified))
 
 
 def store_recount(session: Session) -> Totals:
@@ -69,6 +91,6 @@ def store_recount(session: Session) -> Totals:
     session.exec(
         update(CollectionCounts)
         .where(CollectionCounts.id == 1)  # type: ignore[arg-type]
-        .values(photos=t.photos, failed=t.failed, reviewed=t.reviewed)
+        .values(photos=t.photos, failed=t.failed, reviewed=t.reviewed, verified=t.verified)
     )
     return t

@@ -11,12 +11,19 @@ Tables and their rules:
   image row keeps its current review id and label (denormalised, written in the same
   transaction), so "the current label of photo X" and "the next unreviewed photo" are indexed
   lookups at any collection size.
-- ``collection_counts``: one row of running totals (decodable, failed, reviewed photos), kept in
-  the same transactions as the rows they count.
+- ``collection_counts``: one row of running totals (decodable, failed, reviewed and verified
+  photos), kept in the same transactions as the rows they count.
+- ``photo_scores``: one row per decodable photo with stage-1 predictions for the active versions
+  (fused prediction, margin, stage-1/VLM disagreement, rarity, label-issue score), the keys of
+  the review queues (:mod:`catreview.query.queues`); ``open`` kept in step by the review writers.
 - ``exports``, ``split_assignments``: curated dataset versions and each photo's sticky split.
 - ``adapters``, ``training_runs``: LoRA adapter versions and the rounds that made them.
 - ``preferences``: blind A/B choices between two VLM outputs.
 - ``calibrations``: fitted temperatures and fusion weight per model-version pair.
+- ``users``, ``audit_events``: accounts with roles (argon2 password hashes) and the append-only
+  trail of training rounds, promotions, exports and user changes.
+- ``overlap_items``, ``overlap_votes``: the overlap round (photos labelled blind by ``k``
+  annotators, then agreed or adjudicated) and its votes.
 """
 
 from __future__ import annotations
@@ -37,13 +44,24 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+IMPORT_SOURCE = "import"
+"""``Review.source`` of a label that came with the photos (``--labels``/``--labels-from-folders``,
+an export's JSONL): an imported, unverified label. Every other source is a human decision."""
+
+UNVERIFIED_WHERE = "error IS NULL AND (current_review_id IS NULL OR current_source = 'import')"
+"""SQL condition of a decodable photo without a human decision (the ``ix_images_unverified`` index)."""
+
+
 class ImageRecord(SQLModel, table=True):
     """A photo, identified by the sha256 of its bytes. ``path`` is absolute, as last imported.
 
-    ``current_review_id``/``current_label`` mirror the photo's newest review (``None`` while
-    unreviewed); only :func:`catreview.data.reviews.record_review` writes them, in the transaction
-    that appends the review. Partial indexes serve the review order (decodable photos by id), the
-    list of photos that failed to decode, and the next unreviewed photo.
+    ``current_review_id``/``current_label``/``current_source`` mirror the photo's newest review
+    (``None`` while unlabelled; source ``"import"`` = an imported, unverified label, anything else
+    a human decision); only the review writers of :mod:`catreview.data.reviews` write them, in the
+    transaction that appends the review. Partial indexes serve the review order (decodable photos
+    by id), the list of photos that failed to decode, the next unlabelled photo and the next
+    unverified one (unlabelled or only an imported label). ``phash`` is the 64-bit perceptual
+    hash as 16 hex characters (``str(imagehash.phash(img))``), ``None`` until computed.
     """
 
     __tablename__ = "images"
@@ -66,6 +84,19 @@ class ImageRecord(SQLModel, table=True):
             sqlite_where=text("error IS NULL AND current_review_id IS NULL"),
             postgresql_where=text("error IS NULL AND current_review_id IS NULL"),
         ),
+        Index(
+            "ix_images_unverified",
+            "id",
+            sqlite_where=text(UNVERIFIED_WHERE),
+            postgresql_where=text(UNVERIFIED_WHERE),
+        ),
+        Index(  # the grid's "current label" filter: a rare breed's page without a scan
+            "ix_images_current_label",
+            "current_label",
+            "id",
+            sqlite_where=text("error IS NULL"),
+            postgresql_where=text("error IS NULL"),
+        ),
     )
     id: int | None = Field(default=None, primary_key=True)
     sha256: str = Field(index=True, unique=True, max_length=64)
@@ -77,6 +108,8 @@ class ImageRecord(SQLModel, table=True):
     imported_at: datetime = Field(default_factory=utcnow)
     current_review_id: int | None = None
     current_label: str | None = None
+    current_source: str | None = None
+    phash: str | None = Field(default=None, max_length=16, index=True)
 
     @property
     def ok(self) -> bool:
@@ -116,9 +149,12 @@ class Review(SQLModel, table=True):
     (``Not a cat``/``Unsure``); ``previous_label`` is the image's label before this review
     (``None`` for the first) and ``replaces_review_id`` the review it replaced (``None`` for the
     first; unique, so two reviews can never replace the same one). ``model_snapshot_json``
-    records what the models said then. ``created_at`` never decreases along a photo's chain."""
+    records what the models said then. ``created_at`` never decreases along a photo's chain.
+    ``blind``: the annotator chose without seeing the model outputs (blind mode). The index on
+    ``(annotator, id)`` serves an annotator's recent decisions."""
 
     __tablename__ = "reviews"
+    __table_args__ = (Index("ix_reviews_annotator_id", "annotator", "id"),)
     id: int | None = Field(default=None, primary_key=True)
     image_id: int = Field(foreign_key="images.id", index=True)
     annotator: str
@@ -129,18 +165,74 @@ class Review(SQLModel, table=True):
     source: str = "ui"
     model_snapshot_json: str | None = Field(default=None, sa_column=Column(Text))
     created_at: datetime = Field(default_factory=utcnow, index=True)
+    blind: bool = Field(default=False, sa_column_kwargs={"server_default": text("false")})
 
 
 class CollectionCounts(SQLModel, table=True):
     """Running totals over ``images`` (a single row, ``id`` 1): decodable photos, photos that
-    failed to decode, and decodable photos with at least one review. Every writer that changes
-    one of them updates this row in the same transaction (:mod:`catreview.data.counts`)."""
+    failed to decode, decodable photos with a label (imported or human: ``reviewed``) and those
+    whose current label is a human decision (``verified``). Every writer that changes one of them
+    updates this row in the same transaction (:mod:`catreview.data.counts`)."""
 
     __tablename__ = "collection_counts"
     id: int = Field(default=1, primary_key=True)
     photos: int = 0
     failed: int = 0
     reviewed: int = 0
+    verified: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
+
+
+OPEN_WHERE = {"sqlite": "open = 1", "postgresql": "open"}
+"""Per dialect, the condition of the partial queue indexes of ``photo_scores`` (written the way
+SQLAlchemy renders ``where(PhotoScore.open)`` there, so the planners match it)."""
+
+
+def _open_index(name: str, *columns: str) -> Index:
+    return Index(
+        name, *columns, sqlite_where=text(OPEN_WHERE["sqlite"]), postgresql_where=text(OPEN_WHERE["postgresql"])
+    )
+
+
+class PhotoScore(SQLModel, table=True):
+    """The review-queue keys of one decodable photo, computed from the stored predictions of the
+    active model versions (:func:`catreview.query.queues.refresh_scores`).
+
+    ``open`` is true while the photo has no human decision (kept in step by the review writers).
+    Probabilities are 0..1: ``stage1_*`` the stage-1 top-1, ``vlm_*`` the VLM's choice (``None``
+    when it did not run), ``fused_*`` the fused top-1; ``fused_margin`` = top-1 minus top-2 fused
+    probability and ``fused_runner_up`` the top-2 label (``None`` with one label); ``disagreement`` 0..1 (0 when the stages agree or the VLM did not run);
+    ``rarity`` higher = rarer predicted class (0..1); ``label_issue`` 0..1, higher = the current
+    label is more likely wrong (:mod:`catreview.evaluate.label_errors`); ``random_key`` 0..1,
+    stable, from the photo's sha256; ``models`` the stage-1/VLM versions the row was computed for.
+    """
+
+    __tablename__ = "photo_scores"
+    __table_args__ = (
+        _open_index("ix_photo_scores_disagreement", "disagreement", "image_id"),
+        _open_index("ix_photo_scores_margin", "fused_margin", "image_id"),
+        _open_index("ix_photo_scores_rarity", "rarity", "image_id"),
+        _open_index("ix_photo_scores_random", "random_key", "image_id"),
+        _open_index("ix_photo_scores_label_issue", "label_issue", "image_id"),
+        Index("ix_photo_scores_fused_label", "fused_label", "image_id"),
+        Index("ix_photo_scores_stage1_label", "stage1_label", "image_id"),
+    )
+    image_id: int = Field(primary_key=True, foreign_key="images.id")
+    open: bool = True
+    stage1_label: str
+    stage1_prob: float
+    vlm_label: str | None = None
+    vlm_prob: float | None = None
+    fused_label: str
+    fused_prob: float
+    fused_margin: float
+    fused_runner_up: str | None = None
+    disagreement: float = 0.0
+    rarity: float = 0.0
+    label_issue: float | None = None
+    label_issue_reason: str | None = Field(default=None, sa_column=Column(Text))
+    random_key: float
+    models: str
+    updated_at: datetime = Field(default_factory=utcnow)
 
 
 class ExportRecord(SQLModel, table=True):
@@ -224,6 +316,62 @@ class CalibrationRecord(SQLModel, table=True):
     n_reviews: int
     temperature_fused: float = Field(default=1.0, sa_column_kwargs={"server_default": "1.0"})
     report_json: str = Field(default="{}", sa_column=Column(Text))
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class UserAccount(SQLModel, table=True):
+    """A person who logs in (:mod:`catreview.data.accounts`): a unique ``name``, a ``role``
+    (``annotator``/``reviewer``/``admin``), an argon2id ``password_hash``; ``disabled`` users
+    cannot log in (kept, so their reviews still name them)."""
+
+    __tablename__ = "users"
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(index=True, unique=True, max_length=64)
+    role: str = Field(max_length=16)
+    password_hash: str = Field(sa_column=Column(Text, nullable=False))
+    disabled: bool = False
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class AuditEvent(SQLModel, table=True):
+    """One administrative action (append-only; :mod:`catreview.data.audit`): who (``actor``),
+    what (``action``, e.g. ``promote``), on what (``target``, e.g. ``adapter #3``), details
+    as JSON, when."""
+
+    __tablename__ = "audit_events"
+    id: int | None = Field(default=None, primary_key=True)
+    actor: str = Field(max_length=64)
+    action: str = Field(index=True, max_length=32)
+    target: str = ""
+    detail_json: str = Field(default="{}", sa_column=Column(Text))
+    created_at: datetime = Field(default_factory=utcnow, index=True)
+
+
+class OverlapItem(SQLModel, table=True):
+    """A photo of the overlap round (:mod:`catreview.data.overlap`): ``k`` annotators vote on it
+    blind to each other; ``votes`` so far; ``status`` ``open`` (fewer than ``k`` votes),
+    ``agreed`` (``k`` equal votes: recorded as a consensus review), ``disputed`` (waiting for a
+    reviewer) or ``adjudicated``."""
+
+    __tablename__ = "overlap_items"
+    __table_args__ = (Index("ix_overlap_items_status_image", "status", "image_id"),)
+    image_id: int = Field(primary_key=True, foreign_key="images.id")
+    k: int
+    votes: int = 0
+    status: str = Field(default="open", max_length=12)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class OverlapVote(SQLModel, table=True):
+    """One annotator's blind label for an overlap photo (one per annotator and photo)."""
+
+    __tablename__ = "overlap_votes"
+    __table_args__ = (UniqueConstraint("image_id", "annotator", name="uq_overlap_votes_image_annotator"),)
+    id: int | None = Field(default=None, primary_key=True)
+    image_id: int = Field(foreign_key="images.id", index=True)
+    annotator: str = Field(max_length=64)
+    label: str
+    note: str | None = Field(default=None, sa_column=Column(Text))
     created_at: datetime = Field(default_factory=utcnow)
 
 

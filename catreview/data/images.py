@@ -96,6 +96,7 @@ class FileScan:
     height: int | None = None
     error: str | None = None
     read_error: str | None = None
+    phash: str | None = None  # 16-hex perceptual hash of the decoded photo (catreview.data.phash)
 
 
 IN_MEMORY_BYTES = 64 << 20
@@ -140,10 +141,10 @@ def scan_file(path: str) -> FileScan:
     try:
         if data is not None and not data:
             raise ImageDecodeError("empty file (0 bytes)")
-        width, height = decoded_size(io.BytesIO(data) if data is not None else Path(path), path)
+        width, height, phash = decoded_size_and_phash(io.BytesIO(data) if data is not None else Path(path), path)
     except ImageDecodeError as exc:
         return FileScan(path, digest.hexdigest(), size, error=str(exc))
-    return FileScan(path, digest.hexdigest(), size, width, height)
+    return FileScan(path, digest.hexdigest(), size, width, height, phash=phash)
 
 
 def read_error_reason(path: str | Path, exc: OSError, *, what: str = "file") -> str:
@@ -264,6 +265,21 @@ def decoded_size(fp: Path | BinaryIO, path: str | Path) -> tuple[int, int]:
     with _decoding(fp, Path(path)) as img:
         ImageOps.exif_transpose(img, in_place=True)
         return _to_rgb8(img).size
+
+
+def decoded_size_and_phash(fp: Path | BinaryIO, path: str | Path) -> tuple[int, int, str]:
+    """:func:`decoded_size` plus the perceptual hash (:func:`catreview.data.phash.phash_hex`)
+    of the same decoded RGB pixels ``load_rgb`` returns: one decode for both.
+
+    Raises:
+        ImageDecodeError: as :func:`load_rgb`.
+    """
+    from catreview.data.phash import phash_hex
+
+    with _decoding(fp, Path(path)) as img:
+        ImageOps.exif_transpose(img, in_place=True)
+        rgb = _to_rgb8(img)
+        return rgb.size[0], rgb.size[1], phash_hex(rgb)
 
 
 @contextmanager

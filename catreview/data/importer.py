@@ -400,6 +400,7 @@ class _BatchWriter:
                 "width": occ.scan.width,
                 "height": occ.scan.height,
                 "error": occ.scan.error,
+                "phash": occ.scan.phash,  # from the scan's own decode (catreview.data.phash)
                 "imported_at": now,
             }
             for sha, occ in first.items()
@@ -486,7 +487,7 @@ class _BatchWriter:
             done = session.exec(
                 update(ImageRecord)
                 .where(row, col(ImageRecord.error).is_not(None))
-                .values(path=scan.path, width=scan.width, height=scan.height, error=None)
+                .values(path=scan.path, width=scan.width, height=scan.height, error=None, phash=scan.phash)
             ).rowcount
             head.error, head.path = None, scan.path
             return "recovered" if done == 1 else None
@@ -628,5 +629,11 @@ def new_image_row(path: Path, sha: str) -> ImageRecord:
     if scan.read_error is not None or scan.size is None:
         raise OSError(f"{path}: {scan.read_error}")
     return ImageRecord(
-        sha256=sha, path=str(path), size=scan.size, width=scan.width, height=scan.height, error=scan.error
+        sha256=sha,
+        path=str(path),
+        size=scan.size,
+        width=scan.width,
+        height=scan.height,
+        error=scan.error,
+        phash=scan.phash,
     )

@@ -22,7 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from catreview.data import counts
-from catreview.data.db import ImageRecord, Review, utcnow
+from catreview.data.db import IMPORT_SOURCE, ImageRecord, PhotoScore, Review, utcnow
 from catreview.data.labels import BreedVocabulary
 from catreview.errors import CatreviewError
 
@@ -105,9 +105,14 @@ def append_review(
     note: str | None = None,
     source: str = "ui",
     model_snapshot: dict[str, Any] | None = None,
+    blind: bool = False,
 ) -> Review | None:
     """Append a review of ``image_id`` that replaces review ``replaces`` (``None``: the photo's
     first), in the session's transaction, not committed. ``label`` must already be canonical.
+
+    The same transaction moves the image's current label and source, the running totals
+    (``reviewed`` for a first review, ``verified`` when the photo gains or loses a human decision)
+    and the photo's ``photo_scores.open`` flag (one primary-key update, when it changes).
 
     Returns:
         The new review, flushed (it has an id), or ``None`` when the photo's newest review is no
@@ -119,7 +124,9 @@ def append_review(
         else col(ImageRecord.current_review_id) == replaces
     )
     moved = session.exec(
-        update(ImageRecord).where(col(ImageRecord.id) == image_id, cond).values(current_label=label)
+        update(ImageRecord)
+        .where(col(ImageRecord.id) == image_id, cond)
+        .values(current_label=label, current_source=source)
     ).rowcount
     if moved != 1:
         return None
@@ -137,13 +144,26 @@ def append_review(
         source=source,
         model_snapshot_json=json.dumps(model_snapshot, ensure_ascii=False) if model_snapshot else None,
         created_at=now,
+        blind=blind,
     )
     session.add(review)
     session.flush()
     session.exec(update(ImageRecord).where(col(ImageRecord.id) == image_id).values(current_review_id=review.id))
-    if replaces is None:
-        counts.bump(session, reviewed=1)
+    verified = int(is_human(source)) - int(prev is not None and is_human(prev.source))
+    counts.bump(session, reviewed=int(replaces is None), verified=verified)
+    if verified:
+        _set_open(session, [image_id], open_=verified < 0)
     return review
+
+
+def is_human(source: str | None) -> bool:
+    """Whether a review ``source`` is a human decision (anything but :data:`IMPORT_SOURCE`)."""
+    return source is not None and source != IMPORT_SOURCE
+
+
+def _set_open(session: Session, image_ids: list[int], *, open_: bool) -> None:
+    """Set ``photo_scores.open`` of these photos (rows that do not exist are left absent)."""
+    session.exec(update(PhotoScore).where(col(PhotoScore.image_id).in_(image_ids)).values(open=open_))
 
 
 def append_first_reviews(session: Session, labels: dict[int, str], annotator: str, *, source: str) -> dict[int, int]:
@@ -153,7 +173,9 @@ def append_first_reviews(session: Session, labels: dict[int, str], annotator: st
     The same compare-and-set as :func:`append_review` with ``replaces=None``: a photo is claimed
     only while its ``current_review_id`` is still ``NULL`` (one ``UPDATE ... RETURNING`` per label,
     which also takes SQLite's write lock / PostgreSQL's row locks), then the reviews are inserted
-    (bulk ``INSERT ... RETURNING``), the photos pointed at them and the reviewed total bumped.
+    (bulk ``INSERT ... RETURNING``), the photos pointed at them (label and source), the reviewed
+    (and, for a human ``source``, verified) totals bumped and, for a human source, the photos'
+    ``photo_scores.open`` cleared.
 
     Returns:
         ``{image_id: new review id}``; a photo left out was reviewed already (or meanwhile), or
@@ -170,7 +192,7 @@ def append_first_reviews(session: Session, labels: dict[int, str], annotator: st
         claim = (
             update(ImageRecord)
             .where(col(ImageRecord.id).in_(ids), col(ImageRecord.current_review_id).is_(None))
-            .values(current_label=label)
+            .values(current_label=label, current_source=source)
             .returning(col(ImageRecord.id))
         )
         claimed.update(i for i in conn.execute(claim).scalars() if i is not None)
@@ -200,7 +222,10 @@ def append_first_reviews(session: Session, labels: dict[int, str], annotator: st
         .values(current_review_id=bindparam("b_review"))
     )
     conn.execute(point, [{"b_image": i, "b_review": r} for i, r in made.items()])
-    counts.bump(session, reviewed=len(made))
+    human = is_human(source)
+    counts.bump(session, reviewed=len(made), verified=len(made) if human else 0)
+    if human:
+        _set_open(session, sorted(made), open_=False)
     return made
 
 
@@ -215,10 +240,14 @@ def record_review(
     source: str = "ui",
     model_snapshot: dict[str, Any] | None = None,
     replaces: int | Head | None = HEAD,
+    blind: bool = False,
 ) -> Review:
     """Append a review and commit it. ``label`` is canonicalised through ``vocabulary`` (aliases accepted).
 
     Args:
+        source: ``"ui"`` (default) or another human source; :data:`IMPORT_SOURCE` marks an
+            imported, unverified label.
+        blind: the annotator chose without seeing the model outputs.
         replaces: the review id the caller was looking at (``None``: it saw no review). The
             default :data:`HEAD` chains after the newest review, whatever it is.
 
@@ -247,6 +276,7 @@ def record_review(
                 note=note,
                 source=source,
                 model_snapshot=model_snapshot,
+                blind=blind,
             )
         except IntegrityError:  # another transaction appended after ``head`` first (unique replaces_review_id)
             review = None
@@ -289,6 +319,7 @@ def _locked_head(session: Session, image_id: int, label: str) -> int | None:
 
 
 def review_counts(session: Session) -> tuple[int, int]:
-    """``(reviewed, total)`` over images that decoded (the stored running totals: constant time)."""
+    """``(reviewed, total)`` over images that decoded (the stored running totals: constant time).
+    ``reviewed`` counts imported labels too; :func:`catreview.data.counts.totals` has ``verified``."""
     t = counts.totals(session)
     return t.reviewed, t.photos

@@ -52,7 +52,13 @@ from catreview.adapters.versions import training_photo_hashes
 from catreview.data.db import AdapterVersion, ImageRecord, Prediction
 from catreview.data.labels import BreedVocabulary, is_breed
 from catreview.errors import CatreviewError
-from catreview.metrics import ClassAccuracy, balanced_accuracy, per_class_accuracy
+from catreview.metrics import (
+    ClassAccuracy,
+    ReliabilityBin,
+    balanced_accuracy,
+    per_class_accuracy,
+    reliability_bins_from_confidences,
+)
 from catreview.predict.fusion import OTHER, should_route_to_vlm, top_label
 from catreview.predict.runner import candidates_key
 from catreview.query.photos import Blend, current_blend, fuse_view
@@ -74,6 +80,9 @@ STAGES = ("stage 1", "VLM", "fused")
 ANOTHER_BREED = "(another breed)"
 #: Image ids per page (one query for the images, one for their predictions).
 BATCH_SIZE = 1000
+#: Equal-width confidence bins of each row's reliability diagram (15, as in Guo et al. 2017 and
+#: :func:`catreview.evaluate.calibration.calibrate`).
+RELIABILITY_BINS = 15
 
 #: ``stage1_trained(session, model_id, model_version)``: sha256 of the photos a stage-1 version was
 #: fitted on (an empty set: none of this database's; ``None``: unknown).
@@ -113,6 +122,10 @@ class EvaluationRow:
         columns: its columns (``labels``, then :data:`ANOTHER_BREED` and ``"other"``).
         confusion: int64 array ``(len(labels), len(columns))``: photos of breed i shown as column j.
         blend: where the fused blend came from (``"config"`` or ``"calibration #N"``), else ``None``.
+        reliability: :data:`RELIABILITY_BINS` equal-width bins of the shown label's probability
+            (stage 1: its top-1; VLM: its top label; fused: the blend's top label, stage 1's top-1
+            for photos routed past the VLM) against being right
+            (:func:`catreview.metrics.reliability_bins_from_confidences`, the calibration's binning).
     """
 
     stage: str
@@ -130,6 +143,7 @@ class EvaluationRow:
     columns: list[str]
     confusion: np.ndarray
     blend: str | None = None
+    reliability: list[ReliabilityBin] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -163,6 +177,10 @@ class EvaluationRow:
                 for b, a in self.per_breed.items()
             },
             "confusion": {"labels": self.labels, "columns": self.columns, "matrix": self.confusion.tolist()},
+            "reliability": [
+                {**vars(b), "confidence": _finite(b.confidence), "accuracy": _finite(b.accuracy)}
+                for b in self.reliability
+            ],
         }
 
 
@@ -311,13 +329,15 @@ class _Scores:
 
     true: list[int] = field(default_factory=list)
     pred: list[int] = field(default_factory=list)
+    conf: list[float] = field(default_factory=list)  # probability of the shown label, clipped to [0, 1]
     cand_hits: int = 0
     cand_n: int = 0
     k: int = 0
 
-    def add(self, t: int, p: int) -> None:
+    def add(self, t: int, p: int, confidence: float) -> None:
         self.true.append(t)
         self.pred.append(p)
+        self.conf.append(min(1.0, max(0.0, confidence)))
 
 
 def evaluation_report(
@@ -412,9 +432,9 @@ def evaluation_report(
                         continue
                     topk = [(canon(lab), p) for lab, p in raw]
                     s1_pred = codes(topk[0][0])
-                    s1_scores[s1_key].add(t, s1_pred)
+                    s1_scores[s1_key].add(t, s1_pred, topk[0][1])
                     if not should_route_to_vlm(topk[0][1], threshold):
-                        skipped[s1_key].add(t, s1_pred)
+                        skipped[s1_key].add(t, s1_pred, topk[0][1])
                         continue
                     for vlm_key, payload in vlm.get(image_id, {}).get(candidates_key([lab for lab, _ in raw]), []):
                         pair = (s1_key, vlm_key)
@@ -423,7 +443,8 @@ def evaluation_report(
                             for c, p in zip(payload["candidates"], payload["probabilities"])
                         }
                         sc = vlm_scores[pair]
-                        sc.add(t, codes(top_label(probs)))
+                        vlm_top = top_label(probs)
+                        sc.add(t, codes(vlm_top), probs[vlm_top])
                         cands = [c for c in probs if c != OTHER]
                         sc.k = max(sc.k, len(cands))
                         if human in cands:
@@ -433,10 +454,12 @@ def evaluation_report(
                         if bkey not in blends:
                             blends[bkey] = current_blend(session, settings, *bkey)
                         fused = fuse_view(topk, probs, blends[bkey])
-                        fused_scores[pair].add(t, codes(top_label(fused)))
+                        fused_top = top_label(fused)
+                        fused_scores[pair].add(t, codes(fused_top), fused[fused_top])
     for (s1_key, _), sc in fused_scores.items():
         sc.true += skipped[s1_key].true
         sc.pred += skipped[s1_key].pred
+        sc.conf += skipped[s1_key].conf
     n_evaluated = n_reviewed - n_excluded
     if n_excluded:
         notes.insert(
@@ -506,4 +529,7 @@ def _row(
         columns=columns,
         confusion=np.asarray(matrix, dtype=np.int64),
         blend=blend,
+        reliability=reliability_bins_from_confidences(
+            sc.conf, np.asarray(sc.true) == np.asarray(sc.pred), RELIABILITY_BINS
+        ),
     )

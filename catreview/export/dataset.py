@@ -23,7 +23,8 @@ An export folder::
   string, e.g. ``predicted_at_review`` of imported labels). Every image path in every file is
   relative to ``OUT``.
 
-Split rules, the per-breed cap and oversampling: :mod:`catreview.export.splits`; image resizing:
+Split rules, the per-breed cap and oversampling: :mod:`catreview.export.splits` (near duplicates by
+perceptual hash, :func:`catreview.data.phash.stored_groups`, share one split); image resizing:
 :mod:`catreview.export.images`; the processor / chat-template check: :mod:`catreview.export.validate`.
 
 Scale (the users' 127K photos): nothing is held per photo but its sha256, label, review id and
@@ -65,6 +66,7 @@ from sqlmodel import Session, col, select
 
 from catreview.data.db import ExportRecord, SplitAssignment, redact_url, utcnow
 from catreview.data.labels import BreedVocabulary
+from catreview.data.phash import stored_groups
 from catreview.errors import CatreviewError
 from catreview.export.card import dataset_card
 from catreview.export.conversations import IMPORTED_CONFIDENCE, build_record, record_id
@@ -316,8 +318,10 @@ def _plan_export(
     ids = [record_id(p.sha256) for p in photos]  # sorted, so a shared id prefix is a neighbour
     if any(a == b for a, b in itertools.pairwise(ids)):
         raise ExportError("two photos share an id prefix; this needs a longer id (please report)")
+    with Session(engine) as session:  # near duplicates (perceptual hash) share one split
+        groups = stored_groups(session, [p.sha256 for p in photos])
     splits = assign_splits(
-        {p.sha256: p.label for p in photos}, {} if resplit else sticky, seed=seed, fractions=fractions
+        {p.sha256: p.label for p in photos}, {} if resplit else sticky, seed=seed, fractions=fractions, groups=groups
     )
     return _Plan(photos, splits, sticky, skipped)
 

@@ -3,7 +3,9 @@
 Split rules (:func:`assign_splits`): stratified 80/10/10 by breed, deterministic for a seed;
 one record per photo *content* (sha256), so equal bytes can never sit in two splits; a photo
 keeps its split across exports (table ``split_assignments``) unless ``resplit=True``; new photos
-go wherever their breed is furthest below its target counts. ``SplitAssignment.split`` holds
+go wherever their breed is furthest below its target counts; a group of near duplicates (same
+perceptual hash within a few bits) is placed as one unit, so a photo and its resized or re-encoded
+copy never sit in two splits. ``SplitAssignment.split`` holds
 ``train``/``val``/``test`` (the column is 8 characters); folders use ``validation``.
 
 Oversampling (:func:`oversample_copies`) repeats train records of minority breeds, up to the
@@ -17,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol, TypeVar
 
 SPLITS = ("train", "validation", "test")
@@ -66,39 +68,77 @@ def assign_splits(
     *,
     seed: int = 0,
     fractions: Sequence[float] = FRACTIONS,
+    groups: Iterable[Iterable[str]] | None = None,
 ) -> dict[str, str]:
-    """Stratified split assignment by breed.
+    """Stratified split assignment by breed, near-duplicate groups kept in one split.
 
     Args:
         labels: ``{sha256: breed}`` of the photos to export.
-        existing: ``{sha256: split}`` sticky assignments (folder names); these are kept.
+        existing: ``{sha256: split}`` sticky assignments (folder names); these are kept, except
+            inside a group whose members were assigned to different splits (below).
         seed: orders new photos (different seeds, different assignments).
         fractions: train/validation/test shares.
+        groups: sets of sha256 that must share a split (near duplicates by perceptual hash,
+            :func:`catreview.data.phash.duplicate_groups`); members not in ``labels`` are ignored.
 
     Returns:
         ``{sha256: split}`` for every photo in ``labels``. Per breed, the targets are
-        :func:`largest_remainder` of the breed's photo count; each new photo (in seeded hash
-        order) goes to the split furthest below its target, ties to train, validation, test.
-        Without existing assignments the targets are met exactly.
+        :func:`largest_remainder` of the breed's photo count. Units (a group, or a photo in no
+        group) are placed in seeded hash order (a group's key: its smallest member's); a new unit
+        goes to the split furthest below its targets summed over its members' breeds, ties to
+        train, validation, test (for a single photo: exactly the per-breed rule). A group with
+        sticky members takes their split; if they disagree it takes ``train`` when any member is
+        in train (a model may have been fitted on that photo, so none of its near copies may be
+        held out), else the split most of them hold (ties in split order), and the other
+        members' assignments change. Without groups and existing assignments the targets are met
+        exactly.
     """
     existing = existing or {}
-    by_breed: dict[str, list[str]] = defaultdict(list)
-    for sha, breed in labels.items():
-        by_breed[breed].append(sha)
-    out: dict[str, str] = {}
-    for breed in sorted(by_breed):
-        members = by_breed[breed]
-        targets = largest_remainder(len(members), fractions)
-        current: Counter[str] = Counter()
+    unit_of: dict[str, int] = {}
+    units: list[list[str]] = []
+    for group in groups or ():
+        members = sorted({sha for sha in group if sha in labels and sha not in unit_of})  # first group wins
+        if len(members) < 2:
+            continue
         for sha in members:
-            if sha in existing:
-                out[sha] = existing[sha]
-                current[existing[sha]] += 1
-        new = sorted((s for s in members if s not in existing), key=lambda s: _rank(seed, s, "split"))
-        for sha in new:
-            i = max(range(len(SPLITS)), key=lambda k: (targets[k] - current[SPLITS[k]], -k))
-            out[sha] = SPLITS[i]
-            current[SPLITS[i]] += 1
+            unit_of[sha] = len(units)
+        units.append(members)
+    for sha in sorted(labels):
+        if sha not in unit_of:
+            unit_of[sha] = len(units)
+            units.append([sha])
+    targets: dict[str, list[int]] = {}
+    counts = Counter(labels.values())
+    for breed, n in counts.items():
+        targets[breed] = largest_remainder(n, fractions)
+    current: dict[str, Counter[str]] = defaultdict(Counter)
+    out: dict[str, str] = {}
+    new: list[list[str]] = []
+    for members in units:
+        held = [existing[sha] for sha in members if sha in existing]
+        if not held:
+            new.append(members)
+            continue
+        if len(set(held)) == 1:
+            split = held[0]
+        elif "train" in held:
+            split = "train"
+        else:
+            split = max(SPLITS, key=lambda sp: (held.count(sp), -SPLITS.index(sp)))
+        for sha in members:
+            out[sha] = split
+            current[labels[sha]][split] += 1
+    new.sort(key=lambda m: min(_rank(seed, sha, "split") for sha in m))
+    for members in new:
+        breeds = [labels[sha] for sha in members]
+
+        def deficit(k: int, breeds: list[str] = breeds) -> tuple[int, int]:
+            return sum(targets[b][k] - current[b][SPLITS[k]] for b in breeds), -k
+
+        split = SPLITS[max(range(len(SPLITS)), key=deficit)]
+        for sha, breed in zip(members, breeds):
+            out[sha] = split
+            current[breed][split] += 1
     return out
 
 

@@ -44,6 +44,7 @@ from catreview.data.db import (
     utcnow,
 )
 from catreview.data.labels import BreedVocabulary
+from catreview.data.phash import stored_groups
 from catreview.errors import CatreviewError
 from catreview.export.rows import reviewed_labels
 from catreview.export.splits import DB_SPLIT, FROM_DB_SPLIT, SPLITS, assign_splits
@@ -121,7 +122,7 @@ def labelled_photos(engine: Engine, vocabulary: BreedVocabulary | None, *, seed:
         }
         sticky = {sha: sp for sha, sp in stored.items() if sp in SPLITS}
         labels = {p.sha256: p.label for p in photos if p.sha256 in where}
-        splits = assign_splits(labels, sticky, seed=seed)
+        splits = assign_splits(labels, sticky, seed=seed, groups=stored_groups(s, labels))  # near copies: one split
         now = utcnow()
         fresh = [
             {"sha256": sha, "split": DB_SPLIT[sp], "assigned_at": now}

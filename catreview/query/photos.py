@@ -2,7 +2,7 @@
 
 The one place that answers the per-click questions: a photo's view (stored predictions + the
 current blend + the latest review, as a :class:`PhotoView`), the photo before/after in review
-order, the next unreviewed photo, a page of the list, counts and the photos that failed to
+order, the next photo without a human decision, a page of the list, counts and the photos that failed to
 decode. Every per-click answer is a fixed number of indexed queries (primary key, the
 prediction key's unique index, the partial indexes on ``images``, the stored running totals), so
 it costs the same at 127,000 photos as at 300; whole-collection reads (:func:`iter_views`,
@@ -21,11 +21,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
-from sqlalchemy import and_, func, or_
+from sqlalchemy import and_, func, or_, text
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
-from catreview.data.db import CalibrationRecord, ImageRecord, Prediction, Review, stored_id
+from catreview.data.counts import Totals, totals
+from catreview.data.db import UNVERIFIED_WHERE, CalibrationRecord, ImageRecord, Prediction, Review, stored_id
 from catreview.data.reviews import ReviewError, review_counts
 from catreview.models.classifier import ClassifierNotTrainedError
 from catreview.predict.fusion import fuse, should_route_to_vlm, top_label
@@ -349,12 +350,20 @@ def neighbour(engine: Engine, image_id: int | None, step: int) -> int | None:
         return found if found is not None else s.exec(edge.limit(1)).first()
 
 
+def _unverified() -> Any:
+    """Decodable and without a human decision (no label, or only an imported one): the condition
+    of the partial index ``ix_images_unverified``, as literal SQL so that SQLite's planner matches
+    it (a bound ``'import'`` would not)."""
+    return text(UNVERIFIED_WHERE)
+
+
 def next_unreviewed(engine: Engine, after: int | None = None) -> int | None:
-    """Id of the first decodable photo without a review after photo ``after`` (``None``: from the
-    start), wrapping around to the start; ``None`` when every photo is reviewed. At most two
-    ``LIMIT 1`` queries on the partial index ``ix_images_unreviewed``."""
+    """Id of the first decodable photo without a human decision (no label, or only an imported,
+    unverified one) after photo ``after`` (``None``: from the start), wrapping around to the
+    start; ``None`` when every photo has a human decision. At most two ``LIMIT 1`` queries on the
+    partial index ``ix_images_unverified``."""
     ident = col(ImageRecord.id)
-    open_ = select(ImageRecord.id).where(_decodable(), col(ImageRecord.current_review_id).is_(None))
+    open_ = select(ImageRecord.id).where(_unverified())
     with Session(engine) as s:
         if after is not None:
             found = s.exec(open_.where(ident > after).order_by(ident).limit(1)).first()
@@ -365,7 +374,8 @@ def next_unreviewed(engine: Engine, after: int | None = None) -> int | None:
 
 def page(engine: Engine, *, after: int | None = None, limit: int = 100, unreviewed_only: bool = False) -> list[int]:
     """Ids of up to ``limit`` decodable photos after photo ``after`` in review order (keyset
-    pagination: pass the last id of one page to get the next).
+    pagination: pass the last id of one page to get the next); ``unreviewed_only``: only photos
+    without a human decision (as :func:`next_unreviewed`, index ``ix_images_unverified``).
 
     Raises:
         ValueError: ``limit`` is not in 1..10000.
@@ -373,9 +383,7 @@ def page(engine: Engine, *, after: int | None = None, limit: int = 100, unreview
     if not 1 <= limit <= 10_000:
         raise ValueError(f"limit must be in 1..10000, not {limit}")
     ident = col(ImageRecord.id)
-    q = select(ImageRecord.id).where(_decodable())
-    if unreviewed_only:
-        q = q.where(col(ImageRecord.current_review_id).is_(None))
+    q = select(ImageRecord.id).where(_unverified() if unreviewed_only else _decodable())
     if after is not None:
         q = q.where(ident > after)
     with Session(engine) as s:
@@ -396,9 +404,18 @@ def failed_images(engine: Engine, *, limit: int = 1000) -> list[tuple[str, str]]
 
 
 def counts(engine: Engine) -> tuple[int, int]:
-    """``(reviewed, total)`` over photos that decoded (stored running totals: one primary-key read)."""
+    """``(reviewed, total)`` over photos that decoded (stored running totals: one primary-key read).
+    ``reviewed`` counts imported labels too (what trains the stages); :func:`review_totals` also
+    says how many of them a person verified."""
     with Session(engine) as s:
         return review_counts(s)
+
+
+def review_totals(engine: Engine) -> Totals:
+    """Every running total (:class:`catreview.data.counts.Totals`: decodable, failed, labelled,
+    human-verified; ``.imported`` and ``.unverified`` derived), one primary-key read."""
+    with Session(engine) as s:
+        return totals(s)
 
 
 def model_snapshot(view: PhotoView) -> dict[str, Any]:

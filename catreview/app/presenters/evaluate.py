@@ -8,21 +8,25 @@ Made from the typed :class:`~catreview.evaluate.report.EvaluationReport`;
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from catreview.app.presenters.calibration import format_table
-from catreview.evaluate.report import EvaluationReport, EvaluationRow
+from catreview.evaluate.report import ANOTHER_BREED, EvaluationReport, EvaluationRow
 
 __all__ = [
     "INTRO",
     "NOTHING_TO_EVALUATE",
     "SUMMARY_COLUMNS",
+    "CellChoice",
     "cannot_evaluate",
+    "cell_choice",
     "confusion_rows",
     "header_text",
     "nothing_to_evaluate",
     "per_breed_table",
     "report_text",
+    "shown_rows",
     "summary_table",
 ]
 
@@ -96,6 +100,34 @@ def confusion_rows(row: EvaluationRow) -> list[dict[str, Any]]:
     ]
 
 
+@dataclass(frozen=True)
+class CellChoice:
+    """A clicked confusion-matrix cell as a Grid filter: current label ``label``, prediction
+    ``predicted`` (``None``: any) of ``predicted_by`` (the row's stage), and the Grid tab's note."""
+
+    label: str
+    predicted: str | None
+    predicted_by: str
+    note: str
+
+
+def cell_choice(row: EvaluationRow, row_index: int, column_index: int) -> CellChoice | None:
+    """The Grid filter of cell ``(row_index, column_index)`` of :func:`confusion_rows` ``(row)``
+    (column 0 is the true breed: every prediction); ``None`` outside the matrix."""
+    if not 0 <= row_index < len(row.labels) or not 0 <= column_index <= len(row.columns):
+        return None
+    label = row.labels[row_index]
+    shown = row.columns[column_index - 1] if column_index else None
+    scope = (
+        f"Photos of the active model versions' {row.stage} predictions: all photos with this label, not "
+        f"only the held-out ones the Evaluation counted for {row.name}."
+    )
+    if shown == ANOTHER_BREED or shown is None:
+        why = "" if shown is None else f" ({ANOTHER_BREED} is not one label: every prediction is shown)"
+        return CellChoice(label, None, row.stage, f"Current label {label}, any prediction{why}. {scope}")
+    return CellChoice(label, shown, row.stage, f"Current label {label}, {row.stage} prediction {shown}. {scope}")
+
+
 def report_text(report: EvaluationReport) -> str:
     """Plain text for a terminal: :func:`header_text`, the summary table, per-breed accuracy of
     the active rows (or of the first of each stage), and the active fused row's confusion matrix."""
@@ -115,7 +147,7 @@ def report_text(report: EvaluationReport) -> str:
         for r in report.rows
     ]
     lines += format_table(head, body)
-    shown = _shown_rows(report)
+    shown = shown_rows(report)
     if shown:
         lines += ["", "Per-breed accuracy (" + ", ".join(r.stage for r in shown) + ")"]
         head = ["breed", *[r.stage for r in shown]]
@@ -137,7 +169,7 @@ def report_text(report: EvaluationReport) -> str:
     return "\n".join(lines)
 
 
-def _shown_rows(report: EvaluationReport) -> list[EvaluationRow]:
+def shown_rows(report: EvaluationReport) -> list[EvaluationRow]:
     """One row per stage: the active one, else the first."""
     out = []
     for stage in ("stage 1", "VLM", "fused"):

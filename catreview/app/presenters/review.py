@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import html
 from dataclasses import dataclass
+from urllib.parse import quote
 
+from catreview.query.history import NO_DECISION, Decision, HistoryEntry, UndoResult
 from catreview.query.photos import PhotoView
 
 NO_PHOTOS = "No photos yet. Start with `python app.py --images DIR` or add photos below."
@@ -58,10 +61,107 @@ def reasoning_label(uses_demo_models: bool) -> str:
     )
 
 
-def counter(reviewed: int, total: int, image_id: int | None = None) -> str:
-    """``**R / T reviewed** · photo #ID`` (the id left out when ``None``)."""
+def counter(reviewed: int, total: int, image_id: int | None = None, *, imported: int = 0) -> str:
+    """``**R / T reviewed** · I imported, unverified · photo #ID``: ``reviewed`` counts human
+    decisions only; the imported part and the id are left out when 0 / ``None``."""
     text = f"**{reviewed} / {total} reviewed**"
+    if imported:
+        text += f" · {imported} imported, unverified"
     return text if image_id is None else text + f" · photo #{image_id}"
+
+
+BLIND_STATUS = "Blind mode: the model outputs are hidden until you choose."
+"""Status line of a photo shown in blind mode."""
+
+KEYMAP = (
+    "**Keys** (not while typing; Esc leaves a text field): **1/2/3** confirm a stage-1 candidate · "
+    "**Enter**/**A** accept the fused top-1 · **O**/**X** other breed (search) · **N** Not a cat · "
+    "**U** Unsure · **Space** skip · **←/→** previous/next · **Backspace** undo · **/** search · **?** keys"
+)
+"""The key map shown under the decision controls (and by ``?`` in the page)."""
+
+
+def queue_empty(title: str) -> str:
+    """Notice when queue ``title`` has no open photo left (every photo there has a human decision,
+    or its scores are not computed yet)."""
+    return f"No open photo left in the queue “{title}” (all decided, or its scores are still being computed)."
+
+
+def accept_text(view: PhotoView | None) -> str:
+    """Value of the "accept" button: the fused top-1 label, or ``"—"`` when there is none."""
+    fused = view["fused"] if view is not None else None
+    return fused["label"] if fused else "—"
+
+
+def blind_reveal(label: str, image_id: int, view: PhotoView) -> str:
+    """Notice after a blind save: what was saved, then what the models had said (shown now)."""
+    parts = []
+    if view["stage1"]:
+        top = view["stage1"][0]
+        parts.append(f"stage 1 {top['label']} {top['probability']:.0%}")
+    vv = view["vlm"]
+    if vv and not vv.get("skipped"):
+        parts.append(f"VLM {vv['label']} {vv['confidence']:.0%}")
+    if view["fused"]:
+        parts.append(f"fused {view['fused']['label']} {view['fused']['probability']:.0%}")
+    said = "; the models said: " + " · ".join(parts) if parts else "; the models had no prediction"
+    return f"Saved **{label}** for photo {image_id} (blind){said}."
+
+
+def undone(result: UndoResult) -> str:
+    """Notice after an undo: which decision was undone and the photo's label now."""
+    now = (
+        "no label (unreviewed again)"
+        if result.restored_label is None
+        else f"**{result.restored_label}**" + (" (imported, unverified)" if result.restored_source == "import" else "")
+    )
+    return f"Undid **{result.undone_label}** on photo {result.image_id}: back to {now}."
+
+
+DECISION_HEADERS = ["photo", "label", "time"]
+"""Columns of the recent-decisions table (the photo id first: a click opens it)."""
+
+
+def decision_rows(decisions: list[Decision]) -> list[list[object]]:
+    """Rows of the recent-decisions table (photo id, label, UTC time of day); a decision no longer
+    in effect is marked "(undone or changed)", a blind one "(blind)"; a correction shows the label
+    it replaced ("Persian ← Birman")."""
+    rows: list[list[object]] = []
+    for d in decisions:
+        label = d.label + (f" ← {d.previous_label}" if d.previous_label else "")
+        label += ("" if d.current else " (undone or changed)") + (" (blind)" if d.blind else "")
+        rows.append([d.image_id, label, d.time[11:]])
+    return rows
+
+
+HISTORY_HEADERS = ["review", "label", "was", "by", "source", "when (UTC)", "note"]
+"""Columns of a photo's review history."""
+
+
+def history_rows(entries: list[HistoryEntry]) -> list[list[object]]:
+    """Rows of a photo's review history, oldest first (an undo back to no label shows "(no label)")."""
+    return [
+        [
+            e.review_id,
+            "(no label)" if e.label == NO_DECISION else e.label + (" (blind)" if e.blind else ""),
+            e.previous_label or "",
+            e.annotator,
+            e.source,
+            e.time,
+            e.note or "",
+        ]
+        for e in entries
+    ]
+
+
+def prefetch_html(path: str | None) -> str:
+    """A hidden ``<img>`` that makes the browser fetch the next photo's display file ahead of
+    time (Gradio serves files of ``gr.set_static_paths`` at ``gradio_api/file=PATH``), so moving
+    on shows it from the cache. ``""`` when there is no next photo."""
+    if not path:
+        return ""
+    url = "gradio_api/file=" + quote(path)
+    return f'<img src="{html.escape(url)}" alt="" width="1" height="1" style="display:none" data-prefetch="1">'
 
 
 @dataclass(frozen=True)

@@ -22,13 +22,15 @@ against a flat 14-15 ms with this setting."""
 
 def build_ui(app: ReviewApp) -> gr.Blocks:
     """The whole app: a banner when demo models are in use, then one tab per step of the data
-    flow (review -> calibration -> export -> train -> compare -> evaluation)."""
-    from catreview.app.ui import calibration_tab, compare_tab, evaluate_tab, export_tab, review_tab, train_tab
+    flow (review -> grid -> calibration -> export -> train -> compare -> evaluation)."""
+    from catreview.app.ui import calibration_tab, compare_tab, evaluate_tab, export_tab, grid_tab, review_tab, train_tab
 
     # read when the queue is made (Blocks.queue / launch); an explicit environment setting wins
     os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", str(ANALYTICS_SUMMARY_EVERY))
     app.display_dir.mkdir(parents=True, exist_ok=True)
-    gr.set_static_paths([app.display_dir])  # photos are served from here by path, never re-encoded per request
+    app.thumbs_dir.mkdir(parents=True, exist_ok=True)
+    # photos (and grid thumbnails) are served from here by path, never re-encoded per request
+    gr.set_static_paths([app.display_dir, app.thumbs_dir])
     with gr.Blocks(title="catreview") as demo:
         gr.Markdown("# catreview — cat-breed review with a VLM in the loop")
         builtin_classifier, builtin_vlm = app.settings.builtin_stages
@@ -39,16 +41,19 @@ def build_ui(app: ReviewApp) -> gr.Blocks:
                 else builtin_banner(builtin_classifier, builtin_vlm)
             )
             gr.Markdown(banner, elem_id="demo-banner")
-        with gr.Tab("Review", id="review-tab"):
-            review_tab.build(app, demo)
-        with gr.Tab("Calibration", id="calibration-tab"):
-            calibration_tab.build(app)
-        with gr.Tab("Export", id="export-tab"):
-            export_tab.build(app)
-        with gr.Tab("Train", id="train-tab"):
-            train_tab.build(app)
-        with gr.Tab("Compare", id="compare-tab"):
-            compare_tab.build(app)
-        with gr.Tab("Evaluation", id="evaluation-tab"):
-            evaluate_tab.build(app)
+        with gr.Tabs(elem_id="tabs") as tabs:  # a container, so a handler can switch tabs (Evaluation -> Grid)
+            with gr.Tab("Review", id="review-tab"):
+                review_tab.build(app, demo)
+            with gr.Tab("Grid", id="grid-tab"):
+                grid = grid_tab.build(app)
+            with gr.Tab("Calibration", id="calibration-tab"):
+                calibration_tab.build(app)
+            with gr.Tab("Export", id="export-tab"):
+                export_tab.build(app)
+            with gr.Tab("Train", id="train-tab"):
+                train_tab.build(app)
+            with gr.Tab("Compare", id="compare-tab"):
+                compare_tab.build(app)
+            with gr.Tab("Evaluation", id="evaluation-tab"):
+                evaluate_tab.build(app, grid=grid, tabs=tabs)
     return demo

@@ -1,19 +1,26 @@
 """Evaluation tab: every model version's accuracy on the held-out reviewed photos, per breed, and a
 confusion matrix (:meth:`catreview.app.core.ReviewApp.evaluation`), so a user sees what each round
-changed. The handlers are plain functions of the :class:`ReviewApp` (``evaluate``, ``confusion``)
-so they can be tested without a browser; every text comes from
+changed; as tables and as plots (:mod:`catreview.evaluate.plots`: the chosen row's confusion matrix,
+per-breed accuracy with counts and a reliability diagram of the shown rows). A click on a cell of the
+confusion table opens those photos in the Grid tab (current label x that stage's prediction). The
+handlers are plain functions of the :class:`ReviewApp` (``evaluate``, ``confusion``, ``plots``,
+``open_cell``) so they can be tested without a browser; every text comes from
 :mod:`catreview.app.presenters.evaluate`."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 import pandas as pd
 
 from catreview.app.core import ReviewApp
 from catreview.app.presenters import evaluate as text
+from catreview.evaluate import plots as figures
 from catreview.evaluate.report import EvaluationReport
+
+if TYPE_CHECKING:
+    from catreview.app.ui.grid_tab import GridControls
 
 Outputs = tuple[str, pd.DataFrame, pd.DataFrame, Any, pd.DataFrame, "EvaluationReport | None"]
 
@@ -51,8 +58,55 @@ def confusion(report: EvaluationReport | None, name: str | None) -> pd.DataFrame
         return pd.DataFrame()
 
 
-def build(app: ReviewApp) -> None:
-    """Lay out the Evaluation tab."""
+Figures = tuple[Any, Any, Any]
+
+
+def plots(report: EvaluationReport | None, name: str | None) -> Figures:
+    """(confusion-matrix figure of row ``name``, per-breed accuracy of the shown rows, reliability
+    diagram of the shown rows): one active (else first) row per stage
+    (:func:`catreview.app.presenters.evaluate.shown_rows`); ``None`` for each before a report."""
+    if report is None or not report.rows:
+        return None, None, None
+    shown = text.shown_rows(report)
+    try:
+        chosen = report.row(name) if name else shown[-1]
+    except KeyError:
+        chosen = shown[-1]
+    return (
+        figures.row_confusion_figure(chosen),
+        figures.report_per_breed_figure(report, shown),
+        figures.row_reliability_figure(shown),
+    )
+
+
+def open_cell(report: EvaluationReport | None, name: str | None, index: Any) -> tuple[Any, ...]:
+    """The Grid tab's filter for a click on cell ``index`` (``[row, column]``) of the confusion
+    table: (label, predicted, predicted by, queue, note, tab selection) updates; nothing changes
+    for a click outside a row's cells."""
+    unchanged = (gr.update(),) * 6
+    if report is None or not name or not isinstance(index, (list, tuple)) or len(index) != 2:
+        return unchanged
+    try:
+        cell = text.cell_choice(report.row(name), int(index[0]), int(index[1]))
+    except KeyError:
+        return unchanged
+    if cell is None:
+        return unchanged
+    from catreview.app.presenters.grid import ANY, NO_QUEUE
+
+    return (
+        gr.update(value=cell.label),
+        gr.update(value=cell.predicted or ANY),
+        gr.update(value=cell.predicted_by),
+        gr.update(value=NO_QUEUE),
+        cell.note,
+        gr.Tabs(selected="grid-tab"),
+    )
+
+
+def build(app: ReviewApp, grid: GridControls | None = None, tabs: gr.Tabs | None = None) -> None:
+    """Lay out the Evaluation tab; with ``grid`` and ``tabs`` a click on a confusion-table cell
+    opens those photos in the Grid tab."""
     gr.Markdown(text.INTRO)
     run = gr.Button("Evaluate every model version", variant="primary", elem_id="run-evaluation")
     header = gr.Markdown(elem_id="evaluation-header")
@@ -64,6 +118,27 @@ def build(app: ReviewApp) -> None:
     matrix = gr.Dataframe(
         label="Confusion matrix (rows: true breed; columns: shown)", interactive=False, elem_id="evaluation-confusion"
     )
+    with gr.Row():
+        confusion_plot = gr.Plot(label="Confusion matrix", elem_id="evaluation-confusion-plot")
+        per_breed_plot = gr.Plot(label="Per-breed accuracy (n = photos)", elem_id="evaluation-per-breed-plot")
+    reliability_plot = gr.Plot(label="Reliability diagram", elem_id="evaluation-reliability-plot")
     state = gr.State(None)  # this page's last report, for the dropdown
-    run.click(lambda: evaluate(app), outputs=[header, summary, per_breed, choice, matrix, state], api_name="evaluate")
-    choice.change(confusion, inputs=[state, choice], outputs=[matrix], api_visibility="private")
+    plot_outputs = [confusion_plot, per_breed_plot, reliability_plot]
+    run.click(
+        lambda: evaluate(app), outputs=[header, summary, per_breed, choice, matrix, state], api_name="evaluate"
+    ).then(plots, inputs=[state, choice], outputs=plot_outputs, api_visibility="private")
+    choice.change(confusion, inputs=[state, choice], outputs=[matrix], api_visibility="private").then(
+        plots, inputs=[state, choice], outputs=plot_outputs, api_visibility="private"
+    )
+    if grid is None or tabs is None:
+        return
+
+    def on_cell(report: EvaluationReport | None, name: str | None, evt: gr.SelectData) -> tuple[Any, ...]:
+        return open_cell(report, name, evt.index)
+
+    matrix.select(
+        on_cell,
+        inputs=[state, choice],
+        outputs=[grid.label, grid.predicted, grid.predicted_by, grid.queue, grid.note, tabs],
+        api_visibility="private",
+    ).then(grid.refresh, inputs=[grid.label, grid.predicted, grid.predicted_by, grid.queue], outputs=grid.outputs)
