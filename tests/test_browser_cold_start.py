@@ -55,7 +55,11 @@ def test_untrained_stage1_then_siamese_in_top3_after_cold_start(cats_dir: Path, 
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True)
     try:
         page = browser.new_page(viewport={"width": 1400, "height": 1100})
-        page.goto(url)  # opens on the next unreviewed photo: the unlabelled Siamese
+        page.goto(url)  # opens on the first unverified photo (imported labels are unverified too)
+        jump = page.locator("#jump textarea, #jump input").first
+        jump.wait_for(timeout=60000)
+        jump.fill("unlabelled-siamese.jpg")  # jump to it by file name, as a reviewer would
+        jump.press("Enter")
         page.locator("#counter").get_by_text(f"photo #{photo.id}").wait_for(timeout=60000)
         page.locator("#demo-banner").get_by_text("Built-in offline models").wait_for(timeout=10000)
         page.wait_for_function(

@@ -637,3 +637,25 @@ def test_adapter_versions_of_one_model(session: CompareSession, tiny_models, tmp
         == "Left out 2 reviewed photos of the train split an adapter was trained on (not a fair test of it)."
     )
     assert again.notes[0] in again.to_text()
+
+
+def test_an_untrained_builtin_profile_is_refused_not_compared(tmp_path: Path) -> None:
+    """The pretrained built-in FastVLMs have a random projector until an adapter is active: the
+    Compare tab and the CLI refuse them with the registry's plain line instead of showing
+    meaningless verdicts (nothing is built or loaded to say so)."""
+    settings = load_settings(
+        database_url=f"sqlite:///{tmp_path / 'c.db'}", data_dir=tmp_path / "data", builtin_models="pretrained"
+    )
+    engine = make_engine(settings.database_url)
+    session = CompareSession(settings, ModelRegistry(settings, engine=engine), engine)
+    assert session.untrained_reason("smollm2-lite2").startswith("VLM not trained yet: the built-in profile")
+    with pytest.raises(CompareError, match="VLM not trained yet: the built-in profile 'smollm2-lite0'"):
+        session.run_aggregate("smollm2-lite0", "smollm2-lite2")
+    with pytest.raises(CompareError, match="VLM not trained yet"):
+        next(session.compare_photo(1, "smollm2-lite0", "smollm2-lite2"))
+    with pytest.raises(CompareError, match="no VLM profile named 'gpt'"):
+        session.check_trained("gpt")
+    job = AggregateJob(session)
+    job.start("smollm2-lite0", "smollm2-lite2")
+    assert job.wait(60)
+    assert job.state.text().startswith("Cannot compare: VLM not trained yet")

@@ -93,10 +93,16 @@ def test_verdict_prompt_prefills_the_answer_on_a_token_boundary() -> None:
     _, processor = assemble_tiny_fastvlm()
     labels = prompts.with_other(["Maine_Coon", "Norwegian Forest Cat", "Bengal"])
     prompt = prompts.verdict_prompt(processor, labels)
-    assert prompt.endswith("<|im_start|>assistant\nThis is a")
+    assert prompt.endswith("<|im_start|>assistant\nThis is")
     assert "Maine Coon, Norwegian Forest Cat or Bengal?" in prompt
     answers = [candidate_answer(prompt, c) for c in labels]
-    assert answers == [" Maine Coon cat.", " Norwegian Forest Cat.", " Bengal cat.", " cat of another breed."]
+    assert answers == [
+        " a Maine Coon cat.",
+        " a Norwegian Forest Cat.",
+        " a Bengal cat.",
+        " a cat of another breed.",
+    ]
+    assert candidate_answer(prompt, "Abyssinian") == " an Abyssinian cat."  # the article is per answer
     for a in answers:  # raises TokenBoundaryError if prompt ids were not a prefix of prompt + answer ids
         assert answer_token_ids(processor.tokenizer, prompt, a, eos_id=None)
 

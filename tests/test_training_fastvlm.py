@@ -1,5 +1,5 @@
 """LoRA rounds on FastVLM (the built-in VLMs' architecture): a timm tower whose output is cached
-once per photo and standardised for the projector, the "This is a" prefill, the adapter loading
+once per photo and standardised for the projector, the "This is" prefill, the adapter loading
 back through the app's path, and the round's options (tower unfrozen for the last epoch, focal
 loss).
 
@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from catreview.adapters.runfolder import BEST_DIR, PROGRESS_FILE, read_progress
-from catreview.adapters.train_config import TrainConfig
+from catreview.adapters.train_config import TrainConfig, builtin_first_round
 from catreview.adapters.validation import InvalidConfigError
 from catreview.cli.train_flags import add_config_arguments, config_from_args
 from catreview.config import VLMProfile
@@ -90,9 +90,24 @@ def _photo_batch(processor, n: int = 3) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------------------ configuration
 
 
+def test_builtin_recipe_is_a_valid_config_and_flags_override_it():
+    """The built-in FastVLM's CPU recipe (a starting point the CLI's flags override), while the
+    TrainConfig defaults stay those of a 7B LLaVA on a GPU."""
+    cfg = builtin_first_round()
+    assert (cfg.train_projector, cfg.lr, cfg.rank, cfg.batch_size) == (True, 2e-4, 8, 8)
+    assert (TrainConfig().train_projector, TrainConfig().rank, TrainConfig().batch_size) == (False, 16, 4)
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    got = config_from_args(parser.parse_args(["--lr", "5e-4", "--max-steps", "30"]), base=cfg)
+    assert (got.lr, got.max_steps, got.rank, got.train_projector) == (5e-4, 30, 8, True)
+    with pytest.raises(InvalidConfigError, match="tower_lr_scale"):
+        builtin_first_round(tower_lr_scale=0)
+
+
 def test_new_options_are_config_fields_and_flags_off_by_default():
     cfg = TrainConfig()
     assert (cfg.unfreeze_tower_last_epoch, cfg.loss, cfg.focal_gamma) == (False, "cross_entropy", 2.0)
+    assert cfg.tower_lr_scale == 0.1
     parser = argparse.ArgumentParser()
     add_config_arguments(parser)
     args = parser.parse_args(
@@ -234,8 +249,8 @@ def test_round_learns_a_fixed_answer_and_the_adapter_reloads_in_the_app(fastvlm,
 
 
 def test_prefill_prompt_and_answer_tokens_are_what_the_round_learns(fastvlm):
-    """Labels: -100 on the prompt (image tokens and the "This is a" prefill included), then the
-    completion " Bengal cat." and the end-of-turn token."""
+    """Labels: -100 on the prompt (image tokens and the "This is" prefill included), then the
+    completion " a Bengal cat." (its article is part of the answer) and the end-of-turn token."""
     processor, _ = load_base_model(fastvlm, torch.float32, torch.device("cpu"))
     batch = _photo_batch(processor, 1)
     start = int(batch["answer_start"][0])
@@ -244,7 +259,7 @@ def test_prefill_prompt_and_answer_tokens_are_what_the_round_learns(fastvlm):
     assert processor.tokenizer.decode(prompt_ids).rstrip().endswith(prompts.ANSWER_PREFILL)
     assert (batch["labels"][0, :start] == -100).all()
     learned = batch["labels"][0][batch["labels"][0] != -100].tolist()
-    assert processor.tokenizer.decode(learned[:-1]) == " Bengal cat."
+    assert processor.tokenizer.decode(learned[:-1]) == " a Bengal cat."
     assert learned[-1] == processor.tokenizer.convert_tokens_to_ids(prompts.end_of_turn_token(processor))
 
 
@@ -266,6 +281,10 @@ def test_tower_gets_gradients_only_in_the_last_epoch(fastvlm_test_tower, three_b
     stats = {k: v for k, v in saved.items() if "running_" in k}
     assert stats and all(torch.equal(v, base_stats[k.replace("base_model.model.", "", 1)]) for k, v in stats.items())
     assert result["steps"] == 6
+    # the tower copy is an AdamW parameter group of its own at lr * tower_lr_scale (default 0.1)
+    groups = torch.load(tmp_path / "run" / "checkpoint-last" / "optimizer.pt", weights_only=True)["param_groups"]
+    assert len(groups) == 2 and groups[1]["lr"] == pytest.approx(cfg.tower_lr_scale * groups[0]["lr"])
+    assert groups[1]["initial_lr"] == pytest.approx(0.1 * cfg.lr)
 
 
 def test_focal_round_at_gamma_0_is_the_cross_entropy_round_and_gamma_2_lowers_the_loss(

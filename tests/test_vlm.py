@@ -140,18 +140,18 @@ def test_batched_equals_one_at_a_time(model_dirs, llava, photos):
 def test_token_boundary_check(llava):
     tok = llava.processor.tokenizer
     prompt = prompts.verdict_prompt(llava.processor, ["Maine_Coon", "Bengal", prompts.OTHER_LABEL])
-    assert prompt.endswith("ASSISTANT: This is a")  # the answer is prefilled (prompts.ANSWER_PREFILL)
+    assert prompt.endswith("ASSISTANT: This is")  # the answer is prefilled (prompts.ANSWER_PREFILL)
     answer = candidate_answer(prompt, "Maine_Coon")
-    assert answer == " Maine Coon cat."
+    assert answer == " a Maine Coon cat."
     ids = answer_token_ids(tok, prompt, answer, eos_id=tok.eos_token_id)
     assert ids[-1] == tok.eos_token_id
-    assert tok.decode(ids[:-1]) == " Maine Coon cat."
+    assert tok.decode(ids[:-1]) == " a Maine Coon cat."
     # A template ending in a space: the space becomes its own token, and an answer without the
     # space merges with it -> the prompt's ids are no longer a prefix.
     with pytest.raises(TokenBoundaryError, match="token boundary"):
         answer_token_ids(tok, prompt + " ", "Maine Coon cat.", eos_id=tok.eos_token_id)
     # ChatML prompts end with a newline: no separator on the answer there.
-    assert candidate_answer("<|im_start|>assistant\n", "Maine_Coon") == "Maine Coon cat."
+    assert candidate_answer("<|im_start|>assistant\n", "Maine_Coon") == "a Maine Coon cat."
 
 
 def test_packed_candidates_layout_and_mask():

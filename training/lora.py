@@ -254,7 +254,10 @@ def _train_round(
         num_workers=cfg.num_workers,
         generator=torch.Generator().manual_seed(cfg.seed + 1),
     )
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups: list[dict[str, Any]] = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    if tower.frozen_trainable:  # the tower copy learns at lr * tower_lr_scale (same schedule)
+        groups.append({"params": tower.frozen_trainable, "lr": cfg.lr * cfg.tower_lr_scale})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum)
     total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)

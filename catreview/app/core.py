@@ -41,7 +41,7 @@ from catreview.errors import CatreviewError
 from catreview.evaluate import duplicates
 from catreview.evaluate.calibration import CalibrationReport
 from catreview.evaluate.duplicates import DuplicateGroup, DuplicateMember
-from catreview.evaluate.label_errors import LabelIssueRanking, rank_label_issues
+from catreview.evaluate.label_errors import LabelIssueRanking, LabelIssuesUnavailable, rank_label_issues
 from catreview.evaluate.report import EvaluationReport, active_versions, evaluation_report
 from catreview.evaluate.store import fit_and_store
 from catreview.export.archive import zip_export
@@ -362,6 +362,12 @@ class ReviewApp:
         if not stop.is_set():  # a pass cut short (app stopping, versions changed): the next one scores
             state.stage = "updating the review queues"
             state.log.append(f"review queues: {queues.refresh_scores(self.engine, self.registry)} photos scored")
+            # the scores were rewritten for the active versions: rank the label errors again
+            try:
+                ranking = self.refresh_label_issues()
+                state.log.append(ranking.summary())
+            except (LabelIssuesUnavailable, ValueError) as exc:  # no head yet; labels cleanlab cannot rank
+                state.log.append(f"likely label errors: not ranked ({exc})")
         if total.cancelled or stop.is_set():
             return "Predictions interrupted: " + "; ".join(total.lines()[:2])
         return "Predictions ready. " + "; ".join(total.lines()[:2])

@@ -153,6 +153,7 @@ class CompareSession:
         self.run_lock = threading.Lock()
         self._extra: dict[str, VLMProfile] = {}
         self._own: dict[str, VLMPostClassifier] = {}
+        self._variant_base: dict[str, str] = {}  # adapter variant name -> its base profile's name
         self._trials: dict[str, BlindTrial] = {}
         self._lock = threading.Lock()
 
@@ -185,7 +186,45 @@ class CompareSession:
             raise CompareError("both sides would use the same adapter; choose two different adapter versions")
         with self._lock:
             self._extra[na], self._extra[nb] = pa, pb
+            self._variant_base[na] = self._variant_base[nb] = base_name
         return na, nb
+
+    def untrained_reason(self, name: str) -> str | None:
+        """``None`` when profile ``name``'s verdicts mean something, else the plain line saying
+        why not (:meth:`catreview.models.registry.ModelRegistry.untrained_reason`): a built-in
+        pretrained FastVLM with no active adapter, or an adapter variant of one with no adapter
+        (``"<base> (no adapter)"``), has a random image projector. Builds and loads nothing.
+
+        Raises:
+            catreview.models.registry.UnknownProfileError: no such profile.
+        """
+        if name not in self._extra:
+            return self.registry.untrained_reason(name)
+        base = self._variant_base[name]
+        if self._extra[name].adapter is not None:
+            return None
+        if base in self.settings.vlm_profiles or self.settings.builtin_models == "random":
+            return None  # a configured checkpoint (or the tiny demo model) without an adapter
+        return (
+            f"VLM not trained yet: {name!r} is the built-in profile {base!r} without an adapter, whose image "
+            "projector is untrained, so its verdicts would mean nothing; choose a trained adapter version"
+        )
+
+    def check_trained(self, *names: str) -> None:
+        """Refuse to compare a profile whose verdicts would mean nothing (:meth:`untrained_reason`).
+
+        Raises:
+            CompareError: ``"<reason>"`` for the first untrained one (unknown names too).
+        """
+        from catreview.models.registry import UnknownProfileError
+
+        for name in names:
+            try:
+                reason = self.untrained_reason(name)
+            except UnknownProfileError as exc:
+                raise CompareError(f"no VLM profile named {name!r}; available: {list(self.profiles())}") from exc
+            if reason is not None:
+                raise CompareError(reason)
 
     def vlm(self, name: str) -> VLMPostClassifier:
         """The VLM of profile ``name`` (lazily loaded).
@@ -363,10 +402,12 @@ class CompareSession:
 
         Raises:
             ModelsBusy: ``busy()`` is true (nothing is run; raised on the first ``next``).
-            CompareError: unknown profile or photo, or stage 1 failed on the photo.
+            CompareError: unknown profile or photo, an untrained built-in profile
+                (:meth:`check_trained`), or stage 1 failed on the photo.
         """
         if self.busy():
             raise ModelsBusy(BUSY_PHOTO)
+        self.check_trained(name_a, name_b)
         stop = stop or threading.Event()
         with Session(self.engine) as s:
             try:
@@ -665,8 +706,10 @@ class CompareSession:
         ``cancelled`` is set).
 
         Raises:
-            CompareError: unknown profile, or no reviewed photo has both verdicts.
+            CompareError: unknown profile, an untrained built-in profile (:meth:`check_trained`),
+                or no reviewed photo has both verdicts.
         """
+        self.check_trained(name_a, name_b)  # an untrained built-in profile is refused, not compared
         for n in (name_a, name_b):
             self.vlm(n)  # unknown names fail before any work
         with self.run_lock:

@@ -26,6 +26,7 @@ from sqlalchemy import select as sa_select
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col
 
+from catreview.data.counts import totals
 from catreview.data.db import ImageRecord, Review
 from catreview.data.labels import SPECIAL_LABELS
 from catreview.data.phash import BAND_BITS, BANDS, MAX_DISTANCE, SEARCH_LIMIT, duplicate_groups, phash_int
@@ -119,17 +120,21 @@ class PhashIndex:
 
 
 _HASHED = (col(ImageRecord.phash).is_not(None), col(ImageRecord.error).is_(None))
-_indexes: dict[str, tuple[tuple[int, int], PhashIndex]] = {}
+_indexes: dict[str, tuple[tuple[int, int, int], PhashIndex]] = {}
 _lock = threading.Lock()
 
 
 def phash_index(engine: Engine) -> PhashIndex:
-    """The cached :class:`PhashIndex` of ``engine``'s database, rebuilt when the count or the
-    largest id of hashed photos changed since it was built (one aggregate query per call)."""
+    """The cached :class:`PhashIndex` of ``engine``'s database, rebuilt when its stamp changed
+    since it was built: the stored number of decodable photos (one primary-key read), the largest
+    hashed photo id and the smallest id without a hash (which a backfill, working in id order,
+    moves). Two ``LIMIT``-style index reads per call, never a count over the table."""
     key = str(engine.url)
     with Session(engine) as s:
-        n, top = s.execute(sa_select(func.count(), func.max(col(ImageRecord.id))).where(*_HASHED)).one()
-        stamp = (int(n), int(top or 0))
+        photos = totals(s).photos
+        top = s.execute(sa_select(func.max(col(ImageRecord.id))).where(*_HASHED)).scalar()
+        unhashed = s.execute(sa_select(func.min(col(ImageRecord.id))).where(col(ImageRecord.phash).is_(None))).scalar()
+        stamp = (int(photos), int(top or 0), int(unhashed or 0))
         with _lock:
             cached = _indexes.get(key)
             if cached is not None and cached[0] == stamp:

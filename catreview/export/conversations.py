@@ -48,6 +48,7 @@ from catreview.data.labels import BreedVocabulary, UnknownLabelError, is_breed, 
 from catreview.export.records import IMAGE_TOKEN, REVIEW_KINDS, ConversationRecord, ReviewKind, predictions_json
 from catreview.export.rows import ReviewedRow
 from catreview.export.traits import BreedTraits, TraitTable
+from catreview.models.vlm.prompts import indefinite_article
 
 HUMAN_CONFIDENCE = 1.0
 IMPORTED_CONFIDENCE = 0.8
@@ -74,27 +75,6 @@ _HEX = re.compile(r"[0-9a-f]{16,64}")
 ID_HEX_CHARS = 16
 """Record ids are the first 16 hex digits (64 bits) of the photo's sha256; collisions among
 127K photos have probability ~1e-9, and exports check for them anyway."""
-
-
-_A_BEFORE_VOWEL = ("uni", "use", "usu", "uk", "ura", "ure", "uti", "eu", "ewe", "one", "once")
-_AN_BEFORE_H = ("hour", "honest", "honou", "heir")
-
-
-def indefinite_article(phrase: str) -> str:
-    """``"a"`` or ``"an"`` for ``phrase``, by the sound of its first word.
-
-    Vowel letters take "an" except where they sound like "you"/"w" (Ural, Ukrainian, one);
-    a silent h takes "an" (an hour).
-
-    >>> [indefinite_article(n) for n in ("Abyssinian", "American Shorthair", "Bengal", "Ocicat")]
-    ['an', 'an', 'a', 'an']
-    """
-    word = phrase.strip().split()[0].lower() if phrase.strip() else ""
-    if word.startswith(_AN_BEFORE_H):
-        return "an"
-    if word.startswith(_A_BEFORE_VOWEL):
-        return "a"
-    return "an" if word[:1] in ("a", "e", "i", "o", "u") else "a"
 
 
 def display_label(label: str, traits: BreedTraits | None) -> str:

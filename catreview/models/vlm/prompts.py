@@ -8,13 +8,17 @@ Two prompts:
 
 * the **verdict** prompt lists the candidates (stage-1 top-k; :data:`OTHER_LABEL` is "a cat of
   another breed") and asks which breed it is. The assistant's answer is prefilled with
-  :data:`ANSWER_PREFILL` (``"This is a"``) and verdicts are *scored*, not generated: each
-  candidate's completion (:func:`answer_text`: ``" Bengal cat."``, with its leading space) is
-  appended and its log-likelihood measured (see :mod:`catreview.models.vlm.scoring`). The
-  prefill puts every candidate in the same sentence, so a small model compares breed names in
-  a context it knows instead of guessing the answer's form (measured on a SmolLM2-135M FastVLM:
-  free generation without it is poor, ``../shared/NOTES.md``). The export's answers start with
-  the same sentence (``"This is a Bengal cat."``).
+  :data:`ANSWER_PREFILL` (``"This is"``) and verdicts are *scored*, not generated: each
+  candidate's completion (:func:`answer_text`: ``" a Bengal cat."``, ``" an Abyssinian cat."``,
+  with its leading space and its own indefinite article) is appended and its log-likelihood
+  measured (see :mod:`catreview.models.vlm.scoring`). The prefill puts every candidate in the
+  same sentence, so a small model compares breed names in a context it knows instead of
+  guessing the answer's form (measured on a SmolLM2-135M FastVLM: free generation without it is
+  poor, ``../shared/NOTES.md``). The prefill is one string shared by every candidate (the
+  scorer runs it once), so the article ("a" / "an", :func:`indefinite_article`) belongs to each
+  candidate's answer, never to the prefill: training (:mod:`training.data`) and prediction
+  both score :func:`answer_text`, so they stay consistent. The export's answers start with the
+  same sentence (``"This is an Abyssinian cat."``).
 * the **reasoning** prompt asks for the visible traits that decide between the candidates
   (coat, pattern, colour points, eyes, ears, muzzle, body). Its answer is free text, generated.
 
@@ -28,16 +32,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-PROMPT_VERSION = "p2"
-"""Version of every text below. A prompt change is a new prediction version."""
+PROMPT_VERSION = "p3"
+"""Version of every text below. A prompt change is a new prediction version.
+(p3: prefill ``"This is"`` and the article in each answer, ``" an Abyssinian cat."``; p2 prefilled
+``"This is a"``, which read "This is a Abyssinian cat".)"""
 
 OTHER_LABEL = "other"
 """Label added to every candidate list: "none of the stage-1 candidates"."""
 
 OTHER_ANSWER = "cat of another breed"
-"""The completion scored for :data:`OTHER_LABEL` ("This is a cat of another breed.")."""
+"""The completion scored for :data:`OTHER_LABEL` (after its article: "This is a cat of another breed.")."""
 
-ANSWER_PREFILL = "This is a"
+ANSWER_PREFILL = "This is"
 """Start of the assistant's verdict answer, written into the prompt (after the turn opener);
 the scored completions continue it (:func:`answer_text`)."""
 
@@ -60,6 +66,27 @@ TRAIT_WORDS = (
     "tail fluffy plush dense fine hairless cat breed photo traits candidate support because"
 )
 """Vocabulary the reasoning answers use (the tiny demo tokenizers are trained on it)."""
+
+
+_A_BEFORE_VOWEL = ("uni", "use", "usu", "uk", "ura", "ure", "uti", "eu", "ewe", "one", "once")
+_AN_BEFORE_H = ("hour", "honest", "honou", "heir")
+
+
+def indefinite_article(phrase: str) -> str:
+    """``"a"`` or ``"an"`` for ``phrase``, by the sound of its first word.
+
+    Vowel letters take "an" except where they sound like "you"/"w" (Ural, Ukrainian, one);
+    a silent h takes "an" (an hour).
+
+    >>> [indefinite_article(n) for n in ("Abyssinian", "American Shorthair", "Bengal", "Ocicat")]
+    ['an', 'an', 'a', 'an']
+    """
+    word = phrase.strip().split()[0].lower() if phrase.strip() else ""
+    if word.startswith(_AN_BEFORE_H):
+        return "an"
+    if word.startswith(_A_BEFORE_VOWEL):
+        return "a"
+    return "an" if word[:1] in ("a", "e", "i", "o", "u") else "a"
 
 
 def display_name(label: str) -> str:
@@ -92,9 +119,10 @@ def candidate_name(label: str) -> str:
 
 
 def answer_text(label: str) -> str:
-    """The scored completion of :data:`ANSWER_PREFILL` for a candidate, with its leading space:
-    ``" Maine Coon cat."``; a name already ending in "cat" gets no second one
-    (``" Norwegian Forest Cat."``); :data:`OTHER_LABEL` -> ``" cat of another breed."``.
+    """The scored completion of :data:`ANSWER_PREFILL` for a candidate, with its leading space
+    and its indefinite article (:func:`indefinite_article`): ``" a Maine Coon cat."``,
+    ``" an Abyssinian cat."``; a name already ending in "cat" gets no second one
+    (``" a Norwegian Forest Cat."``); :data:`OTHER_LABEL` -> ``" a cat of another breed."``.
 
     The space belongs to the answer, never to the prompt: a prompt ending in a space makes the
     space its own token, which no trained model ever saw before a word.
@@ -102,7 +130,7 @@ def answer_text(label: str) -> str:
     name = candidate_name(label)
     if label != OTHER_LABEL and not name.lower().endswith("cat"):
         name += " cat"
-    return f" {name}."
+    return f" {indefinite_article(name)} {name}."
 
 
 def _candidate_list(labels: Sequence[str]) -> str:
@@ -176,8 +204,8 @@ def end_of_turn_token(processor: Any) -> str | None:
 
 def with_prefill(chat: str, prefill: str = ANSWER_PREFILL) -> str:
     """``chat`` (ending with the assistant turn opener) followed by ``prefill``, separated by a
-    space unless the opener ends in whitespace (``"ASSISTANT: This is a"``,
-    ``"<|im_start|>assistant\nThis is a"``)."""
+    space unless the opener ends in whitespace (``"ASSISTANT: This is"``,
+    ``"<|im_start|>assistant\nThis is"``)."""
     return chat + ("" if chat[-1:].isspace() else " ") + prefill
 
 

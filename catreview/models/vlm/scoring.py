@@ -1,8 +1,8 @@
 """Scoring building blocks: answer token ids, packing of candidates, the 4-D mask, score reduction.
 
 For a photo with candidates ``c_1..c_k`` (stage-1 top-k plus ``"other"``), the verdict prompt
-(ending with the prefilled ``"This is a"``) is rendered once and each candidate's answer tokens
-``a_1..a_n`` (``" Maine Coon cat."`` + end of turn) are scored by teacher forcing::
+(ending with the prefilled ``"This is"``) is rendered once and each candidate's answer tokens
+``a_1..a_n`` (``" a Maine Coon cat."`` + end of turn) are scored by teacher forcing::
 
     score(c) = sum_j log p(a_j | image, prompt, a_<j)          (score_normalisation="sum")
     score(c) = score_sum(c) / n                                (score_normalisation="mean")
@@ -64,8 +64,8 @@ def answer_prefix(prompt: str) -> str:
 
 
 def candidate_answer(prompt: str, label: str) -> str:
-    """The scored answer text for ``label`` after ``prompt``: ``" Maine Coon cat."`` after the
-    verdict prompt's prefill ``"... This is a"`` (:func:`catreview.models.vlm.prompts.answer_text`)."""
+    """The scored answer text for ``label`` after ``prompt``: ``" a Maine Coon cat."`` after the
+    verdict prompt's prefill ``"... This is"`` (:func:`catreview.models.vlm.prompts.answer_text`)."""
     return answer_prefix(prompt) + prompts.answer_text(label).lstrip(" ")
 
 
