@@ -27,6 +27,17 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="TOML settings file (see assets/example_config.toml)")
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (a bad value is argparse's one-line usage error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """The :class:`Settings` of ``--config`` with ``--db`` overriding the database URL.
 
@@ -55,4 +66,4 @@ def progress_bar() -> tuple[ProgressUpdate, Callable[[], None]]:
     return update, close
 
 
-__all__ = ["ProgressUpdate", "add_common_options", "progress_bar", "settings_from_args"]
+__all__ = ["ProgressUpdate", "add_common_options", "positive_int", "progress_bar", "settings_from_args"]

@@ -8,22 +8,12 @@ import argparse
 import json
 from typing import Any
 
-from catreview.cli.common import add_common_options, settings_from_args
+from catreview.cli.common import add_common_options, positive_int, settings_from_args
 from catreview.errors import CatreviewError
 
 
 class NothingToEvaluateError(CatreviewError):
     """No held-out reviewed photo has predictions (one line, exit status 2)."""
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def add_evaluate_parser(sub: Any) -> argparse.ArgumentParser:
@@ -37,7 +27,7 @@ def add_evaluate_parser(sub: Any) -> argparse.ArgumentParser:
         "--vlm", metavar="PROFILE", help="profile whose current version is marked active (default: active_vlm)"
     )
     p.add_argument(
-        "--batch-size", type=_positive, default=1000, metavar="N", help="photos read per query (default 1000)"
+        "--batch-size", type=positive_int, default=1000, metavar="N", help="photos read per query (default 1000)"
     )
     return p
 

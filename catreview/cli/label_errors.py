@@ -13,17 +13,7 @@ import argparse
 import json
 from typing import Any
 
-from catreview.cli.common import add_common_options, settings_from_args
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+from catreview.cli.common import add_common_options, positive_int, settings_from_args
 
 
 def add_label_errors_parser(sub: Any) -> argparse.ArgumentParser:
@@ -32,7 +22,7 @@ def add_label_errors_parser(sub: Any) -> argparse.ArgumentParser:
         "label-errors", help="rank labelled photos by how likely their label is wrong (confident learning)"
     )
     add_common_options(p)
-    p.add_argument("--limit", type=_positive, default=50, metavar="N", help="photos to print (default 50)")
+    p.add_argument("--limit", type=positive_int, default=50, metavar="N", help="photos to print (default 50)")
     p.add_argument("--json", action="store_true", help="one JSON object per photo per line")
     p.add_argument("--flagged-only", action="store_true", help="print only the photos cleanlab flags")
     p.add_argument("--no-vlm", action="store_true", help="out-of-fold stage-1 probabilities only")
@@ -79,7 +69,7 @@ def add_duplicates_parser(sub: Any) -> argparse.ArgumentParser:
     add_common_options(p)
     p.add_argument("--all", action="store_true", help="every duplicate group, not only those with conflicting labels")
     p.add_argument("--json", action="store_true", help="one JSON object per group per line")
-    p.add_argument("--limit", type=_positive, default=100, metavar="N", help="groups to print (default 100)")
+    p.add_argument("--limit", type=positive_int, default=100, metavar="N", help="groups to print (default 100)")
     return p
 
 

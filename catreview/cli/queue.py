@@ -9,17 +9,7 @@ import json
 import sys
 from typing import Any
 
-from catreview.cli.common import add_common_options, settings_from_args
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+from catreview.cli.common import add_common_options, positive_int, settings_from_args
 
 
 def add_queue_parser(sub: Any) -> argparse.ArgumentParser:
@@ -31,9 +21,9 @@ def add_queue_parser(sub: Any) -> argparse.ArgumentParser:
     add_common_options(p)
     p.add_argument("--by", required=True, choices=list(QUEUE_KINDS), metavar="KIND", help=f"the queue: {kinds}")
     p.add_argument(
-        "--limit", type=_positive, default=50, metavar="N", help=f"photos to list (default 50, at most {MAX_LIMIT})"
+        "--limit", type=positive_int, default=50, metavar="N", help=f"photos to list (default 50, at most {MAX_LIMIT})"
     )
-    p.add_argument("--after", type=_positive, metavar="ID", help="start after this photo id (default: the start)")
+    p.add_argument("--after", type=positive_int, metavar="ID", help="start after this photo id (default: the start)")
     p.add_argument("--json", action="store_true", help="one JSON object per photo per line")
     p.add_argument(
         "--refresh",

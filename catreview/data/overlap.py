@@ -24,7 +24,7 @@ from sqlmodel import Session, col, select
 
 from catreview.data.db import IMPORT_SOURCE, ImageRecord, OverlapItem, OverlapVote, Review, utcnow
 from catreview.data.labels import BreedVocabulary
-from catreview.data.reviews import ReviewError, record_review
+from catreview.data.reviews import ReviewError, checked_decision, record_review
 
 CONSENSUS_SOURCE = "consensus"
 ADJUDICATION_SOURCE = "adjudication"
@@ -114,12 +114,7 @@ def cast_vote(
         OverlapError: the photo is not in the round, or is no longer open.
         catreview.data.reviews.ReviewError: empty annotator or unknown label.
     """
-    annotator = (annotator or "").strip()
-    if not annotator:
-        raise ReviewError("enter your annotator name before reviewing")
-    if label not in vocabulary:
-        raise ReviewError(f"unknown label {label!r}: pick one from the breed list")
-    canonical = vocabulary.canonical(label)
+    annotator, canonical = checked_decision(annotator, label, vocabulary)
     # Lock the item row first (UPDATE ... RETURNING), so concurrent votes on one photo are serialised.
     locked = session.exec(
         update(OverlapItem)

@@ -229,6 +229,20 @@ def append_first_reviews(session: Session, labels: dict[int, str], annotator: st
     return made
 
 
+def checked_decision(annotator: str | None, label: str, vocabulary: BreedVocabulary) -> tuple[str, str]:
+    """``(annotator stripped, canonical label)`` of a decision about to be stored.
+
+    Raises:
+        ReviewError: empty annotator, or a label not in ``vocabulary`` (aliases accepted).
+    """
+    annotator = (annotator or "").strip()
+    if not annotator:
+        raise ReviewError("enter your annotator name before reviewing")
+    if label not in vocabulary:
+        raise ReviewError(f"unknown label {label!r}: pick one from the breed list")
+    return annotator, vocabulary.canonical(label)
+
+
 def record_review(
     session: Session,
     image_id: int,
@@ -256,12 +270,7 @@ def record_review(
         ReviewConflictError: ``replaces`` was given and the photo's newest review is another one.
         KeyError: no image with ``image_id``.
     """
-    annotator = (annotator or "").strip()
-    if not annotator:
-        raise ReviewError("enter your annotator name before reviewing")
-    if label not in vocabulary:
-        raise ReviewError(f"unknown label {label!r}: pick one from the breed list")
-    canonical = vocabulary.canonical(label)
+    annotator, canonical = checked_decision(annotator, label, vocabulary)
     for _ in range(MAX_ATTEMPTS):
         head = _locked_head(session, image_id, canonical) if isinstance(replaces, Head) else _head(session, image_id)
         if not isinstance(replaces, Head) and head != replaces:
