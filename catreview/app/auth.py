@@ -245,6 +245,23 @@ def guard(
     return wrapper
 
 
+@dataclass(frozen=True)
+class Guards:
+    """:func:`guard` bound to one engine and :class:`AuthConfig`, as the tabs use it:
+    ``guards(Action.REVIEW, fn, with_caller=True)``."""
+
+    engine: Engine
+    config: AuthConfig
+
+    def __call__(self, action: Action, fn: Callable[..., Any], *, with_caller: bool = False) -> Callable[..., Any]:
+        """``guard(self.engine, self.config, action, fn, with_caller=with_caller)``."""
+        return guard(self.engine, self.config, action, fn, with_caller=with_caller)
+
+    def caller(self, request: gr.Request | None) -> Caller:
+        """:func:`caller` for this app (for code that is not a whole handler)."""
+        return caller(self.engine, self.config, request)
+
+
 def unguarded_events(demo: gr.Blocks) -> list[str]:
     """Names of the Python event handlers of ``demo`` not wrapped by :func:`guard` (JavaScript-only
     events, which run nothing on the server, are not counted)."""
@@ -263,6 +280,7 @@ __all__ = [
     "AuthMode",
     "AuthSetupError",
     "Caller",
+    "Guards",
     "caller",
     "guard",
     "is_loopback",

@@ -2,7 +2,7 @@
 
 Three roles, each including the one before (Label Studio's annotator/reviewer/manager split):
 
-- ``annotator``: review photos (the Review tab, grid bulk labels, the review API);
+- ``annotator``: see the photos, predictions and reports (``view``), review photos (the Review tab, grid bulk labels, the review API);
 - ``reviewer``: also adjudicate disagreements and see everyone's work and agreement figures;
 - ``admin``: also train, promote / roll back versions, export, and manage users.
 
@@ -44,6 +44,7 @@ RANK: dict[Role, int] = {Role.ANNOTATOR: 0, Role.REVIEWER: 1, Role.ADMIN: 2}
 class Action(StrEnum):
     """Something a user can ask the app to do; :data:`REQUIRED` gives the least role for each."""
 
+    VIEW = "view"
     REVIEW = "review"
     ADJUDICATE = "adjudicate"
     SEE_ALL = "see_all"
@@ -54,6 +55,7 @@ class Action(StrEnum):
 
 
 REQUIRED: dict[Action, Role] = {
+    Action.VIEW: Role.ANNOTATOR,
     Action.REVIEW: Role.ANNOTATOR,
     Action.ADJUDICATE: Role.REVIEWER,
     Action.SEE_ALL: Role.REVIEWER,
