@@ -237,7 +237,12 @@ def guard(
                 return fn(*inputs)
 
         wrapper = plain_wrapper
-    request = inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=gr.Request)
+    # Gradio fills a ``gr.Request``-annotated parameter whatever its default; one is needed after
+    # parameters that have defaults.
+    default = None if any(p.default is not inspect.Parameter.empty for p in params) else inspect.Parameter.empty
+    request = inspect.Parameter(
+        "request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=gr.Request, default=default
+    )
     wrapper.__signature__ = sig.replace(parameters=[*params, request])  # type: ignore[attr-defined]
     wrapper.__annotations__ = {**hints, "request": gr.Request}
     del wrapper.__wrapped__  # type: ignore[attr-defined]  # inspect must read our signature, not fn's

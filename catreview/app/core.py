@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,11 +31,21 @@ from catreview.adapters.train_config import BUILTIN_FIRST_ROUND
 from catreview.adapters.versions import activate, deactivate, version_rows
 from catreview.compare.session import CompareSession
 from catreview.config import Settings
+from catreview.data import overlap
 from catreview.data.counts import Totals
-from catreview.data.db import AdapterVersion, ImageRecord, Review, active_adapter_version, get_image, make_engine
+from catreview.data.db import (
+    AdapterVersion,
+    ImageRecord,
+    OverlapItem,
+    Review,
+    active_adapter_version,
+    get_image,
+    make_engine,
+)
 from catreview.data.images import load_rgb
 from catreview.data.importer import import_folder
 from catreview.data.labels import BreedVocabulary
+from catreview.data.overlap import VoteOutcome
 from catreview.data.phash import backfill_phashes
 from catreview.data.reviews import HEAD, Head, ReviewError, record_review
 from catreview.errors import CatreviewError
@@ -70,7 +81,11 @@ FIRST_ROUND: dict[str, Any] = dict(BUILTIN_FIRST_ROUND)
 """TrainConfig fields of the first round of a built-in VLM (its projector starts untrained): the
 CPU recipe :data:`catreview.adapters.train_config.BUILTIN_FIRST_ROUND`."""
 
-__all__ = ["QUEUE_FIRST", "QUEUE_PAGE", "JobState", "ReviewApp"]
+__all__ = ["OVERLAP_QUEUE", "QUEUE_FIRST", "QUEUE_PAGE", "JobState", "ReviewApp", "Saved"]
+
+OVERLAP_QUEUE = "overlap"
+"""The Review tab's queue of the open overlap-round photos the caller has not voted on yet
+(:func:`catreview.data.overlap.next_for`; per annotator, so not a ``photo_scores`` queue)."""
 
 QUEUE_FIRST = 32
 """Unreviewed photos after the one on screen predicted first (what a reviewer sees next)."""
@@ -92,6 +107,17 @@ def _add_summary(total: PredictSummary, part: PredictSummary, *, whole: bool) ->
     total.stage1_skipped = total.stage1_skipped or part.stage1_skipped
     if whole:
         total.images, total.stage1_cached, total.vlm_cached = part.images, part.stage1_cached, part.vlm_cached
+
+
+@dataclass(frozen=True)
+class Saved:
+    """What :meth:`ReviewApp.save_decision` stored: a ``review`` (the photo's new current review),
+    or, for a photo of an open overlap round, the annotator's blind ``vote`` (whose ``review`` is
+    set once the round settled it by consensus)."""
+
+    label: str
+    review: Review | None = None
+    vote: VoteOutcome | None = None
 
 
 class ReviewApp:
@@ -549,6 +575,66 @@ class ReviewApp:
                 replaces=replaces,
                 blind=blind,
             )
+
+    def overlap_item(self, image_id: int) -> OverlapItem | None:
+        """The photo's row in the overlap round (``status`` open, agreed, disputed or
+        adjudicated; ``k`` votes wanted), or ``None`` when it is not in one (a primary-key read)."""
+        with Session(self.engine) as s:
+            return s.get(OverlapItem, image_id)
+
+    def review_label(self, review_id: int) -> str | None:
+        """The label of review ``review_id`` (``None``: no such review; a primary-key read)."""
+        with Session(self.engine) as s:
+            row = s.get(Review, review_id)
+            return None if row is None else row.label
+
+    def save_decision(
+        self,
+        image_id: int,
+        label: str,
+        annotator: str,
+        note: str | None = None,
+        *,
+        seen: int | Head | None = HEAD,
+        blind: bool = False,
+    ) -> Saved:
+        """The Review tab's save: a blind vote when the photo is ``open`` in the overlap round
+        (:func:`catreview.data.overlap.cast_vote`; annotators never see each other's votes),
+        else a review replacing ``seen``, the review the annotator was shown (:meth:`review`).
+
+        Raises:
+            catreview.data.overlap.OverlapError: the photo is disputed (a reviewer adjudicates it).
+            catreview.data.reviews.ReviewConflictError: someone reviewed the photo after ``seen``.
+            catreview.data.reviews.ReviewError: as :meth:`review`; also an overlap vote refused.
+        """
+        item = self.overlap_item(image_id)
+        if item is not None and item.status == "disputed":
+            raise overlap.OverlapError(
+                f"photo {image_id} is disputed in the overlap round: a reviewer adjudicates it (Team tab)"
+            )
+        if item is not None and item.status == "open":
+            with Session(self.engine) as s:
+                vote = overlap.cast_vote(s, image_id, label, annotator, vocabulary=self.vocabulary, note=note)
+            canonical = vote.review.label if vote.review is not None else self.vocabulary.canonical(label)
+            return Saved(canonical, review=vote.review, vote=vote)
+        review = self.review(image_id, label, annotator, note, replaces=seen, blind=blind)
+        return Saved(review.label, review=review)
+
+    def next_for(self, kind: str, after: int | None, annotator: str) -> QueueItem | None:
+        """The next photo of queue ``kind`` after ``after`` for ``annotator``: :data:`OVERLAP_QUEUE`
+        serves the open overlap photos they have not voted on, any other kind is
+        :meth:`next_in_queue`.
+
+        Raises:
+            ValueError: an unknown queue kind.
+        """
+        if kind != OVERLAP_QUEUE:
+            return self.next_in_queue(kind, after)
+        with Session(self.engine) as s:
+            found = overlap.next_for(s, annotator, after)
+        if found is None:
+            return None
+        return QueueItem(found, 0.0, "overlap round: several annotators label this photo blind to each other")
 
     # ------------------------------------------------------------------ calibration, export, adapters
     def calibrate(self) -> tuple[CalibrationReport, int | None]:

@@ -66,8 +66,10 @@ class FusedView(TypedDict):
 
 
 class ReviewView(TypedDict):
-    """A photo's latest review; ``time`` is ISO 8601 (UTC)."""
+    """A photo's latest review; ``id`` its review id (what a save names as the review it
+    replaces), ``time`` ISO 8601 (UTC)."""
 
+    id: int
     label: str
     annotator: str
     time: str
@@ -185,6 +187,7 @@ def image_view(
     review_view: ReviewView | None = None
     if review is not None:
         review_view = {
+            "id": int(review.id or 0),  # stored rows always have an id
             "label": review.label,
             "annotator": review.annotator,
             "time": review.created_at.isoformat(),
