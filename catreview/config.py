@@ -150,6 +150,12 @@ class Settings(BaseSettings):
     auth_header: str | None = None
     #: Addresses or CIDR networks of the proxies whose ``auth_header`` is believed.
     trusted_proxies: list[str] = Field(default_factory=list)
+    #: Overlap rounds (:func:`catreview.data.overlap.start_round`): the share of photos without a
+    #: human decision put in a round, in (0, 1], and how many annotators (k >= 2) label each one
+    #: blind to the others. The defaults of the Team tab's "Start overlap round" and of
+    #: ``python -m catreview overlap start``.
+    overlap_share: float = Field(0.1, gt=0.0, le=1.0)
+    overlap_k: int = Field(2, ge=2, le=50)
 
     @field_validator("database_url")
     @classmethod

@@ -7,7 +7,8 @@ the fusion weight on reviewed photos), ``export`` (curated dataset), ``train`` (
 the reviewed photos), ``evaluate`` (every model version on the held-out reviewed photos),
 ``queue`` (a review queue's photos with the reason each is there), ``label-errors`` (labelled
 photos ranked by how likely their label is wrong), ``duplicates`` (exact and near duplicate photos
-with conflicting labels), ``users`` (accounts and roles for the app's login).
+with conflicting labels), ``users`` (accounts and roles for the app's login), ``agreement``
+(inter-annotator agreement of the overlap round), ``overlap start`` (start an overlap round).
 
 Errors a user can fix (bad paths, bad config, unknown labels) print one line on stderr and exit
 with status 2; nothing stored is changed by a failed command.
@@ -146,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     from catreview.cli.evaluate import add_evaluate_parser
     from catreview.cli.label_errors import add_duplicates_parser, add_label_errors_parser
     from catreview.cli.queue import add_queue_parser
+    from catreview.cli.team import add_agreement_parser, add_overlap_parser
     from catreview.cli.train import add_adapters_parser, add_train_parser
     from catreview.cli.users import add_users_parser
 
@@ -157,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_duplicates_parser(sub)
     add_queue_parser(sub)
     add_users_parser(sub)
+    add_agreement_parser(sub)
+    add_overlap_parser(sub)
     return parser
 
 
@@ -407,6 +411,18 @@ def _cmd_users(args: argparse.Namespace) -> int:
     return cmd_users(args)
 
 
+def _cmd_agreement(args: argparse.Namespace) -> int:
+    from catreview.cli.team import cmd_agreement
+
+    return cmd_agreement(args)
+
+
+def _cmd_overlap(args: argparse.Namespace) -> int:
+    from catreview.cli.team import cmd_overlap
+
+    return cmd_overlap(args)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "import": cmd_import,
     "import-llava": cmd_import_llava,
@@ -422,6 +438,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "duplicates": _cmd_duplicates,
     "queue": _cmd_queue,
     "users": _cmd_users,
+    "agreement": _cmd_agreement,
+    "overlap": _cmd_overlap,
 }
 
 

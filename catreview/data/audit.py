@@ -1,4 +1,5 @@
-"""Audit trail: training rounds, promotions, rollbacks, exports and user changes, who and when.
+"""Audit trail: training rounds, promotions, rollbacks, exports, user changes and overlap rounds
+started, who and when.
 
 Append-only: rows of ``audit_events`` are only inserted (:func:`record`), never updated or
 deleted by catreview. Read newest first with keyset pagination (:func:`events`).
@@ -24,11 +25,13 @@ class AuditAction(StrEnum):
     ROLLBACK = "rollback"
     NO_VERSION = "no_version"
     EXPORT = "export"
+    CALIBRATE = "calibrate"
     USER_ADD = "user_add"
     USER_ROLE = "user_role"
     USER_DISABLE = "user_disable"
     USER_ENABLE = "user_enable"
     USER_PASSWORD = "user_password"
+    OVERLAP_START = "overlap_start"
 
 
 def record(session: Session, actor: str, action: AuditAction | str, target: str = "", **detail: Any) -> AuditEvent:

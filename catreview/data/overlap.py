@@ -178,13 +178,19 @@ def adjudicate(
         OverlapError: the photo is not disputed.
         catreview.data.reviews.ReviewError: unknown label.
     """
-    row = session.get(OverlapItem, image_id)
-    if row is None or row.status != "disputed":
+    # A compare-and-set on the item row: of two reviewers deciding at once, one moves it from
+    # "disputed" and records the review; the other finds it adjudicated and is refused.
+    moved = session.exec(
+        update(OverlapItem)
+        .where(col(OverlapItem.image_id) == image_id, col(OverlapItem.status) == "disputed")
+        .values(status="adjudicated")
+        .returning(col(OverlapItem.image_id))
+    ).first()
+    if moved is None:
+        session.rollback()
+        row = session.get(OverlapItem, image_id)
         state = "not in the overlap round" if row is None else row.status
         raise OverlapError(f"photo {image_id} is {state}; only disputed photos are adjudicated")
-    row.status = "adjudicated"
-    session.add(row)
-    session.flush()
     return record_review(
         session,
         image_id,

@@ -63,7 +63,9 @@ Reviewed cat photos exported by catreview on {info["created_at"]}.
   human turn); this folder is the image folder.
 - `messages/<split>.jsonl`: TRL `messages` (typed content) + `images`;
   `llamafactory/<split>.jsonl` + `dataset_info.json`: LLaMA-Factory sharegpt.
-- `manifest.csv`: one row per photo; `export.json`: machine-readable summary of this version.
+- `manifest.csv`: one row per photo, with its label's `source` (`adjudication`: a reviewer decided between
+  disagreeing annotators; `consensus`: the overlap round's annotators agreed; `import`; `ui`);
+  `export.json`: machine-readable summary of this version.
 
 Ids are the first 16 hex digits of the photo's sha256 (oversampled copies add `-o<k>`), stable across exports.
 Each photo content is in exactly one split, and keeps it across exports unless an export is made with resplit.

@@ -28,8 +28,11 @@ from catreview.files import jsonl_line, read_jsonl
 CopyMaker = Callable[[ReviewedRow, str, int], dict[str, Any]]
 MANIFEST_COLUMNS = (
     "id", "split", "file", "breed", "kind", "review", "confidence_target", "annotator", "sha256", "width", "height",
-    "copies",
+    "source", "copies",
 )  # fmt: skip
+"""Columns of ``manifest.csv``. ``source`` is the label's review source: ``ui`` (and other human
+sources), ``import`` (an imported label), ``consensus`` (the overlap round's annotators agreed) or
+``adjudication`` (a reviewer decided a disputed overlap photo)."""
 
 
 class ExportWriter:
@@ -83,7 +86,7 @@ class ExportWriter:
         m = record["metadata"]
         manifest = [
             record["id"], split, record["image"], m["breed"], m["kind"] or "", m["review"], m["confidence_target"],
-            m["annotator"], m["sha256"], size[0], size[1],
+            m["annotator"], m["sha256"], size[0], size[1], m["source"],
         ]  # fmt: skip
         self._files[("manifest", split)].write(jsonl_line(manifest))
         if self.spool_train and split == "train":
