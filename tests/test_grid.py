@@ -190,7 +190,13 @@ def test_every_filter_walks_an_index_without_sorting(grid_app: ReviewApp) -> Non
             GridFilter(predicted=score.stage1_label, predicted_by="stage 1"),
             "ix_photo_scores_stage1_label",
         ),
-        "cell": (GridFilter(label=label, predicted=score.fused_label), "ix_photo_scores_fused_label"),
+        "cell": (  # the side with fewer photos (test_a_confusion_cell_walks_its_smaller_side)
+            GridFilter(label=label, predicted=score.fused_label),
+            "ix_images_current_label"
+            if sum(i.current_label == label for i, _ in rows)
+            < sum(s.fused_label == score.fused_label for _, s in rows if s)
+            else "ix_photo_scores_fused_label",
+        ),
         "import queue": (GridFilter(queue="import"), "ix_images_unverified"),
         "disagreement queue": (GridFilter(queue="disagreement"), "ix_photo_scores_disagreement"),
         "margin queue": (GridFilter(queue="margin"), "ix_photo_scores_margin"),
@@ -212,6 +218,47 @@ def test_the_current_label_filter_walks_its_own_index(grid_app: ReviewApp) -> No
     label = _rows(grid_app)[0][0].current_label
     page_plan = _plans(grid_app, GridFilter(label=label), None)[-1]
     assert "ix_images_current_label" in page_plan and "TEMP B-TREE" not in page_plan, page_plan
+
+
+def test_tied_queue_keys_are_served_by_two_short_ranges(grid_app: ReviewApp) -> None:
+    """Most photos share a queue key (a zero disagreement, their class's rarity): a page from a
+    tied photo reads the tied photos past it by ``key = ? AND image_id < ?`` and then the later keys,
+    never one row-value range that SQLite would serve by the key alone (walking every tied photo)."""
+    app = grid_app
+    with app.engine.begin() as conn:
+        conn.execute(text("UPDATE photo_scores SET disagreement = 0, rarity = 0.5"))
+    for kind, column in (("disagreement", "disagreement"), ("rare", "rarity")):
+        reference = [q.image_id for q in queue_items(app.engine, kind, limit=1000)]
+        assert len(reference) == len(_rows(app))
+        assert _all_pages(app, GridFilter(queue=kind), limit=4) == reference, kind
+        plans = _plans(app, GridFilter(queue=kind), reference[3])
+        assert len(plans) == 3, plans  # the after photo's key, the tied photos past it, the later keys
+        assert f"ix_photo_scores_{'disagreement' if kind == 'disagreement' else 'rarity'}" in plans[1], plans
+        assert f"({column}=? AND image_id<?)" in plans[1], plans
+        assert f"({column}<?)" in plans[2], plans
+        assert all("TEMP B-TREE" not in p for p in plans), plans
+        page = grid_page(app.engine, GridFilter(queue=kind), after=reference[3], limit=48)
+        assert page.ids == reference[4:] and page.next_after is None
+
+
+def test_a_confusion_cell_walks_its_smaller_side(grid_app: ReviewApp) -> None:
+    """A rare label inside a common prediction walks the label's index (checking the prediction
+    per photo); a rare prediction walks the prediction's index (checking the label)."""
+    app = grid_app
+    siamese = [i.id for i, _ in _rows(app) if i.current_label == "Siamese"]
+    with app.engine.begin() as conn:
+        conn.execute(text("UPDATE photo_scores SET fused_label = 'Bengal'"))
+        conn.execute(text("UPDATE photo_scores SET fused_label = 'Persian' WHERE image_id = :i"), {"i": siamese[0]})
+    rows = _rows(app)
+    for predicted, index in (("Bengal", "ix_images_current_label"), ("Persian", "ix_photo_scores_fused_label")):
+        flt = GridFilter(label="Siamese", predicted=predicted)
+        want = [i.id for i, s in rows if s and s.fused_label == predicted and i.current_label == "Siamese"]
+        assert want and _all_pages(app, flt, limit=2) == want, predicted
+        for after in (None, want[0]):
+            plans = _plans(app, flt, after)
+            assert index in plans[-1] and "TEMP B-TREE" not in plans[-1], (predicted, plans)
+            assert all("SCAN images" not in p or "USING" in p for p in plans), plans
+            assert all("SCAN photo_scores" not in p or "USING" in p for p in plans), plans
 
 
 def test_thumbnails_are_made_once_per_content_hash(tmp_path: Path, cats_dir: Path) -> None:
@@ -315,7 +362,8 @@ def test_grid_tab_shows_thumbnails_selects_and_assigns(grid_app: ReviewApp) -> N
 def test_explain_helper_sees_the_page_query(grid_app: ReviewApp) -> None:
     """The plan helper reads the statements grid_page really runs (not an empty list)."""
     plans = _plans(grid_app, GridFilter(queue="random"), _rows(grid_app)[3][0].id)
-    assert len(plans) == 2 and "photo_scores" in plans[0] and "ix_photo_scores_random" in plans[1]
+    assert len(plans) == 3 and "photo_scores" in plans[0]  # the key, then the tied photos and the later keys
+    assert "ix_photo_scores_random" in plans[1] and "ix_photo_scores_random" in plans[2]
     with grid_app.engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM photo_scores")).scalar() == len(BREEDS) * PER_BREED + 2
 
@@ -340,7 +388,7 @@ def test_pages_agree_with_a_reference_on_sqlite_and_postgresql(db_url: str) -> N
         images.append(dict(id=i, sha256=f"{i:064x}", path=f"/p/{i}.jpg", size=1, imported_at=now, error=error,
                            current_label=label, current_review_id=i if label else None,
                            current_source=rng.choice(["import", "ui"]) if label else None))  # fmt: skip
-        if error is None:
+        if error is None and i % 11:  # every 11th decodable photo has no score row (not predicted yet)
             pred = rng.choice([*labels, "other"])
             scores.append(dict(image_id=i, open=rng.random() < 0.7, stage1_label=rng.choice(labels), stage1_prob=0.5,
                                vlm_label=rng.choice(labels), vlm_prob=0.4, fused_label=pred, fused_prob=0.6,
@@ -351,7 +399,7 @@ def test_pages_agree_with_a_reference_on_sqlite_and_postgresql(db_url: str) -> N
         conn.execute(insert(ImageRecord), images)
         conn.execute(insert(PhotoScore), scores)
     ok = {r["id"]: r for r in images if r["error"] is None}
-    sc = {s["image_id"]: s for s in scores}
+    sc = {i: {"fused_label": None, "vlm_label": None} for i in ok} | {s["image_id"]: s for s in scores}
 
     def walk(flt: GridFilter) -> list[int]:
         out, after = [], None
@@ -381,4 +429,63 @@ def test_pages_agree_with_a_reference_on_sqlite_and_postgresql(db_url: str) -> N
         rows.sort(key=lambda s: (s[key], s["image_id"]), reverse=desc)
         assert walk(GridFilter(queue=kind)) == [s["image_id"] for s in rows], kind
         assert walk(GridFilter(queue=kind)) == [q.image_id for q in queue_items(engine, kind, limit=1000)], kind
+    engine.dispose()
+
+
+def test_postgresql_pages_read_only_their_own_rows(postgres_url: str) -> None:
+    """On PostgreSQL a page from the middle of 20,000 photos reads about a page of rows in every
+    plan node (``EXPLAIN ANALYZE``): each id bound is stated on both joined tables, so no merge
+    join walks the other table's primary key from its first row (what made a page cost ~13 ms at
+    127,000 photos; benchmarks/grid_bench.py)."""
+    import re
+
+    from sqlalchemy import insert
+
+    from catreview.data.db import make_engine, utcnow
+
+    engine = make_engine(postgres_url)
+    n, now = 20_000, utcnow()
+    labels = ["Bengal", "Persian", "Siamese", "Domestic Short Hair"]
+    images = [dict(id=i, sha256=f"{i:064x}", path=f"/p/{i}.jpg", size=1, imported_at=now,
+                   current_label=labels[i % 4], current_review_id=i, current_source="import")
+              for i in range(1, n + 1)]  # fmt: skip
+    scores = [dict(image_id=i, open=True, stage1_label=labels[i % 3], stage1_prob=0.5, fused_label=labels[i % 3],
+                   fused_prob=0.5, fused_margin=(i % 997) / 997, disagreement=0.0 if i % 4 else 0.5, rarity=0.5,
+                   random_key=(i * 7919 % n) / n, models="m", updated_at=now)
+              for i in range(1, n + 1) if i % 50]  # fmt: skip
+    with engine.begin() as conn:
+        conn.execute(insert(ImageRecord), images)
+        conn.execute(insert(PhotoScore), scores)
+        conn.exec_driver_sql("ANALYZE")  # what autovacuum does after a bulk load
+    middle = n // 2
+    filters = {
+        "all": GridFilter(),
+        "label": GridFilter(label="Bengal"),
+        "predicted": GridFilter(predicted="Persian"),
+        "import queue": GridFilter(queue="import"),
+        "margin queue": GridFilter(queue="margin"),
+        "disagreement queue (tied)": GridFilter(queue="disagreement"),
+    }
+    statements: list[tuple[str, object]] = []
+    for name, flt in filters.items():
+        statements.clear()
+
+        def remember(conn, cursor, statement, parameters, context, executemany) -> None:
+            if statement.lstrip().upper().startswith("SELECT"):
+                statements.append((statement, parameters))
+
+        event.listen(engine, "before_cursor_execute", remember)
+        try:
+            page = grid_page(engine, flt, after=middle, limit=48)
+        finally:
+            event.remove(engine, "before_cursor_execute", remember)
+        assert len(page.items) == 48, name
+        with engine.connect() as conn:
+            for statement, parameters in statements:
+                plan = [r[0] for r in conn.exec_driver_sql("EXPLAIN ANALYZE " + statement, parameters)]  # type: ignore[arg-type]
+                read = [
+                    int(r) * int(loops)
+                    for r, loops in re.findall(r"actual time=\S+ rows=(\d+) loops=(\d+)", " ".join(plan))
+                ]
+                assert read and max(read) <= 500, (name, plan)
     engine.dispose()

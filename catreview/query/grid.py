@@ -8,22 +8,37 @@ are the ``photo_scores`` rows of the active model versions
 (:func:`catreview.query.queues.refresh_scores`); a photo without a row has no predicted label yet.
 
 Which index serves which filter (SQLite and PostgreSQL; ``tests/test_grid.py`` checks SQLite's
-``EXPLAIN QUERY PLAN``). Each page is one ``LIMIT`` query walking one index from the keyset
+``EXPLAIN QUERY PLAN``). Each page is one or two ``LIMIT`` queries walking one index from the keyset
 position, never a sort of the table:
 
 * no filter: ``ix_images_decodable`` (``images.id WHERE error IS NULL``);
-* current label: ``ix_images_current_label`` (``images(current_label, id) WHERE error IS NULL``;
-  not in the schema yet: until its revision lands the query walks ``ix_images_decodable`` and
-  checks the label per row, fast for common labels, ~0.3 s a page for a rare one at 127,000
-  photos, ``benchmarks/grid_bench.py``); :data:`UNLABELLED` (no label at all):
-  ``ix_images_unreviewed`` / ``ix_images_unverified``;
+* current label: ``ix_images_current_label`` (``images(current_label, id) WHERE error IS NULL``,
+  revision 0003); :data:`UNLABELLED` (no label at all): ``ix_images_unreviewed`` /
+  ``ix_images_unverified``;
 * predicted label (alone or with a current label, i.e. a confusion cell): ``ix_photo_scores_fused_label``
   or ``ix_photo_scores_stage1_label`` (``(label, image_id)``), the current label checked on the
-  image row (primary key); the VLM's label (no index of its own) is filtered on the rows of the
-  current-label index instead, so a VLM cell needs a current label;
+  image row (primary key); a cell whose current label has fewer photos than its prediction (each
+  side counted up to :data:`CELL_PROBE`, two ``LIMIT`` ranges) walks ``ix_images_current_label``
+  instead, the prediction checked on the score row (primary key); the VLM's label (no index of
+  its own) is always filtered on the rows of the current-label index, so a VLM cell needs a
+  current label;
 * a queue: its partial index on ``photo_scores`` (``(key, image_id) WHERE open``) walked in queue
   order from the ``after`` photo's key (one primary-key read), other filters checked per row;
+  from a position, two ``LIMIT`` ranges: the photos tied with that key past ``after``, then the
+  later keys (not one row-value range ``(key, id) > (s, a)``, which SQLite serves with its leading
+  column only, walking every tied photo: many share a zero disagreement or a class's rarity);
   ``"import"``: ``ix_images_unverified`` in id order.
+
+Every id bound of a page is stated on both joined tables (``images.id`` and
+``photo_scores.image_id``; in the outer join's ``ON`` clause where photos without a score row are
+kept): PostgreSQL does not carry an inequality across a join, and its merge join would otherwise
+walk the other table's primary key from the first row up to ``after`` (``tests/test_grid.py``
+checks the rows each plan node reads on PostgreSQL).
+
+A small confusion cell whose label and prediction are both common (both over
+:data:`CELL_PROBE` photos) still walks the prediction's rows until its page is full or they end:
+up to every photo of that prediction for a near-empty cell (a schema change would make it one range: ``current_label`` on
+``photo_scores`` with a ``(fused_label, current_label, image_id)`` index).
 
 Bulk assignment (:class:`BulkReviewError`) lives with the app's
 :meth:`catreview.app.core.ReviewApp.bulk_review`: each selected photo gets its own review.
@@ -35,7 +50,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import and_, select, text, tuple_
+from sqlalchemy import and_, func, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.sql import ColumnElement, Select
 from sqlmodel import Session, col
@@ -183,6 +198,33 @@ def _predicted_prob(by: str) -> Any:
     return {"fused": PhotoScore.fused_prob, "stage 1": PhotoScore.stage1_prob, "VLM": PhotoScore.vlm_prob}[by]
 
 
+CELL_PROBE = 1000
+"""Rows counted (at most) on each side of a confusion cell to choose which index to walk."""
+
+
+def _bounded_count(session: Session, ids: Select[Any]) -> int:
+    """``min(CELL_PROBE, rows of ids)``: one ``LIMIT`` range of an index, never the whole table."""
+    return int(session.execute(select(func.count()).select_from(ids.limit(CELL_PROBE).subquery())).scalar_one())
+
+
+def _walk_label_side(session: Session, flt: GridFilter) -> bool:
+    """Whether a confusion cell (current label x fused / stage-1 prediction) is served by walking
+    ``ix_images_current_label`` (checking the prediction per row) rather than the prediction's
+    index (checking the label per row): when fewer photos carry the label than the prediction,
+    counted up to :data:`CELL_PROBE` on each side. A rare label inside a common prediction then
+    walks the label's few rows instead of the whole prediction."""
+    if flt.label is None or flt.label == UNLABELLED or flt.predicted is None:
+        return False
+    label_side = _bounded_count(
+        session,
+        select(col(ImageRecord.id)).where(
+            col(ImageRecord.error).is_(None), col(ImageRecord.current_label) == flt.label
+        ),
+    )
+    pred = _predicted_column(flt.predicted_by)
+    return label_side < _bounded_count(session, select(col(PhotoScore.image_id)).where(pred == flt.predicted))
+
+
 def _label_condition(label: str) -> ColumnElement[bool]:
     if label == UNLABELLED:
         return col(ImageRecord.current_review_id).is_(None)
@@ -222,7 +264,15 @@ def grid_page(engine: Engine, flt: GridFilter, *, after: int | None = None, limi
         raise ValueError(f"limit must be in 1..{MAX_LIMIT}, got {limit}")
     flt.check()
     by = flt.predicted_by
-    q = _columns(by).select_from(ImageRecord).outerjoin(PhotoScore, col(PhotoScore.image_id) == col(ImageRecord.id))
+    # Each id bound is stated on both joined tables: PostgreSQL does not carry an inequality across
+    # the join, and a merge join would otherwise walk the other table's primary key from its first
+    # row up to ``after`` (half the table on average; a photo without a score row stays, the bound
+    # being in the outer join's ON clause).
+    joined = col(PhotoScore.image_id) == col(ImageRecord.id)
+    if after is not None and (flt.queue is None or flt.queue == "import"):
+        joined = and_(joined, col(PhotoScore.image_id) > after)
+    q = _columns(by).select_from(ImageRecord).outerjoin(PhotoScore, joined)
+    head: list[Select[Any]] = []  # ranges served before ``q``, each its own LIMIT query, in page order
     with Session(engine) as session:
         if flt.queue is not None and flt.queue != "import":
             key_name, desc = QUEUE_ORDER[flt.queue]
@@ -238,14 +288,18 @@ def grid_page(engine: Engine, flt: GridFilter, *, after: int | None = None, limi
                 pos = session.execute(
                     select(key).where(col(PhotoScore.image_id) == after, col(PhotoScore.open))
                 ).first()
-            if pos is not None and pos[0] is not None:
-                here = tuple_(key, col(PhotoScore.image_id))
-                there = tuple_(pos[0], after)
-                base = base.where(here < there if desc else here > there)
             order = (col(key).desc(), col(PhotoScore.image_id).desc()) if desc else (col(key), col(PhotoScore.image_id))
+            if pos is not None and pos[0] is not None:
+                # two index ranges instead of the row value (key, id) < (s, a): SQLite serves that
+                # with its leading column only and would walk every photo tied with ``after``'s key
+                # (most photos share a zero disagreement or their class's rarity)
+                ident, image = col(PhotoScore.image_id), col(ImageRecord.id)
+                past = (ident < after, image < after) if desc else (ident > after, image > after)
+                head = [base.where(col(key) == pos[0], *past).order_by(*order)]
+                base = base.where(col(key) < pos[0] if desc else col(key) > pos[0])
             q = base.order_by(*order)
             id_col: Any = PhotoScore.image_id
-        elif flt.predicted is not None and not (by == "VLM" or flt.queue == "import"):
+        elif flt.predicted is not None and not (by == "VLM" or flt.queue == "import" or _walk_label_side(session, flt)):
             pred = _predicted_column(by)
             q = (
                 _columns(by)
@@ -267,14 +321,20 @@ def grid_page(engine: Engine, flt: GridFilter, *, after: int | None = None, limi
             id_col = ImageRecord.id
         if (flt.queue is None or flt.queue == "import") and after is not None:
             q = q.where(col(id_col) > after)
+            if id_col is PhotoScore.image_id:
+                q = q.where(col(ImageRecord.id) > after)
         conditions: list[ColumnElement[bool]] = []
         if flt.label is not None:
             conditions.append(_label_condition(flt.label))
         if flt.predicted is not None:
             conditions.append(_predicted_column(by) == flt.predicted)
-        if conditions:
-            q = q.where(and_(*conditions))
-        rows = session.execute(q.limit(limit + 1)).all()
+        rows: list[Any] = []
+        for part in [*head, q]:
+            if conditions:
+                part = part.where(and_(*conditions))
+            rows += session.execute(part.limit(limit + 1 - len(rows))).all()
+            if len(rows) > limit:
+                break
     items = [
         GridItem(int(r[0]), r[1], r[2], r[3], r[4], r[5], r[6], None if r[7] is None else float(r[7])) for r in rows
     ]
