@@ -1,9 +1,15 @@
 """Start the catreview web app: ``python app.py [--images DIR [--labels-from-folders | --labels
-FILE.csv]] [--config FILE] [--db URL]``.
+FILE.csv]] [--config FILE] [--db URL] [--host ADDR [--no-auth]]``.
 
 With no configuration it runs on the built-in offline models (ImageNet EfficientNet-Lite, and
 VLMs built from EfficientNet-Lite + SmolLM2, built once and cached) and opens on a free local port;
 on a labelled folder it trains them in the background (stage 1 first, then a LoRA round).
+
+Who may do what (:func:`catreview.app.auth.resolve_auth`): with users in the database
+(``python -m catreview users add``) everyone logs in; with ``auth_header`` and ``trusted_proxies``
+configured, the reverse proxy names the user; with neither, the app runs open (every caller an
+admin) on a loopback host only, unless ``--no-auth`` is given (a warning is printed). Uploads are
+limited to ``max_upload_mb``; errors reach the browser without SQL or server paths.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -33,7 +40,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--db", metavar="URL", help="database URL (default: sqlite file under db/)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default: a free one from 7860)")
-    p.add_argument("--annotator", help="default annotator name shown in the page")
+    p.add_argument("--annotator", help="the name reviews are recorded under when no login is required (open mode)")
+    p.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="with no users, listen on a non-loopback --host anyway: anyone who reaches the port can review, "
+        "train, promote and export",
+    )
     p.add_argument(
         "--no-predict",
         action="store_true",
@@ -44,9 +57,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Load the settings, check the models, start the UI and the background predictions; returns
-    the exit status (2 for a configuration or model error, printed as one line)."""
+    """Load the settings, check the models, decide how callers are identified, start the UI and
+    the background predictions; returns the exit status (2 for a configuration, model or
+    access-setup error, printed as one line)."""
     args = parse_args(argv)
+    from catreview.app.auth import password_checker, resolve_auth, trusted_header_identity
     from catreview.app.core import ReviewApp
     from catreview.app.ui import build_ui
     from catreview.config import ConfigError, load_settings
@@ -65,14 +80,38 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         app = ReviewApp(settings)
+        # before the models load: an open app on a public host is refused at once
+        auth = resolve_auth(app.engine, settings, args.host, no_auth=args.no_auth)
         app.check_models()
-    except (CatreviewError, ValueError) as exc:  # database URL/driver/file; model paths
+    except (CatreviewError, ValueError) as exc:  # database URL/driver/file; AuthSetupError; bad proxy; model paths
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    demo = build_ui(app)
+    access: dict[str, Any] = {}
+    if auth.mode == "login":
+        access["auth"] = password_checker(app.engine)
+    elif auth.mode == "header":
+        access["auth_dependency"] = trusted_header_identity(auth)
+    if args.no_auth and auth.mode != "open":
+        print(
+            f"warning: --no-auth ignored: {auth.mode} mode (users or a trusted header are configured)", file=sys.stderr
+        )
+    elif args.no_auth:
+        print(
+            f"warning: --no-auth: no login on {args.host}; anyone who can reach the port can review, train, "
+            "promote, roll back and export (all as admin). Add users with `python -m catreview users add`.",
+            file=sys.stderr,
+        )
+    demo = build_ui(app, auth)
     demo.queue(default_concurrency_limit=4)
     try:
-        demo.launch(server_name=args.host, server_port=args.port, show_error=True, prevent_thread_lock=True)
+        demo.launch(
+            server_name=args.host,
+            server_port=args.port,
+            show_error=False,  # public_errors turns known failures into one-line messages with a reference
+            max_file_size=f"{settings.max_upload_mb}mb",
+            prevent_thread_lock=True,
+            **access,
+        )
     except OSError as exc:  # port taken or address not available
         where = f"port {args.port}" if args.port else "a free port from 7860"
         print(

@@ -718,6 +718,7 @@ def test_retrain_exports_the_reviews_trains_in_a_process_and_registers_the_versi
 def test_train_tab_builds_and_refreshes(tmp_path):
     import gradio as gr
 
+    from catreview.app.auth import AuthConfig, Guards
     from catreview.app.core import ReviewApp
     from catreview.app.ui import train_tab
 
@@ -725,7 +726,7 @@ def test_train_tab_builds_and_refreshes(tmp_path):
     app = ReviewApp(settings)
     train_tab._JOBS[app] = TrainJobs(app.engine, settings, policy=GatePolicy(min_breed_photos=3, max_breed_drop=0.25))
     with gr.Blocks() as demo:
-        train_tab.build(app)
+        train_tab.build(app, Guards(app.engine, AuthConfig("open")))
     texts = [b.value for b in demo.blocks.values() if isinstance(b, gr.Markdown) and isinstance(b.value, str)]
     assert any(
         "held-out test photos" in t and "at least 3 test photos drops by more than 25 points" in t for t in texts
@@ -738,12 +739,12 @@ def test_train_tab_builds_and_refreshes(tmp_path):
     assert box.value == status  # shown from the page load on, not only after the timer's first tick
     base = train_tab.base_model(app)
     a = add_version(app.engine, settings, base, random_adapter(base, tmp_path / "a", seed=1))
-    assert train_tab.promote(app, str(a)).startswith(f"Adapter #{a} is active")
+    assert train_tab.promote(app, str(a), actor="ada").startswith(f"Adapter #{a} is active")
     *_, versions, choices = train_tab.refresh(app)
     assert versions["active"].tolist() == [True] and choices[0][1] == str(a)
-    assert train_tab.no_adapter(app).startswith("No adapter")
+    assert train_tab.no_adapter(app, actor="ada").startswith("No adapter")
     assert active_version(app.engine, base) is None
-    assert train_tab.cancel(app) == "No round is running."
+    assert train_tab.cancel(app, actor="ada") == "No round is running."
 
 
 # ------------------------------------------------------------------------------ refusing and explaining failures
@@ -788,7 +789,7 @@ def test_too_few_reviews_are_refused_before_anything_starts(tmp_path, monkeypatc
         assert s.exec(select(TrainingRun)).first() is None  # nothing was claimed or started
 
     app = ReviewApp(settings)
-    message = train_tab.start(app, epochs=1)
+    message = train_tab.start(app, epochs=1, actor="ada")
     assert message.startswith("Not started: Not enough reviewed photos to train") and "no validation photo" in message
     assert train_tab.refresh(app)[0] == "No training run yet."
 
@@ -826,8 +827,8 @@ def test_hyper_parameter_form_is_validated_with_the_fields_names(tmp_path):
 
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'app.db'}", data_dir=tmp_path / "data")
     app = ReviewApp(settings)
-    assert train_tab.start(app, epochs=None) == "Not started: Epochs is empty"
-    assert train_tab.start(app, batch_size=None) == "Not started: Batch size is empty"
+    assert train_tab.start(app, epochs=None, actor="ada") == "Not started: Epochs is empty"
+    assert train_tab.start(app, batch_size=None, actor="ada") == "Not started: Batch size is empty"
     with Session(app.engine) as s:
         assert s.exec(select(TrainingRun)).first() is None  # nothing was claimed
 
@@ -869,6 +870,7 @@ def test_a_failed_round_shows_its_reason_in_the_tab_and_the_cli_also_after_a_res
 ):
     import gradio as gr
 
+    from catreview.app.auth import AuthConfig, Guards
     from catreview.app.core import ReviewApp
     from catreview.app.ui import train_tab
     from catreview.cli.main import main as cli_main
@@ -885,10 +887,8 @@ def test_a_failed_round_shows_its_reason_in_the_tab_and_the_cli_also_after_a_res
     status = train_tab.refresh(app)[0]
     lines = status.splitlines()
     assert lines[0].startswith(f"Run #{run_id}: failed: ") and "does not exist" in lines[0]  # the round's own words
-    assert (
-        lines[1]
-        == f"training process exited with status 2; log kept at {train_tab.jobs_for(app).status(run_id).run_dir}/{LOG_FILE}"
-    )
+    # the browser gets the log's name, not its server path (the CLI prints the whole path)
+    assert lines[1] == f"training process exited with status 2; log kept at …/{LOG_FILE}"
     assert train_tab.message_after_refresh(app, message) == ""  # "Run #1 started" does not stay under the failure
     assert train_tab.message_after_refresh(app, "Adapter #3 is active; new predictions use it.").startswith(
         "Adapter #3"
@@ -896,7 +896,7 @@ def test_a_failed_round_shows_its_reason_in_the_tab_and_the_cli_also_after_a_res
 
     restarted = ReviewApp(settings)  # the app restarts: the box shows the latest run at once
     with gr.Blocks() as demo:
-        train_tab.build(restarted)
+        train_tab.build(restarted, Guards(restarted.engine, AuthConfig("open")))
     box = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "train-status")
     assert box.value == status == train_tab.status_text(restarted)
 

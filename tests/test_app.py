@@ -46,6 +46,7 @@ def photos(tmp_path: Path, cats_dir: Path) -> Path:
 
 
 def test_review_over_api_survives_restart(settings, photos: Path) -> None:
+    settings = settings.model_copy(update={"annotator": "alice"})  # open mode: every caller is "alice"
     with running_app(settings, [photos]) as (_app, url):
         client = Client(url, verbose=False)
         shown = client.predict(api_name="/show")
@@ -58,13 +59,18 @@ def test_review_over_api_survives_restart(settings, photos: Path) -> None:
         assert [Path(r[0]).name for r in failed["data"]] == ["broken.jpg"]
         assert "not a readable image" in failed["data"][0][1]
 
-        # Review through the public API with an alias; then a bad label is refused, nothing stored.
-        out = client.predict(image_id, "sphynx", "alice", "ears say so", api_name="/review")
-        assert "Saved" in out[-1] and "1 / 4 reviewed" in out[2]
-        refused = client.predict(image_id, "Dragon", "alice", "", api_name="/review")
-        assert "unknown label" in refused[-1]
-        nameless = client.predict(image_id, "Birman", "  ", "", api_name="/review")
-        assert "annotator" in nameless[-1]
+        # Review through the public API with an alias, naming the review shown (0: none); then a
+        # bad label is refused and a save naming a stale view is refused as a conflict, nothing stored.
+        seen = int(shown[-1])
+        assert seen == 0
+        out = client.predict(image_id, "sphynx", "ears say so", False, "import", seen, api_name="/review")
+        message, dialog = out[-2], out[-1]
+        assert "Saved" in message and not dialog and "1 / 4 reviewed" in out[2]
+        refused = client.predict(image_id, "Dragon", "", False, "import", None, api_name="/review")
+        assert "unknown label" in refused[-2]
+        stale = client.predict(image_id, "Birman", "", False, "import", seen, api_name="/review")
+        assert stale[-2] == "" and "**alice** chose **Sphynx - Hairless Cat**" in stale[-1]
+        assert "you saw: not reviewed yet" in stale[-1]
         reasoning = client.predict(image_id, api_name="/reasoning")
         assert isinstance(reasoning, str) and reasoning.strip()
 
@@ -83,8 +89,8 @@ def test_review_over_api_survives_restart(settings, photos: Path) -> None:
         assert int(shown[0]) != image_id  # a reload opens on the next photo still to review
         review = app2.view(image_id)["review"]
         assert review["label"] == "Sphynx - Hairless Cat" and review["annotator"] == "alice"
-        unknown = client2.predict(10_000, "Birman", "alice", "", api_name="/review")
-        assert "no photo with id 10000" in unknown[-1]
+        unknown = client2.predict(10_000, "Birman", "", False, "import", None, api_name="/review")
+        assert "no photo with id 10000" in unknown[-2]
     with Session(app2.engine) as s:
         rows = list(s.exec(select(Review)))
     assert [(r.image_id, r.label, r.annotator, r.note) for r in rows] == [

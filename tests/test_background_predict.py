@@ -87,7 +87,7 @@ def test_an_activated_adapter_is_predicted_in_the_background_review_queue_first(
 
     base = app.registry.base_model()
     adapter = add_version(app.engine, settings, base, random_adapter(base, tmp_path / "a", seed=1))
-    assert train_tab.promote(app, str(adapter)) == activated(adapter)  # the Train tab's button
+    assert train_tab.promote(app, str(adapter), actor="ada") == activated(adapter)  # the Train tab's button
     new = app.registry.vlm().model_version
     assert new != old
     rows = _wait_for_version(app, new)  # no other action
@@ -102,7 +102,7 @@ def test_an_activated_adapter_is_predicted_in_the_background_review_queue_first(
 
     # "No adapter": the base version's cached verdicts are shown again; nothing is recomputed.
     n_rows = len(_vlm_rows(app, old))
-    assert train_tab.no_adapter(app) == NO_ADAPTER
+    assert train_tab.no_adapter(app, actor="ada") == NO_ADAPTER
     assert app.wait(timeout=DEADLINE_S) and app.job.error is None, app.job.log
     assert app.registry.vlm().model_version == old and len(_vlm_rows(app, old)) == n_rows
     assert app.view(ids[5])["vlm"]["model_version"] == old
@@ -115,7 +115,7 @@ def test_activation_during_a_running_pass_ends_with_the_new_version_everywhere(
     base = app.registry.base_model()
     adapter = add_version(app.engine, settings, base, random_adapter(base, tmp_path / "a", seed=2))
     assert app.start_background([photos])
-    app.promote(adapter)  # while the import or the first pass runs: taken by that job's loop
+    app.promote(adapter, actor="ada")  # while the import or the first pass runs: taken by that job's loop
     app.schedule_predictions("a second request")  # requests pile up into one more pass
     assert app.wait(timeout=DEADLINE_S), "background job still running"
     assert app.job.error is None, app.job.log
@@ -148,7 +148,7 @@ def test_schedule_does_nothing_when_started_without_predictions(settings, photos
     assert app.wait(timeout=DEADLINE_S) and "predictions not run" in app.job.message
     base = app.registry.base_model()
     adapter = add_version(app.engine, settings, base, random_adapter(base, tmp_path / "a", seed=3))
-    app.promote(adapter)
+    app.promote(adapter, actor="ada")
     assert not app.job.running and "predictions not run" in app.job.message
     with Session(app.engine) as s:
         assert s.exec(select(func.count()).select_from(Prediction)).one() == 0

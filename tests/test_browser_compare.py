@@ -28,20 +28,20 @@ def test_blind_preference_with_a_click(demo_dir: Path, tiny_models, cats_dir: Pa
     root.mkdir(parents=True)
     for p in sorted((cats_dir / "Bengal").glob("*.jpg"))[:2]:
         shutil.copy(p, root / p.name)
-    settings = make_settings(tmp_path / "browser.db", demo_dir, tiny_models)
+    # open mode: every caller acts under the configured name, recorded on the preference
+    settings = make_settings(tmp_path / "browser.db", demo_dir, tiny_models).model_copy(
+        update={"annotator": "browser-carol"}
+    )
     with running_app(settings, [root.parent]) as (app, url):
         page = browser.new_page(viewport={"width": 1500, "height": 1200})
         page.goto(url)
         page.get_by_role("tab", name="Compare").click()
-        name_box = page.locator("#compare-annotator textarea, #compare-annotator input").first
-        assert name_box.input_value() == settings.annotator  # the configured default, not the Review tab's box
+        expect(page.locator("#compare-annotator")).to_have_count(0)  # the caller is the annotator: no name box
         page.locator("#compare-blind input[type=checkbox]").check()
-        name_box.fill("browser-carol")
-        # Blind mode has renamed the panels (its change event is done) and the name is in the box.
+        # Blind mode has renamed the panels (its change event is done).
         expect(page.locator("#compare-left-probs")).to_contain_text(
             "Model 1: probabilities over the candidates", timeout=10000
         )
-        expect(name_box).to_have_value("browser-carol")
         page.locator("#compare-run").click()
         prefer_2 = page.locator("#compare-prefer-2")
         page.wait_for_function(

@@ -80,15 +80,8 @@ def image(engine, image_id: int) -> ImageRecord:
         return img
 
 
-def set_annotator(page: Page, name: str) -> None:
-    box = page.locator("#annotator textarea, #annotator input").first
-    box.fill(name)
-    expect(box).to_have_value(name)
-    box.press("Escape")  # leaves the field: keys act on the page again
-    page.wait_for_function("() => document.activeElement === document.body || !document.activeElement")
-
-
 def test_twenty_photos_by_keyboard_then_undo(settings, collection, browser) -> None:
+    settings = settings.model_copy(update={"annotator": "kim"})  # open mode: every caller acts as kim
     labelled, unlabelled = collection
     _import_labels(settings, labelled)
     with running_app(settings, [unlabelled, labelled]) as (app, url):
@@ -98,7 +91,7 @@ def test_twenty_photos_by_keyboard_then_undo(settings, collection, browser) -> N
         page = browser.new_page(viewport={"width": 1366, "height": 768})
         page.goto(url)
         wait_ready(page)
-        set_annotator(page, "kim")
+        expect(page.locator("#signed-in")).to_contain_text("kim")
         # keys in turn; "o" = other breed: search, type, Enter picks and saves
         plan = ["1", "2", "3", "Enter", "a", "n", "u", "o", "1", "Enter"] * 2
         expected_rows = n_import
@@ -220,6 +213,7 @@ def test_twenty_photos_by_keyboard_then_undo(settings, collection, browser) -> N
 
 
 VISIBLE = [
+    "signed-in",
     "photo",
     "stage1",
     "vlm",
@@ -243,6 +237,7 @@ VISIBLE = [
 
 
 def test_layout_fits_1366x768_and_blind_mode(settings, collection, browser) -> None:
+    settings = settings.model_copy(update={"annotator": "lee"})
     _, unlabelled = collection
     with running_app(settings, [unlabelled]) as (app, url):
         page = browser.new_page(viewport={"width": 1366, "height": 768})
@@ -271,7 +266,6 @@ def test_layout_fits_1366x768_and_blind_mode(settings, collection, browser) -> N
         assert first_random.reason in text_of(page, "why")
 
         # blind mode: no model output until the choice, the review says it was blind
-        set_annotator(page, "lee")
         page.locator("#blind input").check()
         page.locator("#pred-status").get_by_text("Blind mode").wait_for(timeout=30000)
         for elem_id in ("confirm-0", "confirm-1", "confirm-2", "accept"):  # no candidate shown
@@ -284,10 +278,9 @@ def test_layout_fits_1366x768_and_blind_mode(settings, collection, browser) -> N
         page.locator("#review-message").get_by_text("the models said").wait_for(timeout=30000)
         last = reviews(app.engine)[-1]
         assert (last.image_id, last.label, last.annotator, last.blind) == (pid, "Unsure", "lee", True)
-        # annotator and blind mode survive a reload (browser storage)
+        # blind mode survives a reload (browser storage)
         page.reload()
         page.locator("#counter").get_by_text("photo #").wait_for(timeout=60000)
-        expect(page.locator("#annotator textarea, #annotator input").first).to_have_value("lee")
         expect(page.locator("#blind input")).to_be_checked()
         page.locator("#pred-status").get_by_text("Blind mode").wait_for(timeout=30000)
         page.close()

@@ -1,10 +1,14 @@
-"""8 annotators saving at once through the running app's public API, on each database.
+"""8 annotators, each logged in with their own account, saving at once through the running app's
+public API, on each database.
 
-The app (demo models) serves 40 shared photos; 8 threads, each with its own ``gradio_client``
-Client, save 25 reviews each over ``/review`` on overlapping photos (two threads on the same photo
-at each step, and every photo reviewed by several threads over the run). The server runs 8 events
-at a time, so the saves really meet in the database. Checked: no client exception, every save is
-acknowledged, acknowledged saves == rows stored, no "database is locked", each photo's history is
+The app (demo models, login required) serves 40 shared photos; 8 threads, each with its own
+``gradio_client`` Client and account, open a photo over ``/show`` and save a review over
+``/review`` naming the review they were shown, 25 times each, on overlapping photos (two threads
+on the same photo at each step, every photo reviewed by several threads over the run). The server
+runs 8 events at a time, so the saves really meet in the database. Checked: no client exception,
+no "database is locked", every save is either acknowledged or refused as a conflict that names
+who chose what; acknowledged saves == rows stored, each stored under its client's account and
+replacing exactly the review that client was shown (no silent overwrite); each photo's history is
 one unbroken chain, and the running totals equal a recount.
 """
 
@@ -20,10 +24,11 @@ import pytest
 from gradio_client import Client
 from sqlmodel import Session, col, func, select
 
+from catreview.app.auth import AuthConfig, password_checker
 from catreview.app.core import ReviewApp
 from catreview.app.ui import build_ui
 from catreview.config import load_settings
-from catreview.data import counts
+from catreview.data import accounts, counts
 from catreview.data.db import ImageRecord, Review, stored_id
 from tests.test_postgres import assert_unbroken_chain, run_threads
 
@@ -36,10 +41,16 @@ LABELS = ["Bengal", "sphynx", "Maine_Coon", "Birman", "Not a cat", "Unsure", "Ru
 @contextmanager
 def serving(app: ReviewApp, concurrency: int) -> Iterator[str]:
     """The app's UI on a free local port with ``concurrency`` events at a time (``app.py`` uses
-    4); yields its URL."""
-    demo = build_ui(app)
+    4), login required (the app's users); yields its URL."""
+    demo = build_ui(app, AuthConfig("login"))
     demo.queue(default_concurrency_limit=concurrency)
-    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True)
+    _, url, _ = demo.launch(
+        server_name="127.0.0.1",
+        server_port=None,
+        prevent_thread_lock=True,
+        quiet=True,
+        auth=password_checker(app.engine),
+    )
     try:
         yield url
     finally:
@@ -69,30 +80,45 @@ def test_8_clients_saving_reviews_at_once(db_url: str, tmp_path: Path, demo_dir:
         ids = [stored_id(img) for img in s.exec(decodable)]
     assert len(ids) == 40
 
-    results: list[tuple[int, str]] = []  # (photo id, the message the client got back), appended by the threads
+    names = [f"annotator-{t}" for t in range(CLIENTS)]
+    with Session(app.engine) as s:
+        for name in names:
+            accounts.add_user(s, name, "annotator", f"password-{name}")
+
+    # (client, photo id, review id shown, note, save message, conflict text), appended by the threads
+    results: list[tuple[int, int, int, str, str, str]] = []
     with serving(app, concurrency=CLIENTS) as url:
-        clients = [Client(url, verbose=False) for _ in range(CLIENTS)]
+        clients = [Client(url, auth=(name, f"password-{name}"), verbose=False) for name in names]
 
         def work(t: int) -> None:
             for k in range(SAVES_PER_CLIENT):
                 pid = ids[(3 * k + t // 2) % len(ids)]  # threads 2i and 2i+1 on the same photo at each step
                 label = LABELS[(t + k) % len(LABELS)]
-                out = clients[t].predict(pid, label, f"annotator-{t}", f"step {k}", api_name="/review")
-                results.append((pid, out[-1]))
+                seen = int(clients[t].predict(pid, False, api_name="/show")[-1])
+                note = f"c{t} step {k}"
+                out = clients[t].predict(pid, label, note, False, "import", seen, api_name="/review")
+                results.append((t, pid, seen, note, out[-2], out[-1]))
 
         errors = run_threads(CLIENTS, work)
     assert errors == [], f"{len(errors)} client errors, first: {errors[:1]!r}"
     assert len(results) == CLIENTS * SAVES_PER_CLIENT
-    assert not [m for _, m in results if "locked" in m.lower()], "a save met 'database is locked'"
-    refused = [m for _, m in results if not m.startswith("Saved ")]
-    assert refused == [], f"{len(refused)} saves not acknowledged, first: {refused[:1]}"
-    acknowledged = Counter(pid for pid, _ in results)
+    assert not [r for r in results if "locked" in (r[4] + r[5]).lower()], "a save met 'database is locked'"
+    saved = [r for r in results if r[4].startswith("Saved ")]
+    conflicts = [r for r in results if not r[4]]
+    assert len(saved) + len(conflicts) == len(results), [r[4] for r in results if r not in saved + conflicts][:1]
+    assert all(" chose **" in r[5] and "Keep theirs" in r[5] for r in conflicts)
+    acknowledged = Counter(pid for _, pid, *_ in saved)
     with Session(app.engine) as s:
         stored = dict(s.exec(select(Review.image_id, func.count()).group_by(col(Review.image_id))).all())
         assert stored == dict(acknowledged)  # per photo: every acknowledged save is one row, and no other rows
+        for t, pid, seen, note, _, _ in saved:
+            row = s.exec(select(Review).where(Review.note == note)).one()
+            # stored under the client's own account, replacing exactly the review it was shown
+            assert (row.image_id, row.annotator, row.replaces_review_id) == (pid, names[t], seen or None)
         for pid in acknowledged:
             assert_unbroken_chain(s, pid)
         assert max(acknowledged.values()) >= 4  # photos were saved by several clients
         totals = counts.totals(s)
         assert totals == counts.recount(s) and totals.reviewed == len(acknowledged)
+    print(f"{len(saved)} saves acknowledged, {len(conflicts)} refused as conflicts")
     app.engine.dispose()

@@ -138,7 +138,7 @@ def test_photos_an_adapter_was_trained_on_are_left_out_for_every_version(
             s.add(SplitAssignment(sha256=sha, split="train", assigned_at=utcnow()))
         s.commit()
     adapter = add_version(app.engine, app.settings, base, random_adapter(base, tmp_path / "a", seed=3))
-    app.promote(adapter)  # predicted in the background (the app's own scheduling)
+    app.promote(adapter, actor="ada")  # predicted in the background (the app's own scheduling)
     assert app.wait(timeout=300), "background predictions of the new adapter still running after 300 s"
     assert app.job.error is None, app.job.log
     after = app.registry.vlm().model_version

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 from sqlmodel import Session, col, select
 
+from catreview.app import team
 from catreview.app.auth import AuthConfig, Guards, unguarded_events
 from catreview.app.core import ReviewApp
 from catreview.app.presenters import team as text
@@ -36,7 +37,6 @@ from catreview.data.db import ImageRecord, OverlapItem
 from catreview.data.importer import import_folder
 from catreview.data.reviews import history
 from catreview.export.dataset import export_dataset
-from catreview.query import team
 
 BREEDS = ("Bengal", "Persian", "Siamese", "Sphynx")
 PER_BREED = 5  # 20 shared photos

@@ -31,7 +31,8 @@ from catreview.adapters.train_config import BUILTIN_FIRST_ROUND
 from catreview.adapters.versions import activate, deactivate, version_rows
 from catreview.compare.session import CompareSession
 from catreview.config import Settings
-from catreview.data import overlap
+from catreview.data import audit, overlap
+from catreview.data.audit import AuditAction
 from catreview.data.counts import Totals
 from catreview.data.db import (
     AdapterVersion,
@@ -76,12 +77,17 @@ from catreview.query.queues import QueueItem
 if TYPE_CHECKING:
     from catreview.adapters.jobs import TrainJobs
     from catreview.adapters.rounds import RoundOutcome
+    from catreview.adapters.train_config import TrainConfig
+    from catreview.export.preferences import PreferenceExport
+
+APP_ACTOR = "app"
+"""The audit actor of what the app starts on its own (the cold start's first LoRA round)."""
 
 FIRST_ROUND: dict[str, Any] = dict(BUILTIN_FIRST_ROUND)
 """TrainConfig fields of the first round of a built-in VLM (its projector starts untrained): the
 CPU recipe :data:`catreview.adapters.train_config.BUILTIN_FIRST_ROUND`."""
 
-__all__ = ["OVERLAP_QUEUE", "QUEUE_FIRST", "QUEUE_PAGE", "JobState", "ReviewApp", "Saved"]
+__all__ = ["APP_ACTOR", "OVERLAP_QUEUE", "QUEUE_FIRST", "QUEUE_PAGE", "JobState", "ReviewApp", "Saved"]
 
 OVERLAP_QUEUE = "overlap"
 """The Review tab's queue of the open overlap-round photos the caller has not voted on yet
@@ -192,6 +198,45 @@ class ReviewApp:
         """:attr:`TrainJobs.on_registered` hook: a round that activated its version is predicted."""
         if outcome.activated:
             self.schedule_predictions(f"training round activated adapter #{outcome.adapter_id}")
+
+    def _audit(self, actor: str, action: AuditAction, target: str = "", **detail: Any) -> None:
+        """Append one audit row (:func:`catreview.data.audit.record`) for ``actor``."""
+        with Session(self.engine) as s:
+            audit.record(s, actor, action, target, **detail)
+
+    def start_round(self, config: TrainConfig | None = None, *, actor: str, base_model: str | None = None) -> int:
+        """Start a LoRA round of ``base_model`` (default: the active profile's) with ``config``
+        in a separate process (:meth:`catreview.adapters.jobs.TrainJobs.start`) and record who
+        started it (audit ``train_start``, target ``run #N``); returns the run id.
+
+        Raises:
+            catreview.adapters.jobs.TrainingBusy: a round is already running (nothing recorded).
+            catreview.errors.CatreviewError: too few reviews for a round, an unknown profile.
+        """
+        base = base_model or self.registry.base_model()
+        run_id = self.train_jobs.start(base, config)
+        self._audit(actor, AuditAction.TRAIN_START, f"run #{run_id}", stage="vlm", base_model=base)
+        return run_id
+
+    def cancel_round(self, *, actor: str) -> bool:
+        """Stop the running LoRA round (its checkpoint is kept) and record who stopped it (audit
+        ``train_cancel``); ``False`` (nothing recorded) when no round is running."""
+        run = self.train_jobs.running()
+        if run is None or run.id is None or not self.train_jobs.cancel(run.id):
+            return False
+        self._audit(actor, AuditAction.TRAIN_CANCEL, f"run #{run.id}", stage="vlm")
+        return True
+
+    def retrain_classifier(self, *, actor: str) -> bool:
+        """Start a stage-1 head refit in the background (:class:`catreview.app.classifier_job.ClassifierJob`)
+        and record who started it (audit ``train_start``, target ``classifier``); ``False``
+        (nothing recorded) when a refit is already running."""
+        from catreview.app.classifier_job import classifier_job
+
+        if not classifier_job(self).start():
+            return False
+        self._audit(actor, AuditAction.TRAIN_START, "classifier", stage="classifier")
+        return True
 
     # ------------------------------------------------------------------ background work
     @property
@@ -321,7 +366,7 @@ class ReviewApp:
         from catreview.adapters.train_config import TrainConfig
 
         try:
-            run_id = self.train_jobs.start(self.registry.base_model(), TrainConfig(**FIRST_ROUND))
+            run_id = self.start_round(TrainConfig(**FIRST_ROUND), actor=APP_ACTOR)
         except CatreviewError as exc:  # a round already running, too few reviews: said, not retried
             state.log.append(f"VLM round not started: {exc}")
             return
@@ -637,25 +682,30 @@ class ReviewApp:
         return QueueItem(found, 0.0, "overlap round: several annotators label this photo blind to each other")
 
     # ------------------------------------------------------------------ calibration, export, adapters
-    def calibrate(self) -> tuple[CalibrationReport, int | None]:
-        """Fit and store the calibration on the reviewed photos (:func:`catreview.evaluate.store.fit_and_store`).
+    def calibrate(self, *, actor: str) -> tuple[CalibrationReport, int | None]:
+        """Fit and store the calibration on the reviewed photos (:func:`catreview.evaluate.store.fit_and_store`)
+        and record who did (audit ``calibrate``, target ``calibration #N``).
 
         Returns ``(report, stored calibration id)``.
 
         Raises:
-            ValueError: too few reviewed photos (``CalibrationError``) or invalid stored predictions.
+            ValueError: too few reviewed photos (``CalibrationError``) or invalid stored predictions
+                (nothing recorded).
         """
-        return fit_and_store(self.settings, self.registry)
+        report, row_id = fit_and_store(self.settings, self.registry)
+        self._audit(actor, AuditAction.CALIBRATE, f"calibration #{row_id}" if row_id is not None else "calibration")
+        return report, row_id
 
     def routing(self) -> RoutingStats:
         """Photos routed to / past the VLM under the current threshold (:func:`catreview.query.photos.routing_stats`)."""
         return photos.routing_stats(self.engine, self.registry)
 
     def export(
-        self, out_dir: Path, *, progress: Callable[[int, int], None] | None = None, **options: Any
+        self, out_dir: Path, *, actor: str, progress: Callable[[int, int], None] | None = None, **options: Any
     ) -> tuple[ExportSummary, Path]:
         """Export the reviews as a curated dataset into ``out_dir`` (checked against the active VLM's
-        processor) and zip it; returns ``(summary, zip path)``. ``options`` are those of
+        processor), zip it and record who did (audit ``export``, target the folder's name);
+        returns ``(summary, zip path)``. ``options`` are those of
         :func:`catreview.export.dataset.export_dataset` (seed, image_size, cap_per_breed, ...).
 
         Raises:
@@ -670,27 +720,60 @@ class ReviewApp:
             progress=progress,
             **options,
         )
-        return summary, zip_export(summary.out_dir)
+        archive = zip_export(summary.out_dir)
+        self._audit(
+            actor,
+            AuditAction.EXPORT,
+            summary.out_dir.name,
+            version=summary.version,
+            photos=summary.n_photos,
+            content_hash=summary.content_hash,
+        )
+        return summary, archive
+
+    def export_preferences(self, path: Path, *, actor: str) -> PreferenceExport:
+        """Write the Compare tab's blind preferences as DPO pairs (JSONL) to ``path``
+        (:func:`catreview.export.preferences.export_preference_pairs`) and record who did
+        (audit ``export``, target the file's name)."""
+        from catreview.export.preferences import export_preference_pairs
+
+        result = export_preference_pairs(self.engine, path)
+        self._audit(actor, AuditAction.EXPORT, Path(path).name, kind="preferences", pairs=result.pairs)
+        return result
 
     def adapter_versions(self) -> list[dict[str, Any]]:
         """The active base model's adapter versions as table rows (:func:`catreview.adapters.versions.version_rows`)."""
         return version_rows(self.engine, self.registry.base_model())
 
-    def promote(self, adapter_id: int) -> AdapterVersion:
-        """Activate an adapter version by hand (promote or roll back; no gate); its predictions
-        start in the background (:meth:`schedule_predictions`).
+    def promote(self, adapter_id: int, *, actor: str) -> AdapterVersion:
+        """Activate an adapter version by hand (no gate) and record who did: audit ``rollback``
+        when it is older (a smaller id) than the version active before, else ``promote``; its
+        predictions start in the background (:meth:`schedule_predictions`).
 
         Raises:
-            catreview.adapters.versions.AdapterError: no such version, or its files are gone.
+            catreview.adapters.versions.AdapterError: no such version, or its files are gone
+                (nothing recorded).
         """
+        with Session(self.engine) as s:
+            row = s.get(AdapterVersion, adapter_id)
+            before = active_adapter_version(s, row.base_model) if row is not None else None
+        previous = before.id if before is not None else None
         row = activate(self.engine, adapter_id)
+        action = AuditAction.ROLLBACK if previous is not None and adapter_id < previous else AuditAction.PROMOTE
+        self._audit(actor, action, f"adapter #{row.id}", stage="vlm", base_model=row.base_model, previous=previous)
         self.schedule_predictions(f"adapter #{row.id} activated")
         return row
 
-    def no_adapter(self) -> None:
+    def no_adapter(self, *, actor: str) -> None:
         """Deactivate every adapter of the active base model: the base model predicts alone
-        (its missing predictions start in the background, :meth:`schedule_predictions`)."""
-        deactivate(self.engine, self.registry.base_model())
+        (its missing predictions start in the background, :meth:`schedule_predictions`); records
+        who did (audit ``no_version``)."""
+        base = self.registry.base_model()
+        with Session(self.engine) as s:
+            before = active_adapter_version(s, base)
+        deactivate(self.engine, base)
+        previous = before.id if before is not None else None
+        self._audit(actor, AuditAction.NO_VERSION, "no adapter", stage="vlm", base_model=base, previous=previous)
         self.schedule_predictions("no adapter")
 
     def evaluation(self) -> EvaluationReport:

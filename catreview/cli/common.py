@@ -4,7 +4,8 @@ arguments, a progress bar.
 :mod:`catreview.cli.main` wires the commands; core modules that define their own sub-commands
 (:mod:`catreview.cli.compare`, :mod:`catreview.cli.train`) import these helpers from here, never
 from :mod:`catreview.cli.main`, so imports go one way (cli -> core -> cli_common). This module
-imports only the standard library, ``tqdm`` and :mod:`catreview.config`.
+imports only the standard library, ``tqdm`` and :mod:`catreview.config` at import time
+(:func:`record_audit` imports the database layer when called).
 """
 
 from __future__ import annotations
@@ -12,10 +13,14 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
 from catreview.config import Settings, load_settings
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
 
 ProgressUpdate = Callable[[str, int, int], None]
 """``update(stage, done, total)``: ``done`` of ``total`` items (photos) of ``stage``."""
@@ -47,6 +52,22 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return load_settings(args.config, database_url=args.db)
 
 
+def record_audit(engine: Engine, action: str, target: str = "", **detail: Any) -> None:
+    """Append an audit row for a command-line action (training, promotion, rollback, export,
+    calibration), the actor :data:`catreview.cli.users.CLI_ACTOR` (:func:`catreview.data.audit.record`).
+
+    Raises:
+        ValueError: ``action`` is not a :class:`catreview.data.audit.AuditAction`.
+    """
+    from sqlmodel import Session
+
+    from catreview.cli.users import CLI_ACTOR
+    from catreview.data import audit
+
+    with Session(engine) as s:
+        audit.record(s, CLI_ACTOR, action, target, **detail)
+
+
 def progress_bar() -> tuple[ProgressUpdate, Callable[[], None]]:
     """``(update, close)``: ``update(stage, done, total)`` draws one tqdm bar per stage on
     stderr (unit "photo"; hidden when stderr is not a terminal); ``close()`` closes them all."""
@@ -66,4 +87,4 @@ def progress_bar() -> tuple[ProgressUpdate, Callable[[], None]]:
     return update, close
 
 
-__all__ = ["ProgressUpdate", "add_common_options", "positive_int", "progress_bar", "settings_from_args"]
+__all__ = ["ProgressUpdate", "add_common_options", "positive_int", "progress_bar", "record_audit", "settings_from_args"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from catreview.cli.common import add_common_options, progress_bar, settings_from_args
+from catreview.cli.common import add_common_options, progress_bar, record_audit, settings_from_args
 
 
 def add_compare_parser(sub: Any) -> argparse.ArgumentParser:
@@ -35,6 +35,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     # e.g. eight parallel `import` runs, would pay for it).
     from catreview.compare.errors import CompareError
     from catreview.compare.session import CompareSession
+    from catreview.data.audit import AuditAction
     from catreview.data.db import make_engine
     from catreview.data.labels import BreedVocabulary
     from catreview.export.preferences import export_preference_pairs
@@ -65,7 +66,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.csv:
         print("wrote " + ", ".join(str(p) for p in result.write_csv(args.csv)))
     if args.preferences_out:
-        print(export_preference_pairs(engine, args.preferences_out).text())
+        written = export_preference_pairs(engine, args.preferences_out)
+        record_audit(engine, AuditAction.EXPORT, written.path.name, kind="preferences", pairs=written.pairs)
+        print(written.text())
     return 0
 
 

@@ -30,7 +30,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from catreview.cli.common import add_common_options, progress_bar, settings_from_args
+from catreview.cli.common import add_common_options, progress_bar, record_audit, settings_from_args
 from catreview.config import Settings
 from catreview.errors import CatreviewError
 
@@ -307,6 +307,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     report, stored = fit_and_store(settings, _registry(settings), vlm_name=args.vlm, store=not args.dry_run)
+    if stored is not None:
+        from catreview.data.audit import AuditAction
+        from catreview.data.db import make_engine
+
+        record_audit(make_engine(settings.database_url), AuditAction.CALIBRATE, f"calibration #{stored}")
     print(report_text(report))
     print(f"stored as calibration #{stored}" if stored else "not stored (--dry-run)")
     return 0
@@ -314,6 +319,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """``export OUT``: write a curated dataset version (LLaVA JSONL, messages, images, manifest; ``--zip``). Returns 0."""
+    from catreview.data.audit import AuditAction
     from catreview.data.db import make_engine
     from catreview.data.labels import BreedVocabulary
     from catreview.export.archive import zip_export
@@ -348,9 +354,18 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise CLIError(str(exc).replace("pass overwrite=True", "pass --overwrite")) from exc
     finally:
         bar.close()
+    archive = zip_export(summary.out_dir) if args.zip else None
+    record_audit(
+        engine,
+        AuditAction.EXPORT,
+        summary.out_dir.name,
+        version=summary.version,
+        photos=summary.n_photos,
+        content_hash=summary.content_hash,
+    )
     print("\n".join(summary.lines()))
-    if args.zip:
-        print(f"zip: {zip_export(summary.out_dir)}")
+    if archive is not None:
+        print(f"zip: {archive}")
     return 0
 
 

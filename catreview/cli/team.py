@@ -1,5 +1,5 @@
 """``python -m catreview agreement [--json]``: the overlap round's agreement figures
-(:func:`catreview.query.team.agreement`: Krippendorff's alpha, Cohen's kappa per pair,
+(:func:`catreview.app.team.agreement`: Krippendorff's alpha, Cohen's kappa per pair,
 per-annotator accuracy against final labels, photos by status).
 
 ``python -m catreview overlap start [--share 0.1] [--k 2]``: put a share of the photos without a
@@ -67,8 +67,8 @@ def cmd_agreement(args: argparse.Namespace) -> int:
     Raises:
         catreview.config.ConfigError: bad settings.
     """
+    from catreview.app.team import STATUSES, agreement
     from catreview.data.db import make_engine
-    from catreview.query.team import STATUSES, agreement
 
     figures = agreement(make_engine(settings_from_args(args).database_url))
     if args.json:
@@ -97,9 +97,9 @@ def cmd_overlap(args: argparse.Namespace) -> int:
     Raises:
         catreview.config.ConfigError: bad settings.
     """
+    from catreview.app.team import start_overlap_round
     from catreview.cli.users import CLI_ACTOR
     from catreview.data.db import make_engine
-    from catreview.query.team import start_overlap_round
 
     settings = settings_from_args(args)
     share = settings.overlap_share if args.share is None else args.share

@@ -14,10 +14,12 @@ import argparse
 import shlex
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy.engine import Engine
+from sqlmodel import Session
 from tqdm import tqdm
 
 from catreview.adapters.gate import DEFAULT_POLICY, GateDecision, GatePolicy
@@ -27,10 +29,11 @@ from catreview.adapters.status import RunStatus
 from catreview.adapters.train_config import builtin_first_round
 from catreview.adapters.versions import activate, rollback, version_metrics, version_rows
 from catreview.app.presenters.train import run_status_line
-from catreview.cli.common import add_common_options, settings_from_args
+from catreview.cli.common import add_common_options, record_audit, settings_from_args
 from catreview.cli.train_flags import add_config_arguments, config_from_args
 from catreview.config import Settings
-from catreview.data.db import make_engine
+from catreview.data.audit import AuditAction
+from catreview.data.db import active_adapter_version, make_engine
 
 
 def add_train_parser(sub: Any) -> argparse.ArgumentParser:
@@ -198,6 +201,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, base=builtin_first_round() if builtin else None)
     run_id = jobs.start(base or "", cfg, export_dir=args.export, resume_run=args.resume_run)
     started = jobs.status(run_id)
+    record_audit(
+        engine,
+        AuditAction.TRAIN_START,
+        f"run #{run_id}",
+        stage="vlm",
+        base_model=started.base_model if started is not None else base,
+        resumed=args.resume_run,
+    )
     print(f"training run #{run_id} started; log: {Path(started.run_dir) / LOG_FILE}", file=sys.stderr)  # type: ignore[union-attr]
     bar = tqdm(desc=f"run #{run_id}", unit="step", file=sys.stderr)
     # SIGTERM (kill) and SIGHUP (the terminal closed) cancel the round like Ctrl-C, instead of
@@ -215,7 +226,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                 bar.set_postfix(post, refresh=False)
                 bar.refresh()
     except KeyboardInterrupt:
-        jobs.cancel(run_id)
+        if jobs.cancel(run_id):
+            record_audit(engine, AuditAction.TRAIN_CANCEL, f"run #{run_id}", stage="vlm")
         jobs.wait(run_id, timeout=60)
         print(f"\ncancelled; resume with --resume-run {run_id}", file=sys.stderr)
         return 130
@@ -259,16 +271,45 @@ def classifier_table(result: Any) -> str:
     return "\n".join(lines)
 
 
+def _change_version(
+    engine: Engine,
+    base: str,
+    action: str,
+    target: str | None,
+    stage: str,
+    promote: Callable[[Engine, int], Any],
+    rollback: Callable[[Engine, str, int | None], Any],
+) -> None:
+    """``promote ID`` / ``rollback ID|none`` of ``stage``'s versions of ``base``, each recorded
+    in the audit log (actor ``cli``: ``promote``, ``rollback`` or ``no_version``); ``list``
+    changes nothing."""
+    if action not in ("promote", "rollback") or not target:
+        return
+    with Session(engine) as s:
+        before = active_adapter_version(s, base)
+    previous = before.id if before is not None else None
+    if action == "promote":
+        row = promote(engine, int(target))
+        record_audit(engine, AuditAction.PROMOTE, f"{stage} #{row.id}", stage=stage, base_model=base, previous=previous)
+    elif target.lower() == "none":
+        rollback(engine, base, None)
+        record_audit(
+            engine, AuditAction.NO_VERSION, f"no {stage} version", stage=stage, base_model=base, previous=previous
+        )
+    else:
+        row = rollback(engine, base, int(target))
+        record_audit(
+            engine, AuditAction.ROLLBACK, f"{stage} #{row.id}", stage=stage, base_model=base, previous=previous
+        )
+
+
 def _classifier_versions(action: str, target: str | None, settings: Settings, engine: Engine) -> int:
     """``adapters --stage classifier list | promote ID | rollback ID|none``: the stage-1 head versions."""
     from catreview.heads.versions import head_rows, promote, rollback
     from catreview.models.registry import ModelRegistry
 
     base = ModelRegistry(settings, engine=engine).stage1_backbone().base_model
-    if action == "promote" and target:
-        promote(engine, int(target))
-    elif action == "rollback" and target:
-        rollback(engine, base, None if target.lower() == "none" else int(target))
+    _change_version(engine, base, action, target, "classifier", promote, rollback)
     rows = head_rows(engine, base)
     print(f"{'id':>4s} {'active':6s} {'name':28s} {'created':16s} {'photos':>6s} {'test balanced accuracy':>22s} gate")
     for r in rows:
@@ -301,6 +342,7 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
 
     settings, engine = _settings_and_engine(args)
     registry = ModelRegistry(settings, engine=engine)
+    record_audit(engine, AuditAction.TRAIN_START, "classifier", stage="classifier")
     bar = tqdm(desc="stage-1 features", unit="photo", file=sys.stderr)
 
     def progress(stage: str, done: int, total: int) -> None:
@@ -342,10 +384,7 @@ def cmd_adapters(args: argparse.Namespace) -> int:
     if getattr(args, "stage", "vlm") == "classifier":
         return _classifier_versions(args.action, target, settings, engine)
     base = _base_model(args, settings)
-    if args.action == "promote" and target:  # target: checked above
-        activate(engine, int(target))
-    elif args.action == "rollback" and target:
-        rollback(engine, base, None if target.lower() == "none" else int(target))
+    _change_version(engine, base, args.action, target, "vlm", activate, rollback)  # target: checked above
     rows = version_rows(engine, base)
     print(f"{'id':>4s} {'active':6s} {'name':28s} {'created':16s} {'val balanced accuracy':>21s} {'gate':8s} export")
     for r in rows:

@@ -6,6 +6,8 @@ import html
 from dataclasses import dataclass
 from urllib.parse import quote
 
+from catreview.data.db import Review
+from catreview.data.overlap import VoteOutcome
 from catreview.query.history import NO_DECISION, Decision, HistoryEntry, UndoResult
 from catreview.query.photos import PhotoView
 
@@ -219,3 +221,44 @@ def saved(label: str, image_id: int) -> str:
 def refused(error: Exception) -> str:
     """Notice for a review that was not recorded (the error's one-line message)."""
     return f"⚠️ {error}"
+
+
+def signed_in(name: str, role: str, *, open_mode: bool = False) -> str:
+    """The toolbar's "who am I" line (``open_mode``: nobody logs in, everyone acts under ``name``)."""
+    if open_mode:
+        return f"👤 **{html.escape(name)}** · no login (every caller acts as {html.escape(name)}, {role})"
+    return f"👤 **{html.escape(name)}** · {role}"
+
+
+def conflict(current: Review | None, mine: str, seen: str | None) -> str:
+    """The conflict dialog's text: who chose what and when after the photo was opened, what the
+    annotator saw then (``seen``: that label, ``None``: not reviewed) and chose now (``mine``)."""
+    was = f"**{seen}**" if seen else "not reviewed yet"
+    if current is None:
+        return f"This photo changed while you were saving (you saw: {was}). Keep what is there now, or replace it with your **{mine}**?"
+    when = current.created_at.strftime("%Y-%m-%d %H:%M:%S")
+    return (
+        f"⚠️ **{html.escape(current.annotator)}** chose **{current.label}** at {when} UTC, after you opened this "
+        f"photo (you saw: {was}). Keep theirs, or replace it with your **{mine}**? Either way both reviews "
+        "stay in the photo's history."
+    )
+
+
+def kept_theirs_text(annotator: str, label: str, image_id: int) -> str:
+    """Notice after "Keep theirs" (``annotator`` chose ``label``; empty: unknown): nothing was stored."""
+    if not annotator:
+        return f"Kept photo {image_id} as it is; nothing saved."
+    return f"Kept {html.escape(annotator)}'s **{label}** for photo {image_id}; nothing saved."
+
+
+def voted(label: str, image_id: int, vote: VoteOutcome) -> str:
+    """Notice after a blind overlap vote (the others' votes are not shown to annotators)."""
+    if vote.status == "agreed":
+        return f"Voted **{label}** for photo {image_id}: all {vote.k} annotators agreed, so it is now its label."
+    if vote.status == "disputed":
+        return f"Voted **{label}** for photo {image_id}: the {vote.k} votes differ; a reviewer will adjudicate."
+    return f"Voted **{label}** for photo {image_id} ({vote.votes} of {vote.k} votes in; the others stay hidden)."
+
+
+OVERLAP_WHY = "**Overlap round:** {k} annotators label this photo, blind to each other's choice."
+"""The "why" line of a photo open in the overlap round."""

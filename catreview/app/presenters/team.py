@@ -1,7 +1,7 @@
 """Text and tables of the Team tab (:mod:`catreview.app.ui.team_tab`): the overlap round's
 agreement figures, the adjudication queue's photo with its votes, the audit log and the users.
 
-Pure formatting of :mod:`catreview.query.team` values: no database, no Gradio. Times are UTC,
+Pure formatting of :mod:`catreview.app.team` values: no database, no Gradio. Times are UTC,
 shown as ``YYYY-MM-DD HH:MM:SS UTC``; undefined figures (``None``) as an em dash.
 """
 
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from catreview.query.team import STATUSES, AuditPage, DisputedPhoto, TeamAgreement, UserRow
+from catreview.app.team import STATUSES, AuditPage, DisputedPhoto, TeamAgreement, UserRow
 
 __all__ = [
     "ADJUDICATION_INTRO",

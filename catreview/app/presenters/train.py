@@ -163,9 +163,10 @@ def activated(adapter_id: int | None) -> str:
     return f"Adapter #{adapter_id} is active; new predictions use it."
 
 
-def status_unavailable(exc: Exception) -> str:
-    """Shown in the status box when reading the status failed."""
-    return f"Status unavailable: {type(exc).__name__}: {exc}"
+def status_unavailable(ref: str) -> str:
+    """Shown in the status box when reading the status failed; ``ref`` is the reference of the
+    server log's entry (:func:`catreview.app.public_errors.reference`)."""
+    return f"Status unavailable (internal error {ref}): the server log has the details; quote {ref} to your admin."
 
 
 def version_choice(row: dict[str, Any]) -> tuple[str, str]:

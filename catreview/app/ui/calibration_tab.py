@@ -1,17 +1,22 @@
 """Calibration tab: fit temperatures and the fusion weight on reviewed photos; show ECE and
-per-breed accuracy of stage 1, VLM and fused; routing counts and VLM time saved."""
+per-breed accuracy of stage 1, VLM and fused; routing counts and VLM time saved.
+
+Fitting changes what everyone's fused predictions are, so it needs the ``train`` action (admins;
+recorded in the audit log); the routing counts are a ``view``."""
 
 from __future__ import annotations
 
 import gradio as gr
 import pandas as pd
 
+from catreview.app.auth import Caller, Guards
 from catreview.app.core import ReviewApp
 from catreview.app.presenters.calibration import cannot_calibrate, fit_notice, intro, routing_text
+from catreview.data.accounts import Action
 
 
-def build(app: ReviewApp) -> None:
-    """Lay out the Calibration tab."""
+def build(app: ReviewApp, guards: Guards) -> None:
+    """Lay out the Calibration tab; its events are guarded by ``guards``."""
     gr.Markdown(intro(app.settings.fusion.calibration_min_reviews))
     fit = gr.Button("Fit calibration on reviewed photos", elem_id="fit-calibration", variant="primary")
     report = gr.Textbox(label="Report", lines=8, interactive=False, elem_id="calibration-report")
@@ -50,9 +55,9 @@ def build(app: ReviewApp) -> None:
         interactive=False,
     )
 
-    def run() -> tuple[str, pd.DataFrame | None, pd.DataFrame | None]:
+    def run(who: Caller) -> tuple[str, pd.DataFrame | None, pd.DataFrame | None]:
         try:
-            rep, row_id = app.calibrate()
+            rep, row_id = app.calibrate(actor=who.name)
         except ValueError as exc:  # CalibrationError and invalid stored predictions
             return cannot_calibrate(exc), None, None
         return (
@@ -61,9 +66,9 @@ def build(app: ReviewApp) -> None:
             pd.DataFrame(rep.per_breed_rows()).round(3),
         )
 
-    fit.click(run, outputs=[report, summary, per_breed], api_name="calibrate")
+    fit.click(guards(Action.TRAIN, run, with_caller=True), outputs=[report, summary, per_breed], api_name="calibrate")
 
     gr.Markdown("### Routing")
     routing = gr.Markdown(elem_id="routing-stats")
     refresh = gr.Button("Refresh routing counts", elem_id="refresh-routing", size="sm")
-    refresh.click(lambda: routing_text(app.routing()), outputs=[routing], api_name="routing")
+    refresh.click(guards(Action.VIEW, lambda: routing_text(app.routing())), outputs=[routing], api_name="routing")

@@ -6,6 +6,12 @@ photo a request means, the refusal while background predictions run, and the out
 choice come from :class:`~catreview.compare.session.CompareSession` and
 :class:`~catreview.app.compare_job.AggregateJob`; every text shown comes from
 :mod:`catreview.app.presenters.compare`.
+
+Each event is guarded (:class:`catreview.app.auth.Guards`): showing photos and the aggregate's
+progress are ``view``; running a comparison (per photo or aggregate), stopping it, or choosing an
+adapter pair load models for everyone and need ``train``; a blind choice is a ``review`` recorded
+under the caller's name (no annotator box); exporting the preference pairs is an ``export``
+(recorded in the audit log).
 """
 
 from __future__ import annotations
@@ -13,10 +19,12 @@ from __future__ import annotations
 import tempfile
 import threading
 from contextlib import closing
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
+from catreview.app.auth import Caller, Guards
 from catreview.app.compare_job import AggregateJob
 from catreview.app.core import ReviewApp
 from catreview.app.presenters.compare import (
@@ -31,10 +39,11 @@ from catreview.app.presenters.compare import (
     pair_note,
     side_names,
 )
+from catreview.app.public_errors import redact
 from catreview.compare.aggregate import SUMMARY_COLUMNS, CompareAggregate, per_breed_columns
 from catreview.compare.errors import CompareError
 from catreview.compare.pairs import known_adapters
-from catreview.export.preferences import export_preference_pairs
+from catreview.data.accounts import Action
 
 SIDES = ("left", "right")
 
@@ -69,8 +78,8 @@ def _aggregate_values(result: CompareAggregate) -> list[Any]:
     return [result.summary_frame(), result.per_breed_frame(), plot, files]
 
 
-def build(app: ReviewApp) -> None:
-    """Lay out the Compare tab and wire its events."""
+def build(app: ReviewApp, guards: Guards) -> None:
+    """Lay out the Compare tab and wire its events, each guarded by ``guards`` (see the module docstring)."""
     session = app.compare_session()
     job = AggregateJob(session)
     pair = session.default_pair()
@@ -146,9 +155,6 @@ def build(app: ReviewApp) -> None:
                             gr.Markdown(elem_id=f"compare-{side}-stats"),
                         ]
             with gr.Row():
-                annotator = gr.Textbox(
-                    value=app.settings.annotator, label="Annotator", elem_id="compare-annotator", scale=2
-                )
                 prefer = [
                     gr.Button(text, interactive=False, elem_id=f"compare-prefer-{key}", scale=1)
                     for key, text in (("1", "Model 1 is better"), ("tie", "Tie"), ("2", "Model 2 is better"))
@@ -254,8 +260,8 @@ def build(app: ReviewApp) -> None:
             stop.set()  # the page moved on or "Stop" was pressed: end generation
 
     def record(choice: str):
-        def fn(trial_id: str, who: str) -> list[Any]:
-            result = session.try_record_preference(trial_id, choice, who)
+        def fn(trial_id: str, who: Caller) -> list[Any]:
+            result = session.try_record_preference(trial_id, choice, who.name)
             buttons = [gr.update(interactive=False)] * 3 if result.saved else [gr.skip()] * 3
             return [result.text(), *buttons]
 
@@ -282,55 +288,82 @@ def build(app: ReviewApp) -> None:
             return [text, *[gr.skip()] * 4, version]
         return [text, *_aggregate_values(job.result), job.version]
 
-    def export() -> list[Any]:
+    def export(who: Caller) -> list[Any]:
         out = tempfile.mkdtemp(prefix="catreview-preferences-")
-        result = export_preference_pairs(app.engine, f"{out}/preferences.jsonl")
-        return [str(result.path), result.text()]
+        result = app.export_preferences(Path(out) / "preferences.jsonl", actor=who.name)
+        return [str(result.path), redact(result.text())]  # the file is served; its folder is not said
 
     # ------------------------------------------------------------------ wiring
     # On page load: the first reviewed photo (photos may have been imported since the UI was built).
-    gr.on(None, lambda: show(session.first_reviewed_position()), outputs=view_out, api_visibility="private")
+    run = guards(Action.REVIEW, compare)  # the two models on the photo shown, for a preference
+    gr.on(
+        None,
+        guards(Action.VIEW, lambda: show(session.first_reviewed_position())),
+        outputs=view_out,
+        api_visibility="private",
+    )
     nav = [
-        prev_btn.click(lambda p: show(p - 1), inputs=[pos], outputs=view_out, api_visibility="private"),
-        next_btn.click(lambda p: show(p + 1), inputs=[pos], outputs=view_out, api_visibility="private"),
+        prev_btn.click(
+            guards(Action.VIEW, lambda p: show(p - 1)), inputs=[pos], outputs=view_out, api_visibility="private"
+        ),
+        next_btn.click(
+            guards(Action.VIEW, lambda p: show(p + 1)), inputs=[pos], outputs=view_out, api_visibility="private"
+        ),
     ]
     compare_in = [image_id, pos, prof_a, prof_b, blind, one]
-    runs = [run_btn.click(compare, inputs=compare_in, outputs=compare_out, api_name="compare_photo")]
-    runs += [e.then(compare, inputs=compare_in, outputs=compare_out, api_visibility="private") for e in nav]
+    runs = [run_btn.click(run, inputs=compare_in, outputs=compare_out, api_name="compare_photo")]
+    runs += [e.then(run, inputs=compare_in, outputs=compare_out, api_visibility="private") for e in nav]
     runs.append(
-        image_id.submit(jump, inputs=[image_id], outputs=view_out, api_visibility="private").success(
-            compare, inputs=compare_in, outputs=compare_out, api_visibility="private"
-        )
+        image_id.submit(
+            guards(Action.VIEW, jump), inputs=[image_id], outputs=view_out, api_visibility="private"
+        ).success(run, inputs=compare_in, outputs=compare_out, api_visibility="private")
     )
     gr.on(
         [prof_a.change, prof_b.change, blind.change],
-        reset_sides,
+        guards(Action.VIEW, reset_sides),
         inputs=[prof_a, prof_b, blind],
         outputs=[*panels, trial, *prefer, pref_msg],
         api_visibility="private",
     )
     stop_btn.click(None, cancels=runs, api_visibility="private")
     for btn, key in zip(prefer, ("1", "tie", "2")):
-        btn.click(record(key), inputs=[trial, annotator], outputs=[pref_msg, *prefer], api_visibility="private")
+        btn.click(
+            guards(Action.REVIEW, record(key), with_caller=True),
+            inputs=[trial],
+            outputs=[pref_msg, *prefer],
+            api_visibility="private",
+        )
 
-    def prefer_api(trial_id: str, choice: str, who: str) -> str:
-        """Record a blind choice: ``choice`` is "1", "2" or "tie"; returns a message."""
-        return session.try_record_preference(trial_id, choice, who).api_text()
+    def prefer_api(trial_id: str, choice: str, who: Caller) -> str:
+        """Record a blind choice as the caller: ``choice`` is "1", "2" or "tie"; returns a message."""
+        return session.try_record_preference(trial_id, choice, who.name).api_text()
 
-    gr.api(prefer_api, api_name="compare_prefer")
+    gr.api(guards(Action.REVIEW, prefer_api, with_caller=True), api_name="compare_prefer")
     use_adapters.click(
-        use_adapter_pair, inputs=[base, ad_a, ad_b], outputs=[adapter_msg, prof_a, prof_b], api_visibility="private"
+        guards(Action.TRAIN, use_adapter_pair),
+        inputs=[base, ad_a, ad_b],
+        outputs=[adapter_msg, prof_a, prof_b],
+        api_visibility="private",
     )
-    agg_run.click(start_aggregate, inputs=[prof_a, prof_b, one], outputs=[agg_progress], api_name="compare_aggregate")
+    agg_run.click(
+        guards(Action.TRAIN, start_aggregate),
+        inputs=[prof_a, prof_b, one],
+        outputs=[agg_progress],
+        api_name="compare_aggregate",
+    )
 
     def stop_aggregate() -> str:
         job.stop()
         return STOPPING
 
-    agg_stop.click(stop_aggregate, outputs=[agg_progress], api_visibility="private")
-    export_btn.click(export, outputs=[export_file, export_msg], api_name="compare_export_preferences")
+    agg_stop.click(guards(Action.TRAIN, stop_aggregate), outputs=[agg_progress], api_visibility="private")
+    export_btn.click(
+        guards(Action.EXPORT, export, with_caller=True),
+        outputs=[export_file, export_msg],
+        api_name="compare_export_preferences",
+    )
     gr.Timer(1.0).tick(
-        tick,
+        guards(Action.VIEW, tick),
         inputs=[shown_version],
         outputs=[agg_progress, summary, per_breed, plot, csv, shown_version],
         api_visibility="private",

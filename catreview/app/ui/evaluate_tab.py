@@ -5,7 +5,7 @@ per-breed accuracy with counts and a reliability diagram of the shown rows). A c
 confusion table opens those photos in the Grid tab (current label x that stage's prediction). The
 handlers are plain functions of the :class:`ReviewApp` (``evaluate``, ``confusion``, ``plots``,
 ``open_cell``) so they can be tested without a browser; every text comes from
-:mod:`catreview.app.presenters.evaluate`."""
+:mod:`catreview.app.presenters.evaluate`. Every event is read-only, guarded as ``view``."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ from typing import TYPE_CHECKING, Any
 import gradio as gr
 import pandas as pd
 
+from catreview.app.auth import Guards
 from catreview.app.core import ReviewApp
 from catreview.app.presenters import evaluate as text
+from catreview.data.accounts import Action
 from catreview.evaluate import plots as figures
 from catreview.evaluate.report import EvaluationReport
 
@@ -104,9 +106,10 @@ def open_cell(report: EvaluationReport | None, name: str | None, index: Any) -> 
     )
 
 
-def build(app: ReviewApp, grid: GridControls | None = None, tabs: gr.Tabs | None = None) -> None:
-    """Lay out the Evaluation tab; with ``grid`` and ``tabs`` a click on a confusion-table cell
-    opens those photos in the Grid tab."""
+def build(app: ReviewApp, guards: Guards, grid: GridControls | None = None, tabs: gr.Tabs | None = None) -> None:
+    """Lay out the Evaluation tab, its events guarded by ``guards`` (all ``view``); with ``grid``
+    and ``tabs`` a click on a confusion-table cell opens those photos in the Grid tab (whose
+    ``refresh`` is guarded already)."""
     gr.Markdown(text.INTRO)
     run = gr.Button("Evaluate every model version", variant="primary", elem_id="run-evaluation")
     header = gr.Markdown(elem_id="evaluation-header")
@@ -124,12 +127,15 @@ def build(app: ReviewApp, grid: GridControls | None = None, tabs: gr.Tabs | None
     reliability_plot = gr.Plot(label="Reliability diagram", elem_id="evaluation-reliability-plot")
     state = gr.State(None)  # this page's last report, for the dropdown
     plot_outputs = [confusion_plot, per_breed_plot, reliability_plot]
+    view_plots = guards(Action.VIEW, plots)
     run.click(
-        lambda: evaluate(app), outputs=[header, summary, per_breed, choice, matrix, state], api_name="evaluate"
-    ).then(plots, inputs=[state, choice], outputs=plot_outputs, api_visibility="private")
-    choice.change(confusion, inputs=[state, choice], outputs=[matrix], api_visibility="private").then(
-        plots, inputs=[state, choice], outputs=plot_outputs, api_visibility="private"
-    )
+        guards(Action.VIEW, lambda: evaluate(app)),
+        outputs=[header, summary, per_breed, choice, matrix, state],
+        api_name="evaluate",
+    ).then(view_plots, inputs=[state, choice], outputs=plot_outputs, api_visibility="private")
+    choice.change(
+        guards(Action.VIEW, confusion), inputs=[state, choice], outputs=[matrix], api_visibility="private"
+    ).then(view_plots, inputs=[state, choice], outputs=plot_outputs, api_visibility="private")
     if grid is None or tabs is None:
         return
 
@@ -137,7 +143,7 @@ def build(app: ReviewApp, grid: GridControls | None = None, tabs: gr.Tabs | None
         return open_cell(report, name, evt.index)
 
     matrix.select(
-        on_cell,
+        guards(Action.VIEW, on_cell),
         inputs=[state, choice],
         outputs=[grid.label, grid.predicted, grid.predicted_by, grid.queue, grid.note, tabs],
         api_visibility="private",

@@ -1,4 +1,7 @@
-"""Export tab: the reviewed photos as a curated, versioned dataset, downloadable as a zip."""
+"""Export tab: the reviewed photos as a curated, versioned dataset, downloadable as a zip.
+
+An export carries every annotator's name and notes, so it needs the ``export`` action (admins);
+each one is recorded in the audit log under the caller's name."""
 
 from __future__ import annotations
 
@@ -6,13 +9,15 @@ from datetime import UTC, datetime
 
 import gradio as gr
 
+from catreview.app.auth import Caller, Guards
 from catreview.app.core import ReviewApp
 from catreview.app.presenters import export as text
+from catreview.data.accounts import Action
 from catreview.errors import CatreviewError
 
 
-def build(app: ReviewApp) -> None:
-    """Lay out the Export tab."""
+def build(app: ReviewApp, guards: Guards) -> None:
+    """Lay out the Export tab; its event is guarded by ``guards`` (``export``)."""
     gr.Markdown(text.INTRO)
     with gr.Row():
         seed = gr.Number(0, label="Split seed", precision=0, elem_id="export-seed")
@@ -32,14 +37,18 @@ def build(app: ReviewApp) -> None:
         over: bool,
         re: bool,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 -- Gradio injects its tracker through this default
+        who: Caller | None = None,
     ) -> tuple[str, str | None]:
-        """Export with the tab's options; returns ``(summary text, zip path or None)``.
+        """Export with the tab's options as ``who`` (the guard passes the caller); returns
+        ``(summary text, zip path or None)``.
 
         ``size_v`` is the shortest side in px (a positive whole number; the export itself needs
         at least 16), ``cap_v`` the most photos per breed (0 or empty: no cap; Gradio refuses a
         negative one before this runs). Bad options and
         failed exports come back as a one-line message and nothing is written.
         """
+        if who is None:
+            raise gr.Error("an export needs a caller")
         if size_v is None or size_v <= 0 or size_v != int(size_v):
             return text.bad_image_size(size_v), None
         stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
@@ -47,6 +56,7 @@ def build(app: ReviewApp) -> None:
         try:
             result, archive = app.export(
                 out,
+                actor=who.name,
                 seed=int(seed_v or 0),
                 image_size=int(size_v),
                 cap_per_breed=int(cap_v) if cap_v else None,
@@ -58,4 +68,9 @@ def build(app: ReviewApp) -> None:
             return text.export_failed(exc), None
         return text.summary_text(result), str(archive)
 
-    go.click(run, inputs=[seed, size, cap, oversample, resplit], outputs=[summary, download], api_name="export")
+    go.click(
+        guards(Action.EXPORT, run, with_caller=True),
+        inputs=[seed, size, cap, oversample, resplit],
+        outputs=[summary, download],
+        api_name="export",
+    )

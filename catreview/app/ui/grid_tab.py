@@ -6,7 +6,9 @@ Thumbnails are files in ``app.thumbs_dir`` (made once per content hash, served b
 Gradio's static paths, :mod:`catreview.query.thumbs`). Selection: a click on a thumbnail toggles
 it in the "Selected" checkbox group (also tickable directly); "Select all on page" ticks the page.
 The handlers are plain functions of the :class:`ReviewApp` so they can be tested without a browser;
-every text comes from :mod:`catreview.app.presenters.grid`.
+every text comes from :mod:`catreview.app.presenters.grid`. Each event is guarded
+(:class:`catreview.app.auth.Guards`): browsing and selecting are ``view``, "Assign label" is a
+``review`` recorded under the caller's name (no annotator box).
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from typing import Any
 
 import gradio as gr
 
+from catreview.app.auth import Caller, Guards
 from catreview.app.core import ReviewApp
 from catreview.app.presenters import grid as text
+from catreview.data.accounts import Action
 from catreview.data.images import ImageDecodeError
 from catreview.data.labels import SPECIAL_LABELS
 from catreview.data.reviews import ReviewError
@@ -115,12 +119,12 @@ class GridControls:
     predicted_by: gr.Radio
     queue: gr.Dropdown
     note: gr.Markdown
-    refresh: Any  # (label, predicted, predicted_by, queue) -> outputs
+    refresh: Any  # (label, predicted, predicted_by, queue) -> outputs; guarded (``view``)
     outputs: list[Any]
 
 
-def build(app: ReviewApp) -> GridControls:
-    """Lay out the Grid tab; returns its :class:`GridControls`."""
+def build(app: ReviewApp, guards: Guards) -> GridControls:
+    """Lay out the Grid tab, its events guarded by ``guards``; returns its :class:`GridControls`."""
     breeds = list(app.vocabulary.names)  # then the special labels (Not a cat, Unsure)
     gr.Markdown(text.INTRO)
     with gr.Row():
@@ -146,7 +150,6 @@ def build(app: ReviewApp) -> GridControls:
     with gr.Row():
         target = gr.Dropdown([*breeds, *SPECIAL_LABELS], value=None, label="Label for the selected photos",
                              filterable=True, elem_id="grid-assign-label")  # fmt: skip
-        annotator = gr.Textbox(label="Annotator", elem_id="grid-annotator")
         assign_btn = gr.Button("Assign label to selected", variant="primary", elem_id="grid-assign")
     message = gr.Markdown(elem_id="grid-message")
     state = gr.State(None)
@@ -170,9 +173,10 @@ def build(app: ReviewApp) -> GridControls:
     def reshow(st: PageState | None) -> Shown:  # after a bulk assignment: the same page, fresh labels
         return _same(st) if st is not None else refresh(text.ANY, text.ANY, "fused", text.NO_QUEUE)
 
-    show_btn.click(refresh, inputs=filters, outputs=outputs, api_name="grid_show")
-    first_btn.click(refresh, inputs=filters, outputs=outputs, api_visibility="private")
-    next_btn.click(next_page, inputs=[state], outputs=outputs, api_visibility="private")
+    view_refresh = guards(Action.VIEW, refresh)
+    show_btn.click(view_refresh, inputs=filters, outputs=outputs, api_name="grid_show")
+    first_btn.click(view_refresh, inputs=filters, outputs=outputs, api_visibility="private")
+    next_btn.click(guards(Action.VIEW, next_page), inputs=[state], outputs=outputs, api_visibility="private")
 
     # The selection's truth is server-side state (events of one listener run in order, each seeing the
     # last one's result), so quick clicks on several thumbnails all count; the checkbox group shows it.
@@ -184,14 +188,18 @@ def build(app: ReviewApp) -> GridControls:
         chosen = [str(i) for i in st.page.ids] if st else []
         return chosen, chosen
 
-    gallery.select(on_select, inputs=[chosen, state], outputs=[chosen, selected], api_visibility="private")
-    selected.input(lambda ticked: list(ticked or []), inputs=[selected], outputs=[chosen], api_visibility="private")
-    all_btn.click(select_all, inputs=[state], outputs=[chosen, selected], api_visibility="private")
-    clear_btn.click(lambda: ([], []), outputs=[chosen, selected], api_visibility="private")
+    def do_assign(sel: list[str] | None, lab: str | None, st: PageState | None, who: Caller) -> str:
+        return assign(app, sel, lab, who.name, st)
+
+    view = {"api_visibility": "private"}
+    gallery.select(guards(Action.VIEW, on_select), inputs=[chosen, state], outputs=[chosen, selected], **view)
+    selected.input(guards(Action.VIEW, lambda ticked: list(ticked or [])), inputs=[selected], outputs=[chosen], **view)
+    all_btn.click(guards(Action.VIEW, select_all), inputs=[state], outputs=[chosen, selected], **view)
+    clear_btn.click(guards(Action.VIEW, lambda: ([], [])), outputs=[chosen, selected], **view)
     assign_btn.click(
-        lambda sel, lab, who, st: assign(app, sel, lab, who, st),
-        inputs=[chosen, target, annotator, state],
+        guards(Action.REVIEW, do_assign, with_caller=True),
+        inputs=[chosen, target, state],
         outputs=[message],
         api_name="grid_assign",
-    ).then(reshow, inputs=[state], outputs=outputs, api_visibility="private")
-    return GridControls(label, predicted, predicted_by, queue, note, refresh, outputs)
+    ).then(guards(Action.VIEW, reshow), inputs=[state], outputs=outputs, **view)
+    return GridControls(label, predicted, predicted_by, queue, note, view_refresh, outputs)

@@ -1,11 +1,17 @@
 """Review tab: one photo at a time, both stages' outputs, confirm or correct the label — keyboard
 first (:data:`HOTKEYS_JS`), in place (no spinners), with undo, history, queues and blind mode.
 
-Layout (fits 1366x768 without scrolling): a toolbar (annotator, queue, jump, blind mode,
+Layout (fits 1366x768 without scrolling): a toolbar (who is signed in, queue, jump, blind mode,
 counter), then the photo with its "why it is here" line and navigation, the three prediction
 panels with every decision control, and the annotator's last decisions. Navigation and review
 events use ``show_progress="hidden"``: the photo and panels are replaced in place, never blanked;
 the next photo's display file is prefetched by the browser.
+
+Every handler is guarded (:class:`catreview.app.auth.Guards`): views need ``view``, saves
+``review``; the annotator of a review is the logged-in caller. A save names the review the page
+showed (the hidden ``seen`` field); if someone else reviewed the photo meanwhile, nothing is stored
+and a dialog says who chose what and when, with "Keep theirs" and "Replace with mine". A photo
+open in the overlap round takes a blind vote instead of a review (:meth:`ReviewApp.save_decision`).
 """
 
 from __future__ import annotations
@@ -16,17 +22,21 @@ from typing import Any
 
 import gradio as gr
 
-from catreview.app.core import ReviewApp
+from catreview.app.auth import Caller, Guards
+from catreview.app.core import OVERLAP_QUEUE, ReviewApp
 from catreview.app.presenters import review as present
+from catreview.data.accounts import Action
 from catreview.data.images import ImageDecodeError
 from catreview.data.labels import NOT_A_CAT, UNSURE
-from catreview.data.reviews import ReviewError
+from catreview.data.reviews import HEAD, Head, ReviewConflictError, ReviewError
 from catreview.query import photos
 from catreview.query.queues import QUEUE_KINDS
 
 N_CANDIDATES = 3
 DEFAULT_QUEUE = "import"
 """The queue selected when the page opens (import order)."""
+QUEUE_TITLES: dict[str, str] = {**QUEUE_KINDS, OVERLAP_QUEUE: "Overlap round (blind votes)"}
+"""The queue selector's choices: the score-served queues and the caller's overlap-round photos."""
 TRAIL_MAX = 100
 """Photos remembered per browser session for "Previous"."""
 HOTKEYS_JS = (Path(__file__).with_name("hotkeys.js")).read_text(encoding="utf-8")
@@ -40,14 +50,17 @@ QUIET = "hidden"
 VIEW_FIELDS = (
     "image_id photo counter status stage1 vlm vlm_info fused review_info "
     + " ".join(f"confirm{i}" for i in range(N_CANDIDATES))
-    + " accept why prefetch recent history"
+    + " accept why prefetch recent history seen"
 ).split()
-"""What :func:`render` returns, in order (the first nine are the public ``/show`` API's)."""
+"""What :func:`render` returns, in order (the first nine are the public ``/show`` API's; ``seen``
+is the id of the review shown, 0 for none, which a save names as the one it replaces)."""
 
 
-def _next_photo_path(app: ReviewApp, image_id: int, kind: str) -> str | None:
+def _next_photo_path(app: ReviewApp, image_id: int, kind: str, annotator: str | None) -> str | None:
     """Display file of the photo that follows ``image_id`` in queue ``kind`` (for prefetching)."""
-    item = app.next_in_queue(kind, image_id)
+    if kind == OVERLAP_QUEUE and not annotator:
+        return None
+    item = app.next_for(kind, image_id, annotator or "")
     if item is None or item.image_id == image_id:
         return None
     try:
@@ -92,7 +105,8 @@ def render(
 
     if v is None:
         empty = [None, None, present.counter(reviewed, total, imported=imported), present.NO_PHOTOS]
-        return [*empty, None, None, "", None, "", *[off() for _ in range(N_CANDIDATES)], off(), "", "", recent, []]
+        buttons = [off() for _ in range(N_CANDIDATES)]
+        return [*empty, None, None, "", None, "", *buttons, off(), "", "", recent, [], 0]
     panels = present.prediction_panels(v, app.registry.untrained_reason(), app.registry.stage1_untrained_reason())
     try:
         photo: str | None = str(app.display_path(v["id"]))
@@ -110,8 +124,12 @@ def render(
         top = present.accept_text(v)
         accept = gr.update(value=top, interactive=top != "—")
         stage1, vlm, vlm_info, fused = panels.stage1, panels.vlm, panels.vlm_info, panels.fused
-        why = f"**Why it is here:** {reason}" if reason else ""
-    nxt = _next_photo_path(app, v["id"], kind) if prefetch else None
+        lines = [f"**Why it is here:** {reason}" if reason else "", app.duplicate_line(v["id"])]
+        why = "  \n".join(t for t in lines if t)
+    item = app.overlap_item(v["id"])
+    if item is not None and item.status == "open":
+        why = "  \n".join(t for t in (present.OVERLAP_WHY.format(k=item.k), why) if t)
+    nxt = _next_photo_path(app, v["id"], kind, annotator) if prefetch else None
     return [
         v["id"],
         photo,
@@ -128,25 +146,27 @@ def render(
         present.prefetch_html(nxt),
         recent,
         present.history_rows(app.photo_history(v["id"])),
+        v["review"]["id"] if v["review"] else 0,
     ]
 
 
-def build(app: ReviewApp, demo: gr.Blocks) -> None:
-    """Lay out the Review tab and wire its events and keys."""
-    queue_choices = [(title, kind) for kind, title in QUEUE_KINDS.items()]
-    prefs = gr.BrowserState({"annotator": app.settings.annotator, "blind": False}, storage_key="catreview-review")
+def _seen(value: float | None) -> int | Head | None:
+    """The review a save replaces, from the page's ``seen`` field: the review id shown, ``0``
+    for "not reviewed" (``None``), empty (a scripted client that names none) for the head."""
+    if value is None:
+        return HEAD
+    return int(value) if int(value) > 0 else None
+
+
+def build(app: ReviewApp, demo: gr.Blocks, guards: Guards) -> None:
+    """Lay out the Review tab and wire its events (each guarded by ``guards``) and keys."""
+    queue_choices = [(title, kind) for kind, title in QUEUE_TITLES.items()]
+    prefs = gr.BrowserState({"blind": False}, storage_key="catreview-review")
     trail = gr.State([])  # photos shown before, newest last ("Previous")
+    pending = gr.State(None)  # the save a conflict dialog holds back (image id, label, note, theirs)
     compact: dict[str, Any] = {"container": False, "show_label": False}
     with gr.Row(equal_height=True, elem_id="review-toolbar"):
-        annotator = gr.Textbox(
-            label="Annotator",
-            value=app.settings.annotator,
-            placeholder="your name",
-            elem_id="annotator",
-            scale=1,
-            min_width=110,
-            **compact,
-        )
+        signed = gr.Markdown(elem_id="signed-in")
         queue = gr.Dropdown(queue_choices, value=DEFAULT_QUEUE, label="Queue", elem_id="queue", scale=2, **compact)
         jump = gr.Textbox(
             label="Jump to photo",
@@ -164,6 +184,7 @@ def build(app: ReviewApp, demo: gr.Blocks) -> None:
                 label="Photo", type="filepath", interactive=False, elem_id="photo", height=380, show_label=False
             )
             image_id = gr.Number(label="Photo id", precision=0, elem_id="image-id", interactive=False, visible=False)
+            seen = gr.Number(label="Review shown", precision=0, elem_id="seen-review", interactive=False, visible=False)
             why = gr.Markdown(elem_id="why")
             with gr.Row():
                 prev_btn = gr.Button("Previous", elem_id="prev", size="sm", min_width=60)
@@ -173,6 +194,13 @@ def build(app: ReviewApp, demo: gr.Blocks) -> None:
             prefetch = gr.HTML(elem_id="prefetch", padding=False)
         with gr.Column(scale=6, min_width=420):
             message = gr.Markdown(elem_id="review-message")
+            with gr.Group(visible=False, elem_id="conflict") as conflict_box:
+                conflict_text = gr.Markdown(elem_id="conflict-text")
+                with gr.Row():
+                    keep_btn = gr.Button("Keep theirs", elem_id="keep-theirs", size="sm", min_width=80)
+                    replace_btn = gr.Button(
+                        "Replace with mine", elem_id="replace-mine", variant="stop", size="sm", min_width=80
+                    )
             status = gr.Markdown(elem_id="pred-status")
             with gr.Row(equal_height=True):
                 panel: dict[str, Any] = {"show_heading": False, "min_width": 120, "elem_classes": ["review-panel"]}
@@ -248,22 +276,26 @@ def build(app: ReviewApp, demo: gr.Blocks) -> None:
         prefetch,
         recent,
         history,
+        seen,
     ]
     assert len(view_out) == len(VIEW_FIELDS)
-    # every move: the view, the search and the note cleared, the trail, then the notice
-    move_out = [*view_out, pick, note, trail, message]
-    ctx = [annotator, blind, queue, trail]  # inputs after the photo id
+    # every move: the view, the search and the note cleared, the trail, the notice, the dialog closed
+    move_out = [*view_out, pick, note, trail, message, conflict_box, conflict_text, pending]
+    ctx = [blind, queue, trail]  # inputs after the photo id; guarded handlers get the Caller last
 
     def current(img_id: float | None) -> int | None:
         return None if img_id is None else int(img_id)
 
     def kind_of(kind: str | None) -> str:
-        return kind if kind in QUEUE_KINDS else DEFAULT_QUEUE
+        return kind if kind in QUEUE_TITLES else DEFAULT_QUEUE
+
+    def closed() -> list[Any]:  # the conflict dialog hidden, nothing held back
+        return [gr.update(visible=False), "", None]
 
     def moved(
         to: int | None,
         frm: int | None,
-        who: str,
+        who: Caller,
         is_blind: bool,
         kind: str | None,
         tr: list[int] | None,
@@ -275,42 +307,50 @@ def build(app: ReviewApp, demo: gr.Blocks) -> None:
         tr = list(tr or [])
         if remember and frm is not None and frm != to:
             tr = [*tr, frm][-TRAIL_MAX:]
-        view = render(app, to, blind=bool(is_blind), annotator=who, reason=reason, kind=kind_of(kind))
-        return [*view, None, "", tr, msg]
+        view = render(app, to, blind=bool(is_blind), annotator=who.name, reason=reason, kind=kind_of(kind))
+        return [*view, None, "", tr, msg, *closed()]
 
-    def show(img_id: float | None, who: str = "", is_blind: bool = False, kind: str | None = None, tr=None):
+    def stay(i: int | None, who: Caller, is_blind: bool, kind: str | None, tr, label, text, msg: str) -> list[Any]:
+        """Re-render photo ``i`` keeping the search and the note (nothing was stored)."""
+        view = render(app, i, blind=bool(is_blind), annotator=who.name, kind=kind_of(kind))
+        return [*view, label, text, list(tr or []), msg, *closed()]
+
+    def advance(i: int | None, who: Caller, is_blind: bool, kind: str | None, tr, msg: str = "") -> list[Any]:
+        """The next open photo of the selected queue after ``i`` (with its reason)."""
+        k = kind_of(kind)
+        item = app.next_for(k, i, who.name)
+        if item is None:
+            empty = present.queue_empty(QUEUE_TITLES[k])
+            return moved(i, i, who, is_blind, k, tr, " ".join(t for t in (msg, empty) if t))
+        return moved(item.image_id, i, who, is_blind, k, tr, msg, item.reason)
+
+    def show(img_id: float | None, is_blind: bool, kind: str | None, tr, who: Caller):
         i = current(img_id)
         return moved(i, i, who, is_blind, kind, tr)
 
-    def queue_next(img_id: float | None, who: str, is_blind: bool, kind: str | None, tr, msg: str = ""):
-        """The next open photo of the selected queue after this one (with its reason)."""
-        i = current(img_id)
-        item = app.next_in_queue(kind_of(kind), i)
-        if item is None:
-            empty = present.queue_empty(QUEUE_KINDS[kind_of(kind)])
-            return moved(i, i, who, is_blind, kind, tr, " ".join(t for t in (msg, empty) if t))
-        return moved(item.image_id, i, who, is_blind, kind, tr, msg, item.reason)
+    def skip_to_next(img_id: float | None, is_blind: bool, kind: str | None, tr, who: Caller):
+        return advance(current(img_id), who, is_blind, kind, tr)
 
-    def go_next(img_id: float | None, who: str, is_blind: bool, kind: str | None, tr):
+    def go_next(img_id: float | None, is_blind: bool, kind: str | None, tr, who: Caller):
         if kind_of(kind) == DEFAULT_QUEUE:  # import order: browse every photo, reviewed or not
             i = current(img_id)
             return moved(app.neighbour(i, 1), i, who, is_blind, kind, tr)
-        return queue_next(img_id, who, is_blind, kind, tr)
+        return advance(current(img_id), who, is_blind, kind, tr)
 
-    def go_prev(img_id: float | None, who: str, is_blind: bool, kind: str | None, tr):
+    def go_prev(img_id: float | None, is_blind: bool, kind: str | None, tr, who: Caller):
         i = current(img_id)
         tr = list(tr or [])
         if tr:  # back to the photo shown before this one
             return moved(tr[-1], i, who, is_blind, kind, tr[:-1], remember=False)
         return moved(app.neighbour(i, -1), i, who, is_blind, kind, tr, remember=False)
 
-    def open_queue(img_id: float | None, who: str, is_blind: bool, kind: str | None, tr):
+    def open_queue(img_id: float | None, is_blind: bool, kind: str | None, tr, who: Caller):
         """The first open photo of the newly selected queue (with its reason)."""
-        i = current(img_id)
-        item = app.next_in_queue(kind_of(kind), None)
+        i, k = current(img_id), kind_of(kind)
+        item = app.next_for(k, None, who.name)
         if item is None:
-            return moved(i, i, who, is_blind, kind, tr, present.queue_empty(QUEUE_KINDS[kind_of(kind)]))
-        return moved(item.image_id, i, who, is_blind, kind, tr, "", item.reason)
+            return moved(i, i, who, is_blind, k, tr, present.queue_empty(QUEUE_TITLES[k]))
+        return moved(item.image_id, i, who, is_blind, k, tr, "", item.reason)
 
     def stream(img_id: float | None, is_blind: bool = False):
         if img_id is None or is_blind:  # blind mode: no model output before the choice
@@ -322,121 +362,201 @@ def build(app: ReviewApp, demo: gr.Blocks) -> None:
         finally:
             stop.set()  # the page moved on or "Stop" was pressed: end generation
 
-    def do_review(
-        img_id: float | None,
-        label: str | None,
-        who: str,
+    def save(
+        i: int,
+        label: str,
         text: str | None,
-        is_blind: bool = False,
-        kind: str | None = None,
-        tr=None,
+        is_blind: bool,
+        kind: str | None,
+        tr,
+        shown: int | Head | None,
+        who: Caller,
     ) -> list[Any]:
-        if img_id is None or not label or label == "—":
-            view = render(app, current(img_id), blind=bool(is_blind), annotator=who, kind=kind_of(kind))
-            return [*view, label, text, list(tr or []), present.NOTHING_TO_LABEL]
-        i = int(img_id)
         try:
-            saved = app.review(i, label, who, text, blind=bool(is_blind))
+            saved = app.save_decision(i, label, who.name, text, seen=shown, blind=bool(is_blind))
+        except ReviewConflictError as exc:  # nothing stored: say who chose what, offer keep / replace
+            mine = app.vocabulary.canonical_or_same(label)
+            was = app.review_label(shown) if isinstance(shown, int) else None
+            theirs = exc.current
+            held = {
+                "image_id": i,
+                "label": label,
+                "note": text,
+                "blind": bool(is_blind),
+                "theirs": theirs.id if theirs is not None else None,
+                "theirs_by": theirs.annotator if theirs is not None else "",
+                "theirs_label": theirs.label if theirs is not None else "",
+            }
+            view = render(app, i, blind=bool(is_blind), annotator=who.name, kind=kind_of(kind))
+            dialog = [gr.update(visible=True), present.conflict(theirs, mine, was), held]
+            return [*view, label, text, list(tr or []), "", *dialog]
         except ReviewError as exc:  # nothing stored: the photo, the search and the note stay
-            view = render(app, i, blind=bool(is_blind), annotator=who, kind=kind_of(kind))
-            return [*view, label, text, list(tr or []), present.refused(exc)]
-        if is_blind:
+            return stay(i, who, is_blind, kind, tr, label, text, present.refused(exc))
+        if saved.vote is not None:
+            msg = present.voted(saved.label, i, saved.vote)
+        elif is_blind:
             msg = present.blind_reveal(saved.label, i, app.view(i))
         else:
             msg = present.saved(saved.label, i)
-        return queue_next(i, who, is_blind, kind, tr, msg)
+        return advance(i, who, is_blind, kind, tr, msg)
 
-    def do_undo(img_id: float | None, who: str, is_blind: bool, kind: str | None, tr):
+    def do_review(
+        img_id: float | None,
+        label: str | None,
+        text: str | None,
+        is_blind: bool,
+        kind: str | None,
+        tr,
+        shown: float | None,
+        who: Caller,
+    ) -> list[Any]:
+        if img_id is None or not label or label == "—":
+            return stay(current(img_id), who, is_blind, kind, tr, label, text, present.NOTHING_TO_LABEL)
+        return save(int(img_id), label, text, is_blind, kind, tr, _seen(shown), who)
+
+    def keep_theirs(img_id: float | None, is_blind: bool, kind: str | None, tr, held, who: Caller):
+        i = current(img_id)
+        if held:
+            msg = present.kept_theirs_text(held["theirs_by"], held["theirs_label"], held["image_id"])
+        else:
+            msg = ""
+        return advance(i, who, is_blind, kind, tr, msg)
+
+    def replace_mine(img_id: float | None, is_blind: bool, kind: str | None, tr, held, who: Caller):
+        if not held:  # nothing held back (a stale dialog): show the photo as it is
+            return show(img_id, is_blind, kind, tr, who)
+        # a new review after theirs (it names theirs as the one it replaces); history keeps both
+        return save(held["image_id"], held["label"], held["note"], held["blind"], kind, tr, held["theirs"], who)
+
+    def do_undo(img_id: float | None, is_blind: bool, kind: str | None, tr, who: Caller):
         i = current(img_id)
         try:
-            result = app.undo_last(who)
+            result = app.undo_last(who.name)
         except ReviewError as exc:
             return moved(i, i, who, is_blind, kind, tr, present.refused(exc))
         return moved(result.image_id, i, who, is_blind, kind, tr, present.undone(result))
 
-    def do_jump(text: str, img_id: float | None, who: str, is_blind: bool, kind: str | None, tr):
+    def do_jump(text: str | None, img_id: float | None, is_blind: bool, kind: str | None, tr, who: Caller):
         i = current(img_id)
+        text = text or ""
         found = app.find_photo(text)
         if found is None:
             return [*moved(i, i, who, is_blind, kind, tr, f"⚠️ No photo matches {text.strip()!r}."), text]
         return [*moved(found, i, who, is_blind, kind, tr), ""]
 
-    def open_decision(evt: gr.SelectData, img_id: float | None, who: str, is_blind: bool, kind: str | None, tr):
+    def open_decision(evt: gr.SelectData, img_id: float | None, is_blind: bool, kind: str | None, tr, who: Caller):
         i = current(img_id)
         row = evt.index[0] if isinstance(evt.index, list | tuple) else evt.index
-        decisions = app.recent_decisions(who)
+        decisions = app.recent_decisions(who.name)
         if not isinstance(row, int) or not 0 <= row < len(decisions):
             return moved(i, i, who, is_blind, kind, tr)
         return moved(decisions[row].image_id, i, who, is_blind, kind, tr)
 
-    def show_next_unreviewed(img_id: float | None, who: str = "", is_blind: bool = False, kind=None, tr=None):
+    def show_next_unreviewed(img_id: float | None, is_blind: bool, kind: str | None, tr, who: Caller):
         i = current(img_id)
         nxt = app.next_unreviewed(i)
         if nxt is None:
             return moved(i, i, who, is_blind, kind, tr, present.ALL_REVIEWED)
         return moved(nxt, i, who, is_blind, kind, tr)
 
-    def first_view(img_id: float | None = None, who: str = "", is_blind: bool = False) -> list[Any]:
+    def first_view(img_id: float | None = None, is_blind: bool = False, who: Caller | None = None) -> list[Any]:
+        # defaults: scripted clients may call /show with nothing; the guard always passes the caller
+        assert who is not None
         if img_id:  # scripted clients open a given photo (the page itself sends the empty field's 0)
-            return render(app, current(img_id), blind=bool(is_blind), annotator=who)
-        return render(app, app.next_unreviewed(None), blind=bool(is_blind), annotator=who)
+            return render(app, current(img_id), blind=bool(is_blind), annotator=who.name)
+        return render(app, app.next_unreviewed(None), blind=bool(is_blind), annotator=who.name)
 
-    def restore_prefs(saved: dict[str, Any] | None) -> tuple[str, bool]:
-        saved = saved or {}
-        return str(saved.get("annotator") or app.settings.annotator), bool(saved.get("blind", False))
+    def whoami(who: Caller) -> str:
+        return present.signed_in(who.name, who.role.value, open_mode=guards.config.mode == "open")
 
-    restored = demo.load(restore_prefs, inputs=[prefs], outputs=[annotator, blind], api_visibility="private")
-    restored.then(None, js=HOTKEYS_JS)
-    ev = restored.then(
-        first_view, inputs=[image_id, annotator, blind], outputs=view_out, api_name="show", show_progress=QUIET
-    )
-    first_stream = ev.then(stream, inputs=[image_id, blind], outputs=[reasoning], api_name="reasoning")
-    ev.then(lambda: app.failed_images(), outputs=[failed], api_name="failed")
-    for box in (annotator, blind):
-        box.change(lambda a, b: {"annotator": a, "blind": bool(b)}, inputs=[annotator, blind], outputs=[prefs])
+    def restore_prefs(saved: dict[str, Any] | None) -> bool:
+        return bool((saved or {}).get("blind", False))
 
-    private: dict[str, Any] = {"api_visibility": "private", "show_progress": QUIET}
-    nav = [
-        prev_btn.click(go_prev, inputs=[image_id, *ctx], outputs=move_out, **private),
-        next_btn.click(go_next, inputs=[image_id, *ctx], outputs=move_out, **private),
-        skip.click(queue_next, inputs=[image_id, *ctx], outputs=move_out, **private),
-        refresh.click(show, inputs=[image_id, *ctx], outputs=move_out, **private),
-        next_open.click(
-            show_next_unreviewed,
-            inputs=[image_id, *ctx],
-            outputs=move_out,
-            api_name="next_unreviewed",
-            show_progress=QUIET,
-        ),
-        queue.input(open_queue, inputs=[image_id, *ctx], outputs=move_out, **private),
-        blind.input(show, inputs=[image_id, *ctx], outputs=move_out, **private),
-        jump.submit(do_jump, inputs=[jump, image_id, *ctx], outputs=[*move_out, jump], **private),
-        recent.select(open_decision, inputs=[image_id, *ctx], outputs=move_out, **private),
-        undo.click(do_undo, inputs=[image_id, *ctx], outputs=move_out, **private),
-    ]
-    review_tail = [annotator, note, blind, queue, trail]
-    reviews = [
-        b.click(do_review, inputs=[image_id, b, *review_tail], outputs=move_out, **private)
-        for b in (*confirm, accept, not_cat, unsure)
-    ]
-    # The public API for scripted review: image id, any label (aliases accepted), annotator, note.
-    reviews.append(
-        set_label.click(
-            do_review, inputs=[image_id, pick, *review_tail], outputs=move_out, api_name="review", show_progress=QUIET
-        )
-    )
-    reviews.append(pick.input(do_review, inputs=[image_id, pick, *review_tail], outputs=move_out, **private))
-    for e in reviews:
-        e.then(None, js=BLUR_JS)
-    streams = [
-        e.then(stream, inputs=[image_id, blind], outputs=[reasoning], api_visibility="private", show_progress=QUIET)
-        for e in [*nav, *reviews]
-    ]
-    stop_reasoning.click(None, cancels=[first_stream, *streams], api_visibility="private")
+    def remember_prefs(is_blind: bool) -> dict[str, Any]:
+        return {"blind": bool(is_blind)}
+
+    def failed_list() -> list[tuple[str, str]]:
+        return app.failed_images()
 
     def tick(shown: str) -> Any:
         text = app.job.text()
         return gr.skip() if text == shown else text  # unchanged: no update, nothing blinks
 
+    view_ = guards(Action.VIEW, show, with_caller=True)  # the one wrapped "Refresh"
+    see: dict[str, Any] = {"with_caller": True}
+    restored = demo.load(guards(Action.VIEW, restore_prefs), inputs=[prefs], outputs=[blind], api_visibility="private")
+    restored.then(None, js=HOTKEYS_JS)
+    restored.then(guards(Action.VIEW, whoami, **see), outputs=[signed], api_visibility="private")
+    ev = restored.then(
+        guards(Action.VIEW, first_view, **see),
+        inputs=[image_id, blind],
+        outputs=view_out,
+        api_name="show",
+        show_progress=QUIET,
+    )
+    streamed = guards(Action.VIEW, stream)
+    first_stream = ev.then(streamed, inputs=[image_id, blind], outputs=[reasoning], api_name="reasoning")
+    ev.then(guards(Action.VIEW, failed_list), outputs=[failed], api_name="failed")
+    blind.change(guards(Action.VIEW, remember_prefs), inputs=[blind], outputs=[prefs], api_visibility="private")
+
+    private: dict[str, Any] = {"api_visibility": "private", "show_progress": QUIET}
+
+    def nav_event(trigger: Any, fn: Any, inputs: list[Any], outputs: list[Any], **kw: Any) -> Any:
+        return trigger(guards(Action.VIEW, fn, with_caller=True), inputs=inputs, outputs=outputs, **(kw or private))
+
+    nav = [
+        nav_event(prev_btn.click, go_prev, [image_id, *ctx], move_out),
+        nav_event(next_btn.click, go_next, [image_id, *ctx], move_out),
+        nav_event(skip.click, skip_to_next, [image_id, *ctx], move_out),
+        refresh.click(view_, inputs=[image_id, *ctx], outputs=move_out, **private),
+        nav_event(
+            next_open.click,
+            show_next_unreviewed,
+            [image_id, *ctx],
+            move_out,
+            api_name="next_unreviewed",
+            show_progress=QUIET,
+        ),
+        nav_event(queue.input, open_queue, [image_id, *ctx], move_out),
+        blind.input(view_, inputs=[image_id, *ctx], outputs=move_out, **private),
+        nav_event(jump.submit, do_jump, [jump, image_id, *ctx], [*move_out, jump]),
+        nav_event(recent.select, open_decision, [image_id, *ctx], move_out),
+        nav_event(keep_btn.click, keep_theirs, [image_id, *ctx, pending], move_out),
+    ]
+    reviewing = guards(Action.REVIEW, do_review, with_caller=True)
+    review_tail = [note, blind, queue, trail, seen]
+    reviews = [
+        b.click(reviewing, inputs=[image_id, b, *review_tail], outputs=move_out, **private)
+        for b in (*confirm, accept, not_cat, unsure)
+    ]
+    # The public API for scripted review: image id, any label (aliases accepted), note, blind, queue,
+    # and the review id the client was shown (0: none; empty: replace whatever is there).
+    reviews.append(
+        set_label.click(
+            reviewing, inputs=[image_id, pick, *review_tail], outputs=move_out, api_name="review", show_progress=QUIET
+        )
+    )
+    reviews.append(pick.input(reviewing, inputs=[image_id, pick, *review_tail], outputs=move_out, **private))
+    reviews.append(
+        replace_btn.click(
+            guards(Action.REVIEW, replace_mine, with_caller=True),
+            inputs=[image_id, *ctx, pending],
+            outputs=move_out,
+            **private,
+        )
+    )
+    reviews.append(
+        undo.click(
+            guards(Action.REVIEW, do_undo, with_caller=True), inputs=[image_id, *ctx], outputs=move_out, **private
+        )
+    )
+    for e in reviews:
+        e.then(None, js=BLUR_JS)
+    streams = [
+        e.then(streamed, inputs=[image_id, blind], outputs=[reasoning], api_visibility="private", show_progress=QUIET)
+        for e in [*nav, *reviews]
+    ]
+    stop_reasoning.click(None, cancels=[first_stream, *streams], api_visibility="private")
+
     timer = gr.Timer(1.0)
-    timer.tick(tick, inputs=[job], outputs=[job], api_visibility="private", show_progress=QUIET)
+    timer.tick(guards(Action.VIEW, tick), inputs=[job], outputs=[job], api_visibility="private", show_progress=QUIET)

@@ -12,7 +12,7 @@ Three parts, each behind the role its actions need (:data:`catreview.data.accoun
 
 The handlers are plain functions of the :class:`ReviewApp` (tested without a browser); every
 text comes from :mod:`catreview.app.presenters.team`, every read and write from
-:mod:`catreview.query.team`. Each event is wired through ``guards`` (:class:`catreview.app.auth.Guards`).
+:mod:`catreview.app.team`. Each event is wired through ``guards`` (:class:`catreview.app.auth.Guards`).
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ from typing import Any
 
 import gradio as gr
 
+from catreview.app import team
 from catreview.app.auth import Caller, Guards
 from catreview.app.core import ReviewApp
 from catreview.app.presenters import team as text
 from catreview.data.accounts import Action
 from catreview.data.images import ImageDecodeError
 from catreview.data.reviews import ReviewError
-from catreview.query import team
 
 __all__ = [
     "AuditState",

@@ -15,13 +15,18 @@ started" message is cleared; the box shows the latest run's status from the firs
 also after an app restart.
 
 The handlers are plain functions of the :class:`ReviewApp` (``start``, ``cancel``, ``refresh``,
-``promote``, ``no_adapter``, ``status_text``) so they can be tested without a browser. The app's
-:class:`TrainJobs` is :attr:`ReviewApp.train_jobs` (core); :func:`jobs_for` returns it. Every
-text shown comes from :mod:`catreview.app.presenters.train`.
+``promote``, ``no_adapter``, ``status_text``) so they can be tested without a browser; those that
+change something take the ``actor`` recorded in the audit log (the caller's name). Each event is
+guarded (:class:`catreview.app.auth.Guards`): the status, plots and table for every role
+(``view``), starting or cancelling a round or a refit for ``train``, activating a version or "no
+adapter" for ``promote`` (admins). The app's :class:`TrainJobs` is :attr:`ReviewApp.train_jobs`
+(core); :func:`jobs_for` returns it. Every text shown comes from
+:mod:`catreview.app.presenters.train`.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
@@ -30,10 +35,15 @@ import pandas as pd
 
 from catreview.adapters.gate import GateDecision
 from catreview.adapters.jobs import TrainJobs
+from catreview.app.auth import Caller, Guards
 from catreview.app.core import ReviewApp
 from catreview.app.presenters import train as text
 from catreview.app.presenters.train import FORM_LABELS, STARTED, config_from_form
+from catreview.app.public_errors import redact, reference
+from catreview.data.accounts import Action
 from catreview.errors import CatreviewError
+
+log = logging.getLogger("catreview.app")
 
 REFRESH_SECONDS = 2.0
 LOSS_COLUMNS = ["step", "loss"]
@@ -92,9 +102,11 @@ def start(
     rank: float | None = 16,
     batch_size: float | None = 4,
     train_projector: bool = False,
+    *,
+    actor: str,
 ) -> str:
-    """Start a round with these hyper-parameters (the rest: ``TrainConfig`` defaults); returns
-    the message shown under the buttons.
+    """Start a round with these hyper-parameters (the rest: ``TrainConfig`` defaults), recorded
+    as started by ``actor`` (:meth:`ReviewApp.start_round`); returns the message shown under the buttons.
 
     Refused here, before any process starts, with ``"Not started: <why>"``: a cleared or
     invalid field, named by its label ("Epochs is empty";
@@ -103,7 +115,7 @@ def start(
     """
     try:
         cfg = config_from_form(epochs, lr, rank, batch_size, train_projector)
-        run_id = jobs_for(app).start(base_model(app), cfg)
+        run_id = app.start_round(cfg, actor=actor)
     except (CatreviewError, ValueError) as exc:  # TrainingBusy, TrainJobError, bad form values
         return text.not_started(exc)
     return STARTED.format(run_id=run_id)
@@ -111,8 +123,9 @@ def start(
 
 def status_text(app: ReviewApp) -> str:
     """The latest run's status (after an app restart too), or "No training run yet."; a failed
-    run shows the reason its round gave and where its log is."""
-    return text.run_status_line(jobs_for(app).status())
+    run shows the reason its round gave and its log's file name (server paths are shortened to
+    ``…/<name>``, :func:`catreview.app.public_errors.redact`: the browser gets no server path)."""
+    return redact(text.run_status_line(jobs_for(app).status()))
 
 
 def message_after_refresh(app: ReviewApp, message: str | None) -> str:
@@ -125,41 +138,41 @@ def message_after_refresh(app: ReviewApp, message: str | None) -> str:
     return (message or "") if st is not None and st.status == "running" else ""
 
 
-def cancel(app: ReviewApp) -> str:
-    """Stop the running round (its checkpoint is kept)."""
-    return text.CANCELLING if jobs_for(app).cancel() else text.NOT_RUNNING
+def cancel(app: ReviewApp, *, actor: str) -> str:
+    """Stop the running round (its checkpoint is kept), recorded as cancelled by ``actor``."""
+    return text.CANCELLING if app.cancel_round(actor=actor) else text.NOT_RUNNING
 
 
-def promote(app: ReviewApp, choice: str | None) -> str:
-    """Activate the version chosen in the dropdown (manual promote or rollback; no gate)."""
+def promote(app: ReviewApp, choice: str | None, *, actor: str) -> str:
+    """Activate the version chosen in the dropdown (manual promote or rollback; no gate),
+    recorded as done by ``actor``."""
     if not choice:
         return text.CHOOSE_VERSION
     try:
-        row = app.promote(int(choice))
+        row = app.promote(int(choice), actor=actor)
     except (CatreviewError, ValueError) as exc:  # AdapterError; a choice that is not a number
         return text.not_changed(exc)
     return text.activated(row.id)
 
 
-def no_adapter(app: ReviewApp) -> str:
-    """Roll back to the base model alone."""
-    app.no_adapter()
+def no_adapter(app: ReviewApp, *, actor: str) -> str:
+    """Roll back to the base model alone, recorded as done by ``actor``."""
+    app.no_adapter(actor=actor)
     return text.NO_ADAPTER
 
 
-def retrain_classifier(app: ReviewApp) -> str:
-    """Start a stage-1 refit in the background (:class:`catreview.app.classifier_job.ClassifierJob`);
-    returns the message shown under the buttons."""
-    from catreview.app.classifier_job import classifier_job
-
-    return text.CLASSIFIER_STARTED if classifier_job(app).start() else text.CLASSIFIER_BUSY
+def retrain_classifier(app: ReviewApp, *, actor: str) -> str:
+    """Start a stage-1 refit in the background (:meth:`ReviewApp.retrain_classifier`), recorded
+    as started by ``actor``; returns the message shown under the buttons."""
+    return text.CLASSIFIER_STARTED if app.retrain_classifier(actor=actor) else text.CLASSIFIER_BUSY
 
 
 def classifier_status(app: ReviewApp) -> str:
-    """The stage-1 refit's progress or outcome (``""`` before the first refit of this app)."""
+    """The stage-1 refit's progress or outcome (``""`` before the first refit of this app), server
+    paths shortened (:func:`catreview.app.public_errors.redact`)."""
     from catreview.app.classifier_job import classifier_job
 
-    return text.classifier_status(classifier_job(app).state)
+    return redact(text.classifier_status(classifier_job(app).state))
 
 
 def _frames(rows: list[dict[str, Any]]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -190,7 +203,7 @@ def refresh(
     versions = app.adapter_versions()
     choices = [text.version_choice(v) for v in versions]
     return (
-        text.run_status_line(st),
+        redact(text.run_status_line(st)),
         loss,
         val,
         gate_text,
@@ -200,8 +213,17 @@ def refresh(
     )
 
 
-def build(app: ReviewApp) -> None:
-    """Lay out the Train tab (creating the app's :class:`TrainJobs` recovers crashed rounds)."""
+def _unavailable(exc: Exception) -> str:
+    """The status box's text for a failed read: the details go to the server log under a
+    reference, the browser gets the reference only (no SQL, no server path)."""
+    ref = reference()
+    log.error("train tab status failed [%s]: %s: %s", ref, type(exc).__name__, exc)
+    return text.status_unavailable(ref)
+
+
+def build(app: ReviewApp, guards: Guards) -> None:
+    """Lay out the Train tab (creating the app's :class:`TrainJobs` recovers crashed rounds);
+    every event is guarded by ``guards`` (see the module docstring)."""
     gr.Markdown(text.intro_text(jobs_for(app).policy))
     with gr.Accordion("Hyper-parameters", open=False), gr.Row():
         epochs = gr.Number(3, label=FORM_LABELS["epochs"], precision=0, elem_id="train-epochs")
@@ -213,10 +235,15 @@ def build(app: ReviewApp) -> None:
         retrain = gr.Button("Retrain adapter", variant="primary", elem_id="retrain")
         retrain_clf = gr.Button("Retrain classifier", elem_id="retrain-classifier")
         stop = gr.Button("Cancel training", variant="stop", elem_id="cancel-train")
-    # A callable value is computed on every page load: the latest run's status shows at once (also
-    # after an app restart), not only from the timer's first tick.
+    # The latest run's status shows from the page load on (also after an app restart), not only from
+    # the timer's first tick: computed when the tab is built, and again by a guarded load event.
     status = gr.Textbox(
-        lambda: _safe_status(app), label="Status", interactive=False, lines=2, max_lines=6, elem_id="train-status"
+        _safe_status(app),
+        label="Status",
+        interactive=False,
+        lines=2,
+        max_lines=6,
+        elem_id="train-status",
     )
     with gr.Row():
         loss_plot = gr.LinePlot(
@@ -246,7 +273,10 @@ def build(app: ReviewApp) -> None:
         none_btn = gr.Button("No adapter", elem_id="no-adapter")
     message = gr.Markdown(elem_id="train-message")
     clf_status = gr.Textbox(
-        lambda: classifier_status(app), label="Classifier (stage 1)", interactive=False, elem_id="classifier-status"
+        classifier_status(app),
+        label="Classifier (stage 1)",
+        interactive=False,
+        elem_id="classifier-status",
     )
 
     outputs = [status, loss_plot, val_plot, gate_md, gate_table, versions, choice]
@@ -255,29 +285,62 @@ def build(app: ReviewApp) -> None:
         try:
             *values, choices = refresh(app)
         except Exception as exc:  # noqa: BLE001 -- a failed refresh must not leave the tab silently stale
-            return [text.status_unavailable(exc), *[gr.update()] * (len(outputs) - 1), gr.update()]
+            return [_unavailable(exc), *[gr.update()] * (len(outputs) - 1), gr.update()]
         return [*values, gr.update(choices=choices), message_after_refresh(app, msg)]
 
+    def do_start(
+        epochs_v: float | None,
+        lr_v: float | None,
+        rank_v: float | None,
+        batch_v: float | None,
+        projector_v: bool,
+        who: Caller,
+    ) -> str:
+        return start(app, epochs_v, lr_v, rank_v, batch_v, projector_v, actor=who.name)
+
     ticked = [*outputs, message]
-    gr.Timer(REFRESH_SECONDS).tick(tick, inputs=[message], outputs=ticked, api_visibility="private")
-    gr.Timer(REFRESH_SECONDS).tick(lambda: classifier_status(app), outputs=[clf_status], api_visibility="private")
-    retrain_clf.click(lambda: retrain_classifier(app), outputs=[clf_status], api_name="retrain_classifier")
+    view_tick = guards(Action.VIEW, tick)
+    gr.on(
+        None,
+        guards(Action.VIEW, lambda: (_safe_status(app), classifier_status(app))),
+        outputs=[status, clf_status],
+        api_visibility="private",
+    )
+    gr.Timer(REFRESH_SECONDS).tick(view_tick, inputs=[message], outputs=ticked, api_visibility="private")
+    gr.Timer(REFRESH_SECONDS).tick(
+        guards(Action.VIEW, lambda: classifier_status(app)), outputs=[clf_status], api_visibility="private"
+    )
+    retrain_clf.click(
+        guards(Action.TRAIN, lambda who: retrain_classifier(app, actor=who.name), with_caller=True),
+        outputs=[clf_status],
+        api_name="retrain_classifier",
+    )
     retrain.click(
-        lambda *a: start(app, *a), inputs=[epochs, lr, rank, batch, projector], outputs=[message], api_name="retrain"
-    ).then(tick, inputs=[message], outputs=ticked)
-    stop.click(lambda: cancel(app), outputs=[message], api_name="cancel_training").then(
-        tick, inputs=[message], outputs=ticked
-    )
-    promote_btn.click(lambda c: promote(app, c), inputs=[choice], outputs=[message], api_name="promote_adapter").then(
-        tick, inputs=[message], outputs=ticked
-    )
-    none_btn.click(lambda: no_adapter(app), outputs=[message], api_name="no_adapter").then(
-        tick, inputs=[message], outputs=ticked
-    )
+        guards(Action.TRAIN, do_start, with_caller=True),
+        inputs=[epochs, lr, rank, batch, projector],
+        outputs=[message],
+        api_name="retrain",
+    ).then(view_tick, inputs=[message], outputs=ticked)
+    stop.click(
+        guards(Action.TRAIN, lambda who: cancel(app, actor=who.name), with_caller=True),
+        outputs=[message],
+        api_name="cancel_training",
+    ).then(view_tick, inputs=[message], outputs=ticked)
+    promote_btn.click(
+        guards(Action.PROMOTE, lambda c, who: promote(app, c, actor=who.name), with_caller=True),
+        inputs=[choice],
+        outputs=[message],
+        api_name="promote_adapter",
+    ).then(view_tick, inputs=[message], outputs=ticked)
+    none_btn.click(
+        guards(Action.PROMOTE, lambda who: no_adapter(app, actor=who.name), with_caller=True),
+        outputs=[message],
+        api_name="no_adapter",
+    ).then(view_tick, inputs=[message], outputs=ticked)
 
 
 def _safe_status(app: ReviewApp) -> str:
     try:
         return status_text(app)
     except Exception as exc:  # noqa: BLE001 -- shown in the box instead of an empty one
-        return text.status_unavailable(exc)
+        return _unavailable(exc)
