@@ -37,7 +37,7 @@ PASSWORD = "correct horse battery"
 USERS = {"ann": Role.ANNOTATOR, "rita": Role.REVIEWER, "ada": Role.ADMIN}
 BREEDS = ("Bengal", "Persian")
 TIMEOUT = httpx.Timeout(120.0)
-DENIED = "cannot "  # accounts.require: "<who> (<role>) cannot <action>: it needs the <role> role"
+DENIED = "cannot "  # accounts.require: "<who> (<role>) cannot <action>: that needs the <role> role; ask an admin"
 
 
 # ------------------------------------------------------------------ app, HTTP sessions
@@ -197,7 +197,7 @@ def test_every_endpoint_checks_the_callers_role_over_http(
     assert wrong == {}, f"{len(wrong)} of {len(outcomes)} calls against the role table: {list(wrong.items())[:5]}"
     # the refused calls named the role the action needs
     refused = [v[2] for v in outcomes.values() if v[1]]
-    assert refused and all("it needs the " in m for m in refused)
+    assert refused and all("that needs the " in m for m in refused)
     assert len({k[1] for k in outcomes}) == len(fns)
     refused_by = {name: sum(v[1] for k, v in outcomes.items() if k[0] == name) for name in USERS}
     assert refused_by["ann"] > refused_by["rita"] > refused_by["ada"] == 0, refused_by
@@ -316,7 +316,7 @@ def test_trusted_header_mode_honours_the_header_only_from_the_configured_proxies
                 ok, out = call_named(clients["ann"], demo, "show")
                 assert ok and out
                 ok, out = call_named(clients["ann"], demo, "no_adapter")
-                assert not ok and out.startswith("ann (annotator) cannot promote")
+                assert not ok and out.startswith("ann (annotator) cannot promote or roll back")
                 ok, out = call_named(clients["ada"], demo, "no_adapter")
                 assert ok and "No adapter" in out[0]
                 ok, out = call_named(clients["mallory"], demo, "show")  # named by the proxy, not a user
@@ -370,7 +370,9 @@ def test_promote_export_and_training_from_the_ui_api_are_audited_under_the_calle
         refresh = next(f.api_name for f in demo.fns.values() if f.name == "tick" and f.api_visibility == "public")
         annotator = Client(url, auth=("ann", PASSWORD), verbose=False)
         annotator.predict("", api_name=f"/{refresh}")
-        with pytest.raises(AppError, match=r"ann \(annotator\) cannot promote: it needs the admin role"):
+        with pytest.raises(
+            AppError, match=r"ann \(annotator\) cannot promote or roll back model versions: that needs the admin role"
+        ):
             annotator.predict(str(v2), api_name="/promote_adapter")
         with pytest.raises(AppError, match=r"ann \(annotator\) cannot export"):
             annotator.predict(0, 64, 0, False, False, api_name="/export")

@@ -59,13 +59,17 @@ def test_login_then_the_annotators_train_clicks_are_refused_with_the_role_messag
 
         page.get_by_role("tab", name="Train").click()
         page.locator("#retrain").click()
-        expect(page.get_by_text("ann (annotator) cannot train: it needs the admin role").first).to_be_visible(
-            timeout=30000
-        )
+        expect(
+            page.get_by_text(
+                "ann (annotator) cannot start or cancel training, calibration or comparison runs: that needs the admin role"
+            ).first
+        ).to_be_visible(timeout=30000)
         page.locator("#no-adapter").click()
-        expect(page.get_by_text("ann (annotator) cannot promote: it needs the admin role").first).to_be_visible(
-            timeout=30000
-        )
+        expect(
+            page.get_by_text(
+                "ann (annotator) cannot promote or roll back model versions: that needs the admin role"
+            ).first
+        ).to_be_visible(timeout=30000)
         page.screenshot(path=str(ARTIFACTS_DIR / "login_refused.png"), full_page=False)
     with Session(app.engine) as s:
         assert s.exec(select(TrainingRun)).first() is None  # nothing was started

@@ -66,12 +66,17 @@ def test_an_open_overlap_photo_takes_blind_votes_and_the_queue_serves_each_annot
     ids = _ids(app)
     assert added == len(ids) == 12
     assert app.next_for(OVERLAP_QUEUE, None, "ann").image_id == ids[0]
-    assert "overlap round" in app.next_for(OVERLAP_QUEUE, None, "ann").reason
     one = app.save_decision(ids[0], "Bengal", "ann")
     assert one.vote is not None and (one.vote.status, one.vote.votes, one.review) == ("open", 1, None)
     assert _reviews(app, ids[0]) == []  # a vote is not a review: nobody sees it as the photo's label
     assert app.next_for(OVERLAP_QUEUE, ids[0], "ann").image_id == ids[1]  # ann has voted on the first
     assert app.next_for(OVERLAP_QUEUE, None, "bea").image_id == ids[0]  # bea has not
+    assert (app.my_vote(ids[0], "ann"), app.my_vote(ids[0], "bea")) == ("Bengal", None)
+    changed = app.save_decision(ids[0], "Persian", "ann")  # a second vote replaces the first
+    assert changed.previous_vote == "Bengal" and changed.vote.votes == 1
+    assert app.withdraw_vote(ids[0], "ann") == "Persian"  # the Review tab's undo of a vote
+    assert app.my_vote(ids[0], "ann") is None and app.overlap_item(ids[0]).votes == 0
+    app.save_decision(ids[0], "Bengal", "ann")
     agreed = app.save_decision(ids[0], "bengal", "bea")
     assert agreed.vote.status == "agreed" and agreed.review is not None and agreed.label == "Bengal"
     assert [a for a, _, _ in _reviews(app, ids[0])] == ["bea"]  # the consensus review
@@ -83,6 +88,8 @@ def test_an_open_overlap_photo_takes_blind_votes_and_the_queue_serves_each_annot
         assert len(list(s.exec(select(OverlapVote).where(OverlapVote.image_id == ids[1])))) == 2
     # a settled photo takes ordinary reviews again (a reviewer adjudicates disputed ones in the Team tab)
     assert app.overlap_item(ids[0]).status == "agreed"
+    with pytest.raises(overlap.OverlapError, match="settled"):
+        app.withdraw_vote(ids[0], "bea")
     later = app.save_decision(ids[0], "Persian", "cy", seen=agreed.review.id)
     assert later.vote is None and later.review.replaces_review_id == agreed.review.id
     assert app.next_for(OVERLAP_QUEUE, None, "ann").image_id == ids[2]

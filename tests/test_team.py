@@ -215,24 +215,28 @@ def test_three_accounts_give_the_agreement_figures_computed_here(team_app, tmp_p
     order = []
     while shown is not None:
         order.append(shown)
-        photo, votes_md, nxt, message = call(demo, "team_decide", "rita", shown, decision[shown], "settled")
+        photo, votes_md, nxt, message, breed, note = call(
+            demo, "team_decide", "rita", shown, decision[shown], "settled"
+        )
+        assert (breed, note) == (None, "")  # the form is cleared for the next photo
         assert message == text.decided(shown, decision[shown], "rita")
         shown = nxt
     assert order == disputed and votes_md == text.queue_empty()
     # a second decision on a settled photo is refused with the reason, nothing stored
-    _, _, _, message = call(demo, "team_decide", "rita", disputed[0], truth[disputed[0]], "")
+    _, _, _, message, breed, _ = call(demo, "team_decide", "rita", disputed[0], truth[disputed[0]], "")
+    assert breed == truth[disputed[0]]  # not stored: the choice stays in the form
     assert message.startswith("Not saved:") and "adjudicated" in message
     with Session(app.engine) as s:
         assert [r.source for r in history(s, disputed[0])] == ["import", "adjudication"]
 
-    final = {**{i: truth[i] for i in unanimous}, **decision}
+    final = dict(decision)  # accuracy is against the reviewers' decisions (consensus labels are the votes)
     figures = team.agreement(app.engine)
     assert figures.counts == {"open": 0, "agreed": len(unanimous), "disputed": 0, "adjudicated": len(disputed)}
     by = {a.annotator: a for a in figures.report.annotators}
     for w in ANNOTATORS:
-        correct = sum(chosen[w][i] == final[i] for i in ids)
-        assert (by[w].votes, by[w].n_final, by[w].correct) == (len(ids), len(ids), correct)
-        assert by[w].accuracy == pytest.approx(correct / len(ids), abs=1e-12)
+        correct = sum(chosen[w][i] == final[i] for i in final)
+        assert (by[w].votes, by[w].n_final, by[w].correct) == (len(ids), len(final), correct)
+        assert by[w].accuracy == pytest.approx(correct / len(final), abs=1e-12)
         others = [chosen[w][i] == chosen[o][i] for o in ANNOTATORS if o != w for i in ids]
         assert by[w].agree == pytest.approx(np.mean(others), abs=1e-12)
     assert figures.report.alpha == pytest.approx(want_alpha, abs=1e-9)  # votes, not decisions

@@ -124,6 +124,7 @@ class Saved:
     label: str
     review: Review | None = None
     vote: VoteOutcome | None = None
+    previous_vote: str | None = None
 
 
 class ReviewApp:
@@ -658,12 +659,28 @@ class ReviewApp:
                 f"photo {image_id} is disputed in the overlap round: a reviewer adjudicates it (Team tab)"
             )
         if item is not None and item.status == "open":
+            before = self.my_vote(image_id, annotator)
             with Session(self.engine) as s:
                 vote = overlap.cast_vote(s, image_id, label, annotator, vocabulary=self.vocabulary, note=note)
             canonical = vote.review.label if vote.review is not None else self.vocabulary.canonical(label)
-            return Saved(canonical, review=vote.review, vote=vote)
+            return Saved(canonical, review=vote.review, vote=vote, previous_vote=before)
         review = self.review(image_id, label, annotator, note, replaces=seen, blind=blind)
         return Saved(review.label, review=review)
+
+    def my_vote(self, image_id: int, annotator: str) -> str | None:
+        """``annotator``'s overlap vote on the photo (its label), or ``None`` (a unique-key read)."""
+        with Session(self.engine) as s:
+            vote = overlap.my_vote(s, image_id, annotator)
+            return None if vote is None else vote.label
+
+    def withdraw_vote(self, image_id: int, annotator: str) -> str:
+        """Withdraw ``annotator``'s vote on a photo still open in the round; returns its label.
+
+        Raises:
+            catreview.data.overlap.OverlapError: no such vote, or the photo is settled.
+        """
+        with Session(self.engine) as s:
+            return overlap.withdraw_vote(s, image_id, annotator).label
 
     def next_for(self, kind: str, after: int | None, annotator: str) -> QueueItem | None:
         """The next photo of queue ``kind`` after ``after`` for ``annotator``: :data:`OVERLAP_QUEUE`
@@ -679,7 +696,7 @@ class ReviewApp:
             found = overlap.next_for(s, annotator, after)
         if found is None:
             return None
-        return QueueItem(found, 0.0, "overlap round: several annotators label this photo blind to each other")
+        return QueueItem(found, 0.0, "")  # the view says why (an open overlap photo)
 
     # ------------------------------------------------------------------ calibration, export, adapters
     def calibrate(self, *, actor: str) -> tuple[CalibrationReport, int | None]:

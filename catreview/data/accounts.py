@@ -66,6 +66,19 @@ REQUIRED: dict[Action, Role] = {
 }
 
 
+ACTION_TEXT: dict[Action, str] = {
+    Action.VIEW: "see the photos and reports",
+    Action.REVIEW: "review photos",
+    Action.ADJUDICATE: "adjudicate disputed photos or start overlap rounds",
+    Action.SEE_ALL: "see the team's agreement figures",
+    Action.TRAIN: "start or cancel training, calibration or comparison runs",
+    Action.PROMOTE: "promote or roll back model versions",
+    Action.EXPORT: "export datasets",
+    Action.MANAGE_USERS: "see the audit log or manage users",
+}
+"""How a refusal names each action ("ann (annotator) cannot export datasets: ...")."""
+
+
 class AccountError(CatreviewError, ValueError):
     """A user that cannot be added or changed (bad name, short password, unknown user or role)."""
 
@@ -94,11 +107,11 @@ def allowed(role: Role | str, action: Action) -> bool:
 def require(role: Role | str | None, action: Action, *, who: str = "you") -> None:
     """Raise :class:`PermissionDenied` unless ``role`` may do ``action`` (``None``: not logged in)."""
     if role is None:
-        raise PermissionDenied(f"log in to {action.value.replace('_', ' ')}")
+        raise PermissionDenied(f"log in to {ACTION_TEXT[action]}")
     if not allowed(role, action):
         need = REQUIRED[action].value
         raise PermissionDenied(
-            f"{who} ({Role(role).value}) cannot {action.value.replace('_', ' ')}: it needs the {need} role"
+            f"{who} ({Role(role).value}) cannot {ACTION_TEXT[action]}: that needs the {need} role; ask an admin"
         )
 
 

@@ -168,6 +168,41 @@ def cast_vote(
     return VoteOutcome("agreed", len(labels), k, review)
 
 
+def my_vote(session: Session, image_id: int, annotator: str) -> OverlapVote | None:
+    """``annotator``'s vote on the photo, or ``None`` (the unique (image, annotator) key)."""
+    q = select(OverlapVote).where(OverlapVote.image_id == image_id, OverlapVote.annotator == annotator)
+    return session.exec(q).first()
+
+
+def withdraw_vote(session: Session, image_id: int, annotator: str) -> OverlapVote:
+    """Delete ``annotator``'s vote on a photo still ``open`` in the round (the Review tab's undo)
+    and commit; returns the deleted vote.
+
+    Raises:
+        OverlapError: no such vote, or the photo is no longer open (settled votes stay).
+    """
+    locked = session.exec(
+        update(OverlapItem)
+        .where(col(OverlapItem.image_id) == image_id)
+        .values(votes=OverlapItem.votes)
+        .returning(col(OverlapItem.status))
+    ).first()
+    vote = my_vote(session, image_id, annotator)
+    if locked is None or vote is None:
+        session.rollback()
+        raise OverlapError(f"{annotator} has no vote on photo {image_id} to withdraw")
+    if locked[0] != "open":
+        session.rollback()
+        raise OverlapError(f"photo {image_id} is {locked[0]} in the overlap round: its votes are settled")
+    session.delete(vote)
+    row = session.get(OverlapItem, image_id)
+    assert row is not None  # locked above
+    row.votes = max(0, row.votes - 1)
+    session.add(row)
+    session.commit()
+    return vote
+
+
 def adjudicate(
     session: Session, image_id: int, label: str, reviewer: str, *, vocabulary: BreedVocabulary, note: str | None = None
 ) -> Review:
@@ -229,7 +264,9 @@ def disputed(session: Session, *, after: int | None = None, limit: int = 50) -> 
 
 def round_votes(session: Session) -> tuple[list[tuple[int, str, str]], dict[int, str]]:
     """``([(image_id, annotator, label), ...], {image_id: final label})``: every vote of the round
-    and the label each ``agreed`` or ``adjudicated`` photo ended with (its current label). Reads
+    and the label each ``adjudicated`` photo ended with (its current label: a reviewer's decision,
+    the reference for per-annotator accuracy; a consensus label is made of the votes themselves,
+    so it is left out). Reads
     the round's rows (an admin report over the round's share of photos, not a per-click query)."""
     votes = [
         (int(i), str(a), str(lab))
@@ -240,7 +277,7 @@ def round_votes(session: Session) -> tuple[list[tuple[int, str, str]], dict[int,
     final = session.exec(
         select(OverlapItem.image_id, ImageRecord.current_label)
         .join(ImageRecord, col(ImageRecord.id) == col(OverlapItem.image_id))
-        .where(col(OverlapItem.status).in_(["agreed", "adjudicated"]))
+        .where(col(OverlapItem.status) == "adjudicated")
     ).all()
     return votes, {int(i): str(lab) for i, lab in final if lab is not None}
 

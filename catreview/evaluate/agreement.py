@@ -101,8 +101,9 @@ def _alpha(by_photo: Mapping[int, Mapping[str, str]], annotators: list[str]) -> 
 
 
 def agreement_report(votes: Iterable[Vote], final_labels: Mapping[int, str] | None = None) -> AgreementReport:
-    """Agreement of ``votes`` and accuracy against ``final_labels`` (``{image_id: label}``; photos
-    whose votes all agree count with that label when they have none).
+    """Agreement of ``votes`` and accuracy against ``final_labels`` (``{image_id: label}``: the
+    reviewers' adjudicated labels; a consensus label is made of the votes it would score, so it is
+    not a reference).
 
     Raises:
         ValueError: an annotator voted twice on one photo (a round keeps one vote per person).
@@ -115,9 +116,6 @@ def agreement_report(votes: Iterable[Vote], final_labels: Mapping[int, str] | No
     multi = {i: d for i, d in by_photo.items() if len(d) >= 2}
     annotators = sorted({who for d in by_photo.values() for who in d})
     final = dict(final_labels or {})
-    for photo, d in multi.items():
-        if photo not in final and len(set(d.values())) == 1:
-            final[photo] = next(iter(d.values()))
 
     pairs = []
     compared: dict[str, list[bool]] = defaultdict(list)

@@ -231,16 +231,21 @@ def signed_in(name: str, role: str, *, open_mode: bool = False) -> str:
 
 
 def conflict(current: Review | None, mine: str, seen: str | None) -> str:
-    """The conflict dialog's text: who chose what and when after the photo was opened, what the
-    annotator saw then (``seen``: that label, ``None``: not reviewed) and chose now (``mine``)."""
+    """The conflict dialog's text: who chose what and when after the photo was opened (with their
+    note), what the annotator saw then (``seen``: that label, ``None``: not reviewed) and chose now
+    (``mine``)."""
     was = f"**{seen}**" if seen else "not reviewed yet"
     if current is None:
-        return f"This photo changed while you were saving (you saw: {was}). Keep what is there now, or replace it with your **{mine}**?"
+        return (
+            f"This photo changed while you were saving (you saw: {was}). Keep what is there now, or replace it "
+            f"with your **{mine}**?"
+        )
     when = current.created_at.strftime("%Y-%m-%d %H:%M:%S")
+    said = f" Their note: “{html.escape(current.note)}”." if current.note else ""
     return (
         f"⚠️ **{html.escape(current.annotator)}** chose **{current.label}** at {when} UTC, after you opened this "
-        f"photo (you saw: {was}). Keep theirs, or replace it with your **{mine}**? Either way both reviews "
-        "stay in the photo's history."
+        f"photo (you saw: {was}).{said} **Keep theirs** saves nothing; **Replace with mine** records your "
+        f"**{mine}** as a new review after theirs (the photo's history keeps both)."
     )
 
 
@@ -251,14 +256,29 @@ def kept_theirs_text(annotator: str, label: str, image_id: int) -> str:
     return f"Kept {html.escape(annotator)}'s **{label}** for photo {image_id}; nothing saved."
 
 
-def voted(label: str, image_id: int, vote: VoteOutcome) -> str:
-    """Notice after a blind overlap vote (the others' votes are not shown to annotators)."""
+def voted(label: str, image_id: int, vote: VoteOutcome, previous: str | None = None) -> str:
+    """Notice after a blind overlap vote (``previous``: the caller's vote it replaced); the others'
+    votes are not shown to annotators."""
+    changed = f" (changed from {previous})" if previous and previous != label else ""
     if vote.status == "agreed":
-        return f"Voted **{label}** for photo {image_id}: all {vote.k} annotators agreed, so it is now its label."
+        return (
+            f"Voted **{label}**{changed} for photo {image_id}: all {vote.k} annotators agreed, so it is now its label."
+        )
     if vote.status == "disputed":
-        return f"Voted **{label}** for photo {image_id}: the {vote.k} votes differ; a reviewer will adjudicate."
-    return f"Voted **{label}** for photo {image_id} ({vote.votes} of {vote.k} votes in; the others stay hidden)."
+        return (
+            f"Voted **{label}**{changed} for photo {image_id}: the {vote.k} votes differ; a reviewer will adjudicate."
+        )
+    return (
+        f"Voted **{label}**{changed} for photo {image_id} ({vote.votes} of {vote.k} votes in; the others stay hidden)."
+    )
+
+
+def withdrawn(label: str, image_id: int) -> str:
+    """Notice after undoing one's own overlap vote."""
+    return f"Withdrew your vote **{label}** on photo {image_id}."
 
 
 OVERLAP_WHY = "**Overlap round:** {k} annotators label this photo, blind to each other's choice."
 """The "why" line of a photo open in the overlap round."""
+YOUR_VOTE = "Your vote: **{label}** (vote again to change it; Undo withdraws it)."
+"""Shown under :data:`OVERLAP_WHY` once the caller has voted on the photo."""

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from catreview.app.public_errors import redact
 from catreview.app.team import STATUSES, AuditPage, DisputedPhoto, TeamAgreement, UserRow
 
 __all__ = [
@@ -143,7 +144,8 @@ def share_refused(share: float | None, k: float | None) -> str | None:
 
 
 def _detail(detail: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in sorted(detail.items()))
+    # server folders (a model path, an export folder) stay in the database, not in the page
+    return redact(", ".join(f"{k}={v}" for k, v in sorted(detail.items())))
 
 
 def audit_rows(page: AuditPage) -> list[list[Any]]:

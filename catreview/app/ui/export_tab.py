@@ -12,6 +12,7 @@ import gradio as gr
 from catreview.app.auth import Caller, Guards
 from catreview.app.core import ReviewApp
 from catreview.app.presenters import export as text
+from catreview.app.public_errors import redact
 from catreview.data.accounts import Action
 from catreview.errors import CatreviewError
 
@@ -66,7 +67,7 @@ def build(app: ReviewApp, guards: Guards) -> None:
             )
         except (CatreviewError, ValueError, OSError) as exc:  # ExportError, unknown profile, disk
             return text.export_failed(exc), None
-        return text.summary_text(result), str(archive)
+        return redact(text.summary_text(result)), str(archive)  # the zip is served; its folder is not said
 
     go.click(
         guards(Action.EXPORT, run, with_caller=True),

@@ -128,7 +128,9 @@ def render(
         why = "  \n".join(t for t in lines if t)
     item = app.overlap_item(v["id"])
     if item is not None and item.status == "open":
-        why = "  \n".join(t for t in (present.OVERLAP_WHY.format(k=item.k), why) if t)
+        mine = app.my_vote(v["id"], annotator) if annotator else None
+        your = present.YOUR_VOTE.format(label=mine) if mine else ""
+        why = "  \n".join(t for t in (present.OVERLAP_WHY.format(k=item.k), your, why) if t)
     nxt = _next_photo_path(app, v["id"], kind, annotator) if prefetch else None
     return [
         v["id"],
@@ -164,6 +166,7 @@ def build(app: ReviewApp, demo: gr.Blocks, guards: Guards) -> None:
     prefs = gr.BrowserState({"blind": False}, storage_key="catreview-review")
     trail = gr.State([])  # photos shown before, newest last ("Previous")
     pending = gr.State(None)  # the save a conflict dialog holds back (image id, label, note, theirs)
+    last_vote = gr.State(None)  # the photo of this page's last overlap vote (what Undo withdraws first)
     compact: dict[str, Any] = {"container": False, "show_label": False}
     with gr.Row(equal_height=True, elem_id="review-toolbar"):
         signed = gr.Markdown(elem_id="signed-in")
@@ -280,7 +283,7 @@ def build(app: ReviewApp, demo: gr.Blocks, guards: Guards) -> None:
     ]
     assert len(view_out) == len(VIEW_FIELDS)
     # every move: the view, the search and the note cleared, the trail, the notice, the dialog closed
-    move_out = [*view_out, pick, note, trail, message, conflict_box, conflict_text, pending]
+    move_out = [*view_out, pick, note, trail, message, conflict_box, conflict_text, pending, last_vote]
     ctx = [blind, queue, trail]  # inputs after the photo id; guarded handlers get the Caller last
 
     def current(img_id: float | None) -> int | None:
@@ -289,8 +292,8 @@ def build(app: ReviewApp, demo: gr.Blocks, guards: Guards) -> None:
     def kind_of(kind: str | None) -> str:
         return kind if kind in QUEUE_TITLES else DEFAULT_QUEUE
 
-    def closed() -> list[Any]:  # the conflict dialog hidden, nothing held back
-        return [gr.update(visible=False), "", None]
+    def closed() -> list[Any]:  # the conflict dialog hidden, nothing held back, the last vote kept
+        return [gr.update(visible=False), "", None, gr.skip()]
 
     def moved(
         to: int | None,
@@ -388,17 +391,19 @@ def build(app: ReviewApp, demo: gr.Blocks, guards: Guards) -> None:
                 "theirs_label": theirs.label if theirs is not None else "",
             }
             view = render(app, i, blind=bool(is_blind), annotator=who.name, kind=kind_of(kind))
-            dialog = [gr.update(visible=True), present.conflict(theirs, mine, was), held]
+            dialog = [gr.update(visible=True), present.conflict(theirs, mine, was), held, gr.skip()]
             return [*view, label, text, list(tr or []), "", *dialog]
         except ReviewError as exc:  # nothing stored: the photo, the search and the note stay
             return stay(i, who, is_blind, kind, tr, label, text, present.refused(exc))
         if saved.vote is not None:
-            msg = present.voted(saved.label, i, saved.vote)
+            msg = present.voted(saved.label, i, saved.vote, saved.previous_vote)
         elif is_blind:
             msg = present.blind_reveal(saved.label, i, app.view(i))
         else:
             msg = present.saved(saved.label, i)
-        return advance(i, who, is_blind, kind, tr, msg)
+        out = advance(i, who, is_blind, kind, tr, msg)
+        out[-1] = i if saved.vote is not None and saved.vote.status == "open" else None
+        return out
 
     def do_review(
         img_id: float | None,
@@ -428,8 +433,17 @@ def build(app: ReviewApp, demo: gr.Blocks, guards: Guards) -> None:
         # a new review after theirs (it names theirs as the one it replaces); history keeps both
         return save(held["image_id"], held["label"], held["note"], held["blind"], kind, tr, held["theirs"], who)
 
-    def do_undo(img_id: float | None, is_blind: bool, kind: str | None, tr, who: Caller):
+    def do_undo(img_id: float | None, is_blind: bool, kind: str | None, tr, voted_on: int | None, who: Caller):
         i = current(img_id)
+        if voted_on is not None:  # this page's last decision was a blind vote: withdraw it first
+            try:
+                label = app.withdraw_vote(int(voted_on), who.name)
+            except ReviewError as exc:  # settled meanwhile (its votes stay): say so, forget it
+                out = moved(i, i, who, is_blind, kind, tr, present.refused(exc))
+            else:
+                out = moved(int(voted_on), i, who, is_blind, kind, tr, present.withdrawn(label, int(voted_on)))
+            out[-1] = None
+            return out
         try:
             result = app.undo_last(who.name)
         except ReviewError as exc:
@@ -547,7 +561,10 @@ def build(app: ReviewApp, demo: gr.Blocks, guards: Guards) -> None:
     )
     reviews.append(
         undo.click(
-            guards(Action.REVIEW, do_undo, with_caller=True), inputs=[image_id, *ctx], outputs=move_out, **private
+            guards(Action.REVIEW, do_undo, with_caller=True),
+            inputs=[image_id, *ctx, last_vote],
+            outputs=move_out,
+            **private,
         )
     )
     for e in reviews:

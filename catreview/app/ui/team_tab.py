@@ -26,7 +26,8 @@ from catreview.app import team
 from catreview.app.auth import Caller, Guards
 from catreview.app.core import ReviewApp
 from catreview.app.presenters import team as text
-from catreview.data.accounts import Action
+from catreview.data import accounts
+from catreview.data.accounts import Action, PermissionDenied
 from catreview.data.images import ImageDecodeError
 from catreview.data.reviews import ReviewError
 
@@ -70,21 +71,23 @@ def show_disputed(app: ReviewApp, after: int | None = None) -> Queue:
     return _photo(app, team.next_disputed(app.engine, after))
 
 
-def decide(app: ReviewApp, image_id: int | None, label: str | None, note: str | None, reviewer: str) -> Queue:
-    """``reviewer``'s decision on photo ``image_id``, then the next disputed photo; a decision
-    that cannot be stored (no photo, no label, decided by someone else meanwhile) is said in the
-    message and the queue moves on or stays as fits."""
+def decide(
+    app: ReviewApp, image_id: int | None, label: str | None, note: str | None, reviewer: str
+) -> tuple[Queue, bool]:
+    """``reviewer``'s decision on photo ``image_id``, then the next disputed photo, and whether it
+    was stored; a decision that cannot be stored (no photo, no label, decided by someone else
+    meanwhile) is said in the message and the queue moves on or stays as fits."""
     if image_id is None:
-        return show_disputed(app)
+        return show_disputed(app), False
     if not label:
-        return _photo(app, image_id, "Pick the breed first.")
+        return _photo(app, image_id, "Pick the breed first."), False
     try:
         decided, nxt = team.adjudicate(
             app.engine, int(image_id), label, reviewer, vocabulary=app.vocabulary, note=(note or "").strip() or None
         )
     except ReviewError as exc:  # OverlapError (already decided, not disputed) or an unknown label
-        return _photo(app, team.next_disputed(app.engine, int(image_id)), f"Not saved: {exc}")
-    return _photo(app, nxt, text.decided(int(image_id), decided, reviewer))
+        return _photo(app, team.next_disputed(app.engine, int(image_id)), f"Not saved: {exc}"), False
+    return _photo(app, nxt, text.decided(int(image_id), decided, reviewer)), True
 
 
 def start_round(app: ReviewApp, share: float | None, k: float | None, actor: str) -> str:
@@ -172,10 +175,25 @@ def build(app: ReviewApp, guards: Guards) -> None:
     def agreement_view() -> Agreement:
         return show_agreement(app)
 
+    def on_open(action: Action, fn: Any, refused: Any) -> Any:
+        """A sub-tab opened by someone whose role lacks ``action`` gets the reason in the page
+        (``refused(reason)``: the outputs), not an error toast; the buttons stay strict."""
+
+        def opened(who: Caller) -> Any:
+            try:
+                accounts.require(who.role, action, who=who.name)
+            except PermissionDenied as exc:
+                return refused(f"⚠️ {exc}")
+            return fn()
+
+        return guards(Action.VIEW, opened, with_caller=True)
+
     agreement_outputs = [summary, pairs, people]
     view = guards(Action.SEE_ALL, agreement_view)
     agreement_btn.click(view, outputs=agreement_outputs, api_name="team_agreement")
-    agreement_tab.select(view, outputs=agreement_outputs, api_name=False)
+    agreement_tab.select(
+        on_open(Action.SEE_ALL, agreement_view, lambda why: (why, [], [])), outputs=agreement_outputs, api_name=False
+    )
 
     queue_outputs = [photo, votes, shown, message]
 
@@ -185,18 +203,24 @@ def build(app: ReviewApp, guards: Guards) -> None:
     def next_disputed(after: int | None) -> Queue:
         return show_disputed(app, after)
 
-    def decide_one(image_id: int | None, label: str | None, note_text: str | None, who: Caller) -> Queue:
-        return decide(app, image_id, label, note_text, who.name)
+    def decide_one(image_id: int | None, label: str | None, note_text: str | None, who: Caller) -> tuple[Any, ...]:
+        queue, stored = decide(app, image_id, label, note_text, who.name)
+        # a stored decision clears the form, so the next photo is never decided with this one's breed
+        return (*queue, None if stored else label, "" if stored else note_text)
 
     def start(share_value: float | None, k_value: float | None, who: Caller) -> str:
         return start_round(app, share_value, k_value, who.name)
 
-    queue_view = guards(Action.ADJUDICATE, first_disputed)
-    adjudication_tab.select(queue_view, outputs=queue_outputs, api_name="team_queue")
+    gr.api(guards(Action.ADJUDICATE, first_disputed), api_name="team_queue")
+    adjudication_tab.select(
+        on_open(Action.ADJUDICATE, first_disputed, lambda why: (None, why, None, "")),
+        outputs=queue_outputs,
+        api_name=False,
+    )
     skip_btn.click(guards(Action.ADJUDICATE, next_disputed), inputs=[shown], outputs=queue_outputs,
                    api_name="team_next")  # fmt: skip
     decide_btn.click(guards(Action.ADJUDICATE, decide_one, with_caller=True), inputs=[shown, breed, note],
-                     outputs=queue_outputs, api_name="team_decide")  # fmt: skip
+                     outputs=[*queue_outputs, breed, note], api_name="team_decide")  # fmt: skip
     start_btn.click(guards(Action.ADJUDICATE, start, with_caller=True), inputs=[share, k], outputs=round_line,
                     api_name="team_start_round")  # fmt: skip
 
@@ -217,4 +241,6 @@ def build(app: ReviewApp, guards: Guards) -> None:
                     api_name="team_audit_older")  # fmt: skip
     users_view_g = guards(Action.MANAGE_USERS, users_view)
     users_btn.click(users_view_g, outputs=users, api_name="team_users")
-    audit_tab.select(newest, outputs=audit_outputs, api_name=False).then(users_view_g, outputs=users, api_name=False)
+    audit_tab.select(
+        on_open(Action.MANAGE_USERS, audit_newest, lambda why: ([], why, None)), outputs=audit_outputs, api_name=False
+    ).then(on_open(Action.MANAGE_USERS, users_view, lambda why: []), outputs=users, api_name=False)
