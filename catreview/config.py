@@ -235,6 +235,14 @@ class Settings(BaseSettings):
         """``(stage 1, VLM)``: whether each stage is a built-in model (nothing configured for it)."""
         return self.classifier.model is None, not self.vlm_profiles
 
+    @property
+    def builtin_pretrained_vlm(self) -> bool:
+        """Whether LoRA rounds adapt a built-in pretrained FastVLM (no ``[vlm_profiles.*]``,
+        ``builtin_models="pretrained"``). Its image projector is random in the base model every
+        round starts from, so every round needs the CPU first-round recipe
+        (:func:`catreview.adapters.train_config.builtin_first_round`)."""
+        return not self.vlm_profiles and self.builtin_models == "pretrained"
+
 
 def builtin_vlm_profiles(builtin_models: BuiltinModels) -> tuple[str, ...]:
     """Names of the built-in VLM profiles used while no ``vlm_profiles`` are configured:

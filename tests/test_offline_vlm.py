@@ -25,6 +25,7 @@ from catreview.models.offline import (
     BUILTIN_VLMS,
     READY_MARKER,
     WeightPackageError,
+    assemble_builtin_vlm,
     builtin_dir,
     ensure_built,
     ensure_builtin_vlms,
@@ -162,6 +163,25 @@ def test_settings_default_to_the_builtin_profiles(tmp_path: Path) -> None:
         load_settings(database_url=f"sqlite:///{tmp_path / 'a.db'}", builtin_models="pretrained", active_vlm="demo")
 
 
+def test_rounds_of_a_builtin_pretrained_vlm_start_from_the_cpu_recipe(tmp_path: Path) -> None:
+    """The Train tab, the cold start and the CLI start a built-in pretrained VLM's round from
+    ``builtin_first_round()`` (projector trained at its own rate); anything else from the
+    ``TrainConfig`` defaults (a user's LLaVA on a GPU)."""
+    from catreview.adapters.train_config import TrainConfig, builtin_first_round
+    from catreview.app.core import ReviewApp
+
+    pre = load_settings(database_url=f"sqlite:///{tmp_path / 'a.db'}", builtin_models="pretrained")
+    rnd = load_settings(database_url=f"sqlite:///{tmp_path / 'b.db'}", builtin_models="random")
+    user = pre.model_copy(
+        update={"vlm_profiles": {"mine": VLMProfile(model=str(tmp_path / "no-such"))}, "active_vlm": "mine"}
+    )
+    assert (pre.builtin_pretrained_vlm, rnd.builtin_pretrained_vlm, user.builtin_pretrained_vlm) == (True, False, False)
+    recipe = ReviewApp(pre).round_defaults()
+    assert recipe == builtin_first_round()
+    assert recipe.train_projector and recipe.projector_lr is not None and recipe.projector_lr > recipe.lr
+    assert ReviewApp(rnd).round_defaults() == TrainConfig()
+
+
 def test_trained_flag_random_demo_and_configured_profiles_are_trained(settings: Settings, tmp_path: Path) -> None:
     reg = ModelRegistry(settings)  # builtin_models="random" (tests/conftest.py)
     assert reg.vlm_trained() and reg.untrained_reason() is None
@@ -219,22 +239,16 @@ def test_builtin_build_is_reproducible_and_reloads_with_identical_logits(builtin
     """Assembling the small profile again (same recipe, seed) in memory gives exactly the logits
     of the saved-and-reloaded folder, and its tower holds the ImageNet weights."""
     import timm
-    from transformers import AutoTokenizer
 
     recipe = BUILTIN_VLMS[BUILTIN_VLM_SMALL]
     lm_dir = ensure_smollm2(builtin_dir(Settings.model_fields["demo_dir"].default))
-    model, processor = assemble_fastvlm(
-        tower=recipe.tower,
-        tower_checkpoint=tower_checkpoint(recipe),
-        language_model=lm_dir,
-        tokenizer=AutoTokenizer.from_pretrained(str(lm_dir)),
-        image_size=recipe.image_size,
-        resize_size=recipe.resize_size,
-        build_info={"family": "fastvlm", "profile": recipe.name, "lm": "SmolLM2-135M-Instruct"},
-    )
+    model, processor = assemble_builtin_vlm(BUILTIN_VLM_SMALL, lm_dir)
     reloaded, reproc = _reload(builtin_vlms[BUILTIN_VLM_SMALL])
     (image,) = load_photos(["Bengal"])
     text = prompts.verdict_prompt(reproc, prompts.with_other(CANDIDATES))
+    assert text == prompts.verdict_prompt(processor, prompts.with_other(CANDIDATES))
+    # no system turn (BuiltinVLM.system_prompt): the chat starts with the user's image
+    assert text.startswith("<|im_start|>user\n" + IMAGE_TOKEN + "\n")
     assert torch.equal(_logits(model, processor, image, text), _logits(reloaded, reproc, image, text))
     # the tower is timm's ImageNet EfficientNet-Lite0: same features as the plain timm model
     plain = timm.create_model(recipe.tower, num_classes=1000)

@@ -315,3 +315,24 @@ def test_cached_round_equals_the_uncached_round(fastvlm_test_tower, three_breeds
         train_round(three_breeds, fastvlm_test_tower, tmp_path / str(cached), cfg)
         out[cached] = [r["loss"] for r in read_progress(tmp_path / str(cached) / PROGRESS_FILE) if r["kind"] == "train"]
     assert out[True] == pytest.approx(out[False], rel=1e-5)
+    # every photo went through the frozen tower once (12 training photos, 1 validation photo);
+    # the 2 training steps of 4 photos and the last evaluation were served from the cache
+    end = [r for r in read_progress(tmp_path / "True" / PROGRESS_FILE) if r["kind"] == "tower"][-1]
+    assert (end["cache_misses"], end["cache_hits"]) == (13, 2 * 4 + 1)
+
+
+def test_projector_lr_gives_the_projector_its_own_rate_on_the_same_schedule(fastvlm_test_tower, three_breeds, tmp_path):
+    """``projector_lr`` (the built-in recipe's 1e-3): an AdamW group of its own holding exactly the
+    trained projector copy, the LoRA weights at ``lr``; the optimizer state saved in the checkpoint
+    says so."""
+    cfg = _cfg(max_steps=1, epochs=1, eval_every=100, max_val_examples=1, train_projector=True, projector_lr=1e-3)
+    train_round(three_breeds, fastvlm_test_tower, tmp_path / "run", cfg)
+    state = torch.load(tmp_path / "run" / "checkpoint-last" / "optimizer.pt", weights_only=True)
+    groups = state["param_groups"]
+    assert [g["initial_lr"] for g in groups] == [cfg.lr, 1e-3]
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "run" / "checkpoint-last" / "adapter" / "adapter_model.safetensors"))
+    n_projector = sum(1 for k in saved if "multi_modal_projector" in k)
+    assert len(groups[1]["params"]) == n_projector > 0  # the projector copy's weights and biases
+    assert len(groups[0]["params"]) == len(saved) - n_projector  # every LoRA matrix

@@ -3,7 +3,10 @@
 Validation items (:func:`training.data.eval_items`) are scored with
 :meth:`catreview.models.vlm.postclassifier.VLMPostClassifier.score_candidates` -- the exact code the
 app predicts with -- on the adapter being trained: balanced accuracy, accuracy, macro-F1 and
-per-breed accuracy (:mod:`catreview.metrics`; predicting ``"other"`` counts as wrong). ``val_loss``
+per-breed accuracy (:mod:`catreview.metrics`; predicting ``"other"`` counts as wrong), and the
+**candidate accuracy**: on the photos whose breed is among their candidates, how often it scores
+highest among the breed candidates (``"other"`` left out; chance ``1 / n_candidates``, the 3-way
+task of ``../shared/NOTES.md`` and of the evaluation report's VLM rows). ``val_loss``
 is read off the same scores: the mean over photos of the per-token NLL of the true breed's answer,
 i.e. the training loss on the validation rows, with no extra forward pass. The test split is
 scored the same way, with the per-photo lists the gate's paired bootstrap needs
@@ -75,14 +78,16 @@ def evaluate(scorer: Any, items: Sequence[EvalItem], cfg: TrainConfig, *, per_ph
             bootstrap resamples.
 
     Returns:
-        :func:`classification_metrics` plus ``val_loss`` (mean per-token NLL of the correct
-        answer, nats) and ``eval_seconds``.
+        :func:`classification_metrics` plus ``candidate_accuracy`` (see the module docstring;
+        ``None`` when no photo's breed is among its candidates), ``val_loss`` (mean per-token NLL
+        of the correct answer, nats) and ``eval_seconds``.
     """
     from catreview.models.vlm.scoring import answer_token_ids, candidate_answer
 
     t0 = time.perf_counter()
     scorer.model.eval()
     truth, predicted, losses = [], [], []
+    among: list[bool] = []  # per photo whose target is a breed: ranked first among the breeds
     chunk = max(cfg.eval_batch_size, 1)
     for start in range(0, len(items), chunk):
         part = items[start : start + chunk]
@@ -103,7 +108,11 @@ def evaluate(scorer: Any, items: Sequence[EvalItem], cfg: TrainConfig, *, per_ph
             truth.append(it.target)
             predicted.append(v.label)
             losses.append(-score)
+            if it.target != prompts.OTHER_LABEL:
+                breeds = [(s, c) for s, c in zip(v.scores, v.candidates) if c != prompts.OTHER_LABEL]
+                among.append(max(breeds)[1] == it.target)
     metrics = classification_metrics(truth, predicted)
+    metrics["candidate_accuracy"] = sum(among) / len(among) if among else None
     metrics["val_loss"] = float(sum(losses) / len(losses))
     metrics["eval_seconds"] = time.perf_counter() - t0
     if per_photo:

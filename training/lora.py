@@ -31,7 +31,10 @@ Files in ``run_dir`` (written by the main process):
 
 * ``progress.jsonl``: one JSON object per line -- ``{"kind": "train", "step", "total_steps",
   "epoch", "loss", "lr", "samples", "elapsed"}`` every ``log_every`` steps and ``{"kind": "eval", "step",
-  "val_loss", "val_balanced_accuracy", "val_accuracy", "val_macro_f1"}`` at each evaluation.
+  "val_loss", "val_balanced_accuracy", "val_accuracy", "val_macro_f1", "val_candidate_accuracy"}`` at
+  each evaluation; FastVLM rounds add ``{"kind": "tower", "cached", "standardized", ...}`` before
+  the first step and ``{"kind": "tower", "cache_hits", "cache_misses"}`` (photos served from /
+  computed by the frozen tower's output cache, training and evaluation together) at the end.
 * ``checkpoint-last/``: adapter (current and best so far), optimizer, scheduler, RNG states and
   ``trainer_state.json``; written to a temporary folder and renamed into place (the previous one
   is kept as ``checkpoint-last.prev`` until the rename is done), so a kill at any moment leaves a
@@ -119,6 +122,7 @@ def _eval_row(step: int, m: dict[str, Any], elapsed: float) -> dict[str, Any]:
         "val_balanced_accuracy": m["balanced_accuracy"],
         "val_accuracy": m["accuracy"],
         "val_macro_f1": m["macro_f1"],
+        "val_candidate_accuracy": m.get("candidate_accuracy"),
         "elapsed": elapsed,
     }
 
@@ -254,7 +258,7 @@ def _train_round(
         num_workers=cfg.num_workers,
         generator=torch.Generator().manual_seed(cfg.seed + 1),
     )
-    groups: list[dict[str, Any]] = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    groups = _param_groups(model, arch, cfg)
     if tower.frozen_trainable:  # the tower copy learns at lr * tower_lr_scale (same schedule)
         groups.append({"params": tower.frozen_trainable, "lr": cfg.lr * cfg.tower_lr_scale})
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -381,6 +385,16 @@ def _train_round(
         run_eval()  # a resumed round that had already finished its steps
         checkpoint()
     test_metrics = _evaluate_selected_on_test(scorer, raw, best_weights, state, test_items, cfg)
+    if tower.cache is not None:  # each photo through the frozen tower once: misses = distinct photos
+        emit(
+            {
+                "kind": "tower",
+                "step": state.step,
+                "cache_hits": tower.cache.hits,
+                "cache_misses": tower.cache.misses,
+                "elapsed": time.perf_counter() - t_start,
+            }
+        )
     result = _finish(
         run_dir,
         raw,
@@ -399,6 +413,21 @@ def _train_round(
     )
     accelerator.wait_for_everyone()
     return result
+
+
+def _param_groups(model: Any, arch: Architecture, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW parameter groups of the trainable parameters: the LoRA weights at ``cfg.lr``, then
+    (when ``cfg.projector_lr`` is set and the projector is trained) the projector copy at
+    ``cfg.projector_lr``; one group when both rates are the same."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if cfg.projector_lr is None or not cfg.train_projector:
+        return [{"params": [p for _, p in named]}]
+    marker = f".{arch.projector}."
+    projector = [p for n, p in named if marker in f".{n}"]
+    rest = [p for n, p in named if marker not in f".{n}"]
+    if not projector:
+        raise TrainingError(f"projector_lr is set but the model has no trainable {arch.projector!r}")
+    return [{"params": rest}, {"params": projector, "lr": cfg.projector_lr}]
 
 
 class _RoundTower:

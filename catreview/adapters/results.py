@@ -48,6 +48,9 @@ class EvalMetrics(BaseModel):
         n: photos scored.
         accuracy, balanced_accuracy, macro_f1: in [0, 1] (:mod:`catreview.metrics`;
             ``"other"`` is a class of its own when it is a photo's correct answer).
+        candidate_accuracy: in [0, 1]: on the photos whose breed is among their candidates, the
+            share whose breed scores highest among the breed candidates (``"other"`` left out;
+            chance ``1 / k``); ``None`` when there is no such photo.
         per_breed: ``{class: BreedAccuracy}`` over the classes present in the truth.
         val_loss: validation evaluations: mean per-token NLL of the correct answer (nats).
         loss: test evaluations: the same number (the gate's held-out loss).
@@ -66,6 +69,7 @@ class EvalMetrics(BaseModel):
     accuracy: float | None = None
     balanced_accuracy: float | None = None
     macro_f1: float | None = None
+    candidate_accuracy: float | None = None
     per_breed: dict[str, BreedAccuracy] = Field(default_factory=dict)
     val_loss: float | None = None
     loss: float | None = None

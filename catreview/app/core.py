@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session
 
-from catreview.adapters.train_config import BUILTIN_FIRST_ROUND
 from catreview.adapters.versions import activate, deactivate, version_rows
 from catreview.compare.session import CompareSession
 from catreview.config import Settings
@@ -82,10 +81,6 @@ if TYPE_CHECKING:
 
 APP_ACTOR = "app"
 """The audit actor of what the app starts on its own (the cold start's first LoRA round)."""
-
-FIRST_ROUND: dict[str, Any] = dict(BUILTIN_FIRST_ROUND)
-"""TrainConfig fields of the first round of a built-in VLM (its projector starts untrained): the
-CPU recipe :data:`catreview.adapters.train_config.BUILTIN_FIRST_ROUND`."""
 
 __all__ = ["APP_ACTOR", "OVERLAP_QUEUE", "QUEUE_FIRST", "QUEUE_PAGE", "JobState", "ReviewApp", "Saved"]
 
@@ -204,6 +199,16 @@ class ReviewApp:
         """Append one audit row (:func:`catreview.data.audit.record`) for ``actor``."""
         with Session(self.engine) as s:
             audit.record(s, actor, action, target, **detail)
+
+    def round_defaults(self) -> TrainConfig:
+        """The base :class:`TrainConfig` of a round started from the app ("Retrain adapter", the
+        cold start's first round): the CPU recipe
+        :func:`catreview.adapters.train_config.builtin_first_round` when rounds adapt a built-in
+        pretrained FastVLM (:attr:`catreview.config.Settings.builtin_pretrained_vlm`), else the
+        :class:`TrainConfig` defaults (a user's LLaVA on a GPU)."""
+        from catreview.adapters.train_config import TrainConfig, builtin_first_round
+
+        return builtin_first_round() if self.settings.builtin_pretrained_vlm else TrainConfig()
 
     def start_round(self, config: TrainConfig | None = None, *, actor: str, base_model: str | None = None) -> int:
         """Start a LoRA round of ``base_model`` (default: the active profile's) with ``config``
@@ -364,10 +369,8 @@ class ReviewApp:
         if stage1_untrained or not vlm_untrained or self._first_round_tried or not self.settings.first_vlm_round:
             return
         self._first_round_tried = True  # once per app: a round the gate refused is not re-run unasked
-        from catreview.adapters.train_config import TrainConfig
-
         try:
-            run_id = self.start_round(TrainConfig(**FIRST_ROUND), actor=APP_ACTOR)
+            run_id = self.start_round(self.round_defaults(), actor=APP_ACTOR)
         except CatreviewError as exc:  # a round already running, too few reviews: said, not retried
             state.log.append(f"VLM round not started: {exc}")
             return
@@ -738,14 +741,7 @@ class ReviewApp:
             **options,
         )
         archive = zip_export(summary.out_dir)
-        self._audit(
-            actor,
-            AuditAction.EXPORT,
-            summary.out_dir.name,
-            version=summary.version,
-            photos=summary.n_photos,
-            content_hash=summary.content_hash,
-        )
+        self._audit(actor, AuditAction.EXPORT, summary.out_dir.name, **summary.audit_detail())
         return summary, archive
 
     def export_preferences(self, path: Path, *, actor: str) -> PreferenceExport:

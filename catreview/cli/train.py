@@ -134,13 +134,6 @@ def _base_model(args: argparse.Namespace, settings: Settings) -> str:
     return ModelRegistry(settings).base_model(args.vlm)
 
 
-def _builtin_profile(settings: Settings) -> bool:
-    """Whether rounds adapt a built-in pretrained FastVLM (no ``[vlm_profiles.*]`` configured,
-    ``builtin_models="pretrained"``). Every round starts from its base model, whose image
-    projector is random, so each one needs the first-round recipe, not only the first."""
-    return not settings.vlm_profiles and settings.builtin_models == "pretrained"
-
-
 def _fmt(x: Any) -> str:
     if x is None:
         return "-"
@@ -197,7 +190,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     base = None if args.resume_run is not None else _base_model(args, settings)
     # A built-in profile's round starts from the CPU recipe (its projector is random); flags override it.
-    builtin = base is not None and not args.base and _builtin_profile(settings)
+    builtin = base is not None and not args.base and settings.builtin_pretrained_vlm
     cfg = config_from_args(args, base=builtin_first_round() if builtin else None)
     run_id = jobs.start(base or "", cfg, export_dir=args.export, resume_run=args.resume_run)
     started = jobs.status(run_id)

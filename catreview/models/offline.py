@@ -40,6 +40,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from filelock import FileLock
 
@@ -67,6 +68,12 @@ class BuiltinVLM:
         tower_package: import name of the package holding its ImageNet ``.pth``.
         image_size: square crop in pixels (multiple of 32; ``(image_size/32)^2`` image tokens).
         resize_size: short side before the crop (timm's ``crop_pct`` of the architecture).
+        system_prompt: system turn the chat template adds when a chat has none; ``None``
+            (default): no system turn. SmolLM2-Instruct's own template adds
+            :data:`catreview.models.fastvlm.SMOLLM2_SYSTEM` (21 tokens, ~16% of a 133-token
+            verdict row); without it every training step and every scored photo is that much
+            shorter, and the NOTES recipe (0.825 3-way accuracy) had none. Part of the recipe
+            string, so a change rebuilds the cached folder.
     """
 
     name: str
@@ -74,6 +81,7 @@ class BuiltinVLM:
     tower_package: str
     image_size: int
     resize_size: int
+    system_prompt: str | None = None
 
 
 #: The built-in profiles, small first. Lite0: 224 px (timm's default, crop_pct 0.875) -> 49
@@ -284,22 +292,44 @@ def ensure_builtin_vlm(root: str | Path, name: str) -> Path:
     recipe = f"{OFFLINE_RECIPE_VERSION}:{_source_tag(checkpoint)}:{_recipe_of(lm_dir)}:{recipe_def}"
 
     def build(tmp: Path) -> None:
-        from transformers import AutoTokenizer
+        from catreview.models.fastvlm import save_fastvlm
 
-        from catreview.models.fastvlm import build_fastvlm
-
-        build_fastvlm(
-            tmp,
-            tower=recipe_def.tower,
-            tower_checkpoint=checkpoint,
-            language_model=lm_dir,
-            tokenizer=AutoTokenizer.from_pretrained(str(lm_dir)),
-            image_size=recipe_def.image_size,
-            resize_size=recipe_def.resize_size,
-            build_info={"family": "fastvlm", "profile": name, "lm": "SmolLM2-135M-Instruct"},
-        )
+        save_fastvlm(tmp, *assemble_builtin_vlm(name, lm_dir))
 
     return ensure_built(Path(root) / name, recipe, build)
+
+
+def assemble_builtin_vlm(name: str, lm_dir: str | Path) -> tuple[Any, Any]:
+    """``(model, processor)`` of the built-in profile ``name`` in memory, not saved: exactly what
+    :func:`ensure_builtin_vlm` saves (:func:`catreview.models.fastvlm.assemble_fastvlm` with the
+    profile's tower, its ImageNet weights, the converted SmolLM2 in ``lm_dir`` and the profile's
+    chat template, :attr:`BuiltinVLM.system_prompt`).
+
+    Raises:
+        KeyError: ``name`` is not in :data:`BUILTIN_VLMS`.
+        WeightPackageError: the tower's weight package is missing.
+    """
+    from transformers import AutoTokenizer
+
+    from catreview.models.fastvlm import assemble_fastvlm, chatml_image_template
+
+    recipe_def = BUILTIN_VLMS[name]
+    return assemble_fastvlm(
+        tower=recipe_def.tower,
+        tower_checkpoint=tower_checkpoint(recipe_def),
+        language_model=lm_dir,
+        tokenizer=AutoTokenizer.from_pretrained(str(lm_dir)),
+        image_size=recipe_def.image_size,
+        resize_size=recipe_def.resize_size,
+        chat_template=chatml_image_template(default_system=recipe_def.system_prompt),
+        # in config.json, so the model's identity (its predictions' version) changes with the template
+        build_info={
+            "family": "fastvlm",
+            "profile": name,
+            "lm": "SmolLM2-135M-Instruct",
+            "system_prompt": recipe_def.system_prompt,
+        },
+    )
 
 
 def ensure_builtin_vlms(root: str | Path) -> dict[str, Path]:

@@ -95,18 +95,24 @@ def base_model(app: ReviewApp) -> str:
     return app.registry.base_model()
 
 
+_UNSET: Any = object()
+"""A :func:`start` argument left out (``None`` is a cleared field)."""
+
+
 def start(
     app: ReviewApp,
-    epochs: float | None = 3,
-    lr: float | None = 2e-4,
-    rank: float | None = 16,
-    batch_size: float | None = 4,
-    train_projector: bool = False,
+    epochs: float | None = _UNSET,
+    lr: float | None = _UNSET,
+    rank: float | None = _UNSET,
+    batch_size: float | None = _UNSET,
+    train_projector: bool | None = _UNSET,
     *,
     actor: str,
 ) -> str:
-    """Start a round with these hyper-parameters (the rest: ``TrainConfig`` defaults), recorded
-    as started by ``actor`` (:meth:`ReviewApp.start_round`); returns the message shown under the buttons.
+    """Start a round with the form's hyper-parameters over :meth:`ReviewApp.round_defaults` (the
+    CPU recipe for a built-in VLM), recorded as started by ``actor`` (:meth:`ReviewApp.start_round`);
+    returns the message shown under the buttons. An argument left out (Python callers) takes the
+    default's value; from the page every field is sent, so a cleared one is refused.
 
     Refused here, before any process starts, with ``"Not started: <why>"``: a cleared or
     invalid field, named by its label ("Epochs is empty";
@@ -114,7 +120,11 @@ def start(
     with what is missing (:func:`catreview.adapters.checks.check_reviews_for_training`).
     """
     try:
-        cfg = config_from_form(epochs, lr, rank, batch_size, train_projector)
+        base = app.round_defaults()
+        form = {"epochs": epochs, "lr": lr, "rank": rank, "batch_size": batch_size}
+        values = {k: getattr(base, k) if v is _UNSET else v for k, v in form.items()}
+        projector = base.train_projector if train_projector is _UNSET else train_projector
+        cfg = config_from_form(**values, train_projector=projector, base=base)
         run_id = app.start_round(cfg, actor=actor)
     except (CatreviewError, ValueError) as exc:  # TrainingBusy, TrainJobError, bad form values
         return text.not_started(exc)
@@ -226,11 +236,12 @@ def build(app: ReviewApp, guards: Guards) -> None:
     every event is guarded by ``guards`` (see the module docstring)."""
     gr.Markdown(text.intro_text(jobs_for(app).policy))
     with gr.Accordion("Hyper-parameters", open=False), gr.Row():
-        epochs = gr.Number(3, label=FORM_LABELS["epochs"], precision=0, elem_id="train-epochs")
-        lr = gr.Number(2e-4, label=FORM_LABELS["lr"], elem_id="train-lr")
-        rank = gr.Number(16, label=FORM_LABELS["rank"], precision=0, elem_id="train-rank")
-        batch = gr.Number(4, label=FORM_LABELS["batch_size"], precision=0, elem_id="train-batch")
-        projector = gr.Checkbox(False, label="Also train the projector", elem_id="train-projector")
+        base = app.round_defaults()  # the CPU recipe for a built-in VLM, else TrainConfig's defaults
+        epochs = gr.Number(base.epochs, label=FORM_LABELS["epochs"], precision=0, elem_id="train-epochs")
+        lr = gr.Number(base.lr, label=FORM_LABELS["lr"], elem_id="train-lr")
+        rank = gr.Number(base.rank, label=FORM_LABELS["rank"], precision=0, elem_id="train-rank")
+        batch = gr.Number(base.batch_size, label=FORM_LABELS["batch_size"], precision=0, elem_id="train-batch")
+        projector = gr.Checkbox(base.train_projector, label="Also train the projector", elem_id="train-projector")
     with gr.Row():
         retrain = gr.Button("Retrain adapter", variant="primary", elem_id="retrain")
         retrain_clf = gr.Button("Retrain classifier", elem_id="retrain-classifier")
