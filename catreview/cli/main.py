@@ -355,14 +355,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     archive = zip_export(summary.out_dir) if args.zip else None
-    record_audit(
-        engine,
-        AuditAction.EXPORT,
-        summary.out_dir.name,
-        version=summary.version,
-        photos=summary.n_photos,
-        content_hash=summary.content_hash,
-    )
+    record_audit(engine, AuditAction.EXPORT, summary.out_dir.name, **summary.audit_detail())
     print("\n".join(summary.lines()))
     if archive is not None:
         print(f"zip: {archive}")

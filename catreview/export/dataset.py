@@ -117,6 +117,11 @@ class ExportSummary:
     created_at: str
     unreadable_snapshots: int = 0
 
+    def audit_detail(self) -> dict[str, Any]:
+        """What the audit row of this export records (the app and the CLI write the same):
+        ``version``, ``photos``, ``content_hash``."""
+        return {"version": self.version, "photos": self.n_photos, "content_hash": self.content_hash}
+
     def lines(self) -> list[str]:
         """The summary as lines for a terminal or the UI."""
         rows = ", ".join(f"{s} {self.rows_per_split[s]}" for s in SPLITS)
