@@ -1,7 +1,7 @@
 """The built-in VLM's LoRA round on this machine: what a training step costs, how long a round
 takes to a trained VLM, and the evaluation table before and after it.
 
-Two parts (both by default; ``--only profile|round``):
+Three parts (profile and round by default; ``--only profile|round|options``):
 
 * **profile**: a few training steps of the real ``smollm2-lite0`` FastVLM on shared photos, per
   configuration (TrainConfig defaults: batch 4, LoRA r=16, fp32; the built-in recipe
@@ -16,11 +16,20 @@ Two parts (both by default; ``--only profile|round``):
   did not activate it, ``predict``, ``evaluate``; with ``--compare`` also a round of
   ``smollm2-lite2`` and ``compare --a smollm2-lite0 --b smollm2-lite2``), each timed, their
   output printed. ``--max-steps N`` caps the round (flags override the recipe, as for users).
+* **options**: the seed's optional training settings, each in one round against the recipe on
+  the same stratified split of the shared photos (1/3 of each breed held out as the test split,
+  1-2 photos validation, the rest training; :func:`training.lora.train_round` on an export
+  folder): class-weighted loss instead of balanced sampling (``balance="loss"``), focal loss
+  (``loss="focal"``), the vision tower unfrozen for the last epoch
+  (``unfreeze_tower_last_epoch``). Printed: the test split's 3-way candidate accuracy, top-1 and
+  balanced accuracy (4 answers with "other") of the base model and of the selected checkpoint, and
+  seconds per step.
 
 The load average is printed with each measurement (the machine is shared).
 
     python benchmarks/vlm_round.py --only profile --steps 4
     python benchmarks/vlm_round.py --only round --max-steps 60 [--compare]
+    python benchmarks/vlm_round.py --only options --epochs 4 [--option focal ...]
 """
 
 from __future__ import annotations
@@ -202,27 +211,96 @@ def round_(cats: Path, max_steps: int | None, compare: bool, workdir: Path) -> N
     )
 
 
+# ------------------------------------------------------------------------------------ options
+
+#: The optional settings measured against the recipe (:func:`options`), by name -> TrainConfig changes.
+OPTIONS: dict[str, dict[str, object]] = {
+    "recipe (balanced sampler)": {},
+    "class-weighted loss": {"balance": "loss"},
+    "focal loss (gamma 2)": {"loss": "focal"},
+    "tower unfrozen, last epoch": {"unfreeze_tower_last_epoch": True},
+}
+
+
+def _split_rows(cats: Path) -> list[tuple[Path, str, str]]:
+    """``(photo, breed, split)``: per breed folder 1/3 test, 1-2 validation, the rest train
+    (shuffled with a per-breed seed, so the split does not depend on the other breeds)."""
+    rows: list[tuple[Path, str, str]] = []
+    for d in sorted(p for p in cats.iterdir() if p.is_dir()):
+        files = sorted(d.glob("*.jpg"))
+        random.Random(f"split/0/{d.name}").shuffle(files)
+        n_test, n_val = round(len(files) / 3), 2 if len(files) >= 20 else 1
+        breed = d.name.replace("_", " ")
+        rows += [(f, breed, "test") for f in files[:n_test]]
+        rows += [(f, breed, "validation") for f in files[n_test : n_test + n_val]]
+        rows += [(f, breed, "train") for f in files[n_test + n_val :]]
+    return rows
+
+
+def _fmt_metric(m: dict | None, key: str) -> str:
+    x = (m or {}).get(key)
+    return "-" if x is None else f"{x:.3f}"
+
+
+def options(cats: Path, epochs: int, names: list[str], workdir: Path) -> None:
+    """One round per entry of :data:`OPTIONS` named in ``names`` on one split (module docstring)."""
+    from catreview.adapters.train_config import builtin_first_round
+    from catreview.config import BUILTIN_VLM_SMALL, Settings
+    from catreview.models.offline import builtin_dir, ensure_builtin_vlms
+    from tests.export_builder import write_export
+    from training.lora import train_round
+
+    model = ensure_builtin_vlms(builtin_dir(Settings.model_fields["demo_dir"].default))[BUILTIN_VLM_SMALL]
+    rows = _split_rows(cats)
+    export = write_export(rows, workdir / "export")
+    counts = {s: sum(r[2] == s for r in rows) for s in ("train", "validation", "test")}
+    print(f"\noptions: {BUILTIN_VLM_SMALL}, {epochs} epochs, split {counts} ({_load()})")
+    print("| setting | test 3-way: base -> best | test top-1 (4 answers) | test balanced | best step | s/step |")
+    print("|---|---|---|---|---|---|")
+    for name in names:
+        cfg = builtin_first_round(epochs=epochs, **OPTIONS[name])
+        result = train_round(export, model, workdir / re.sub(r"\W+", "-", name), cfg, resume=False)
+        base, best = result["initial_test_metrics"], result["test_metrics"]
+        per_step = result["train_seconds"] / max(result["steps"], 1)
+        print(
+            f"| {name} | {_fmt_metric(base, 'candidate_accuracy')} -> {_fmt_metric(best, 'candidate_accuracy')} "
+            f"| {_fmt_metric(base, 'accuracy')} -> {_fmt_metric(best, 'accuracy')} "
+            f"| {_fmt_metric(base, 'balanced_accuracy')} -> {_fmt_metric(best, 'balanced_accuracy')} "
+            f"| {result['best_step']} of {result['steps']} | {per_step:.2f} ({_load()}) |",
+            flush=True,
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     from tests.conftest import shared_photos_dir
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", choices=["profile", "round"], help="run one part (default both)")
+    p.add_argument("--only", choices=["profile", "round", "options"], help="run one part (default profile and round)")
     p.add_argument("--steps", type=int, default=4, help="profile: timed steps per configuration")
     p.add_argument("--max-steps", type=int, help="round: cap on optimizer steps (default: the recipe's epochs)")
     p.add_argument("--compare", action="store_true", help="round: also train smollm2-lite2 and compare the two")
     p.add_argument("--images", type=Path, default=None, help="photo folder (default: the shared photos)")
-    p.add_argument("--workdir", type=Path, help="round: database and data folder (default: a temporary folder)")
+    p.add_argument("--workdir", type=Path, help="round/options: working folder (default: a temporary folder)")
+    p.add_argument("--epochs", type=int, default=4, help="options: epochs of each round (default 4)")
+    p.add_argument(
+        "--option", action="append", choices=list(OPTIONS), help="options: the settings to run (default: all)"
+    )
     args = p.parse_args(argv)
     if args.only in (None, "profile"):
         profile(args.steps)
-    if args.only in (None, "round"):
-        cats = args.images or shared_photos_dir()
-        if args.workdir:
-            args.workdir.mkdir(parents=True, exist_ok=True)
-            round_(cats, args.max_steps, args.compare, args.workdir)
-        else:
-            with tempfile.TemporaryDirectory(prefix="vlm-round-") as tmp:
-                round_(cats, args.max_steps, args.compare, Path(tmp))
+    cats = args.images or shared_photos_dir()
+    parts = {
+        "round": lambda w: round_(cats, args.max_steps, args.compare, w),
+        "options": lambda w: options(cats, args.epochs, args.option or list(OPTIONS), w),
+    }
+    for part, run in parts.items():
+        if args.only == part or (args.only is None and part == "round"):
+            if args.workdir:
+                args.workdir.mkdir(parents=True, exist_ok=True)
+                run(args.workdir)
+            else:
+                with tempfile.TemporaryDirectory(prefix=f"vlm-{part}-") as tmp:
+                    run(Path(tmp))
     return 0
 
 
